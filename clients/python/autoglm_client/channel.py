@@ -1,0 +1,68 @@
+"""Channel construction and per-call options shared by every client in this package."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from autoglm_client.errors import REQUEST_ID_KEY
+
+# The server accepts messages up to 32 MiB; the client allows twice that so that the
+# server, not the client, is the one to reject an oversized request with a clear status.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+MetadataPairs = tuple[tuple[str, str], ...]
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def open_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> grpc.Channel:
+    options = channel_options(max_message_bytes)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def open_aio_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> grpc.aio.Channel:
+    options = channel_options(max_message_bytes)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+@dataclass(frozen=True, slots=True)
+class CallDefaults:
+    """Deadline and metadata applied to every call of a client unless a call overrides them."""
+
+    timeout: float | None = None
+    metadata: MetadataPairs = ()
+
+    @classmethod
+    def of(cls, timeout: float | None, metadata: Iterable[tuple[str, str]]) -> CallDefaults:
+        return cls(timeout, tuple(metadata))
+
+    def call_kwargs(self, timeout: float | None, request_id: str | None) -> dict[str, object]:
+        """Keyword arguments for a stub call: its timeout and metadata."""
+        metadata = self.metadata
+        if request_id:
+            metadata = (*metadata, (REQUEST_ID_KEY, request_id))
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": metadata or None,
+        }

@@ -1,0 +1,154 @@
+"""Typed values a Generate stream turns into: deltas, the final message, a whole completion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm_client.errors import AutoglmError
+
+
+class ProtocolError(AutoglmError):
+    """The server's stream broke the contract (for example, no final message)."""
+
+
+class FinishReason(StrEnum):
+    """Why generation ended."""
+
+    UNSPECIFIED = "unspecified"
+    STOP = "stop"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def from_pb(cls, value: pb.FinishReason.ValueType) -> FinishReason:
+        name = pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+        return cls(name)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Newly generated answer text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Newly generated reasoning text (only when reasoning is requested)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token accounting of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    image_tokens: int = 0
+    audio_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def from_pb(cls, usage: pb.Usage) -> Usage:
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_prompt_tokens=usage.cached_prompt_tokens,
+            image_tokens=usage.image_tokens,
+            audio_tokens=usage.audio_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSize:
+    """Size an input image was encoded at, and its size as received."""
+
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """The end of a Generate stream."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    matched_stop_sequence: str = ""
+    images: tuple[ImageSize, ...] = ()
+    request_id: str = ""
+
+    @classmethod
+    def from_pb(cls, final: pb.FinalMessage, request_id: str) -> Final:
+        return cls(
+            finish_reason=FinishReason.from_pb(final.finish_reason),
+            usage=Usage.from_pb(final.usage),
+            matched_stop_sequence=final.matched_stop_sequence,
+            images=tuple(
+                ImageSize(i.width, i.height, i.original_width, i.original_height)
+                for i in final.images
+            ),
+            request_id=request_id,
+        )
+
+
+StreamEvent = TextDelta | ReasoningDelta | Final
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole reply: the joined text and reasoning, and the final message."""
+
+    text: str
+    reasoning: str
+    final: Final
+
+    @property
+    def usage(self) -> Usage:
+        return self.final.usage
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.final.finish_reason
+
+
+def events_from_response(response: pb.GenerateResponse) -> list[StreamEvent]:
+    """The events one stream message carries, in order: reasoning, text, final."""
+    events: list[StreamEvent] = []
+    if response.reasoning_delta:
+        events.append(ReasoningDelta(response.reasoning_delta))
+    if response.text_delta:
+        events.append(TextDelta(response.text_delta))
+    if response.HasField("final"):
+        events.append(Final.from_pb(response.final, response.request_id))
+    return events
+
+
+@dataclass(slots=True)
+class CompletionAccumulator:
+    """Joins stream events into a `Completion`."""
+
+    text_parts: list[str] = field(default_factory=list)
+    reasoning_parts: list[str] = field(default_factory=list)
+    final: Final | None = None
+
+    def add(self, event: StreamEvent) -> None:
+        match event:
+            case TextDelta(text=text):
+                self.text_parts.append(text)
+            case ReasoningDelta(text=text):
+                self.reasoning_parts.append(text)
+            case Final():
+                self.final = event
+
+    def completion(self) -> Completion:
+        if self.final is None:
+            raise ProtocolError("Generate stream ended without a final message")
+        return Completion("".join(self.text_parts), "".join(self.reasoning_parts), self.final)
