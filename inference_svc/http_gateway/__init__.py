@@ -1,0 +1,22 @@
+"""OpenAI-compatible HTTP gateway in front of the inference service.
+
+The AutoGLM tool chain (the OpenAI SDK, LangChain's ``ChatOpenAI``) speaks the
+chat-completions HTTP API; this package translates that API to the service's public
+gRPC contract (``autoglm.inference.v1.InferenceService``).
+
+Why a separate process that talks gRPC rather than a second transport inside the
+service:
+
+- it never imports torch, the engine or the model, so it starts in a fraction of a
+  second, stays small, and can be scaled out or restarted without touching the weights;
+- it uses only the public contract, so it exercises exactly what every other client
+  gets (status codes, retry hints, health) and cannot reach into engine internals;
+- an HTTP client that goes away becomes a gRPC cancellation of the upstream call, which
+  the engine already handles by freeing the request's KV cache at once.
+
+Layout: ``config`` (settings from flags and environment), ``openai_schema`` (the
+HTTP request models), ``request_mapping`` (OpenAI request -> ``GenerateRequest``),
+``response_building`` (gRPC responses -> OpenAI JSON and SSE chunks), ``upstream``
+(the one ``grpc.aio`` channel), ``errors`` (OpenAI error shape, gRPC status -> HTTP
+status), ``body_limit`` (413 before parsing), ``app`` (the FastAPI routes), ``cli``.
+"""

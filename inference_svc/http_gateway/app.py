@@ -1,0 +1,205 @@
+"""The FastAPI application: routes, authentication and error rendering."""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import chat_completions
+from .body_limit import BodySizeLimitMiddleware
+from .config import GatewayConfig
+from .errors import (
+    AuthenticationFailed,
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+)
+from .openai_schema import ChatCompletionRequest
+from .request_mapping import to_generate_request
+from .upstream import InferenceUpstream
+
+log = structlog.get_logger(__name__)
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_OWNER = "autoglm-serve"
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    upstream = InferenceUpstream(config)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await upstream.open()
+        log.info("gateway_started", upstream=config.upstream_target, model=config.served_model_name)
+        try:
+            yield
+        finally:
+            await upstream.close()
+
+    app = FastAPI(
+        title="autoglm-serve OpenAI-compatible gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    _install_error_handlers(app)
+
+    async def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), config.api_key.encode()
+        ):
+            raise AuthenticationFailed(
+                "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    authenticated = [Depends(require_api_key)]
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": _OWNER,
+        }
+
+    @app.get("/v1/models", dependencies=authenticated)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authenticated)
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        _require_served_model(model_id, config, param=None)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = await upstream.serving_status()
+        return JSONResponse(
+            {"status": status, "upstream": config.upstream_target},
+            status_code=200 if status == "SERVING" else 503,
+        )
+
+    @app.post("/v1/chat/completions", dependencies=authenticated, response_model=None)
+    async def chat_completion(
+        body: ChatCompletionRequest,
+        request: Request,
+        x_request_id: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse | StreamingResponse:
+        _require_served_model(body.model, config, param="model")
+        generate_request = to_generate_request(body)
+        request_id = _request_id(x_request_id)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id, route="chat.completions")
+        call = upstream.generate(generate_request, request_id=request_id)
+        if not body.stream:
+            completion = await chat_completions.complete(
+                call,
+                model=config.served_model_name,
+                default_retry_after_s=config.default_retry_after_s,
+                receive=request.receive,
+            )
+            return JSONResponse(completion, headers={"x-request-id": request_id})
+        first = await chat_completions.first_response(
+            call, default_retry_after_s=config.default_retry_after_s, receive=request.receive
+        )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = chat_completions.stream(
+            call,
+            first,
+            request_id=request_id,
+            model=config.served_model_name,
+            include_usage=include_usage,
+            default_retry_after_s=config.default_retry_after_s,
+        )
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"x-request-id": request_id, "cache-control": "no-cache"},
+        )
+
+    return app
+
+
+def _require_served_model(model: str, config: GatewayConfig, *, param: str | None) -> None:
+    if model != config.served_model_name:
+        raise NotFound(
+            f"The model '{model}' does not exist; this gateway serves '{config.served_model_name}'",
+            param=param,
+            code="model_not_found",
+        )
+
+
+def _request_id(incoming: str | None) -> str:
+    if incoming is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(incoming):
+        raise BadRequest(
+            "x-request-id must be 1-128 characters of [A-Za-z0-9._:-]",
+            param="x-request-id",
+            code="invalid_value",
+        )
+    return incoming
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_: Request, error: GatewayError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error_response(_bad_request_from_validation(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            gateway_error: GatewayError = NotFound(
+                f"Unknown route {request.method} {request.url.path}", code="unknown_url"
+            )
+        elif error.status_code == 405:
+            gateway_error = MethodNotAllowed(
+                f"Method {request.method} is not allowed on {request.url.path}",
+                code="method_not_allowed",
+            )
+        else:
+            gateway_error = GatewayError(str(error.detail))
+            gateway_error.status_code = error.status_code
+        return _error_response(gateway_error)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled_error")
+        return _error_response(GatewayError("internal gateway error", code="internal_error"))
+
+
+def _bad_request_from_validation(error: RequestValidationError) -> BadRequest:
+    first = error.errors()[0]
+    location = [part for part in first.get("loc", ()) if part != "body"]
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location)
+    param = param.lstrip(".") or None
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    return BadRequest(message, param=param, code="invalid_value")
+
+
+def _error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())

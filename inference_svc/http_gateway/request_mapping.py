@@ -1,0 +1,156 @@
+"""OpenAI chat-completions request -> `GenerateRequest` of the gRPC contract."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from autoglm.inference.v1 import inference_service_pb2 as pb
+
+from .errors import BadRequest
+from .openai_schema import AudioPart, ChatCompletionRequest, ChatMessage, ImagePart, TextPart
+
+_ROLES = {
+    "system": pb.ROLE_SYSTEM,
+    "developer": pb.ROLE_SYSTEM,
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+}
+_IMAGE_MIME_TYPES = {
+    "image/png": "image/png",
+    "image/jpeg": "image/jpeg",
+    "image/jpg": "image/jpeg",
+    "image/webp": "image/webp",
+}
+_AUDIO_FORMATS = {"wav"}
+_DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<payload>.*)", re.DOTALL)
+
+
+def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
+    """Build the gRPC request; raises `BadRequest` for what the service cannot honour."""
+    _reject_unsupported(body)
+    request = pb.GenerateRequest(
+        messages=[
+            _to_message(message, f"messages[{i}]") for i, message in enumerate(body.messages)
+        ],
+        sampling=_to_sampling(body),
+        enable_thinking=body.enable_thinking,
+        return_reasoning=body.return_reasoning,
+    )
+    if body.session_id is not None:
+        request.session_id = body.session_id
+    if body.priority is not None:
+        request.priority = body.priority
+    return request
+
+
+def _reject_unsupported(body: ChatCompletionRequest) -> None:
+    if body.n is not None and body.n != 1:
+        raise BadRequest("only n=1 is supported", param="n", code="unsupported_value")
+    if body.tools or body.functions:
+        param = "tools" if body.tools else "functions"
+        raise BadRequest("tool calling is not supported", param=param, code="unsupported_value")
+    if body.logprobs:
+        raise BadRequest("logprobs are not supported", param="logprobs", code="unsupported_value")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise BadRequest(
+            "only response_format type 'text' is supported",
+            param="response_format",
+            code="unsupported_value",
+        )
+
+
+def _to_sampling(body: ChatCompletionRequest) -> pb.SamplingParams:
+    # Proto3 `optional` fields: set only what the client sent, so the server's defaults
+    # apply to the rest.
+    sampling = pb.SamplingParams()
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    optional_fields = {
+        "max_new_tokens": max_tokens,
+        "min_new_tokens": body.min_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "repetition_penalty": body.repetition_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "seed": body.seed,
+    }
+    for field, value in optional_fields.items():
+        if value is not None:
+            setattr(sampling, field, value)
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise BadRequest("stop sequences must not be empty", param=f"stop[{i}]")
+    sampling.stop_sequences.extend(stops)
+    return sampling
+
+
+def _to_message(message: ChatMessage, param: str) -> pb.Message:
+    role = _ROLES.get(message.role)
+    if role is None:
+        raise BadRequest(
+            f"role {message.role!r} is not supported (tool calling is not available)",
+            param=f"{param}.role",
+            code="unsupported_value",
+        )
+    if message.content is None:
+        raise BadRequest("message content is required", param=f"{param}.content")
+    if isinstance(message.content, str):
+        return pb.Message(role=role, parts=[pb.Part(text=message.content)])
+    parts = [_to_part(part, f"{param}.content[{i}]") for i, part in enumerate(message.content)]
+    return pb.Message(role=role, parts=parts)
+
+
+def _to_part(part: TextPart | ImagePart | AudioPart, param: str) -> pb.Part:
+    if isinstance(part, TextPart):
+        return pb.Part(text=part.text)
+    if isinstance(part, ImagePart):
+        return pb.Part(image=_to_image(part.image_url.url, f"{param}.image_url.url"))
+    return pb.Part(audio=_to_audio(part, f"{param}.input_audio"))
+
+
+def _to_image(url: str, param: str) -> pb.Image:
+    if url.startswith(("http://", "https://")):
+        raise BadRequest(
+            "image URLs are not fetched (the service has no internet access); "
+            "send the image inline as a data: URI",
+            param=param,
+            code="unsupported_value",
+        )
+    match = _DATA_URI.fullmatch(url)
+    if match is None:
+        raise BadRequest("image_url must be a data: URI", param=param, code="invalid_value")
+    mime_type = _IMAGE_MIME_TYPES.get(match["mime"].lower())
+    if mime_type is None:
+        raise BadRequest(
+            f"unsupported image type {match['mime']!r}; use image/png, image/jpeg or image/webp",
+            param=param,
+            code="invalid_value",
+        )
+    if ";base64" not in match["params"].lower():
+        raise BadRequest("image data: URIs must be base64-encoded", param=param)
+    return pb.Image(data=_decode_base64(match["payload"], param), mime_type=mime_type)
+
+
+def _to_audio(part: AudioPart, param: str) -> pb.Audio:
+    audio_format = part.input_audio.format.lower()
+    if audio_format not in _AUDIO_FORMATS:
+        raise BadRequest(
+            f"unsupported audio format {part.input_audio.format!r}; use 'wav'",
+            param=f"{param}.format",
+            code="invalid_value",
+        )
+    return pb.Audio(wav=_decode_base64(part.input_audio.data, f"{param}.data"))
+
+
+def _decode_base64(payload: str, param: str) -> bytes:
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise BadRequest(f"invalid base64 data: {error}", param=param) from error
+    if not data:
+        raise BadRequest("media data is empty", param=param)
+    return data

@@ -1,0 +1,125 @@
+"""gRPC `GenerateResponse` messages -> OpenAI chat-completion JSON and SSE chunks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoglm.inference.v1 import inference_service_pb2 as pb
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+_FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+
+
+def openai_finish_reason(reason: pb.FinishReason) -> str | None:
+    """OpenAI's finish_reason; None for CANCELLED (and anything unknown)."""
+    return _FINISH_REASONS.get(reason)
+
+
+def usage_to_openai(usage: pb.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+@dataclass(slots=True)
+class CompletionAccumulator:
+    """Collects a whole Generate stream for a non-streaming answer."""
+
+    request_id: str = ""
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    final: pb.FinalMessage | None = None
+
+    def add(self, response: pb.GenerateResponse) -> None:
+        if response.request_id and not self.request_id:
+            self.request_id = response.request_id
+        if response.text_delta:
+            self.content.append(response.text_delta)
+        if response.reasoning_delta:
+            self.reasoning.append(response.reasoning_delta)
+        if response.HasField("final"):
+            self.final = response.final
+
+    def to_openai(self, *, model: str, created: int) -> dict[str, Any]:
+        if self.final is None:
+            raise ValueError("the Generate stream ended without a final message")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        return {
+            "id": f"chatcmpl-{self.request_id}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": openai_finish_reason(self.final.finish_reason),
+                }
+            ],
+            "usage": usage_to_openai(self.final.usage),
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkBuilder:
+    """Builds the `chat.completion.chunk` objects of one streamed answer."""
+
+    request_id: str
+    model: str
+    created: int
+    include_usage: bool
+
+    def role_chunk(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def delta_chunk(self, response: pb.GenerateResponse) -> dict[str, Any] | None:
+        delta: dict[str, Any] = {}
+        if response.reasoning_delta:
+            delta["reasoning_content"] = response.reasoning_delta
+        if response.text_delta:
+            delta["content"] = response.text_delta
+        return self._chunk(delta) if delta else None
+
+    def finish_chunk(self, final: pb.FinalMessage) -> dict[str, Any]:
+        return self._chunk({}, finish_reason=openai_finish_reason(final.finish_reason))
+
+    def usage_chunk(self, final: pb.FinalMessage) -> dict[str, Any]:
+        chunk = self._envelope()
+        chunk["choices"] = []
+        chunk["usage"] = usage_to_openai(final.usage)
+        return chunk
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        chunk = self._envelope()
+        chunk["choices"] = [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        ]
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _envelope(self) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{self.request_id}",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+        }

@@ -1,0 +1,70 @@
+"""The gateway's one gRPC channel to the inference service."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+from .config import GatewayConfig
+
+INFERENCE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+UNREACHABLE = "UNREACHABLE"
+
+
+class InferenceUpstream:
+    """Owns the `grpc.aio` channel; open it inside the serving event loop."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        self._channel: grpc.aio.Channel | None = None
+        self._inference: pb_grpc.InferenceServiceStub | None = None
+        self._health: health_pb2_grpc.HealthStub | None = None
+
+    async def open(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self._config.upstream_target)
+        self._inference = pb_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+            self._channel = None
+
+    def generate(self, request: pb.GenerateRequest, *, request_id: str) -> grpc.aio.UnaryStreamCall:
+        """Start a Generate call; the caller reads it and must cancel it when abandoned."""
+        if self._inference is None:
+            raise RuntimeError("upstream channel is not open")
+        return self._inference.Generate(
+            request,
+            metadata=(("x-request-id", request_id),),
+            timeout=self._config.request_timeout_s,
+        )
+
+    async def serving_status(self) -> str:
+        """The inference service's health status name, or UNREACHABLE.
+
+        Asks for the InferenceService by name; a server that registers only the overall
+        ("") status is asked for that instead.
+        """
+        if self._health is None:
+            raise RuntimeError("upstream channel is not open")
+        try:
+            try:
+                response = await self._check(INFERENCE_SERVICE_NAME)
+            except grpc.aio.AioRpcError as error:
+                if error.code() is not grpc.StatusCode.NOT_FOUND:
+                    raise
+                response = await self._check("")
+        except grpc.aio.AioRpcError:
+            return UNREACHABLE
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def _check(self, service: str) -> health_pb2.HealthCheckResponse:
+        assert self._health is not None
+        return await self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=self._config.health_timeout_s,
+        )
