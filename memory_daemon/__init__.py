@@ -1,0 +1,1 @@
+"""Memory daemon: probes (readings) -> policy (pure) -> actuator (control client)."""

@@ -1,0 +1,173 @@
+"""The loop: read the probe, ask the policy, act through the control client, sleep."""
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from autoglm.control.v1 import control_service_pb2 as pb
+from memory_daemon.actuator import ControlClient, service_view
+from memory_daemon.config import DaemonConfig
+from memory_daemon.errors import ControlCallError
+from memory_daemon.metrics import DaemonMetrics
+from memory_daemon.policy import Action, ActionKind, PolicyState, decide, poll_interval
+from memory_daemon.probes.host import HostProbe
+from memory_daemon.probes.replay import ReplayProbe, TraceRecorder
+from memory_daemon.readings import DeviceReading, Probe
+
+log = structlog.get_logger(__name__)
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float, stop: asyncio.Event) -> None:
+        """Sleep, waking early when `stop` is set."""
+        ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+class VirtualClock:
+    """Time that passes only when slept: replays a trace as fast as possible."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    async def sleep(self, seconds: float, stop: asyncio.Event) -> None:
+        self._now += seconds
+        await asyncio.sleep(0)
+
+
+@dataclass
+class Daemon:
+    config: DaemonConfig
+    probe: Probe
+    clock: Clock
+    control: ControlClient | None = None
+    metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
+    recorder: TraceRecorder | None = None
+    state: PolicyState = field(default_factory=PolicyState)
+    ticks: int = 0
+    _service_down: bool = False
+
+    async def tick(self) -> float:
+        """One measurement and decision; returns seconds until the next one."""
+        status = await self._service_status()
+        if status is not None and status.pid and isinstance(self.probe, HostProbe):
+            self.probe.pid = self.config.host.pid or status.pid
+        readings = self.probe.read()
+        if self.recorder is not None:
+            self.recorder.record(readings)
+        for reading in readings:
+            if not reading.ok:
+                log.warning("memd.reading_failed", device=reading.device, error=reading.error)
+        dry_run = self.config.daemon.dry_run
+        decision = decide(
+            readings,
+            self.state,
+            self.config.policy,
+            self.clock.now(),
+            service=service_view(status) if status is not None else None,
+            can_act=dry_run or status is not None,
+        )
+        self.state = decision.state
+        self.metrics.observe(readings, self.state)
+        for action in decision.actions:
+            await self._perform(action, readings)
+        self.ticks += 1
+        daemon = self.config.daemon
+        return poll_interval(
+            self.state,
+            self.config.policy,
+            daemon.poll_interval_min_seconds,
+            daemon.poll_interval_max_seconds,
+            daemon.poll_safety_factor,
+        )
+
+    async def _service_status(self) -> pb.MemoryStatus | None:
+        if self.control is None:
+            return None
+        try:
+            status = await self.control.memory_status()
+        except ControlCallError as exc:
+            self.metrics.errors.labels("control").inc()
+            if not self._service_down:
+                log.warning(
+                    "memd.service_unavailable", rpc=exc.rpc, code=exc.code, error=exc.details
+                )
+            self._service_down = True
+            return None
+        if self._service_down:
+            log.info("memd.service_available")
+        self._service_down = False
+        return status
+
+    async def _perform(self, action: Action, readings: list[DeviceReading]) -> None:
+        by_device = {reading.device: reading for reading in readings if reading.ok}
+        event = {
+            "action": action.kind.value,
+            "rule": action.rule,
+            "devices": list(action.devices),
+            "readings": {
+                device: {
+                    "used_bytes": by_device[device].total_bytes - by_device[device].free_bytes,
+                    "total_bytes": by_device[device].total_bytes,
+                    "used_fraction": round(by_device[device].used_fraction, 4),
+                    "level": self.state.devices[device].level.name.lower(),
+                }
+                for device in action.devices
+                if device in by_device
+            },
+            "target_bytes": action.target_bytes,
+        }
+        if action.admission_limit or action.kind is ActionKind.SET_ADMISSION:
+            event.update(admission=action.admission.name.lower(), limit=action.admission_limit)
+        if self.config.daemon.dry_run or self.control is None:
+            self.metrics.actions.labels(action.kind.value, "dry_run").inc()
+            log.info("memd.action", result="dry_run", **event)
+            return
+        try:
+            outcome = await self.control.execute(action)
+        except ControlCallError as exc:
+            self.metrics.actions.labels(action.kind.value, "failed").inc()
+            self.metrics.errors.labels("control").inc()
+            log.warning("memd.action", result="failed", error=str(exc), **event)
+            return
+        self.metrics.actions.labels(action.kind.value, "ok").inc()
+        log.info(
+            "memd.action",
+            result="ok",
+            freed_bytes=outcome.freed_bytes,
+            duration_s=round(outcome.duration_seconds, 4),
+            detail=outcome.detail,
+            **event,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until stopped, or once (`--once`), or until a replayed trace is played out."""
+        while not stop.is_set():
+            interval = await self.tick()
+            if self.config.daemon.once:
+                return
+            if isinstance(self.probe, ReplayProbe) and self.probe.exhausted:
+                log.info("memd.replay_finished", ticks=self.ticks)
+                return
+            if isinstance(self.probe, ReplayProbe):
+                upcoming = self.probe.next_offset_seconds
+                if upcoming is not None and upcoming > 0:
+                    interval = min(interval, upcoming)
+            await self.clock.sleep(interval, stop)

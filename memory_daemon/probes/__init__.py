@@ -1,0 +1,1 @@
+"""Probes: where memory readings come from."""
