@@ -130,11 +130,19 @@ def _connection_options() -> argparse.ArgumentParser:
 
 def _add_media_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--image", action="append", default=[], type=Path, metavar="FILE",
+        "--image",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
         help="PNG/JPEG/WebP image (repeatable)",
     )
     parser.add_argument(
-        "--audio", action="append", default=[], type=Path, metavar="FILE",
+        "--audio",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
         help="WAV file (repeatable)",
     )
 
@@ -254,4 +262,3 @@ def _use_utf8_output() -> None:
             "utf8",
         ):
             stream.reconfigure(encoding="utf-8")
-

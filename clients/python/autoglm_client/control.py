@@ -61,9 +61,7 @@ class ControlClient:
     def memory_status(self) -> cpb.MemoryStatus:
         """The service's full memory account."""
         with rpc_errors_translated():
-            response = self._stub.GetMemoryStatus(
-                cpb.GetMemoryStatusRequest(), **self._kwargs()
-            )
+            response = self._stub.GetMemoryStatus(cpb.GetMemoryStatusRequest(), **self._kwargs())
         return response.status
 
     def watch(self, interval_seconds: float = 1.0) -> Iterator[cpb.MemoryStatus]:

@@ -121,9 +121,7 @@ class InferenceClient:
         conversation = prompt_conversation(
             prompt, images=images, audio_clips=audio_clips, system_prompt=system_prompt
         )
-        completion = self.generate(
-            conversation, sampling, session_id=session_id, timeout=timeout
-        )
+        completion = self.generate(conversation, sampling, session_id=session_id, timeout=timeout)
         return completion.text
 
     def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:

@@ -70,10 +70,7 @@ def model_info_text(info: pb.GetModelInfoResponse) -> str:
         f"Modalities:  {', '.join(info.modalities)}",
         f"Defaults:    {_sampling_summary(info.default_sampling)}",
     ]
-    header += [
-        f"{key + ':':<12} {value}"
-        for key, value in MessageToDict(info.details).items()
-    ]
+    header += [f"{key + ':':<12} {value}" for key, value in MessageToDict(info.details).items()]
     modules = table(
         ["MODULE", "ARCHITECTURE", "PARAMS", "TRAINED", "TIER", "DEVICE", "WEIGHTS", "NOTE"],
         [
@@ -149,8 +146,10 @@ def memory_status_text(status: cpb.MemoryStatus) -> str:
     )
     requests = table(
         ["REQUEST", "SESSION", "TOKENS", "KV"],
-        [[r.request_id, r.session_id or "-", r.tokens, format_bytes(r.bytes)]
-         for r in status.requests],
+        [
+            [r.request_id, r.session_id or "-", r.tokens, format_bytes(r.bytes)]
+            for r in status.requests
+        ],
     )
     sessions = table(
         ["SESSION", "TOKENS", "KV", "IDLE", "DEVICE"],

@@ -16,9 +16,7 @@ class StreamPrinter:
 
     def __init__(self, out: TextIO, *, dim: bool) -> None:
         self._out = out
-        self._open, self._close = (
-            (_DIM, _RESET + "\n") if dim else ("<think>\n", "\n</think>\n")
-        )
+        self._open, self._close = (_DIM, _RESET + "\n") if dim else ("<think>\n", "\n</think>\n")
         self._in_reasoning = False
         self._wrote_anything = False
         self._ends_with_newline = True
