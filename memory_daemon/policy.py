@@ -322,6 +322,7 @@ def _take_step(
     target = max(config.min_reclaim_bytes, math.ceil(used - config.soft_exit * reading.total_bytes))
     device = dataclasses.replace(
         device,
+        samples=(),  # the step changes usage: trends restart from the next reading
         pending_step=step,
         last_step_at={**device.last_step_at, step: now},
         admission=_STEP_ADMISSION.get(step, device.admission),
