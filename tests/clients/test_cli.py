@@ -34,13 +34,15 @@ def test_chat_passes_options_through(fake_server, fake_state, capsys, tmp_path):
     image_path.write_bytes(PNG)
     code, _, err = run_cli(
         capsys, "chat", "--target", fake_server.target, "hi", "--image", str(image_path),
-        "--system", "sys", "--max-new-tokens", "7", "--temperature", "0", "--top-k", "3",
+        "--system", "sys", "--max-new-tokens", "7", "--min-new-tokens", "2", "--temperature", "0",
+        "--top-k", "3",
         "--seed", "11", "--stop", "A", "--stop", "B", "--session", "s-9", "--think",
     )  # fmt: skip
     sent = fake_state.generate_requests[-1]
     assert code == 0
     assert "image 1: 1x1 encoded as 224x224" in err
-    assert (sent.sampling.max_new_tokens, sent.sampling.top_k, sent.sampling.seed) == (7, 3, 11)
+    assert (sent.sampling.max_new_tokens, sent.sampling.min_new_tokens) == (7, 2)
+    assert (sent.sampling.top_k, sent.sampling.seed) == (3, 11)
     assert sent.sampling.HasField("temperature")
     assert not sent.sampling.HasField("top_p")
     assert list(sent.sampling.stop_sequences) == ["A", "B"]

@@ -26,7 +26,7 @@ from autoglm_client import (
 from PIL import Image
 
 AUTOGLM = Path(sys.executable).parent / "autoglm"
-GREEDY = Sampling(max_new_tokens=8, temperature=0.0)
+GREEDY = Sampling(max_new_tokens=8, min_new_tokens=1, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_count_tokens_agrees_with_generate_usage(client):
 
 
 def test_same_seed_gives_same_text(client):
-    sampling = Sampling(max_new_tokens=8, temperature=0.8, seed=1234)
+    sampling = Sampling(max_new_tokens=8, min_new_tokens=1, temperature=0.8, seed=1234)
     first = client.generate("Tell me a word.", sampling).text
     assert client.generate("Tell me a word.", sampling).text == first
 
@@ -90,7 +90,7 @@ def test_bad_input_is_invalid_argument(client):
     with pytest.raises(InvalidArgumentError):
         client.generate(user("x", image(b"\x89PNG\r\n\x1a\n broken")), GREEDY)
     with pytest.raises(InvalidArgumentError):
-        client.generate("x", Sampling(top_p=2.0))
+        client.generate("x", Sampling(max_new_tokens=8, min_new_tokens=1, top_p=2.0))
     with pytest.raises(InvalidArgumentError):
         client.generate([], GREEDY)
 
@@ -118,6 +118,8 @@ def test_cli_chat_prints_the_reply_and_usage(live_server, client):
             "Say hi.",
             "--max-new-tokens",
             "8",
+            "--min-new-tokens",
+            "1",
             "--temperature",
             "0",
         ],

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_media_options(chat)
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, metavar="N")
+    chat.add_argument("--min-new-tokens", type=int, metavar="N")
     chat.add_argument("--temperature", type=float, metavar="T", help="0 selects greedy decoding")
     chat.add_argument("--top-p", type=float, metavar="P")
     chat.add_argument("--top-k", type=int, metavar="K")
@@ -157,6 +158,7 @@ def run_chat(args: argparse.Namespace) -> int:
     )
     sampling = Sampling(
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
