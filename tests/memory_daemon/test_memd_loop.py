@@ -1,0 +1,157 @@
+"""The daemon loop driven by the replay probe: dry run, acting over gRPC, service down."""
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from control_double import RecordingControl, start_control
+
+from autoglm.control.v1 import control_service_pb2 as pb
+from memory_daemon.actuator import ControlClient
+from memory_daemon.config import load_config
+from memory_daemon.daemon import Daemon, VirtualClock
+from memory_daemon.errors import ExitCode
+from memory_daemon.probes.replay import ReplayProbe, load_trace
+
+TOTAL = 24 << 30
+GPUS = ("GPU-aaaa", "GPU-bbbb")
+
+
+def write_trace(path: Path, seconds: int, fraction_a: float, fraction_b: float = 0.3) -> Path:
+    rows = [
+        {"t": float(t), "device": device, "used": int(fraction * TOTAL), "total": TOTAL}
+        for t in range(seconds)
+        for device, fraction in zip(GPUS, (fraction_a, fraction_b), strict=True)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def replay_config(trace: Path, target: str, **daemon: object):
+    overrides = {
+        "daemon": {"probe": "replay", "poll_interval_min_seconds": 1.0, **daemon},
+        "replay": {"trace": str(trace), "speed": 0.0},
+        "control": {"target": target, "backoff_initial_seconds": 0.01},
+        "policy": {"gc_every_seconds": 0},
+    }
+    return load_config(None, {}, overrides)
+
+
+def replay_daemon(config, control: ControlClient | None) -> Daemon:
+    clock = VirtualClock()
+    probe = ReplayProbe(load_trace(config.replay.trace), clock=clock.now)
+    return Daemon(config, probe, clock, control)
+
+
+async def test_the_loop_acts_through_the_control_service(tmp_path):
+    servicer = RecordingControl()
+    socket = tmp_path / "control.sock"
+    server, _ = await start_control(servicer, f"unix:{socket}")
+    config = replay_config(write_trace(tmp_path / "t.jsonl", 10, 0.85), f"unix://{socket}")
+    control = ControlClient(config.control, "cpu")
+    daemon = replay_daemon(config, control)
+    try:
+        await daemon.run(asyncio.Event())
+    finally:
+        await control.close()
+        await server.stop(None)
+    assert [name for name, _ in servicer.actions()] == [
+        "CollectGarbage",
+        "TrimKvCache",
+        "OffloadModules",
+        "SetAdmission",
+        "SetAdmission",
+    ]
+    requests = [request for _, request in servicer.actions()]
+    assert requests[1].target_bytes == int(0.85 * TOTAL) - int(0.70 * TOTAL)
+    assert requests[2].tier == pb.TIER_CPU
+    assert (requests[3].mode, requests[3].max_running) == (pb.ADMISSION_MODE_LIMITED, 2)
+    assert requests[4].mode == pb.ADMISSION_MODE_PAUSED
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("memd_device_level", {"device": "GPU-aaaa"}) == 1
+    assert registry.get_sample_value("memd_device_level", {"device": "GPU-bbbb"}) == 0
+    assert (
+        registry.get_sample_value("memd_actions_total", {"action": "set_admission", "result": "ok"})
+        == 2
+    )
+
+
+async def test_dry_run_decides_without_calling(tmp_path):
+    servicer = RecordingControl()
+    socket = tmp_path / "control.sock"
+    server, _ = await start_control(servicer, f"unix:{socket}")
+    trace = write_trace(tmp_path / "t.jsonl", 10, 0.85)
+    config = replay_config(trace, f"unix://{socket}", dry_run=True)
+    control = ControlClient(config.control, "cpu")
+    daemon = replay_daemon(config, control)
+    try:
+        await daemon.run(asyncio.Event())
+    finally:
+        await control.close()
+        await server.stop(None)
+    assert servicer.actions() == []
+    assert {name for name, _ in servicer.calls} == {"GetMemoryStatus"}
+    dry = daemon.metrics.registry.get_sample_value(
+        "memd_actions_total", {"action": "collect_garbage", "result": "dry_run"}
+    )
+    assert dry == 1
+
+
+async def test_keeps_polling_while_the_service_is_down(tmp_path):
+    trace = write_trace(tmp_path / "t.jsonl", 20, 0.95)
+    config = replay_config(trace, f"unix://{tmp_path / 'nobody.sock'}")
+    control = ControlClient(config.control, "cpu")
+    daemon = replay_daemon(config, control)
+    try:
+        await daemon.run(asyncio.Event())
+    finally:
+        await control.close()
+    assert daemon.ticks >= 20
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("memd_errors_total", {"source": "control"}) >= 20
+    assert registry.get_sample_value("memd_device_level", {"device": "GPU-aaaa"}) == 2
+
+
+async def test_once_runs_a_single_tick(tmp_path):
+    trace = write_trace(tmp_path / "t.jsonl", 20, 0.5)
+    config = replay_config(trace, "unix:///nonexistent.sock", once=True, dry_run=True)
+    daemon = replay_daemon(config, None)
+    await daemon.run(asyncio.Event())
+    assert daemon.ticks == 1
+
+
+def test_cli_replays_a_trace_in_dry_run_and_logs_json_decisions(tmp_path):
+    trace = write_trace(tmp_path / "t.jsonl", 10, 0.85)
+    record = tmp_path / "recorded.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "memory_daemon",
+            "--probe", "replay", "--trace", str(trace), "--replay-speed", "0",
+            "--control", f"unix://{tmp_path / 'nobody.sock'}", "--poll-interval", "1",
+            "--dry-run", "--record", str(record),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == ExitCode.OK, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    actions = [e for e in events if e["event"] == "memd.action"]
+    assert [a["action"] for a in actions] == [
+        "collect_garbage",
+        "trim_kv",
+        "offload_encoders",
+        "set_admission",
+        "set_admission",
+    ]
+    first = actions[0]
+    assert first["result"] == "dry_run"
+    assert first["devices"] == ["GPU-aaaa"]
+    assert first["readings"]["GPU-aaaa"]["level"] == "soft"
+    assert first["rule"] == "soft_sustained:collect_garbage"
+    assert events[-1]["event"] == "memd.stopped"
+    recorded = load_trace(record)
+    assert {row.device for row in recorded} == set(GPUS)
+    assert recorded[0].used == int(0.85 * TOTAL)
