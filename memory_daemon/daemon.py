@@ -134,6 +134,11 @@ class Daemon:
             },
             "target_bytes": action.target_bytes,
         }
+        process_usage = getattr(self.probe, "process_usage", None)
+        if process_usage is not None:
+            # Advisory only: which processes hold the memory (NVML may not see all of them).
+            usage = process_usage()
+            event["gpu_processes"] = {d: usage[d] for d in action.devices if d in usage}
         if action.admission_limit or action.kind is ActionKind.SET_ADMISSION:
             event.update(admission=action.admission.name.lower(), limit=action.admission_limit)
         if self.config.daemon.dry_run or self.control is None:
