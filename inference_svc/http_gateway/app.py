@@ -32,7 +32,8 @@ from .upstream import InferenceUpstream
 
 log = structlog.get_logger(__name__)
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# What the service accepts, and what gRPC metadata can carry: printable ASCII.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _OWNER = "autoglm-serve"
 
 
@@ -152,7 +153,7 @@ def _request_id(incoming: str | None) -> str:
         return uuid.uuid4().hex
     if not _REQUEST_ID.fullmatch(incoming):
         raise BadRequest(
-            "x-request-id must be 1-128 characters of [A-Za-z0-9._:-]",
+            "x-request-id must be 1-128 printable ASCII characters without spaces",
             param="x-request-id",
             code="invalid_value",
         )

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 
-import structlog
 import uvicorn
+
+from inference_svc.logging_setup import configure_logging
 
 from .config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODEL_NAME, GatewayConfig
 
@@ -50,7 +49,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv, os.environ)
-    _configure_logging(args.log_level)
+    configure_logging(level=args.log_level)
     # The key is read from the environment only, so it never shows in `ps`.
     config = GatewayConfig(
         upstream_target=args.grpc_target,
@@ -72,22 +71,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _optional_float(value: str | None) -> float | None:
     return float(value) if value else None
-
-
-def _configure_logging(level: str) -> None:
-    renderer = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer(ensure_ascii=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )

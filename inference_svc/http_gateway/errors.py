@@ -167,8 +167,9 @@ class _RichDetails:
             retry_info = error_details_pb2.RetryInfo()
             if detail.Unpack(bad_request) and bad_request.field_violations:
                 found.field = bad_request.field_violations[0].field or None
-            elif detail.Unpack(error_info) and error_info.reason:
-                found.reason = error_info.reason.lower()
+            elif detail.Unpack(error_info):
+                found.reason = error_info.reason.lower() or None
+                found.field = found.field or error_info.metadata.get("field") or None
             elif detail.Unpack(retry_info) and retry_info.HasField("retry_delay"):
                 found.retry_delay_s = retry_info.retry_delay.ToTimedelta().total_seconds()
         return found
