@@ -1,0 +1,1 @@
+"""autoglm-serve inference service: transport -> engine -> model."""

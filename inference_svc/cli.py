@@ -1,0 +1,35 @@
+"""autoglm-server: the console entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inference_svc.config import config_from_args
+
+    try:
+        config = config_from_args(argv)
+    except ValueError as exc:
+        print(f"autoglm-server: error: {exc}", file=sys.stderr)
+        return 2
+    # Configure logging before the heavy imports so their warnings are structured too.
+    from inference_svc.logging_setup import configure_logging
+
+    configure_logging(fmt=config.log_format, level=config.log_level)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from inference_svc.server import serve
+
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

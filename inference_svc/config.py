@@ -1,0 +1,108 @@
+"""Server configuration: one validated dataclass, built from CLI flags and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inference_svc.engine.types import SamplingParams
+
+ENV_PREFIX = "AUTOGLM_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    model_dir: Path | None = None  # None: the embedded default, built into cache_dir
+    cache_dir: Path | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    served_model_name: str = "autoglm-phone-9b"
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    max_message_bytes: int = 32 * 1024 * 1024
+    max_queued: int = 64
+    max_pixels: int = 1_003_520
+    grace_period_s: float = 10.0
+    control_socket: str = "/tmp/autoglm-control.sock"
+    control_tcp: str = ""
+    control_token: str = ""
+    port_file: Path | None = None
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is not in 0..65535")
+        if self.control_tcp and not self.control_token:
+            raise ValueError("a TCP control listener needs --control-token (or mTLS)")
+        if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
+            raise ValueError(f"dtype {self.dtype!r} is not auto, float32, bfloat16 or float16")
+        if self.max_message_bytes < 1024:
+            raise ValueError("max message size must be at least 1 KiB")
+        if self.grace_period_s < 0:
+            raise ValueError("grace period must not be negative")
+
+
+def _env(name: str, default):
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autoglm-server",
+        description="Serve a multimodal model over gRPC. Every flag also reads AUTOGLM_<FLAG>.",
+    )
+    p.add_argument("--host", default=_env("HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(_env("PORT", 50051)),
+                   help="gRPC port (0 picks a free one; see --port-file)")
+    p.add_argument("--model-dir", default=_env("MODEL_DIR", ""),
+                   help="local modular bundle or GLM-4.1V checkpoint; default: embedded model")
+    p.add_argument("--cache-dir", default=_env("CACHE_DIR", ""),
+                   help="where the embedded default is converted and cached")
+    p.add_argument("--device", default=_env("DEVICE", "cpu"))
+    p.add_argument("--dtype", default=_env("DTYPE", "auto"))
+    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", "autoglm-phone-9b"))
+    p.add_argument("--max-new-tokens", type=int, default=int(_env("MAX_NEW_TOKENS", 256)))
+    p.add_argument("--min-new-tokens", type=int, default=int(_env("MIN_NEW_TOKENS", 32)))
+    p.add_argument("--temperature", type=float, default=float(_env("TEMPERATURE", 0.7)))
+    p.add_argument("--top-p", type=float, default=float(_env("TOP_P", 0.9)))
+    p.add_argument("--repetition-penalty", type=float,
+                   default=float(_env("REPETITION_PENALTY", 1.2)))
+    p.add_argument("--max-message-mb", type=float, default=float(_env("MAX_MESSAGE_MB", 32)))
+    p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", 64)))
+    p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", 1_003_520)))
+    p.add_argument("--grace-period", type=float, default=float(_env("GRACE_PERIOD", 10)))
+    p.add_argument("--control-socket", default=_env("CONTROL_SOCKET", "/tmp/autoglm-control.sock"))
+    p.add_argument("--control-tcp", default=_env("CONTROL_TCP", ""),
+                   help="also serve the control API on HOST:PORT (requires --control-token)")
+    p.add_argument("--control-token", default=_env("CONTROL_TOKEN", ""))
+    p.add_argument("--port-file", default=_env("PORT_FILE", ""),
+                   help="write the bound port here once SERVING")
+    p.add_argument("--log-format", choices=["auto", "json", "console"],
+                   default=_env("LOG_FORMAT", "auto"))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> ServerConfig:
+    args = build_parser().parse_args(argv)
+    defaults = SamplingParams(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        temperature=args.temperature, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    return ServerConfig(
+        host=args.host, port=args.port,
+        model_dir=Path(args.model_dir) if args.model_dir else None,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,
+        defaults=defaults, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        max_queued=args.max_queued, max_pixels=args.max_pixels,
+        grace_period_s=args.grace_period, control_socket=args.control_socket,
+        control_tcp=args.control_tcp, control_token=args.control_token,
+        port_file=Path(args.port_file) if args.port_file else None,
+        log_format=args.log_format, log_level=args.log_level,
+    )

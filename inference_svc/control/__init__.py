@@ -1,0 +1,1 @@
+"""The control API: memory account and memory actions for a trusted peer."""

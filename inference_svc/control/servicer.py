@@ -1,0 +1,212 @@
+"""ControlService: the memory account and actions, over a private listener."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from autoglm.control.v1 import control_service_pb2 as pb
+from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
+from inference_svc.engine.engine import Admission, Engine
+from inference_svc.errors import InvalidRequest, NotReady
+from inference_svc.memory import actions
+from inference_svc.memory.actions import Freed
+from inference_svc.memory.process import rss_bytes
+from inference_svc.model.units import DISK
+from inference_svc.service_state import ServiceState
+
+TIER_NAMES = {pb.TIER_CPU: "cpu", pb.TIER_DISK: DISK}
+ADMISSION_TO_PB = {"open": pb.ADMISSION_MODE_OPEN, "limited": pb.ADMISSION_MODE_LIMITED,
+                   "paused": pb.ADMISSION_MODE_PAUSED}
+ADMISSION_FROM_PB = {v: k for k, v in ADMISSION_TO_PB.items()}
+
+
+def _tier_pb(tier: str) -> int:
+    if tier.startswith("cuda"):
+        return pb.TIER_GPU
+    return pb.TIER_CPU if tier == "cpu" else pb.TIER_DISK
+
+
+def _result(freed: Freed) -> pb.ActionResult:
+    return pb.ActionResult(freed_bytes=freed.total, freed_bytes_by_device=freed.bytes_by_device,
+                           duration_seconds=freed.seconds, detail=freed.detail)
+
+
+class ControlServicer(pb_grpc.ControlServiceServicer):
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+        # Actions run one at a time: two concurrent offloads of one module are one offload.
+        self._action_lock = asyncio.Lock()
+
+    def _engine(self) -> Engine:
+        if self.state.engine is None:
+            raise NotReady("the model is still loading")
+        return self.state.engine
+
+    def _modules(self, engine: Engine) -> list[pb.ModuleResidency]:
+        out = []
+        for unit in engine.model.units:
+            s = unit.state()
+            out.append(pb.ModuleResidency(
+                name=s.name, modality=s.modality, tier=_tier_pb(s.tier),
+                device="" if s.tier == DISK else s.tier, weight_bytes=s.weight_bytes,
+                active_requests=s.active_requests, idle_seconds=s.idle_seconds,
+            ))
+        return out
+
+    def status(self) -> pb.MemoryStatus:
+        engine = self._engine()
+        taken = timestamp_pb2.Timestamp()
+        taken.GetCurrentTime()
+        per_token = engine.model.kv_bytes_per_token()
+        running = engine.running()
+        requests = [
+            pb.RequestKv(request_id=r.request_id, session_id=r.session_id,
+                         tokens=r.prompt_tokens + r.generated_tokens,
+                         bytes=(r.prompt_tokens + r.generated_tokens) * per_token)
+            for r in running
+        ]
+        now = time.monotonic()
+        sessions = [
+            pb.SessionKv(session_id=e.key, tokens=e.tokens, bytes=e.bytes,
+                         idle_seconds=now - e.last_used, device=engine.model.device)
+            for e in engine.sessions.entries()
+        ]
+        kv_bytes = sum(r.bytes for r in requests) + sum(e.bytes for e in sessions)
+        weights: dict[str, int] = {}
+        for unit in engine.model.units:
+            s = unit.state()
+            if s.tier != DISK:
+                weights[s.tier] = weights.get(s.tier, 0) + s.weight_bytes
+        rss = rss_bytes()
+        devices = [pb.DeviceMemory(device="cpu", weight_bytes=weights.get("cpu", 0),
+                                   kv_bytes=kv_bytes if engine.model.device == "cpu" else 0,
+                                   total_bytes=_host_total())]
+        admission = engine.admission
+        return pb.MemoryStatus(
+            taken_at=taken, devices=devices, modules=self._modules(engine), requests=requests,
+            sessions=sessions, kv_bytes=kv_bytes, kv_budget_bytes=engine.config.kv_budget_bytes,
+            process_rss_bytes=rss, running_requests=len(running),
+            queued_requests=engine.queued,
+            modalities_in_use=sorted(engine.modalities_in_use()),
+            admission_mode=ADMISSION_TO_PB[admission.mode], admission_limit=admission.max_running,
+            completed_requests=engine.completed, pid=os.getpid(),
+        )
+
+    async def GetMemoryStatus(self, request, context) -> pb.GetMemoryStatusResponse:
+        return pb.GetMemoryStatusResponse(status=await asyncio.to_thread(self.status))
+
+    async def WatchMemory(self, request: pb.WatchMemoryRequest, context):
+        interval = request.interval_seconds if request.interval_seconds > 0 else 1.0
+        interval = max(0.05, min(interval, 3600.0))
+        while True:
+            yield pb.WatchMemoryResponse(status=await asyncio.to_thread(self.status))
+            await asyncio.sleep(interval)
+
+    async def OffloadModules(self, request: pb.OffloadModulesRequest, context):
+        engine = self._engine()
+        modalities = self._modalities(engine, request.modalities)
+        async with self._action_lock:
+            if request.tier == pb.TIER_UNSPECIFIED:
+                tier = actions.lower_tier(engine.model.device)
+            elif request.tier in TIER_NAMES:
+                tier = TIER_NAMES[request.tier]
+            else:
+                raise InvalidRequest("tier must be TIER_CPU or TIER_DISK to offload",
+                                     field="tier")
+            freed = await asyncio.to_thread(actions.offload_encoders, engine, modalities, tier)
+        return pb.OffloadModulesResponse(result=_result(freed), modules=self._modules(engine))
+
+    async def ReloadModules(self, request: pb.ReloadModulesRequest, context):
+        engine = self._engine()
+        modalities = self._modalities(engine, request.modalities)
+        async with self._action_lock:
+            freed = await asyncio.to_thread(actions.reload_encoders, engine, modalities)
+        result = _result(freed)
+        result.freed_bytes = 0
+        result.freed_bytes_by_device.clear()
+        return pb.ReloadModulesResponse(result=result, modules=self._modules(engine))
+
+    async def TrimKvCache(self, request: pb.TrimKvCacheRequest, context):
+        engine = self._engine()
+        if request.policy == pb.TRIM_POLICY_TRUNCATE and request.max_tokens < 1:
+            raise InvalidRequest("TRUNCATE needs max_tokens >= 1", field="max_tokens")
+        policy = {pb.TRIM_POLICY_ALL_IDLE: "all", pb.TRIM_POLICY_TRUNCATE: "truncate"}.get(
+            request.policy, "lru")
+        async with self._action_lock:
+            freed, sessions = await asyncio.to_thread(
+                actions.trim_kv, engine, policy, request.target_bytes, request.max_tokens)
+        return pb.TrimKvCacheResponse(result=_result(freed), sessions=sessions)
+
+    async def CollectGarbage(self, request, context) -> pb.CollectGarbageResponse:
+        async with self._action_lock:
+            freed = await asyncio.to_thread(actions.collect_garbage)
+        return pb.CollectGarbageResponse(result=_result(freed))
+
+    async def SetAdmission(self, request: pb.SetAdmissionRequest, context):
+        engine = self._engine()
+        if request.mode not in ADMISSION_FROM_PB:
+            raise InvalidRequest("mode must be OPEN, LIMITED or PAUSED", field="mode")
+        if request.mode == pb.ADMISSION_MODE_LIMITED and request.max_running < 1:
+            raise InvalidRequest("LIMITED admission needs max_running >= 1", field="max_running")
+        mode = ADMISSION_FROM_PB[request.mode]
+        limit = request.max_running if mode == "limited" else 0
+        engine.set_admission(Admission(mode, limit))
+        return pb.SetAdmissionResponse(
+            mode=request.mode, max_running=limit,
+            result=pb.ActionResult(detail=f"admission {mode}"),
+        )
+
+    @staticmethod
+    def _modalities(engine: Engine, names) -> list[str]:
+        aliases = {"vision": "image", "image": "image", "audio": "audio"}
+        chosen = []
+        for name in names:
+            if name not in aliases:
+                raise InvalidRequest(f"unknown modality {name!r} (image, audio)",
+                                     field="modalities")
+            chosen.append(aliases[name])
+        return [m for m in chosen if m in engine.model.encoders]
+
+
+def _host_total() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects control calls without `authorization: Bearer <token>` (TCP listeners)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and hmac.compare_digest(
+                value.encode() if isinstance(value, str) else value, self._expected
+            ):
+                return await continuation(details)
+        return _deny(await continuation(details))
+
+
+def _deny(handler):
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong control token")
+
+    async def stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong control token")
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler is None:
+        return None
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(
+        unary, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)

@@ -1,0 +1,1 @@
+"""The engine: admission, scheduling and the model-execution loop."""

@@ -1,0 +1,116 @@
+"""Engine-level request and event types; transports convert to and from these."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    data: bytes
+    mime_type: str
+    field: str  # where in the request it came from, for error messages
+
+
+@dataclass(frozen=True)
+class AudioPart:
+    field: str
+    wav: bytes = b""
+    pcm: bytes = b""
+    sample_rate: int = 0
+    encoding: str = ""  # "s16le" | "f32le" for raw PCM
+    channels: int = 1
+
+
+Part = TextPart | ImagePart | AudioPart
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    parts: list[Part]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 32
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.2
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop_sequences: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    messages: list[ChatMessage]
+    sampling: SamplingParams
+    session_id: str = ""
+    enable_thinking: bool = False
+    return_reasoning: bool = False
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic() value
+
+    @property
+    def modalities(self) -> set[str]:
+        kinds = {"text"}
+        for message in self.messages:
+            for part in message.parts:
+                if isinstance(part, ImagePart):
+                    kinds.add("image")
+                elif isinstance(part, AudioPart):
+                    kinds.add("audio")
+        return kinds
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    image_tokens: int = 0
+    audio_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str = ""
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    usage: Usage
+    matched_stop_sequence: str = ""
+    images: list[ImageSize] = field(default_factory=list)
+
+
+Event = Delta | Finished

@@ -1,0 +1,36 @@
+"""Choosing and loading the model named by the configuration."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+import torch
+
+from inference_svc.config import ServerConfig
+from inference_svc.model.builders import default_cache_dir, ensure_default_bundle
+from inference_svc.model.modular import ModularModel
+
+log = structlog.get_logger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def load_model(config: ServerConfig) -> ModularModel:
+    started = time.monotonic()
+    bundle = config.model_dir
+    if bundle is None:
+        cache = config.cache_dir or default_cache_dir()
+        bundle = ensure_default_bundle(cache)
+        log.info("default_bundle_ready", path=str(bundle),
+                 seconds=round(time.monotonic() - started, 2))
+    model = ModularModel(bundle, device=config.device,
+                         dtype=resolve_dtype(config.dtype, config.device))
+    log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
+             dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2))
+    return model

@@ -1,0 +1,1 @@
+"""The memory account and the actions that free memory, each measured."""

@@ -1,0 +1,1 @@
+"""The modular model: decoder and encoders as separately resident units."""

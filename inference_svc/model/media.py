@@ -1,0 +1,161 @@
+"""Decoding of image and audio parts into arrays the encoders take.
+
+Everything here runs on untrusted bytes, so every failure becomes InvalidMedia that
+names the offending part.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile
+from PIL import Image, UnidentifiedImageError
+
+from inference_svc.errors import InvalidMedia
+
+IMAGE_MIME_TYPES = {
+    "image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"
+}
+# A decompression bomb guard: refuse images whose header claims more than this.
+MAX_DECODED_PIXELS = 64_000_000
+MAX_AUDIO_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image
+    original_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    samples: np.ndarray  # float32 mono at `sample_rate`
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+def decode_image(data: bytes, mime_type: str, *, field: str, max_pixels: int) -> DecodedImage:
+    """Decode PNG/JPEG/WebP bytes to RGB, downscaled to at most `max_pixels` pixels."""
+    if not data:
+        raise InvalidMedia(f"{field}: image data is empty", field=field)
+    expected = None
+    if mime_type:
+        expected = IMAGE_MIME_TYPES.get(mime_type.lower())
+        if expected is None:
+            allowed = ", ".join(sorted(set(IMAGE_MIME_TYPES) - {"image/jpg"}))
+            raise InvalidMedia(
+                f"{field}: unsupported image MIME type {mime_type!r} (allowed: {allowed})",
+                field=field,
+            )
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt = probe.format
+            width, height = probe.size
+            if width * height > MAX_DECODED_PIXELS:
+                raise InvalidMedia(
+                    f"{field}: image is {width}x{height}, over {MAX_DECODED_PIXELS} pixels",
+                    field=field,
+                )
+            probe.load()
+            image = probe.convert("RGB")
+    except InvalidMedia:
+        raise
+    except UnidentifiedImageError as exc:
+        raise InvalidMedia(f"{field}: not a PNG, JPEG or WebP image", field=field) from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidMedia(f"{field}: cannot decode image: {exc}", field=field) from exc
+    if fmt not in {"PNG", "JPEG", "WEBP"}:
+        raise InvalidMedia(f"{field}: unsupported image format {fmt}", field=field)
+    if expected is not None and fmt != expected:
+        raise InvalidMedia(
+            f"{field}: MIME type {mime_type!r} does not match the data ({fmt})", field=field
+        )
+    return DecodedImage(image=fit_pixel_budget(image, max_pixels), original_size=(width, height))
+
+
+def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
+    """Downscale, keeping the aspect ratio, so that width*height <= max_pixels."""
+    width, height = image.size
+    if max_pixels <= 0 or width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def decode_wav(data: bytes, *, field: str, target_rate: int) -> DecodedAudio:
+    """Decode a RIFF/WAVE file (integer or float PCM) to mono float32 at target_rate."""
+    if not data:
+        raise InvalidMedia(f"{field}: audio data is empty", field=field)
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as wav:
+            if wav.format != "WAV" and wav.format != "WAVEX":
+                raise InvalidMedia(f"{field}: audio is {wav.format}, expected WAV", field=field)
+            if wav.frames / max(wav.samplerate, 1) > MAX_AUDIO_SECONDS:
+                raise InvalidMedia(
+                    f"{field}: audio longer than {MAX_AUDIO_SECONDS:.0f} s", field=field
+                )
+            samples = wav.read(dtype="float32", always_2d=True)
+            rate = wav.samplerate
+    except InvalidMedia:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        raise InvalidMedia(f"{field}: cannot decode WAV audio: {exc}", field=field) from exc
+    return _finish_audio(samples.mean(axis=1), rate, field=field, target_rate=target_rate)
+
+
+def decode_pcm(
+    data: bytes,
+    *,
+    sample_rate: int,
+    encoding: str,
+    channels: int,
+    field: str,
+    target_rate: int,
+) -> DecodedAudio:
+    """Decode raw interleaved PCM (s16le or f32le) to mono float32 at target_rate."""
+    if sample_rate < 1000 or sample_rate > 192_000:
+        raise InvalidMedia(f"{field}: sample rate {sample_rate} Hz is out of range", field=field)
+    channels = channels or 1
+    if channels > 8:
+        raise InvalidMedia(f"{field}: {channels} channels is more than 8", field=field)
+    if encoding == "s16le":
+        width, dtype, scale = 2, "<i2", 1 / 32768.0
+    elif encoding == "f32le":
+        width, dtype, scale = 4, "<f4", 1.0
+    else:
+        raise InvalidMedia(f"{field}: PCM encoding must be set (S16LE or F32LE)", field=field)
+    if not data or len(data) % (width * channels):
+        raise InvalidMedia(
+            f"{field}: PCM data length {len(data)} is not a whole number of "
+            f"{channels}-channel {encoding} frames",
+            field=field,
+        )
+    if len(data) / (width * channels * sample_rate) > MAX_AUDIO_SECONDS:
+        raise InvalidMedia(f"{field}: audio longer than {MAX_AUDIO_SECONDS:.0f} s", field=field)
+    samples = np.frombuffer(data, dtype=dtype).astype(np.float32) * scale
+    mono = samples.reshape(-1, channels).mean(axis=1)
+    return _finish_audio(mono, sample_rate, field=field, target_rate=target_rate)
+
+
+def _finish_audio(mono: np.ndarray, rate: int, *, field: str, target_rate: int) -> DecodedAudio:
+    if not np.all(np.isfinite(mono)):
+        raise InvalidMedia(f"{field}: audio contains NaN or infinite samples", field=field)
+    if len(mono) < rate // 100:
+        raise InvalidMedia(f"{field}: audio is shorter than 10 ms", field=field)
+    return DecodedAudio(samples=resample(mono, rate, target_rate), sample_rate=target_rate)
+
+
+def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """Linear-interpolation resampling; adequate for speech encoders' input rates."""
+    if rate == target_rate:
+        return samples.astype(np.float32, copy=False)
+    count = max(1, round(len(samples) * target_rate / rate))
+    positions = np.linspace(0, len(samples) - 1, count)
+    return np.interp(positions, np.arange(len(samples)), samples).astype(np.float32)

@@ -1,0 +1,193 @@
+"""The modular model: a decoder and optional encoders, each a separately resident unit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from inference_svc.errors import InvalidRequest, ModalityUnavailable
+from inference_svc.model.bundle import Manifest
+from inference_svc.model.encoders import (
+    AUDIO_MERGE,
+    AUDIO_SAMPLE_RATE,
+    AudioEncoder,
+    VisionEncoder,
+)
+from inference_svc.model.media import (
+    DecodedAudio,
+    DecodedImage,
+    decode_image,
+    decode_pcm,
+    decode_wav,
+)
+from inference_svc.model.prompt import PromptPlan, media_digest, media_parts, render_prompt
+from inference_svc.model.units import ModuleUnit
+
+ENCODER_MODALITY = {"vision": "image", "audio": "audio"}
+
+
+@dataclass(frozen=True)
+class DecodedMedia:
+    images: list[DecodedImage]
+    audios: list[DecodedAudio]
+
+
+class ModularModel:
+    """Loads a modular bundle; exposes prompt planning, encoding and the decoder."""
+
+    def __init__(self, bundle: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.bundle = bundle
+        self.manifest = Manifest.read(bundle)
+        self.device = device
+        self.dtype = dtype
+        decoder_dir = bundle / self.manifest.modules["decoder"].path
+        self.tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
+        self.decoder_unit = ModuleUnit(
+            "decoder", "text",
+            lambda: AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).eval(),
+            device,
+        )
+        self.decoder_unit.load()
+        with self.decoder_unit.use() as decoder:
+            self.config = decoder.config
+            self.generation_config = decoder.generation_config
+        hidden = self.config.hidden_size
+        self.encoders: dict[str, ModuleUnit] = {}
+        if "vision" in self.manifest.modules:
+            path = bundle / self.manifest.modules["vision"].path
+            self.encoders["image"] = ModuleUnit(
+                "vision", "image",
+                lambda path=path: VisionEncoder.load(path, hidden, dtype), device,
+                pin_memory=True,
+            )
+        if "audio" in self.manifest.modules:
+            path = bundle / self.manifest.modules["audio"].path
+            self.encoders["audio"] = ModuleUnit(
+                "audio", "audio", lambda path=path: AudioEncoder.load(path, hidden, dtype), device,
+                pin_memory=True,
+            )
+        for unit in self.encoders.values():
+            unit.load()
+        self._image_tokens = 0
+        self._audio_conv: list[tuple[int, int]] = []
+        if "image" in self.encoders:
+            with self.encoders["image"].use() as vision:
+                self._image_tokens = vision.tokens_per_image
+        if "audio" in self.encoders:
+            with self.encoders["audio"].use() as audio:
+                conv = audio.conformer.config
+                self._audio_conv = list(zip(conv.conv_kernel, conv.conv_stride, strict=True))
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def units(self) -> list[ModuleUnit]:
+        return [self.decoder_unit, *self.encoders.values()]
+
+    @property
+    def modalities(self) -> list[str]:
+        return ["text", *self.encoders]
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids = [*ids, im_end]
+        return sorted({int(i) for i in ids if i is not None})
+
+    @property
+    def placeholder_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.unk_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def audio_tokens(self, num_samples: int) -> int:
+        """Tokens an audio clip becomes; computed from the config, not the module."""
+        frames = num_samples
+        for kernel, stride in self._audio_conv:
+            frames = (frames - kernel) // stride + 1
+        return max(1, -(-max(frames, 1) // AUDIO_MERGE))
+
+    def kv_bytes_per_token(self) -> int:
+        config = self.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * config.num_hidden_layers * heads * head_dim * element
+
+    def decode_media(self, messages, *, max_pixels: int) -> DecodedMedia:
+        images, audios = [], []
+        for part in media_parts(messages):
+            kind = "image" if hasattr(part, "mime_type") else "audio"
+            if kind not in self.encoders:
+                raise ModalityUnavailable(f"{part.field}: this model has no {kind} encoder",
+                                          field=part.field)
+            if kind == "image":
+                images.append(decode_image(part.data, part.mime_type, field=part.field,
+                                           max_pixels=max_pixels))
+            elif part.wav:
+                audios.append(decode_wav(part.wav, field=part.field, target_rate=AUDIO_SAMPLE_RATE))
+            elif part.pcm:
+                audios.append(decode_pcm(
+                    part.pcm, sample_rate=part.sample_rate, encoding=part.encoding,
+                    channels=part.channels, field=part.field, target_rate=AUDIO_SAMPLE_RATE,
+                ))
+            else:
+                raise InvalidRequest(f"{part.field}: audio part has neither wav nor pcm data",
+                                     field=part.field)
+        return DecodedMedia(images, audios)
+
+    def plan(self, messages, media: DecodedMedia, *, enable_thinking: bool) -> PromptPlan:
+        lengths: list[int] = []
+        digests: list[bytes] = []
+        images, audios = iter(media.images), iter(media.audios)
+        for part in media_parts(messages):
+            digests.append(media_digest(part.data if hasattr(part, "mime_type")
+                                        else part.wav or part.pcm))
+            if hasattr(part, "mime_type"):
+                next(images)
+                lengths.append(self._image_tokens)
+            else:
+                lengths.append(self.audio_tokens(len(next(audios).samples)))
+        return render_prompt(self.tokenizer, messages, enable_thinking=enable_thinking,
+                             media_lengths=lengths, media_digests=digests,
+                             placeholder_id=self.placeholder_id)
+
+    def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
+        """Decoder input embeddings with encoder outputs in the media slots.
+
+        Media lying wholly inside the first `cached` positions are not encoded: those
+        positions come from a KV cache and their embeddings are never read.
+        """
+        needed = [s for s in plan.spans if s.start + s.length > cached]
+        by_kind: dict[str, dict[int, torch.Tensor]] = {"image": {}, "audio": {}}
+        for kind, unit_key, items in (("image", "image", media.images),
+                                      ("audio", "audio", media.audios)):
+            indices = [s.index for s in needed if s.kind == kind]
+            if indices:
+                with self.encoders[unit_key].use() as encoder:
+                    encoded = encoder.encode([items[i] for i in indices])
+                by_kind[kind] = dict(zip(indices, encoded, strict=True))
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            ids = torch.tensor([plan.input_ids], device=self.device)
+            embeds = decoder.get_input_embeddings()(ids)
+            for span in needed:
+                vectors = by_kind[span.kind][span.index]
+                embeds[0, span.start : span.start + span.length] = vectors.to(embeds.dtype)
+        return embeds

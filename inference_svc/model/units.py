@@ -1,0 +1,139 @@
+"""A module unit: one part of the modular model with its own residency tier.
+
+Tiers, fastest first: `cuda:N` -> `cpu` -> `disk` (parameters released; reloaded from
+the checkpoint on next use). A unit is moved only when no running request uses it:
+`use()` holds it resident, `move_to()` waits for users to finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DISK = "disk"
+
+
+def module_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class UnitState:
+    name: str
+    modality: str
+    tier: str  # "cuda:N", "cpu" or "disk"
+    weight_bytes: int
+    active_requests: int
+    idle_seconds: float
+    parameters: int
+
+
+class ModuleUnit:
+    """Holds one nn.Module and moves it between tiers safely under concurrency."""
+
+    def __init__(
+        self,
+        name: str,
+        modality: str,
+        loader: Callable[[], nn.Module],
+        home: str,
+        *,
+        pin_memory: bool = False,
+    ) -> None:
+        self.name = name
+        self.modality = modality
+        self.home = home
+        self._loader = loader
+        self._pin_memory = pin_memory
+        self._module: nn.Module | None = None
+        self._tier = DISK
+        self._resident_bytes = 0
+        self._parameters = 0
+        self.architecture = ""
+        self._active = 0
+        self._last_used = time.monotonic()
+        self._cond = threading.Condition()
+
+    @property
+    def tier(self) -> str:
+        return self._tier
+
+    def state(self) -> UnitState:
+        with self._cond:
+            return UnitState(
+                name=self.name, modality=self.modality, tier=self._tier,
+                weight_bytes=self._resident_bytes, active_requests=self._active,
+                idle_seconds=0.0 if self._active else time.monotonic() - self._last_used,
+                parameters=self._parameters,
+            )
+
+    def load(self) -> None:
+        with self._cond:
+            self._ensure_home()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[nn.Module]:
+        """Hold the module resident on its home tier for the duration of the block."""
+        with self._cond:
+            self._ensure_home()
+            self._active += 1
+            module = self._module
+        try:
+            assert module is not None
+            yield module
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._last_used = time.monotonic()
+                self._cond.notify_all()
+
+    def move_to(self, tier: str, *, timeout: float | None = None) -> int:
+        """Move to `tier`; returns the bytes of weights that left the previous tier.
+
+        Waits (up to `timeout`) until no request uses the module; returns 0 when it
+        timed out or when the module already is on that tier.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._active == 0, timeout=timeout):
+                return 0
+            if tier == self._tier:
+                return 0
+            before = self._resident_bytes
+            if tier == DISK:
+                self._module = None
+                self._tier = DISK
+                self._resident_bytes = 0
+                gc.collect()
+                return before
+            if self._module is None:
+                self._load_module()
+            self._module.to(tier)
+            if tier == "cpu" and self._pin_memory and torch.cuda.is_available():
+                for tensor in [*self._module.parameters(), *self._module.buffers()]:
+                    tensor.data = tensor.data.pin_memory()
+            self._tier = tier
+            self._resident_bytes = module_bytes(self._module)
+            return before
+
+    def _ensure_home(self) -> None:
+        if self._tier == self.home:
+            return
+        if self._module is None:
+            self._load_module()
+        self._module.to(self.home)
+        self._tier = self.home
+        self._resident_bytes = module_bytes(self._module)
+
+    def _load_module(self) -> None:
+        module = self._loader()
+        self._parameters = sum(p.numel() for p in module.parameters())
+        self.architecture = getattr(module, "architecture", type(module).__name__)
+        self._module = module

@@ -1,0 +1,133 @@
+"""serve(): assembles the gRPC servers, loads the model, and shuts down gracefully.
+
+Health stays NOT_SERVING until the model is loaded and the engine runs. SIGTERM flips
+health to NOT_SERVING, stops accepting calls, lets in-flight streams finish within the
+grace period, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from autoglm.control.v1 import control_service_pb2 as control_pb
+from autoglm.control.v1 import control_service_pb2_grpc as control_grpc
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from inference_svc.config import ServerConfig
+from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
+from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.loading import load_model
+from inference_svc.service_state import ServiceState
+from inference_svc.transport.errors import ServiceInterceptor
+from inference_svc.transport.inference_servicer import InferenceServicer
+
+log = structlog.get_logger(__name__)
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+CONTROL_SERVICE = control_pb.DESCRIPTOR.services_by_name["ControlService"].full_name
+
+
+def _options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Service:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.state = ServiceState(config)
+        self.health = health.aio.HealthServicer()
+        self.public = grpc.aio.server(interceptors=[ServiceInterceptor()], options=_options(config))
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.state), self.public)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.public)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.public
+        )
+        self.port = self.public.add_insecure_port(f"{config.host}:{config.port}")
+        self.control = self._control_server()
+
+    def _control_server(self) -> grpc.aio.Server:
+        config = self.config
+        interceptors = [ServiceInterceptor()]
+        if config.control_token:
+            interceptors.insert(0, TokenAuthInterceptor(config.control_token))
+        server = grpc.aio.server(interceptors=interceptors, options=_options(config))
+        control_grpc.add_ControlServiceServicer_to_server(ControlServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], server)
+        if config.control_socket:
+            path = config.control_socket
+            if os.path.exists(path):
+                os.unlink(path)
+            previous = os.umask(0o177)  # the socket is born 0600: no window for other users
+            try:
+                server.add_insecure_port(f"unix://{path}")
+            finally:
+                os.umask(previous)
+        if config.control_tcp:
+            server.add_insecure_port(config.control_tcp)
+        return server
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", INFERENCE_SERVICE, CONTROL_SERVICE):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self._set_health(False)
+        await self.public.start()
+        await self.control.start()
+        if self.config.control_socket and os.path.exists(self.config.control_socket):
+            os.chmod(self.config.control_socket, 0o600)
+        log.info("listening", port=self.port, control_socket=self.config.control_socket,
+                 control_tcp=self.config.control_tcp or None)
+        model = await asyncio.to_thread(load_model, self.config)
+        engine = Engine(model, EngineConfig(max_queued=self.config.max_queued,
+                                            max_pixels=self.config.max_pixels))
+        engine.start()
+        self.state.engine = engine
+        await self._set_health(True)
+        if self.config.port_file:
+            self.config.port_file.write_text(json.dumps({
+                "port": self.port, "control_socket": self.config.control_socket, "pid": os.getpid(),
+            }))
+        log.info("serving", port=self.port)
+
+    async def stop(self) -> None:
+        log.info("shutting_down", grace_seconds=self.config.grace_period_s)
+        await self.health.enter_graceful_shutdown()
+        await asyncio.gather(self.public.stop(self.config.grace_period_s),
+                             self.control.stop(self.config.grace_period_s))
+        if self.state.engine is not None:
+            await asyncio.to_thread(self.state.engine.stop)
+        if self.config.control_socket and os.path.exists(self.config.control_socket):
+            os.unlink(self.config.control_socket)
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> None:
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(service.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        await service.stop()
+        raise starting.exception()
+    await stop.wait()
+    starting.cancel()
+    await service.stop()

@@ -1,0 +1,1 @@
+"""gRPC transport: proto <-> engine types, servicers, and the error interceptor."""

@@ -1,0 +1,130 @@
+"""Conversion at the edge: inference proto messages <-> engine types."""
+
+from __future__ import annotations
+
+import re
+
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from inference_svc.engine.types import (
+    AudioPart,
+    ChatMessage,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ImagePart,
+    SamplingParams,
+    TextPart,
+)
+from inference_svc.errors import InvalidRequest
+
+ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+PCM_ENCODINGS = {pb.PCM_ENCODING_S16LE: "s16le", pb.PCM_ENCODING_F32LE: "f32le"}
+FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def messages_from_pb(messages) -> list[ChatMessage]:
+    out = []
+    for i, message in enumerate(messages):
+        field = f"messages[{i}]"
+        if message.role not in ROLE_NAMES:
+            raise InvalidRequest(f"{field}.role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT",
+                                 field=f"{field}.role")
+        parts = [_part_from_pb(part, f"{field}.parts[{j}]") for j, part in enumerate(message.parts)]
+        out.append(ChatMessage(ROLE_NAMES[message.role], parts))
+    return out
+
+
+def _part_from_pb(part: pb.Part, field: str):
+    kind = part.WhichOneof("content")
+    if kind == "text":
+        return TextPart(part.text)
+    if kind == "image":
+        return ImagePart(part.image.data, part.image.mime_type, f"{field}.image")
+    if kind == "audio":
+        audio = part.audio
+        source = audio.WhichOneof("source")
+        if source == "wav":
+            return AudioPart(f"{field}.audio.wav", wav=audio.wav)
+        if source == "pcm":
+            pcm = audio.pcm
+            if pcm.encoding not in PCM_ENCODINGS:
+                raise InvalidRequest(f"{field}.audio.pcm.encoding must be S16LE or F32LE",
+                                     field=f"{field}.audio.pcm.encoding")
+            return AudioPart(f"{field}.audio.pcm", pcm=pcm.data, sample_rate=pcm.sample_rate_hz,
+                             encoding=PCM_ENCODINGS[pcm.encoding], channels=pcm.channels or 1)
+        raise InvalidRequest(f"{field}.audio has neither wav nor pcm", field=f"{field}.audio")
+    raise InvalidRequest(f"{field} is empty: set text, image or audio", field=field)
+
+
+def sampling_from_pb(params: pb.SamplingParams, defaults: SamplingParams) -> SamplingParams:
+    def pick(name: str):
+        return getattr(params, name) if params.HasField(name) else getattr(defaults, name)
+
+    return SamplingParams(
+        max_new_tokens=pick("max_new_tokens"),
+        min_new_tokens=pick("min_new_tokens"),
+        temperature=pick("temperature"),
+        top_p=pick("top_p"),
+        top_k=pick("top_k"),
+        repetition_penalty=pick("repetition_penalty"),
+        frequency_penalty=pick("frequency_penalty"),
+        presence_penalty=pick("presence_penalty"),
+        seed=params.seed if params.HasField("seed") else None,
+        stop_sequences=tuple(params.stop_sequences),
+    )
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+    )
+
+
+def request_from_pb(
+    request: pb.GenerateRequest, *, request_id: str, defaults: SamplingParams,
+    deadline: float | None,
+) -> GenerationRequest:
+    if request.session_id and not SESSION_ID.fullmatch(request.session_id):
+        raise InvalidRequest("session_id must be 1-128 characters of [A-Za-z0-9._:-]",
+                             field="session_id")
+    return GenerationRequest(
+        request_id=request_id,
+        messages=messages_from_pb(request.messages),
+        sampling=sampling_from_pb(request.sampling, defaults),
+        session_id=request.session_id,
+        enable_thinking=request.enable_thinking,
+        return_reasoning=request.return_reasoning,
+        priority=request.priority,
+        deadline=deadline,
+    )
+
+
+def final_to_pb(finished: Finished, request_id: str) -> pb.GenerateResponse:
+    usage = finished.usage
+    return pb.GenerateResponse(
+        request_id=request_id,
+        final=pb.FinalMessage(
+            finish_reason=FINISH_REASONS[finished.reason],
+            usage=pb.Usage(
+                prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                cached_prompt_tokens=usage.cached_prompt_tokens,
+                image_tokens=usage.image_tokens, audio_tokens=usage.audio_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+            ),
+            matched_stop_sequence=finished.matched_stop_sequence,
+            images=[
+                pb.ImageInfo(width=i.width, height=i.height, original_width=i.original_width,
+                             original_height=i.original_height)
+                for i in finished.images
+            ],
+        ),
+    )

@@ -1,0 +1,89 @@
+"""InferenceService: thin edge between the public proto API and the engine."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import structlog
+from google.protobuf import struct_pb2
+
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from inference_svc.engine.types import Delta, Finished
+from inference_svc.errors import NotReady, UnknownSession
+from inference_svc.service_state import ServiceState
+from inference_svc.transport.convert import (
+    final_to_pb,
+    messages_from_pb,
+    request_from_pb,
+    sampling_to_pb,
+)
+
+TIER_OF = {"cpu": pb.TIER_CPU, "disk": pb.TIER_DISK}
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    def _engine(self):
+        if self.state.engine is None:
+            raise NotReady("the model is still loading; retry when health is SERVING")
+        return self.state.engine
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        engine = self._engine()
+        request_id = structlog.contextvars.get_contextvars()["request_id"]
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        generation = request_from_pb(request, request_id=request_id,
+                                     defaults=self.state.config.defaults, deadline=deadline)
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        handle = await engine.submit(generation)
+        try:
+            async for event in handle.events():
+                if isinstance(event, Delta):
+                    yield pb.GenerateResponse(request_id=request_id, text_delta=event.text,
+                                              reasoning_delta=event.reasoning)
+                elif isinstance(event, Finished):
+                    yield final_to_pb(event, request_id)
+        finally:
+            handle.cancel()  # client gone, deadline, or shutdown: stop generating at once
+
+    async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        engine = self._engine()
+        model = engine.model
+        modules = []
+        for unit in model.units:
+            state = unit.state()
+            entry = model.manifest.modules[unit.name]
+            tier = pb.TIER_GPU if state.tier.startswith("cuda") else TIER_OF[state.tier]
+            modules.append(pb.ModuleInfo(
+                name=unit.name, architecture=unit.architecture, parameters=state.parameters,
+                trained=entry.trained, tier=tier, device="" if state.tier == "disk" else state.tier,
+                weight_bytes=state.weight_bytes, note=entry.note,
+            ))
+        details = struct_pb2.Struct()
+        details.update({"model": model.name, "bundle": str(model.bundle),
+                        "dtype": str(model.dtype).removeprefix("torch."), **model.manifest.details})
+        return pb.GetModelInfoResponse(
+            name=self.state.config.served_model_name, modules=modules,
+            context_length=model.context_length, modalities=model.modalities,
+            default_sampling=sampling_to_pb(self.state.config.defaults), details=details,
+        )
+
+    async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
+        plan = await self._engine().count_tokens(
+            messages_from_pb(request.messages), enable_thinking=request.enable_thinking
+        )
+        return pb.CountTokensResponse(prompt_tokens=len(plan.input_ids),
+                                      image_tokens=plan.image_tokens,
+                                      audio_tokens=plan.audio_tokens)
+
+    async def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
+        engine = self._engine()
+        freed = engine.end_session(request.session_id)
+        if freed is None:
+            raise UnknownSession(f"no session {request.session_id!r}", field="session_id")
+        return pb.EndSessionResponse(freed_bytes=freed)
