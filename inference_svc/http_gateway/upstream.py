@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -12,6 +14,11 @@ from .config import GatewayConfig
 
 INFERENCE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 UNREACHABLE = "UNREACHABLE"
+_Stub = TypeVar("_Stub")
+
+
+class UpstreamNotOpen(RuntimeError):
+    """A call was attempted outside the app's lifespan."""
 
 
 class InferenceUpstream:
@@ -35,9 +42,7 @@ class InferenceUpstream:
 
     def generate(self, request: pb.GenerateRequest, *, request_id: str) -> grpc.aio.UnaryStreamCall:
         """Start a Generate call; the caller reads it and must cancel it when abandoned."""
-        if self._inference is None:
-            raise RuntimeError("upstream channel is not open")
-        return self._inference.Generate(
+        return self._require(self._inference).Generate(
             request,
             metadata=(("x-request-id", request_id),),
             timeout=self._config.request_timeout_s,
@@ -49,8 +54,6 @@ class InferenceUpstream:
         Asks for the InferenceService by name; a server that registers only the overall
         ("") status is asked for that instead.
         """
-        if self._health is None:
-            raise RuntimeError("upstream channel is not open")
         try:
             try:
                 response = await self._check(INFERENCE_SERVICE_NAME)
@@ -63,8 +66,13 @@ class InferenceUpstream:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def _check(self, service: str) -> health_pb2.HealthCheckResponse:
-        assert self._health is not None
-        return await self._health.Check(
+        return await self._require(self._health).Check(
             health_pb2.HealthCheckRequest(service=service),
             timeout=self._config.health_timeout_s,
         )
+
+    @staticmethod
+    def _require(stub: _Stub | None) -> _Stub:
+        if stub is None:
+            raise UpstreamNotOpen("the upstream channel is opened by the app's lifespan")
+        return stub
