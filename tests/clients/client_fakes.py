@@ -84,8 +84,10 @@ class FakeInferenceServicer(pb_grpc.InferenceServiceServicer):
             self.state.released_by_test = self.state.release_second_delta.wait(RELEASE_WAIT_S)
             yield pb.GenerateResponse(text_delta="世界", request_id=request_id)
         elif prompt == "hang":
+            # Registered before the first message so that an early cancel cannot be missed.
+            if not context.add_callback(self.state.stream_cancelled.set):
+                self.state.stream_cancelled.set()
             yield pb.GenerateResponse(text_delta="…", request_id=request_id)
-            context.add_callback(self.state.stream_cancelled.set)
             self.state.stream_cancelled.wait(RELEASE_WAIT_S)
             return
         elif prompt == "no-final":

@@ -1,13 +1,11 @@
-"""Sync client, async client and CLI against the real server on a tiny random model.
-
-The server comes from the shared `inference_server` fixture of tests/conftest.py; these
-tests skip while that fixture does not exist.
-"""
+"""Sync client, async client and CLI against the real server on a tiny random model
+(the shared `inference_server` fixture of tests/conftest.py)."""
 
 import io
 import re
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import pytest
@@ -30,16 +28,8 @@ GREEDY = Sampling(max_new_tokens=8, min_new_tokens=1, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def live_server(request: pytest.FixtureRequest):
-    try:
-        return request.getfixturevalue("inference_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py does not provide the inference_server fixture yet")
-
-
-@pytest.fixture(scope="module")
-def client(live_server):
-    with InferenceClient(live_server.target, timeout=120) as sync_client:
+def client(inference_server):
+    with InferenceClient(inference_server.target, timeout=120) as sync_client:
         yield sync_client
 
 
@@ -95,9 +85,9 @@ def test_bad_input_is_invalid_argument(client):
         client.generate([], GREEDY)
 
 
-async def test_async_client_matches_sync_client(live_server, client):
+async def test_async_client_matches_sync_client(inference_server, client):
     expected = client.generate("Name a colour.", GREEDY).text
-    async with AsyncInferenceClient(live_server.target, timeout=120) as async_client:
+    async with AsyncInferenceClient(inference_server.target, timeout=120) as async_client:
         deltas = [
             event.text
             async for event in async_client.stream("Name a colour.", GREEDY)
@@ -107,14 +97,14 @@ async def test_async_client_matches_sync_client(live_server, client):
         assert (await async_client.model_info()).name == client.model_info().name
 
 
-def test_cli_chat_prints_the_reply_and_usage(live_server, client):
+def test_cli_chat_prints_the_reply_and_usage(inference_server, client):
     expected = client.generate("Say hi.", GREEDY).text
     result = subprocess.run(
         [
             str(AUTOGLM),
             "chat",
             "--target",
-            live_server.target,
+            inference_server.target,
             "Say hi.",
             "--max-new-tokens",
             "8",
@@ -136,12 +126,12 @@ def test_cli_chat_prints_the_reply_and_usage(live_server, client):
     assert int(usage.group(1)) > 0
 
 
-def test_cli_info_and_count(live_server):
+def test_cli_info_and_count(inference_server):
     info = subprocess.run(
-        [str(AUTOGLM), "info", "--target", live_server.target], capture_output=True, timeout=60
+        [str(AUTOGLM), "info", "--target", inference_server.target], capture_output=True, timeout=60
     )
     count = subprocess.run(
-        [str(AUTOGLM), "count", "--target", live_server.target, "hello"],
+        [str(AUTOGLM), "count", "--target", inference_server.target, "hello"],
         capture_output=True,
         timeout=60,
     )
@@ -151,18 +141,35 @@ def test_cli_info_and_count(live_server):
     assert re.match(r"[1-9]\d* prompt tokens", count.stdout.decode())
 
 
-def test_control_status(live_server):
-    control_target = getattr(live_server, "control_target", None)
-    if control_target is None:
-        pytest.skip("the inference_server fixture has no control_target yet")
-    token = getattr(live_server, "control_token", None)
-    with ControlClient(control_target, token=token) as control:
+def test_control_status(inference_server):
+    with ControlClient(inference_server.control_target) as control:
         status = control.memory_status()
-    assert status.pid > 0
+    assert status.pid == inference_server.pid
     assert {module.name for module in status.modules} >= {"decoder"}
-    command = [str(AUTOGLM), "status", "--control", control_target]
     result = subprocess.run(
-        command + (["--token", token] if token else []), capture_output=True, timeout=60
+        [str(AUTOGLM), "status", "--control", inference_server.control_target],
+        capture_output=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr.decode()
-    assert "Devices" in result.stdout.decode()
+    assert f"pid {inference_server.pid}" in result.stdout.decode()
+
+
+def test_cli_counts_audio_tokens(inference_server, client, tmp_path):
+    if "audio" not in client.model_info().modalities:
+        pytest.skip("the served model takes no audio")
+    clip = tmp_path / "tone.wav"
+    with wave.open(str(clip), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(16000)
+        writer.writeframes(b"\x00\x10" * 16000)
+    result = subprocess.run(
+        [str(AUTOGLM), "count", "--target", inference_server.target, "hi", "--audio", str(clip)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    audio_tokens = re.search(r"(\d+) audio\)", result.stdout.decode())
+    assert audio_tokens is not None
+    assert int(audio_tokens.group(1)) > 0
