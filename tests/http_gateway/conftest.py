@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from typing import Any
 
 import pytest
 from fake_inference_service import FakeInferenceService, FakeUpstream, start_fake_upstream
@@ -27,7 +28,9 @@ def fake_service(fake_upstream: FakeUpstream) -> Iterator[FakeInferenceService]:
     fake_upstream.service.reset()
 
 
-@pytest.fixture(scope="session")
+# Gateways are module-scoped: each runs grpc.aio on its own thread's event loop, which
+# should not outlive this package's tests while other packages use grpc.aio themselves.
+@pytest.fixture(scope="module")
 def gateway_url(fake_upstream: FakeUpstream) -> Iterator[str]:
     """Base URL of a default gateway in front of the test double."""
     with running_gateway(GatewayConfig(upstream_target=fake_upstream.target)) as url:
@@ -45,17 +48,8 @@ def make_gateway(fake_upstream: FakeUpstream) -> GatewayFactory:
     return factory
 
 
-@pytest.fixture(scope="session")
-def real_upstream_target(request: pytest.FixtureRequest) -> str:
-    """The real inference service (tests/conftest.py's `inference_server`), when present."""
-    try:
-        server = request.getfixturevalue("inference_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no inference_server fixture yet")
-    return server.target
-
-
-@pytest.fixture(scope="session")
-def real_gateway_url(real_upstream_target: str) -> Iterator[str]:
-    with running_gateway(GatewayConfig(upstream_target=real_upstream_target)) as url:
+@pytest.fixture(scope="module")
+def real_gateway_url(inference_server: Any) -> Iterator[str]:
+    """A default gateway in front of the real service (tests/conftest.py's tiny model)."""
+    with running_gateway(GatewayConfig(upstream_target=inference_server.target)) as url:
         yield url

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import io
 
 import httpx
 import openai
 import pytest
 from fake_inference_service import REPLY_USAGE, FakeInferenceService, reply
 from langchain_openai import ChatOpenAI
-from PIL import Image
+from media_samples import png_bytes, png_data_uri, wav_bytes
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 
@@ -20,13 +19,6 @@ MODEL = "autoglm-phone-9b"
 @pytest.fixture
 def client(gateway_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="EMPTY", max_retries=0)
-
-
-def png_data_uri() -> tuple[str, bytes]:
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 24), color=(200, 30, 60)).save(buffer, format="PNG")
-    png = buffer.getvalue()
-    return "data:image/png;base64," + base64.b64encode(png).decode(), png
 
 
 def test_non_streaming_reply_carries_text_reasoning_usage_and_request_id(
@@ -165,8 +157,9 @@ def test_finish_reasons_map_to_openai(
 def test_image_and_audio_parts_reach_the_service_as_bytes(
     client: openai.OpenAI, fake_service: FakeInferenceService
 ) -> None:
-    data_uri, png = png_data_uri()
-    wav = b"RIFF\x24\x00\x00\x00WAVEfmt "
+    png = png_bytes()
+    data_uri = png_data_uri(png)
+    wav = wav_bytes()
 
     client.chat.completions.create(
         model=MODEL,
