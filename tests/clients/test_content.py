@@ -110,6 +110,8 @@ def test_to_messages_accepts_strings_mappings_and_protos() -> None:
     ]
     assert messages[1].parts[1].image.data == PNG
     assert to_messages("hi")[0].parts[0].text == "hi"
+    assert to_messages({"role": "user", "content": PNG})[0].parts[0].image.data == PNG
+    assert to_messages({"content": pb.Part(text="p")})[0].parts[0].text == "p"
 
 
 def test_to_messages_rejects_unknown_role() -> None:

@@ -150,7 +150,8 @@ def _to_message(item: MessageValue) -> pb.Message:
         return user(item)
     if isinstance(item, Mapping):
         content = item.get("content", ())
-        values = [content] if isinstance(content, str | bytes | os.PathLike) else list(content)
+        single = str | bytes | bytearray | memoryview | os.PathLike | pb.Part | pb.Image | pb.Audio
+        values = [content] if isinstance(content, single) else list(content)
         return message(item.get("role", "user"), *values)
     raise InputError(f"cannot build a message from {type(item).__name__}")
 
