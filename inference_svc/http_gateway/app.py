@@ -181,14 +181,22 @@ def _install_error_handlers(app: FastAPI) -> None:
                 code="method_not_allowed",
             )
         else:
-            gateway_error = GatewayError(str(error.detail))
-            gateway_error.status_code = error.status_code
+            gateway_error = _StarletteError(str(error.detail), status_code=error.status_code)
         return _error_response(gateway_error)
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled_error")
         return _error_response(GatewayError("internal gateway error", code="internal_error"))
+
+
+class _StarletteError(GatewayError):
+    """Any other HTTP error Starlette raises, in OpenAI's shape."""
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = "invalid_request_error" if status_code < 500 else "server_error"
 
 
 def _bad_request_from_validation(error: RequestValidationError) -> BadRequest:

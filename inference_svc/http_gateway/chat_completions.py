@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import structlog
+from starlette.types import Receive
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 
@@ -28,8 +29,6 @@ from .response_building import (
 )
 
 log = structlog.get_logger(__name__)
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class _CancelledUpstream(UpstreamUnavailable):
@@ -54,12 +53,13 @@ async def complete(
         raise error_from_rpc(error, default_retry_after_s=default_retry_after_s) from error
     finally:
         call.cancel()
-    if accumulator.final is None:
+    final = accumulator.final
+    if final is None:
         raise GatewayError("the inference service ended the stream without a final message")
-    if accumulator.final.finish_reason == pb.FINISH_REASON_CANCELLED:
+    if final.finish_reason == pb.FINISH_REASON_CANCELLED:
         raise _CancelledUpstream()
-    _log_finished(accumulator.request_id, accumulator.final, stream=False)
-    return accumulator.to_openai(model=model, created=int(time.time()))
+    _log_finished(accumulator.request_id, final, stream=False)
+    return accumulator.to_openai(final, model=model, created=int(time.time()))
 
 
 async def first_response(

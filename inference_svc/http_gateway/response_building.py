@@ -55,9 +55,7 @@ class CompletionAccumulator:
         if response.HasField("final"):
             self.final = response.final
 
-    def to_openai(self, *, model: str, created: int) -> dict[str, Any]:
-        if self.final is None:
-            raise ValueError("the Generate stream ended without a final message")
+    def to_openai(self, final: pb.FinalMessage, *, model: str, created: int) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
@@ -71,10 +69,10 @@ class CompletionAccumulator:
                     "index": 0,
                     "message": message,
                     "logprobs": None,
-                    "finish_reason": openai_finish_reason(self.final.finish_reason),
+                    "finish_reason": openai_finish_reason(final.finish_reason),
                 }
             ],
-            "usage": usage_to_openai(self.final.usage),
+            "usage": usage_to_openai(final.usage),
         }
 
 
