@@ -25,7 +25,7 @@ protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
 run: install
-	AUTOGLM_PORT=$(PORT) $(BIN)/python -m deploy.run_all
+	AUTOGLM_PORT=$(PORT) BIN=$(BIN) deploy/run-local.sh
 
 test: install
 	$(BIN)/ruff check .

@@ -22,5 +22,5 @@ setup(
         *find_packages("clients/python", include=["autoglm_client*"]),
     ],
     package_dir={"autoglm_client": "clients/python/autoglm_client"},
-    package_data={"autoglm": ["**/*.pyi"]},
+    package_data={"autoglm": ["**/*.pyi", "descriptor_set.binpb"]},
 )

@@ -28,6 +28,7 @@ from inference_svc.loading import load_model
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.errors import ServiceInterceptor
 from inference_svc.transport.inference_servicer import InferenceServicer
+from inference_svc.transport.reflection_docs import DocumentedPool
 
 log = structlog.get_logger(__name__)
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -51,7 +52,8 @@ class Service:
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.state), self.public)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.public)
         reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.public
+            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.public,
+            pool=DocumentedPool(),
         )
         self.port = self.public.add_insecure_port(f"{config.host}:{config.port}")
         self.control = self._control_server()
@@ -64,7 +66,8 @@ class Service:
         server = grpc.aio.server(interceptors=interceptors, options=_options(config))
         control_grpc.add_ControlServiceServicer_to_server(ControlServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], server,
+                                            pool=DocumentedPool())
         if config.control_socket:
             path = config.control_socket
             if os.path.exists(path):
@@ -92,17 +95,26 @@ class Service:
             os.chmod(self.config.control_socket, 0o600)
         log.info("listening", port=self.port, control_socket=self.config.control_socket,
                  control_tcp=self.config.control_tcp or None)
+        self._write_port_file(serving=False)
         model = await asyncio.to_thread(load_model, self.config)
         engine = Engine(model, EngineConfig(max_queued=self.config.max_queued,
                                             max_pixels=self.config.max_pixels))
         engine.start()
         self.state.engine = engine
         await self._set_health(True)
-        if self.config.port_file:
-            self.config.port_file.write_text(json.dumps({
-                "port": self.port, "control_socket": self.config.control_socket, "pid": os.getpid(),
-            }))
+        self._write_port_file(serving=True)
         log.info("serving", port=self.port)
+
+    def _write_port_file(self, *, serving: bool) -> None:
+        """Tell a supervisor (or a test) where we listen, atomically."""
+        if not self.config.port_file:
+            return
+        staging = self.config.port_file.with_suffix(".tmp")
+        staging.write_text(json.dumps({
+            "port": self.port, "control_socket": self.config.control_socket,
+            "pid": os.getpid(), "serving": serving,
+        }))
+        staging.replace(self.config.port_file)
 
     async def stop(self) -> None:
         log.info("shutting_down", grace_seconds=self.config.grace_period_s)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent
+DESCRIPTOR_SET = Path("autoglm") / "descriptor_set.binpb"
 
 
 def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
@@ -31,8 +32,13 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        # with comments, so that reflection clients (grpcurl describe) show the docs
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
+        "--include_source_info",
+        "--include_imports",
         *(str(f) for f in files),
     ]
+    (out_dir / "autoglm").mkdir(parents=True, exist_ok=True)
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + ", ".join(str(f) for f in files))
     written: list[Path] = []

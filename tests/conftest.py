@@ -158,3 +158,9 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> b
     header = b"RIFF" + struct.pack("<I", 36 + len(samples)) + b"WAVE"
     header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
     return header + b"data" + struct.pack("<I", len(samples)) + samples
+
+
+def health_status(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status

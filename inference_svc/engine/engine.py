@@ -301,7 +301,7 @@ class Engine:
             reuse = self.sessions.take(request.session_id, plan.content)
         cached = reuse.tokens if reuse else 0
         self._make_room(self.kv_estimate(len(plan.input_ids), job.max_new_tokens))
-        embeds = model.embed(plan, job.media, cached=cached)
+        inputs = model.generation_inputs(plan, job.media, cached=cached)
         text = TextStream(model.tokenizer, request.sampling.stop_sequences,
                           start_in_reasoning=self._starts_in_reasoning(request, plan))
 
@@ -317,9 +317,7 @@ class Engine:
         with model.decoder_unit.use() as decoder, torch.inference_mode():
             cache = reuse.cache if reuse else DynamicCache(config=decoder.config)
             decoder.generate(
-                input_ids=torch.tensor([plan.input_ids], device=embeds.device),
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+                **inputs,
                 generation_config=generation_config(
                     request.sampling, max_new_tokens=job.max_new_tokens, eos_ids=eos_ids,
                     pad_id=model.placeholder_id),

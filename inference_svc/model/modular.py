@@ -169,6 +169,18 @@ class ModularModel:
                              media_lengths=lengths, media_digests=digests,
                              placeholder_id=self.placeholder_id)
 
+    def generation_inputs(
+        self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the decoder's generate(): ids, embeddings, mask."""
+        embeds = self.embed(plan, media, cached=cached)
+        return {
+            "input_ids": torch.tensor([plan.input_ids], device=embeds.device),
+            "inputs_embeds": embeds,
+            "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long,
+                                         device=embeds.device),
+        }
+
     def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
         """Decoder input embeddings with encoder outputs in the media slots.
 

@@ -145,7 +145,8 @@ def error_of(call_fn) -> grpc.RpcError:
 
 def test_corrupt_image_is_invalid_argument_naming_the_part(stub):
     request = pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[
-        pb.Part(text="look"), pb.Part(image=pb.Image(data=b"\x89PNG broken", mime_type="image/png")),
+        pb.Part(text="look"),
+        pb.Part(image=pb.Image(data=b"\x89PNG broken", mime_type="image/png")),
     ])])
     error = error_of(lambda: list(stub.Generate(request)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
