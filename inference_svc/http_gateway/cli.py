@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         create_app(config),
         host=args.host,
         port=args.port,
+        # Our structlog JSON lines are the log; uvicorn's text logs and access lines are off.
+        log_config=None,
+        access_log=False,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
     )

@@ -307,3 +307,13 @@ def test_health_follows_the_upstream_serving_status(
 
     assert (serving.status_code, serving.json()["status"]) == (200, "SERVING")
     assert (not_serving.status_code, not_serving.json()["status"]) == (503, "NOT_SERVING")
+
+
+def test_request_id_that_grpc_metadata_cannot_carry_is_400(
+    gateway_url: str, fake_service: FakeInferenceService
+) -> None:
+    response = post_chat(gateway_url, BODY, headers={"x-request-id": "has spaces"})
+
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "x-request-id"
+    assert fake_service.requests == []
