@@ -6,7 +6,7 @@ set -euo pipefail
 BIN="${BIN:-.venv/bin}"
 PORT="${AUTOGLM_PORT:-50051}"
 GATEWAY_PORT="${AUTOGLM_GATEWAY_PORT:-8000}"
-CONTROL_SOCKET="${AUTOGLM_CONTROL_SOCKET:-/tmp/autoglm-control-${PORT}.sock}"
+CONTROL_SOCKET="${AUTOGLM_CONTROL_SOCKET:-/tmp/autoglm-control.sock}"
 # The daemon's host probe watches the service's RSS against this budget (CPU hosts).
 HOST_BUDGET_BYTES="${AUTOGLM_MEMD_HOST_BUDGET_BYTES:-4294967296}"
 MEMD_PROBE="${AUTOGLM_MEMD_DAEMON_PROBE:-host}"
