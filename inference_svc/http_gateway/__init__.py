@@ -18,7 +18,7 @@ Layout: ``config`` (settings from flags and environment), ``openai_schema`` (the
 HTTP request models), ``request_mapping`` (OpenAI request -> ``GenerateRequest``),
 ``response_building`` (gRPC responses -> OpenAI JSON and SSE chunks),
 ``chat_completions`` (drives one call: whole answer or SSE stream, cancel on disconnect),
-``upstream``
-(the one ``grpc.aio`` channel), ``errors`` (OpenAI error shape, gRPC status -> HTTP
-status), ``body_limit`` (413 before parsing), ``app`` (the FastAPI routes), ``cli``.
+``upstream`` (the one ``grpc.aio`` channel), ``errors`` (OpenAI error shape, gRPC status
+-> HTTP status), ``body_limit`` (413 before parsing), ``app`` (the FastAPI routes),
+``cli``.
 """
