@@ -59,3 +59,9 @@ class ResourceExhausted(ServiceError):
         super().__init__(message)
         self.resource = resource
         self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServiceError):
+    """The client's deadline passed before generation finished."""
+
+    reason = "DEADLINE_EXCEEDED"

@@ -100,9 +100,12 @@ class Cancellation:
         self._event.set()
 
     @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    @property
     def requested(self) -> bool:
-        expired = self.deadline is not None and time.monotonic() > self.deadline
-        return self._event.is_set() or expired
+        return self._event.is_set() or self.expired
 
 
 def finish_reason(

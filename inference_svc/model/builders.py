@@ -202,3 +202,101 @@ def write_tiny_bundle(out: Path, *, seed: int = 0) -> Path:
         },
     ).write(out)
     return out
+
+
+GLM4V_SPECIAL_TOKENS = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
+    "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+    "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>",
+]
+# Added but not special: the stream keeps them in the text (reasoning and answer markers).
+GLM4V_MARKUP_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+GLM4V_CHAT_TEMPLATE = (
+    "{{- '[gMASK]<sop>' -}}"
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>{{ '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}<|begin_of_image|><|image|><|end_of_image|>"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}<think></think>{{ '\n' }}"
+    "{%- endif -%}{%- endif -%}"
+)
+
+
+def tiny_glm4v_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with GLM-4.1V's special tokens and a GLM-4.1V-style chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=GLM4V_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    raw.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    raw.add_tokens([AddedToken(t, special=False, normalized=False) for t in GLM4V_MARKUP_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = GLM4V_CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_tiny_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
+    """A tiny random native GLM-4.1V checkpoint (Glm4vForConditionalGeneration) for tests.
+
+    Same files as a real one: config, safetensors weights, tokenizer, image processor and
+    chat template, so that it loads offline through the same code path.
+    """
+    from transformers import (
+        Glm4vConfig,
+        Glm4vForConditionalGeneration,
+        Glm4vImageProcessorPil,
+    )
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer = tiny_glm4v_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token)
+           for token in [*GLM4V_SPECIAL_TOKENS, *GLM4V_MARKUP_TOKENS]}
+    patch, merge = 4, 2
+    config = Glm4vConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "pad_token_id": ids["<|endoftext|>"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]},
+        },
+        # Wide enough (a few MB) that offloading it shows in the process's memory.
+        vision_config={
+            "depth": 2, "hidden_size": 256, "num_heads": 4, "intermediate_size": 512,
+            "out_hidden_size": 128, "patch_size": patch, "spatial_merge_size": merge,
+            "temporal_patch_size": 2, "image_size": 32,
+        },
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+    )
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [
+        ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]
+    ]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    image_processor = Glm4vImageProcessorPil(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+    )
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

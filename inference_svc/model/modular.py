@@ -181,6 +181,19 @@ class ModularModel:
                                          device=embeds.device),
         }
 
+    def prefill(
+        self, plan: PromptPlan, media: DecodedMedia, cache, *, cached: int = 0
+    ) -> torch.Tensor:
+        """Run the uncached part of the prompt into `cache`; next-token logits [vocab]."""
+        embeds = self.embed(plan, media, cached=cached)[:, cached:]
+        length = len(plan.input_ids)
+        positions = torch.arange(cached, length, device=embeds.device)
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            out = decoder(inputs_embeds=embeds, position_ids=positions.unsqueeze(0),
+                          past_key_values=cache, use_cache=True, cache_position=positions,
+                          logits_to_keep=1)
+        return out.logits[0, -1]
+
     def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
         """Decoder input embeddings with encoder outputs in the media slots.
 

@@ -14,6 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from inference_svc.errors import (
+    DeadlineExceeded,
     InvalidRequest,
     ModalityUnavailable,
     NotReady,
@@ -30,6 +31,7 @@ STATUS_OF = [
     (ModalityUnavailable, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownSession, grpc.StatusCode.NOT_FOUND),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 

@@ -10,8 +10,8 @@ from google.protobuf import struct_pb2
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.engine.types import Delta, Finished
-from inference_svc.errors import NotReady, UnknownSession
+from inference_svc.engine.types import Delta, Finished, FinishReason
+from inference_svc.errors import DeadlineExceeded, NotReady, UnknownSession
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.convert import (
     final_to_pb,
@@ -47,6 +47,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     yield pb.GenerateResponse(request_id=request_id, text_delta=event.text,
                                               reasoning_delta=event.reasoning)
                 elif isinstance(event, Finished):
+                    if event.reason is FinishReason.CANCELLED and handle.cancellation.expired:
+                        raise DeadlineExceeded("deadline exceeded while generating")
                     yield final_to_pb(event, request_id)
         finally:
             handle.cancel()  # client gone, deadline, or shutdown: stop generating at once

@@ -1,0 +1,187 @@
+"""The running batch: left-padded KV of every running sequence, advanced one token a step.
+
+A new sequence is prefilled on its own (its prompt may carry image and audio embeddings
+and may start from a reused prefix cache), then its cache joins the batch: shorter
+caches are padded on the left and masked. Finished sequences leave the batch at once,
+and columns that only padding uses are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from inference_svc.engine.generation import FrequencyPresencePenalty
+from inference_svc.engine.types import SamplingParams
+
+
+def build_processors(
+    sampling: SamplingParams, *, prompt_length: int, eos_ids: list[int]
+) -> LogitsProcessorList:
+    """transformers' logits processors for one sequence, in generate()'s order."""
+    processors = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if sampling.frequency_penalty or sampling.presence_penalty:
+        processors.append(FrequencyPresencePenalty(
+            sampling.frequency_penalty, sampling.presence_penalty, prompt_length))
+    if sampling.min_new_tokens > 0:
+        processors.append(MinNewTokensLengthLogitsProcessor(
+            prompt_length, sampling.min_new_tokens, eos_ids))
+    if sampling.temperature > 0:
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            processors.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+    return processors
+
+
+@dataclass
+class Sampler:
+    """Chooses one sequence's next token: its processors, its own seeded generator."""
+
+    processors: LogitsProcessorList
+    greedy: bool
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def create(cls, sampling: SamplingParams, *, prompt_length: int, eos_ids: list[int],
+               seed: int) -> Sampler:
+        greedy = sampling.temperature <= 0
+        generator = None if greedy else torch.Generator().manual_seed(seed)
+        return cls(build_processors(sampling, prompt_length=prompt_length, eos_ids=eos_ids),
+                   greedy, generator)
+
+    def choose(self, history: torch.Tensor, logits: torch.Tensor) -> int:
+        scores = self.processors(history, logits.float())
+        if self.greedy:
+            return int(scores.argmax(dim=-1))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class Row:
+    """What the batch knows of one running sequence."""
+
+    key: str
+    length: int  # real (unpadded) tokens in its cache
+    next_token: int = 0
+
+
+@dataclass
+class DecodeBatch:
+    rows: list[Row] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    mask: torch.Tensor | None = None  # [B, T]: 1 for real tokens, 0 for left padding
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def add(self, row: Row, cache: DynamicCache) -> None:
+        """Join a prefilled sequence whose cache holds exactly row.length tokens."""
+        if self.cache is None:
+            self.rows, self.cache = [row], cache
+            self.mask = torch.ones((1, row.length), dtype=torch.long)
+            return
+        width = max(self.width, row.length)
+        self._pad_to(width)
+        incoming_mask = torch.ones((1, row.length), dtype=torch.long)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            pad = width - row.length
+            mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, pad)], dim=0)
+            mine.values = torch.cat([mine.values, _pad_left(theirs.values, pad)], dim=0)
+        self.mask = torch.cat([self.mask, _pad_left_mask(incoming_mask, width - row.length)])
+        self.rows.append(row)
+
+    def _pad_to(self, width: int) -> None:
+        pad = width - self.width
+        if pad <= 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys = _pad_left(layer.keys, pad)
+            layer.values = _pad_left(layer.values, pad)
+        self.mask = _pad_left_mask(self.mask, pad)
+
+    @torch.inference_mode()
+    def step(self, decoder) -> torch.Tensor:
+        """Feed every row's next token; returns next-token logits [B, vocab]."""
+        device = self.cache.layers[0].keys.device
+        tokens = torch.tensor([[r.next_token] for r in self.rows], device=device)
+        positions = torch.tensor([[r.length] for r in self.rows], device=device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
+        out = decoder(
+            input_ids=tokens, attention_mask=self.mask.to(device), position_ids=positions,
+            past_key_values=self.cache, use_cache=True,
+            cache_position=torch.tensor([self.width - 1], device=device), logits_to_keep=1,
+        )
+        for row in self.rows:
+            row.length += 1
+        return out.logits[:, -1]
+
+    def remove(self, keys: set[str]) -> dict[str, DynamicCache]:
+        """Take rows out; returns each removed row's own (unpadded) cache."""
+        if not keys:
+            return {}
+        taken = {}
+        for index, row in enumerate(self.rows):
+            if row.key in keys:
+                taken[row.key] = self._row_cache(index, row.length)
+        keep = [i for i, row in enumerate(self.rows) if row.key not in keys]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return taken
+        index = torch.tensor(keep)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        self.mask = self.mask.index_select(0, index)
+        self._drop_padding_columns()
+        return taken
+
+    def _row_cache(self, index: int, length: int) -> DynamicCache:
+        row = DynamicCache()
+        for layer_index, layer in enumerate(self.cache.layers):
+            row.update(layer.keys[index : index + 1, :, -length:].clone(),
+                       layer.values[index : index + 1, :, -length:].clone(), layer_index)
+        return row
+
+    def _drop_padding_columns(self) -> None:
+        longest = max(r.length for r in self.rows)
+        drop = self.width - longest
+        if drop <= 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, drop:].contiguous()
+            layer.values = layer.values[:, :, drop:].contiguous()
+        self.mask = self.mask[:, drop:]
+
+
+def _pad_left(tensor: torch.Tensor, pad: int) -> torch.Tensor:
+    if pad <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[2] = pad
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+
+
+def _pad_left_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
+    if pad <= 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], pad)), mask], dim=1)

@@ -1,0 +1,70 @@
+"""What travels between the asyncio side and the model thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from inference_svc.engine.generation import Cancellation
+from inference_svc.engine.types import Event, Finished, GenerationRequest
+from inference_svc.model.modular import DecodedMedia
+from inference_svc.model.prompt import PromptPlan
+
+
+@dataclass(frozen=True)
+class Admission:
+    mode: str = "open"  # "open" | "limited" | "paused"
+    max_running: int = 0
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+@dataclass
+class RunningInfo:
+    request_id: str
+    session_id: str
+    modalities: set[str]
+    prompt_tokens: int
+    generated_tokens: int = 0
+
+
+class RequestHandle:
+    """The asyncio side of one request: its event stream and a cancel switch."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.cancellation = Cancellation(request.deadline)
+        self._loop = loop
+        self._events: asyncio.Queue[Event | Failed] = asyncio.Queue()
+
+    def push(self, event: Event | Failed) -> None:
+        """Thread-safe: called from the model thread."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def cancel(self) -> None:
+        self.cancellation.cancel()
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            item = await self._events.get()
+            if isinstance(item, Failed):
+                raise item.error
+            yield item
+            if isinstance(item, Finished):
+                return
+
+
+@dataclass(order=True)
+class Job:
+    sort_key: tuple[int, int]
+    request: GenerationRequest | None = field(compare=False)  # None: stop the loop
+    plan: PromptPlan | None = field(compare=False, default=None)
+    media: DecodedMedia | None = field(compare=False, default=None)
+    max_new_tokens: int = field(compare=False, default=0)
+    handle: RequestHandle | None = field(compare=False, default=None)
+    enqueued_at: float = field(compare=False, default_factory=time.monotonic)

@@ -1,0 +1,420 @@
+"""The model thread: admits queued jobs into a running batch and decodes it step by step.
+
+Continuous batching: a job that arrives while others run is prefilled and joins the
+batch at the next step. Each sequence keeps its own sampling state (transformers'
+logits processors, its own seeded generator), so batching does not change what a
+seeded request generates. Models without a `prefill` method (native GLM-4.1V) run one
+request at a time through transformers' generate().
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import structlog
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+
+from inference_svc.engine.batch import DecodeBatch, Row, Sampler
+from inference_svc.engine.generation import (
+    DeltaStreamer,
+    FrequencyPresencePenalty,
+    StopWhen,
+    finish_reason,
+    generation_config,
+)
+from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
+from inference_svc.engine.sessions import Reuse, SessionStore
+from inference_svc.engine.text_stream import THINK_OPEN, TextStream
+from inference_svc.engine.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
+from inference_svc.errors import ResourceExhausted
+from inference_svc.model.prompt import PromptPlan
+
+log = structlog.get_logger("engine")
+
+
+@dataclass
+class Sequence:
+    job: Job
+    info: RunningInfo
+    row: Row
+    sampler: Sampler
+    history: torch.Tensor
+    streamer: DeltaStreamer
+    text: TextStream
+    reuse: Reuse | None
+    started: float
+    reuse_cache: DynamicCache | None = None  # the prefilled cache, until it joins the batch
+    pending_logits: torch.Tensor | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.streamer.token_ids)
+
+
+class ModelLoop:
+    def __init__(self, model, config, sessions: SessionStore) -> None:
+        self.model = model
+        self.config = config
+        self.sessions = sessions
+        self.queue: queue.PriorityQueue[Job] = queue.PriorityQueue()
+        self.lock = threading.Lock()
+        self.running: dict[str, RunningInfo] = {}
+        self.queued = 0
+        self.completed = 0
+        self.stopping = False
+        self.admission = Admission()
+        self._admission_changed = threading.Condition()
+        self._sequence = itertools.count()
+        self._batched = hasattr(model, "prefill")
+        self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
+
+    # ---- control from other threads ----------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self.stopping = True
+        self.queue.put(Job((-(2**62), -1), None))
+        with self._admission_changed:
+            self._admission_changed.notify_all()
+        self._thread.join(timeout)
+
+    def enqueue(self, job: Job) -> None:
+        with self.lock:
+            if self.queued >= self.config.max_queued:
+                raise ResourceExhausted(
+                    f"request queue is full ({self.config.max_queued} waiting)",
+                    resource="queue", retry_after_s=1.0,
+                )
+            self.queued += 1
+        job.sort_key = (-job.request.priority, next(self._sequence))
+        self.queue.put(job)
+
+    def set_admission(self, admission: Admission) -> None:
+        with self._admission_changed:
+            self.admission = admission
+            self._admission_changed.notify_all()
+
+    # ---- the loop ----------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        if not self._batched:
+            return 1
+        admission = self.admission
+        if admission.mode == "paused":
+            return 0
+        if admission.mode == "limited":
+            return min(admission.max_running, self.config.max_batch)
+        return self.config.max_batch
+
+    def _run(self) -> None:
+        batch = DecodeBatch()
+        sequences: dict[str, Sequence] = {}
+        while True:
+            job = self._next_job(block=not sequences)
+            if job is not None and job.request is None:
+                self._abort_all(batch, sequences)
+                return
+            if job is not None:
+                self._start(job, batch, sequences)
+                continue  # admit everything waiting before the next decode step
+            if sequences:
+                self._step(batch, sequences)
+
+    def _next_job(self, *, block: bool) -> Job | None:
+        while True:
+            if self.admission.mode == "paused" and not self.stopping:
+                self._expire_queued()
+            if len(self.running) >= self._capacity() and not self.stopping:
+                if not block:
+                    return None
+                with self._admission_changed:
+                    self._admission_changed.wait(timeout=0.2)
+                continue
+            try:
+                job = self.queue.get(timeout=1.0) if block else self.queue.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return None
+                self.sessions.expire_idle()
+                continue
+            if job.request is None:
+                return job
+            with self.lock:
+                self.queued -= 1
+            if job.handle.cancellation.requested:
+                job.handle.push(Finished(FinishReason.CANCELLED, _usage(job, 0)))
+                with self.lock:
+                    self.completed += 1
+                continue
+            return job
+
+    def _expire_queued(self) -> None:
+        kept: list[Job] = []
+        now = time.monotonic()
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job.request is not None and now - job.enqueued_at > self.config.queue_timeout_s:
+                with self.lock:
+                    self.queued -= 1
+                job.handle.push(Failed(ResourceExhausted(
+                    "admission is paused under memory pressure; retry later",
+                    resource="admission", retry_after_s=2.0,
+                )))
+            else:
+                kept.append(job)
+        for job in kept:
+            self.queue.put(job)
+
+    def _start(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+        request = job.request
+        info = RunningInfo(request.request_id, request.session_id, request.modalities,
+                           len(job.plan.input_ids))
+        with self.lock:
+            self.running[info.request_id] = info
+        try:
+            if not self._batched:
+                job.handle.push(self._generate_alone(job, info))
+                self._retire(info)
+                return
+            sequence = self._prefill(job, info)
+        except Exception as error:  # one request's failure must not stop the loop
+            self._fail(job, info, error)
+            return
+        sequences[info.request_id] = sequence
+        if self._after_token(sequence):
+            self._finish(sequence, None, sequences)
+        else:
+            batch.add(sequence.row, sequence.reuse_cache)
+            sequence.reuse_cache = None
+
+    def _prefill(self, job: Job, info: RunningInfo) -> Sequence:
+        request, plan = job.request, job.plan
+        reuse = self._reuse(request, plan)
+        cached = reuse.tokens if reuse else 0
+        self._make_room(self._estimate(job))
+        cache = reuse.cache if reuse else DynamicCache()
+        logits = self.model.prefill(plan, job.media, cache, cached=cached)
+        sequence = self._new_sequence(job, info, reuse)
+        sequence.reuse_cache = cache
+        sequence.pending_logits = logits
+        return sequence
+
+    def _new_sequence(self, job: Job, info: RunningInfo, reuse: Reuse | None) -> Sequence:
+        request, plan = job.request, job.plan
+        text = TextStream(self.model.tokenizer, request.sampling.stop_sequences,
+                          start_in_reasoning=self._starts_in_reasoning(request, plan))
+
+        def emit(delta) -> None:
+            info.generated_tokens = len(streamer.token_ids)
+            job.handle.push(delta)
+
+        streamer = DeltaStreamer(text, emit, reasoning=request.return_reasoning)
+        streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(7), "little")
+        sampler = Sampler.create(request.sampling, prompt_length=len(plan.input_ids),
+                                 eos_ids=self.model.eos_token_ids, seed=seed)
+        return Sequence(
+            job=job, info=info, row=Row(info.request_id, len(plan.input_ids)),
+            sampler=sampler, history=torch.tensor([plan.input_ids]), streamer=streamer,
+            text=text, reuse=reuse, started=time.monotonic(),
+        )
+
+    def _after_token(self, sequence: Sequence) -> bool:
+        """Sample from the pending logits, stream the token; True when the sequence is done."""
+        token = sequence.sampler.choose(sequence.history, sequence.pending_logits[None])
+        sequence.pending_logits = None
+        sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
+        sequence.row.next_token = token
+        sequence.streamer.put(torch.tensor([token]))
+        return (
+            token in self.model.eos_token_ids
+            or sequence.generated >= sequence.job.max_new_tokens
+            or sequence.text.stopped
+            or sequence.job.handle.cancellation.requested
+        )
+
+    def _step(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+        cancelled = {k for k, s in sequences.items() if s.job.handle.cancellation.requested}
+        for key, cache in batch.remove(cancelled).items():
+            self._finish(sequences[key], cache, sequences)
+        if not sequences:
+            return
+        try:
+            with self.model.decoder_unit.use() as decoder:
+                logits = batch.step(decoder)
+        except Exception as error:
+            log.exception("decode_step_failed", batch=len(batch))
+            for key, sequence in list(sequences.items()):
+                del sequences[key]
+                self._fail(sequence.job, sequence.info, error)
+            batch.remove({r.key for r in batch.rows})
+            return
+        done = set()
+        for index, row in enumerate(batch.rows):
+            sequence = sequences[row.key]
+            sequence.pending_logits = logits[index]
+            if self._after_token(sequence):
+                done.add(row.key)
+        for key, cache in batch.remove(done).items():
+            self._finish(sequences[key], cache, sequences)
+
+    def _finish(self, sequence: Sequence, cache: DynamicCache | None,
+                sequences: dict[str, Sequence]) -> None:
+        sequences.pop(sequence.info.request_id, None)
+        cache = cache if cache is not None else getattr(sequence, "reuse_cache", None)
+        request, job = sequence.job.request, sequence.job
+        sequence.streamer.end()
+        eos_ids = self.model.eos_token_ids
+        reason = finish_reason(sequence.streamer, job.handle.cancellation, eos_ids=eos_ids,
+                               max_new_tokens=job.max_new_tokens)
+        if reason is not FinishReason.CANCELLED and cache is not None:
+            self.sessions.put(request.session_id, request.request_id,
+                              job.plan.content + sequence.streamer.token_ids, cache)
+            self._make_room(0)
+        usage = _usage(job, sequence.generated)
+        usage.reasoning_tokens = sequence.streamer.reasoning_tokens
+        usage.cached_prompt_tokens = sequence.reuse.tokens if sequence.reuse else 0
+        log.info("generation_finished", request_id=request.request_id,
+                 finish_reason=reason.value, prompt_tokens=usage.prompt_tokens,
+                 completion_tokens=usage.completion_tokens,
+                 cached_prompt_tokens=usage.cached_prompt_tokens,
+                 reuse=sequence.reuse.source if sequence.reuse else None,
+                 seconds=round(time.monotonic() - sequence.started, 4))
+        job.handle.push(Finished(reason, usage, sequence.text.matched_stop,
+                                 images=_image_sizes(job)))
+        self._retire(sequence.info)
+
+    def _fail(self, job: Job, info: RunningInfo | None, error: BaseException) -> None:
+        if isinstance(error, torch.OutOfMemoryError):
+            log.warning("out_of_memory", request_id=job.request.request_id)
+            error = ResourceExhausted("out of memory while generating; retry later",
+                                      resource="memory", retry_after_s=2.0)
+        else:
+            log.error("generation_failed", request_id=job.request.request_id,
+                      error=repr(error), exc_info=error)
+        job.handle.push(Failed(error))
+        if info is not None:
+            self._retire(info)
+
+    def _retire(self, info: RunningInfo) -> None:
+        with self.lock:
+            self.running.pop(info.request_id, None)
+            self.completed += 1
+        with self._admission_changed:
+            self._admission_changed.notify_all()
+
+    def _abort_all(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+        for sequence in list(sequences.values()):
+            sequence.job.handle.cancel()
+            self._finish(sequence, None, sequences)
+        batch.remove({r.key for r in batch.rows})
+
+    # ---- KV reuse and budget ------------------------------------------------------
+
+    def _reuse(self, request: GenerationRequest, plan: PromptPlan) -> Reuse | None:
+        if request.session_id or self.config.prefix_caching:
+            return self.sessions.take(request.session_id, plan.content)
+        return None
+
+    def _estimate(self, job: Job) -> int:
+        tokens = len(job.plan.input_ids) + job.max_new_tokens
+        return tokens * self.model.kv_bytes_per_token()
+
+    def running_kv_bytes(self) -> int:
+        per_token = self.model.kv_bytes_per_token()
+        with self.lock:
+            return sum((r.prompt_tokens + r.generated_tokens) * per_token
+                       for r in self.running.values())
+
+    def _make_room(self, needed: int) -> None:
+        """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget."""
+        in_use = self.sessions.total_bytes() + self.running_kv_bytes()
+        excess = in_use + needed - self.config.kv_budget_bytes
+        if excess > 0:
+            result = self.sessions.evict_lru(excess)
+            if result.sessions:
+                log.info("kv_evicted", freed_bytes=result.freed_bytes, entries=result.sessions,
+                         reason="budget")
+
+    def _starts_in_reasoning(self, request: GenerationRequest, plan: PromptPlan) -> bool:
+        if not request.enable_thinking:
+            return False
+        tail = self.model.tokenizer.decode(plan.input_ids[-8:])
+        return tail.rstrip().endswith(THINK_OPEN)
+
+    # ---- one request at a time, for models without prefill() -----------------------
+
+    def _generate_alone(self, job: Job, info: RunningInfo) -> Finished:
+        request, plan, model = job.request, job.plan, self.model
+        started = time.monotonic()
+        reuse = self._reuse(request, plan)
+        cached = reuse.tokens if reuse else 0
+        self._make_room(self._estimate(job))
+        inputs = model.generation_inputs(plan, job.media, cached=cached)
+        text = TextStream(model.tokenizer, request.sampling.stop_sequences,
+                          start_in_reasoning=self._starts_in_reasoning(request, plan))
+
+        def emit(delta) -> None:
+            info.generated_tokens = len(streamer.token_ids)
+            job.handle.push(delta)
+
+        streamer = DeltaStreamer(text, emit, reasoning=request.return_reasoning)
+        cancellation = job.handle.cancellation
+        eos_ids = model.eos_token_ids
+        seed = request.sampling.seed
+        torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
+        penalties = []
+        if request.sampling.frequency_penalty or request.sampling.presence_penalty:
+            penalties.append(FrequencyPresencePenalty(
+                request.sampling.frequency_penalty, request.sampling.presence_penalty,
+                len(plan.input_ids)))
+        with model.decoder_unit.use() as decoder, torch.inference_mode():
+            cache = reuse.cache if reuse else DynamicCache(config=decoder.config)
+            decoder.generate(
+                **inputs,
+                generation_config=generation_config(
+                    request.sampling, max_new_tokens=job.max_new_tokens, eos_ids=eos_ids,
+                    pad_id=model.placeholder_id),
+                logits_processor=LogitsProcessorList(penalties),
+                stopping_criteria=[StopWhen(lambda: cancellation.requested or text.stopped)],
+                streamer=streamer,
+                past_key_values=cache,
+            )
+        reason = finish_reason(streamer, cancellation, eos_ids=eos_ids,
+                               max_new_tokens=job.max_new_tokens)
+        if reason is not FinishReason.CANCELLED:
+            self.sessions.put(request.session_id, request.request_id,
+                              plan.content + streamer.token_ids, cache)
+            self._make_room(0)
+        usage = _usage(job, len(streamer.token_ids))
+        usage.reasoning_tokens = streamer.reasoning_tokens
+        usage.cached_prompt_tokens = cached
+        log.info("generation_finished", request_id=request.request_id, finish_reason=reason.value,
+                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                 cached_prompt_tokens=cached, reuse=reuse.source if reuse else None,
+                 seconds=round(time.monotonic() - started, 4))
+        return Finished(reason, usage, text.matched_stop, images=_image_sizes(job))
+
+
+def _usage(job: Job, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=len(job.plan.input_ids), completion_tokens=completion_tokens,
+        image_tokens=job.plan.image_tokens, audio_tokens=job.plan.audio_tokens,
+    )
+
+
+def _image_sizes(job: Job) -> list[ImageSize]:
+    return [ImageSize(i.image.width, i.image.height, *i.original_size) for i in job.media.images]
