@@ -23,11 +23,16 @@ _RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 )
 _CHANNEL_OPTIONS = (
+    # A rebuilt channel must dial afresh: subchannels from the process-wide pool keep the
+    # old connection's failure and reconnect backoff.
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
-_TIERS = {"cpu": pb.TIER_CPU, "disk": pb.TIER_DISK}
+# "auto" leaves the tier unset: the service moves encoders one tier down from their home
+# (GPU -> host memory, host memory -> disk), which only it knows.
+_TIERS = {"auto": pb.TIER_UNSPECIFIED, "cpu": pb.TIER_CPU, "disk": pb.TIER_DISK}
 _ADMISSION_TO_PB = {
     Admission.OPEN: pb.ADMISSION_MODE_OPEN,
     Admission.LIMITED: pb.ADMISSION_MODE_LIMITED,
@@ -58,7 +63,7 @@ def service_view(status: pb.MemoryStatus) -> ServiceView:
 class ControlClient:
     """A ControlService client over a Unix socket or token-authenticated TCP."""
 
-    def __init__(self, config: ControlSection, offload_tier: str = "cpu") -> None:
+    def __init__(self, config: ControlSection, offload_tier: str = "auto") -> None:
         self._config = config
         self._offload_tier = _TIERS[offload_tier]
         self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()

@@ -110,13 +110,6 @@ def build_probe(config: DaemonConfig, clock: Clock) -> Probe:
             return ReplayProbe(load_trace(config.replay.trace), clock=clock.now, speed=speed)
 
 
-def offload_tier(config: DaemonConfig) -> str:
-    """Encoders go to disk on CPU hosts and to host memory on GPU hosts."""
-    if config.control.offload_tier != "auto":
-        return config.control.offload_tier
-    return "disk" if config.daemon.probe == "host" else "cpu"
-
-
 async def run_daemon(config: DaemonConfig) -> None:
     clock: Clock = (
         VirtualClock()
@@ -124,7 +117,7 @@ async def run_daemon(config: DaemonConfig) -> None:
         else MonotonicClock()
     )
     probe = build_probe(config, clock)
-    control = ControlClient(config.control, offload_tier(config))
+    control = ControlClient(config.control, config.control.offload_tier)
     metrics = DaemonMetrics()
     if config.daemon.metrics_port:
         metrics.serve(config.daemon.metrics_port)

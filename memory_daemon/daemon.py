@@ -90,13 +90,21 @@ class Daemon:
             await self._perform(action, readings)
         self.ticks += 1
         daemon = self.config.daemon
-        return poll_interval(
+        interval = poll_interval(
             self.state,
             self.config.policy,
             daemon.poll_interval_min_seconds,
             daemon.poll_interval_max_seconds,
             daemon.poll_safety_factor,
         )
+        log.debug(
+            "memd.tick",
+            tick=self.ticks,
+            service_up=status is not None,
+            actions=len(decision.actions),
+            next_poll_s=round(interval, 3),
+        )
+        return interval
 
     async def _service_status(self) -> pb.MemoryStatus | None:
         if self.control is None:
@@ -159,6 +167,7 @@ class Daemon:
             freed_bytes=outcome.freed_bytes,
             duration_s=round(outcome.duration_seconds, 4),
             detail=outcome.detail,
+            reading_age_s=_reading_age(action, by_device, self.clock.now()),
             **event,
         )
 
@@ -176,3 +185,13 @@ class Daemon:
                 if upcoming is not None and upcoming > 0:
                     interval = min(interval, upcoming)
             await self.clock.sleep(interval, stop)
+
+
+def _reading_age(action: Action, by_device: dict[str, DeviceReading], now: float) -> float | None:
+    """Seconds from the newest reading behind the action to the action's completion.
+
+    With readings taken as pressure appears (a trace played at real speed) this is the
+    daemon's reaction time: decision plus the control round trip.
+    """
+    stamps = [by_device[device].timestamp for device in action.devices if device in by_device]
+    return round(now - max(stamps), 4) if stamps else None
