@@ -9,6 +9,8 @@ import torch
 
 from inference_svc.config import ServerConfig
 from inference_svc.model.builders import default_cache_dir, ensure_default_bundle
+from inference_svc.model.bundle import is_bundle
+from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
 from inference_svc.model.modular import ModularModel
 
 log = structlog.get_logger(__name__)
@@ -21,7 +23,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(config: ServerConfig) -> ModularModel:
+def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
     started = time.monotonic()
     bundle = config.model_dir
     if bundle is None:
@@ -29,8 +31,16 @@ def load_model(config: ServerConfig) -> ModularModel:
         bundle = ensure_default_bundle(cache)
         log.info("default_bundle_ready", path=str(bundle),
                  seconds=round(time.monotonic() - started, 2))
-    model = ModularModel(bundle, device=config.device,
-                         dtype=resolve_dtype(config.dtype, config.device))
+    dtype = resolve_dtype(config.dtype, config.device)
+    if is_bundle(bundle):
+        model = ModularModel(bundle, device=config.device, dtype=dtype)
+    elif is_glm4v_checkpoint(bundle):
+        model = Glm4vModel(bundle, device=config.device, dtype=dtype)
+    else:
+        raise FileNotFoundError(
+            f"{bundle} is neither a modular bundle (manifest.json) nor a native GLM-4.1V "
+            f"checkpoint (config.json with architectures [\"Glm4vForConditionalGeneration\"])"
+        )
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
              dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2))
     return model

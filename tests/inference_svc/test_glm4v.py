@@ -1,0 +1,285 @@
+"""Native GLM-4.1V checkpoints: the model object in-process, then through a real server."""
+
+from __future__ import annotations
+
+import gc
+import io
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, DynamicCache, Glm4vForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from autoglm.control.v1 import control_service_pb2 as cpb
+from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from inference_svc.engine.types import AudioPart, ChatMessage, ImagePart, TextPart
+from inference_svc.errors import ModalityUnavailable
+from inference_svc.model.builders import write_tiny_glm4v_checkpoint
+from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
+from inference_svc.model.units import DISK, module_bytes
+from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
+
+MAX_PIXELS = 1_003_520
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_glm4v_checkpoint(tmp_path_factory.mktemp("glm4v") / "tiny-glm4v")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> Glm4vModel:
+    return Glm4vModel(checkpoint)
+
+
+def two_image_messages() -> list[ChatMessage]:
+    return [ChatMessage("user", [
+        TextPart("hello "),
+        ImagePart(png_bytes(), "image/png", "messages[0].parts[1].image"),
+        TextPart(" and "),
+        ImagePart(png_bytes((64, 64), (0, 0, 255)), "image/png", "messages[0].parts[3].image"),
+        TextPart(" what are these?"),
+    ])]
+
+
+def expected_image_tokens(checkpoint: Path, image_bytes: bytes) -> int:
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    grid = processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+    return int(grid.prod()) // processor.merge_size**2
+
+
+# ---- the model object ---------------------------------------------------------------
+
+
+def test_checkpoint_is_recognised_by_its_architecture(checkpoint, tiny_bundle):
+    assert is_glm4v_checkpoint(checkpoint)
+    assert not is_glm4v_checkpoint(tiny_bundle)
+
+
+def test_plan_expands_each_image_to_its_feature_count(model, checkpoint):
+    messages = two_image_messages()
+    media = model.decode_media(messages, max_pixels=MAX_PIXELS)
+    plan = model.plan(messages, media, enable_thinking=False)
+    lengths = [expected_image_tokens(checkpoint, png_bytes()),
+               expected_image_tokens(checkpoint, png_bytes((64, 64), (0, 0, 255)))]
+    assert [s.length for s in plan.spans] == lengths
+    begin, end = model.tokenizer.convert_tokens_to_ids(["<|begin_of_image|>", "<|end_of_image|>"])
+    for span in plan.spans:
+        assert plan.input_ids[span.start - 1] == begin
+        assert plan.input_ids[span.start + span.length] == end
+        assert set(plan.input_ids[span.start : span.start + span.length]) == {model.image_token_id}
+    assert plan.input_ids.count(model.image_token_id) == sum(lengths)
+
+
+def test_image_token_typed_by_a_user_does_not_become_an_image(model):
+    messages = [ChatMessage("user", [TextPart("look <|image|> here")])]
+    media = model.decode_media(messages, max_pixels=MAX_PIXELS)
+    plan = model.plan(messages, media, enable_thinking=False)
+    assert model.image_token_id not in plan.input_ids
+
+
+def test_audio_part_is_refused_naming_the_part(model):
+    messages = [ChatMessage("user", [TextPart("hear"), AudioPart("messages[0].parts[1].audio.wav",
+                                                                wav=wav_bytes(0.2))])]
+    with pytest.raises(ModalityUnavailable, match=r"messages\[0\]\.parts\[1\]\.audio"):
+        model.decode_media(messages, max_pixels=MAX_PIXELS)
+
+
+def _logits(decoder, inputs: dict, *, start: int = 0, stop: int | None = None,
+            cache: DynamicCache | None = None) -> torch.Tensor:
+    """Logits of positions [start, stop) of `inputs`, the first `start` being in `cache`."""
+    ids = inputs["input_ids"][:, start:stop]
+    kwargs = {}
+    if "mm_encoder_outputs" in inputs:
+        rows = inputs["mm_encoder_outputs"]["image"].pooler_output[0]
+        image_rows = int((inputs["input_ids"][:, :stop] == decoder.config.image_token_id).sum())
+        kwargs["mm_encoder_outputs"] = {
+            "image": BaseModelOutputWithPooling(pooler_output=(rows[:image_rows],))
+        }
+    with torch.inference_mode():
+        return decoder(input_ids=ids, attention_mask=inputs["attention_mask"][:, :stop],
+                       position_ids=inputs["position_ids"][..., start:stop], cache=cache,
+                       **kwargs).logits
+
+
+def test_inputs_match_the_models_own_pixel_path(model, checkpoint):
+    messages = two_image_messages()
+    media = model.decode_media(messages, max_pixels=MAX_PIXELS)
+    plan = model.plan(messages, media, enable_thinking=False)
+    reference = Glm4vForConditionalGeneration.from_pretrained(checkpoint).eval()
+    ids = torch.tensor([plan.input_ids])
+    with torch.inference_mode():
+        expected = reference(
+            input_ids=ids, attention_mask=torch.ones_like(ids),
+            pixel_values=torch.cat(media.pixel_values), image_grid_thw=torch.tensor(media.grids),
+            mm_token_type_ids=(ids == model.image_token_id).int(),
+        ).logits
+    with model.decoder_unit.use() as decoder:
+        actual = _logits(decoder, model.generation_inputs(plan, media))
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("where", ["text_before_images", "inside_first_image",
+                                   "between_images", "after_images"])
+def test_cached_prefix_gives_the_same_logits(model, where):
+    """A KV cache of any prefix, even one ending inside an image, continues exactly."""
+    messages = two_image_messages()
+    media = model.decode_media(messages, max_pixels=MAX_PIXELS)
+    plan = model.plan(messages, media, enable_thinking=False)
+    first, second = plan.spans
+    cached = {"text_before_images": 3, "inside_first_image": first.start + first.length // 2,
+              "between_images": second.start - 1,
+              "after_images": second.start + second.length + 1}[where]
+    with model.decoder_unit.use() as decoder:
+        full_inputs = model.generation_inputs(plan, media)
+        full = _logits(decoder, full_inputs)
+        cache = DynamicCache(config=decoder.config)
+        _logits(decoder, full_inputs, stop=cached, cache=cache)
+        assert cache.get_seq_length() == cached
+        rest = _logits(decoder, model.generation_inputs(plan, media, cached=cached),
+                       start=cached, cache=cache)
+    torch.testing.assert_close(rest, full[:, cached:], rtol=1e-4, atol=1e-4)
+
+
+def test_disk_offload_releases_the_tower_and_reload_restores_it(checkpoint):
+    model = Glm4vModel(checkpoint)
+    vision = model.encoders["image"]
+    with vision.use() as tower:
+        before = {k: v.clone() for k, v in tower.state_dict().items()}
+        probe = weakref.ref(next(tower.parameters()))
+        resident = module_bytes(tower)
+    with model.decoder_unit.use() as decoder:
+        assert not any("visual" in name for name, _ in decoder.named_parameters())
+    del tower
+    freed = vision.move_to(DISK)
+    gc.collect()
+    assert freed == resident > 0
+    assert vision.state().tier == DISK
+    assert vision.state().weight_bytes == 0
+    assert probe() is None, "something still holds the offloaded tower's parameters"
+    with vision.use() as tower:
+        after = tower.state_dict()
+        assert after.keys() == before.keys()
+        for key, value in before.items():
+            assert torch.equal(after[key], value), key
+    assert vision.state().tier == "cpu"
+
+
+# ---- through a real server -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
+    process = start_server(tmp_path_factory.mktemp("glm4v-server"), checkpoint)
+    yield process
+    process.terminate()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def control(server):
+    with grpc.insecure_channel(server.control_target) as channel:
+        yield cgrpc.ControlServiceStub(channel)
+
+
+def image_request(image: bytes, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, parts=[
+            pb.Part(image=pb.Image(data=image, mime_type="image/png")),
+            pb.Part(text="What is on the screen?"),
+        ])],
+        sampling=pb.SamplingParams(**{"max_new_tokens": 10, "temperature": 0, "seed": 7,
+                                      **sampling}),
+    )
+
+
+def generate(stub, request) -> tuple[str, pb.FinalMessage]:
+    responses = list(stub.Generate(request))
+    return "".join(r.text_delta for r in responses), responses[-1].final
+
+
+def vision_residency(modules) -> cpb.ModuleResidency:
+    return next(m for m in modules if m.name == "vision")
+
+
+def test_server_answers_an_image_request_counting_image_tokens(stub, checkpoint):
+    request = image_request(png_bytes(), max_new_tokens=6)
+    _, final = generate(stub, request)
+    assert final.usage.completion_tokens == 6
+    assert final.usage.image_tokens == expected_image_tokens(checkpoint, png_bytes())
+    counted = stub.CountTokens(pb.CountTokensRequest(messages=request.messages))
+    assert counted.prompt_tokens == final.usage.prompt_tokens
+    assert counted.image_tokens == final.usage.image_tokens
+    assert [(i.original_width, i.original_height) for i in final.images] == [(96, 64)]
+
+
+def test_image_content_changes_the_output(stub):
+    red, _ = generate(stub, image_request(png_bytes(color=(255, 0, 0))))
+    blue, _ = generate(stub, image_request(png_bytes(color=(0, 0, 255))))
+    assert red != blue
+
+
+def test_repeated_image_prompt_reuses_its_cached_prefix(stub):
+    request = image_request(png_bytes(color=(10, 200, 10)))
+    first, _ = generate(stub, request)
+    again, final = generate(stub, request)
+    assert final.usage.cached_prompt_tokens > final.usage.image_tokens
+    assert again == first
+
+
+def test_model_info_lists_decoder_and_vision(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    modules = {m.name: m for m in info.modules}
+    assert set(modules) == {"decoder", "vision"}
+    assert modules["decoder"].architecture == "Glm4vForConditionalGeneration"
+    assert modules["vision"].architecture == "Glm4vVisionModel"
+    assert all(m.parameters > 0 and m.weight_bytes > 0 for m in info.modules)
+    assert not any(m.trained for m in info.modules)
+    assert list(info.modalities) == ["text", "image"]
+    assert info.context_length == 4096
+
+
+def test_vision_offload_to_disk_then_image_request_reloads_it(stub, control):
+    request = image_request(png_bytes(color=(120, 60, 200)))
+    before, _ = generate(stub, request)
+
+    offloaded = control.OffloadModules(cpb.OffloadModulesRequest(modalities=["image"],
+                                                                 tier=cpb.TIER_DISK))
+    assert offloaded.result.freed_bytes > 0
+    assert vision_residency(offloaded.modules).tier == cpb.TIER_DISK
+    status = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+    assert vision_residency(status.modules).tier == cpb.TIER_DISK
+    assert vision_residency(status.modules).weight_bytes == 0
+    # No cached prefix may cover the image, so that the tower has to run again.
+    control.TrimKvCache(cpb.TrimKvCacheRequest(policy=cpb.TRIM_POLICY_ALL_IDLE))
+
+    after, final = generate(stub, request)
+    assert final.usage.cached_prompt_tokens == 0
+    assert after == before
+    status = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+    assert vision_residency(status.modules).tier == cpb.TIER_CPU
+    assert vision_residency(status.modules).weight_bytes > 0
+
+
+def test_audio_part_is_invalid_argument_naming_the_part(stub):
+    request = pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[
+        pb.Part(text="listen"), pb.Part(audio=pb.Audio(wav=wav_bytes(0.2))),
+    ])])
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[0].parts[1].audio" in info.value.details()
+    assert "audio" in info.value.details()
