@@ -24,6 +24,10 @@ class ServerConfig:
     defaults: SamplingParams = field(default_factory=SamplingParams)
     max_message_bytes: int = 32 * 1024 * 1024
     max_queued: int = 64
+    max_batch: int = 16
+    kv_budget_bytes: int = 2 * 1024**3
+    prefix_caching: bool = True
+    session_idle_ttl_s: float = 600.0
     max_pixels: int = 1_003_520
     grace_period_s: float = 10.0
     control_socket: str = "/tmp/autoglm-control.sock"
@@ -74,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=float(_env("MAX_MESSAGE_MB", 32)))
     p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", 64)))
     p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", 1_003_520)))
+    p.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 16)),
+                   help="most sequences decoded together")
+    p.add_argument("--kv-budget-mb", type=float, default=float(_env("KV_BUDGET_MB", 2048)),
+                   help="bytes of KV cache (running requests + idle sessions), in MiB")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   default=_env("NO_PREFIX_CACHING", "") not in ("", "0", "false"),
+                   help="reuse KV only within a session id")
+    p.add_argument("--session-idle-ttl", type=float, default=float(_env("SESSION_IDLE_TTL", 600)),
+                   help="seconds an idle session's KV is kept")
     p.add_argument("--grace-period", type=float, default=float(_env("GRACE_PERIOD", 10)))
     p.add_argument("--control-socket", default=_env("CONTROL_SOCKET", "/tmp/autoglm-control.sock"))
     p.add_argument("--control-tcp", default=_env("CONTROL_TCP", ""),
@@ -100,7 +113,9 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,
         defaults=defaults, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-        max_queued=args.max_queued, max_pixels=args.max_pixels,
+        max_queued=args.max_queued, max_pixels=args.max_pixels, max_batch=args.max_batch,
+        kv_budget_bytes=int(args.kv_budget_mb * 1024 * 1024),
+        prefix_caching=not args.no_prefix_caching, session_idle_ttl_s=args.session_idle_ttl,
         grace_period_s=args.grace_period, control_socket=args.control_socket,
         control_tcp=args.control_tcp, control_token=args.control_token,
         port_file=Path(args.port_file) if args.port_file else None,

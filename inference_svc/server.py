@@ -97,8 +97,12 @@ class Service:
                  control_tcp=self.config.control_tcp or None)
         self._write_port_file(serving=False)
         model = await asyncio.to_thread(load_model, self.config)
-        engine = Engine(model, EngineConfig(max_queued=self.config.max_queued,
-                                            max_pixels=self.config.max_pixels))
+        config = self.config
+        engine = Engine(model, EngineConfig(
+            max_queued=config.max_queued, max_pixels=config.max_pixels,
+            max_batch=config.max_batch, kv_budget_bytes=config.kv_budget_bytes,
+            prefix_caching=config.prefix_caching, session_idle_ttl_s=config.session_idle_ttl_s,
+        ))
         engine.start()
         self.state.engine = engine
         await self._set_health(True)

@@ -60,6 +60,11 @@ def service_view(status: pb.MemoryStatus) -> ServiceView:
     )
 
 
+# A restriction the daemon set lapses unless renewed; the daemon re-applies its wanted
+# admission whenever the service reports another mode, so a live daemon renews it.
+ADMISSION_LEASE_SECONDS = 60.0
+
+
 class ControlClient:
     """A ControlService client over a Unix socket or token-authenticated TCP."""
 
@@ -147,7 +152,8 @@ class ControlClient:
                 return pb.ReloadModulesRequest(modalities=[]), "ReloadModules"
             case ActionKind.SET_ADMISSION:
                 request = pb.SetAdmissionRequest(
-                    mode=_ADMISSION_TO_PB[action.admission], max_running=action.admission_limit
+                    mode=_ADMISSION_TO_PB[action.admission], max_running=action.admission_limit,
+                    lease_seconds=ADMISSION_LEASE_SECONDS,
                 )
                 return request, "SetAdmission"
         raise AssertionError(f"unhandled action kind {action.kind}")

@@ -90,6 +90,7 @@ def start_server(
 ) -> ServerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port.json"
+    port_file.unlink(missing_ok=True)  # a restart in the same workdir must not read the old one
     control = workdir / "control.sock"
     log_path = workdir / "server.log"
     args = [

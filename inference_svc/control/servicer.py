@@ -154,11 +154,15 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidRequest("mode must be OPEN, LIMITED or PAUSED", field="mode")
         if request.mode == pb.ADMISSION_MODE_LIMITED and request.max_running < 1:
             raise InvalidRequest("LIMITED admission needs max_running >= 1", field="max_running")
+        if request.lease_seconds < 0:
+            raise InvalidRequest("lease_seconds must not be negative", field="lease_seconds")
         mode = ADMISSION_FROM_PB[request.mode]
         limit = request.max_running if mode == "limited" else 0
-        engine.set_admission(Admission(mode, limit))
+        lease = request.lease_seconds if mode != "open" else 0.0
+        expires = time.monotonic() + lease if lease else None
+        engine.set_admission(Admission(mode, limit, expires))
         return pb.SetAdmissionResponse(
-            mode=request.mode, max_running=limit,
+            mode=request.mode, max_running=limit, lease_seconds=lease,
             result=pb.ActionResult(detail=f"admission {mode}"),
         )
 

@@ -42,8 +42,8 @@ class EngineConfig:
             raise ValueError("max_batch must be at least 1")
         if self.max_pixels < 64 * 64:
             raise ValueError("max_pixels must be at least 4096")
-        if self.kv_budget_bytes < 1024**2:
-            raise ValueError("kv_budget_bytes must be at least 1 MiB")
+        if self.kv_budget_bytes < 64 * 1024:
+            raise ValueError("kv_budget_bytes must be at least 64 KiB")
 
 
 class Engine:

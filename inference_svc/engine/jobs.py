@@ -17,6 +17,11 @@ from inference_svc.model.prompt import PromptPlan
 class Admission:
     mode: str = "open"  # "open" | "limited" | "paused"
     max_running: int = 0
+    expires_at: float | None = None  # time.monotonic(); a restriction lapses then
+
+    @property
+    def lapsed(self) -> bool:
+        return self.expires_at is not None and time.monotonic() > self.expires_at
 
 
 @dataclass

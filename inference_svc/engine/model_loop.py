@@ -105,14 +105,17 @@ class ModelLoop:
     # ---- the loop ----------------------------------------------------------------
 
     def _capacity(self) -> int:
-        if not self._batched:
-            return 1
         admission = self.admission
+        if admission.mode != "open" and admission.lapsed:
+            log.warning("admission_lease_lapsed", mode=admission.mode)
+            self.set_admission(Admission())
+            admission = self.admission
+        most = self.config.max_batch if self._batched else 1
         if admission.mode == "paused":
             return 0
         if admission.mode == "limited":
-            return min(admission.max_running, self.config.max_batch)
-        return self.config.max_batch
+            return min(admission.max_running, most)
+        return most
 
     def _run(self) -> None:
         batch = DecodeBatch()
@@ -147,6 +150,9 @@ class ModelLoop:
                 continue
             if job.request is None:
                 return job
+            if len(self.running) >= self._capacity() and not self.stopping:
+                self.queue.put(job)  # admission closed while we waited: not yet
+                continue
             with self.lock:
                 self.queued -= 1
             if job.handle.cancellation.requested:
@@ -202,7 +208,7 @@ class ModelLoop:
         request, plan = job.request, job.plan
         reuse = self._reuse(request, plan)
         cached = reuse.tokens if reuse else 0
-        self._make_room(self._estimate(job))
+        self._make_room(self._estimate(job), excluding=request.request_id)
         cache = reuse.cache if reuse else DynamicCache()
         logits = self.model.prefill(plan, job.media, cache, cached=cached)
         sequence = self._new_sequence(job, info, reuse)
@@ -283,7 +289,7 @@ class ModelLoop:
         if reason is not FinishReason.CANCELLED and cache is not None:
             self.sessions.put(request.session_id, request.request_id,
                               job.plan.content + sequence.streamer.token_ids, cache)
-            self._make_room(0)
+            self._make_room(0, excluding=request.request_id)
         usage = _usage(job, sequence.generated)
         usage.reasoning_tokens = sequence.streamer.reasoning_tokens
         usage.cached_prompt_tokens = sequence.reuse.tokens if sequence.reuse else 0
@@ -333,15 +339,19 @@ class ModelLoop:
         tokens = len(job.plan.input_ids) + job.max_new_tokens
         return tokens * self.model.kv_bytes_per_token()
 
-    def running_kv_bytes(self) -> int:
+    def running_kv_bytes(self, *, excluding: str = "") -> int:
         per_token = self.model.kv_bytes_per_token()
         with self.lock:
             return sum((r.prompt_tokens + r.generated_tokens) * per_token
-                       for r in self.running.values())
+                       for r in self.running.values() if r.request_id != excluding)
 
-    def _make_room(self, needed: int) -> None:
-        """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget."""
-        in_use = self.sessions.total_bytes() + self.running_kv_bytes()
+    def _make_room(self, needed: int, *, excluding: str) -> None:
+        """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget.
+
+        `excluding` names the request this is done for: its KV is in `needed` (before
+        it runs) or in the session store (after), not counted again as running.
+        """
+        in_use = self.sessions.total_bytes() + self.running_kv_bytes(excluding=excluding)
         excess = in_use + needed - self.config.kv_budget_bytes
         if excess > 0:
             result = self.sessions.evict_lru(excess)
@@ -362,7 +372,7 @@ class ModelLoop:
         started = time.monotonic()
         reuse = self._reuse(request, plan)
         cached = reuse.tokens if reuse else 0
-        self._make_room(self._estimate(job))
+        self._make_room(self._estimate(job), excluding=request.request_id)
         inputs = model.generation_inputs(plan, job.media, cached=cached)
         text = TextStream(model.tokenizer, request.sampling.stop_sequences,
                           start_in_reasoning=self._starts_in_reasoning(request, plan))
@@ -398,7 +408,7 @@ class ModelLoop:
         if reason is not FinishReason.CANCELLED:
             self.sessions.put(request.session_id, request.request_id,
                               plan.content + streamer.token_ids, cache)
-            self._make_room(0)
+            self._make_room(0, excluding=request.request_id)
         usage = _usage(job, len(streamer.token_ids))
         usage.reasoning_tokens = streamer.reasoning_tokens
         usage.cached_prompt_tokens = cached

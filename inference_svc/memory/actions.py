@@ -38,10 +38,15 @@ def _snapshot() -> dict[str, int]:
     return readings
 
 
-def measured(action: str, work: Callable[[], str]) -> Freed:
-    """Run `work` between two measurements; report the drop per device."""
+def measured(action: str, work: Callable[[], str], *, settle_first: bool = True) -> Freed:
+    """Run `work` between two measurements; report the drop per device.
+
+    With `settle_first`, garbage is collected before the first reading, so that the
+    drop is what `work` freed and not garbage that happened to be lying around.
+    """
     started = time.monotonic()
-    release_freed_memory()
+    if settle_first:
+        release_freed_memory()
     before = _snapshot()
     detail = work()
     release_freed_memory()
@@ -56,7 +61,11 @@ def measured(action: str, work: Callable[[], str]) -> Freed:
 
 
 def collect_garbage() -> Freed:
-    return measured("collect_garbage", lambda: "gc + allocator release")
+    def work() -> str:
+        release_freed_memory()
+        return "gc + allocator release"
+
+    return measured("collect_garbage", work, settle_first=False)
 
 
 def offload_encoders(

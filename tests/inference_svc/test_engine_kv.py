@@ -1,0 +1,161 @@
+"""Session reuse, prefix caching, the KV budget and batching, through the real server."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from autoglm.control.v1 import control_service_pb2 as cpb
+from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.conftest import png_bytes, start_server
+
+HISTORY = "The phone shows a settings screen with Wi-Fi, Bluetooth and battery. " * 6
+
+
+def user(text: str, image: bytes | None = None) -> pb.Message:
+    parts = [pb.Part(text=text)]
+    if image:
+        parts.append(pb.Part(image=pb.Image(data=image, mime_type="image/png")))
+    return pb.Message(role=pb.ROLE_USER, parts=parts)
+
+
+def assistant(text: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_ASSISTANT, parts=[pb.Part(text=text)])
+
+
+def generate(stub, messages, *, session: str = "", tokens: int = 8, seed: int = 1):
+    responses = list(stub.Generate(pb.GenerateRequest(
+        messages=messages, session_id=session,
+        sampling=pb.SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, seed=seed,
+                                   temperature=0))))
+    return "".join(r.text_delta for r in responses), responses[-1].final
+
+
+@pytest.fixture
+def server(tiny_bundle, tmp_path):
+    process = start_server(tmp_path / "s", tiny_bundle, "--kv-budget-mb", "0.5")
+    yield process
+    process.terminate()
+
+
+def channels(server):
+    public = grpc.insecure_channel(server.target)
+    control = grpc.insecure_channel(server.control_target)
+    return public, control, pb_grpc.InferenceServiceStub(public), cgrpc.ControlServiceStub(control)
+
+
+def status(control) -> cpb.MemoryStatus:
+    return control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+
+
+def test_a_session_turn_reuses_the_previous_turns_kv_and_gives_the_same_text(server):
+    public, ctl, stub, control = channels(server)
+    with public, ctl:
+        turn1 = [user(HISTORY + " What is on screen?", png_bytes())]
+        reply, first = generate(stub, turn1, session="agent-1")
+        assert first.usage.cached_prompt_tokens == 0
+        turn2 = [*turn1, assistant(reply), user("Open Wi-Fi.")]
+        text, second = generate(stub, turn2, session="agent-1")
+        assert second.usage.cached_prompt_tokens >= first.usage.prompt_tokens - 1
+        assert second.usage.cached_prompt_tokens < second.usage.prompt_tokens
+        # the same prompt computed from scratch gives the same greedy text
+        control.TrimKvCache(cpb.TrimKvCacheRequest(policy=cpb.TRIM_POLICY_ALL_IDLE))
+        fresh, cold = generate(stub, turn2, session="agent-2")
+        assert cold.usage.cached_prompt_tokens == 0
+        assert fresh == text
+
+
+def test_prefix_cache_serves_requests_without_a_session_id(server):
+    public, ctl, stub, _ = channels(server)
+    with public, ctl:
+        turn1 = [user(HISTORY + " Step 1.")]
+        reply, _ = generate(stub, turn1)
+        _, second = generate(stub, [*turn1, assistant(reply), user("Step 2.")])
+        assert second.usage.cached_prompt_tokens > 0
+        # a different image at the same place must not reuse the cached image positions
+        generate(stub, [user("Look:", png_bytes(color=(1, 2, 3)))])
+        _, other = generate(stub, [user("Look:", png_bytes(color=(200, 2, 3)))])
+        usage = other.usage
+        assert usage.cached_prompt_tokens < usage.prompt_tokens - usage.image_tokens
+
+
+def test_end_session_frees_its_kv_and_unknown_sessions_are_not_found(server):
+    public, ctl, stub, control = channels(server)
+    with public, ctl:
+        generate(stub, [user(HISTORY)], session="to-end")
+        held = {s.session_id: s.bytes for s in status(control).sessions}
+        assert held["to-end"] > 0
+        freed = stub.EndSession(pb.EndSessionRequest(session_id="to-end")).freed_bytes
+        assert freed == held["to-end"]
+        assert "to-end" not in {s.session_id for s in status(control).sessions}
+        with pytest.raises(grpc.RpcError) as info:
+            stub.EndSession(pb.EndSessionRequest(session_id="to-end"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_more_sessions_than_the_budget_holds_never_fail_and_stay_within_budget(server):
+    public, ctl, stub, control = channels(server)
+    with public, ctl:
+        budget = status(control).kv_budget_bytes
+        peak = 0
+        for i in range(40):
+            _, final = generate(stub, [user(f"{i} " + HISTORY)], session=f"s{i}", tokens=16)
+            assert final.finish_reason == pb.FINISH_REASON_LENGTH
+            now = status(control)
+            peak = max(peak, now.kv_bytes)
+            assert now.kv_bytes <= budget
+        sessions = status(control).sessions
+        assert 0 < len(sessions) < 40  # older sessions were evicted to make room
+        assert "s39" in {s.session_id for s in sessions}  # the newest survives
+        assert peak > budget // 2
+
+
+def test_a_request_larger_than_the_whole_budget_is_resource_exhausted(server):
+    public, ctl, stub, _ = channels(server)
+    with public, ctl:
+        request = pb.GenerateRequest(messages=[user("hi")],
+                                     sampling=pb.SamplingParams(max_new_tokens=1900))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(request))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "KV" in info.value.details()
+        assert dict(info.value.trailing_metadata()).get("retry-after-ms") is not None
+
+
+def test_requests_joining_a_running_batch_generate_what_they_would_alone(server):
+    public, ctl, stub, _ = channels(server)
+    with public, ctl:
+        prompts = [[user(f"prompt number {i} " * (i + 1))] for i in range(5)]
+        alone = [generate(stub, p, tokens=24, seed=7)[0] for p in prompts]
+        control_stub = cgrpc.ControlServiceStub(ctl)
+        control_stub.TrimKvCache(cpb.TrimKvCacheRequest(policy=cpb.TRIM_POLICY_ALL_IDLE))
+        together: dict[int, str] = {}
+
+        def run(i: int) -> None:
+            together[i] = generate(stub, prompts[i], tokens=24, seed=7)[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [together[i] for i in range(5)] == alone
+
+
+def test_cancelled_and_finished_requests_leave_no_request_kv(server):
+    public, ctl, stub, control = channels(server)
+    with public, ctl:
+        call = stub.Generate(pb.GenerateRequest(
+            messages=[user("go")], sampling=pb.SamplingParams(max_new_tokens=600,
+                                                              min_new_tokens=600)))
+        next(call)
+        assert status(control).requests
+        call.cancel()
+        generate(stub, [user("short")])
+        final = status(control)
+        assert not final.requests
+        assert final.kv_bytes == sum(s.bytes for s in final.sessions)
