@@ -4,7 +4,7 @@ import pytest
 from control_double import RecordingControl, start_control
 
 from autoglm.control.v1 import control_service_pb2 as pb
-from memory_daemon.actuator import ControlClient
+from memory_daemon.actuator import ADMISSION_LEASE_SECONDS, ControlClient
 from memory_daemon.config import ControlSection
 from memory_daemon.errors import ControlCallError
 from memory_daemon.policy import Action, ActionKind, Admission
@@ -47,7 +47,7 @@ async def test_actions_map_to_their_rpcs(tcp_control):
     assert calls["OffloadModules"] == pb.OffloadModulesRequest(modalities=[], tier=pb.TIER_DISK)
     assert calls["ReloadModules"] == pb.ReloadModulesRequest(modalities=[])
     assert calls["SetAdmission"] == pb.SetAdmissionRequest(
-        mode=pb.ADMISSION_MODE_LIMITED, max_running=3
+        mode=pb.ADMISSION_MODE_LIMITED, max_running=3, lease_seconds=ADMISSION_LEASE_SECONDS
     )
 
 
