@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from inference_svc.engine.generation import Cancellation
 from inference_svc.engine.types import Event, Finished, GenerationRequest
@@ -36,6 +37,8 @@ class RunningInfo:
     modalities: set[str]
     prompt_tokens: int
     generated_tokens: int = 0
+    reserved_bytes: int = 0  # KV set aside at admission: prompt + max_new_tokens
+    priority: int = 0
 
 
 class RequestHandle:
@@ -73,3 +76,4 @@ class Job:
     max_new_tokens: int = field(compare=False, default=0)
     handle: RequestHandle | None = field(compare=False, default=None)
     enqueued_at: float = field(compare=False, default_factory=time.monotonic)
+    resume: Any = field(compare=False, default=None)  # a preempted Sequence to recompute

@@ -126,8 +126,10 @@ class ModelLoop:
                 self._abort_all(batch, sequences)
                 return
             if job is not None:
-                self._start(job, batch, sequences)
-                continue  # admit everything waiting before the next decode step
+                if self._fits(job) or self._preempt_for(job, batch, sequences):
+                    self._start(job, batch, sequences)
+                    continue  # admit everything waiting before the next decode step
+                self._hold(job)
             if sequences:
                 self._step(batch, sequences)
 
@@ -182,16 +184,81 @@ class ModelLoop:
         for job in kept:
             self.queue.put(job)
 
+    # ---- KV admission and preemption ---------------------------------------------------
+
+    def _reserved_bytes(self) -> int:
+        with self.lock:
+            return sum(r.reserved_bytes for r in self.running.values())
+
+    def _fits(self, job: Job) -> bool:
+        """Whether the job's KV reservation fits, after evicting idle caches if needed."""
+        needed = self._estimate(job)
+        excess = self.sessions.total_bytes() + self._reserved_bytes() + needed
+        excess -= self.config.kv_budget_bytes
+        if excess > 0:
+            result = self.sessions.evict_lru(excess)
+            if result.sessions:
+                log.info("kv_evicted", freed_bytes=result.freed_bytes, entries=result.sessions,
+                         reason="admission")
+        total = self.sessions.total_bytes() + self._reserved_bytes() + needed
+        return total <= self.config.kv_budget_bytes
+
+    def _preempt_for(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:
+        """Last resort: preempt lower-priority sequences (newest first) to fit `job`."""
+        priority = job.request.priority
+        victims = sorted((s for s in sequences.values() if s.job.request.priority < priority),
+                         key=lambda s: (s.job.request.priority, -s.started))
+        for victim in victims:
+            self._preempt(victim, batch, sequences)
+            if self._fits(job):
+                return True
+        return False
+
+    def _preempt(self, sequence: Sequence, batch: DecodeBatch,
+                 sequences: dict[str, Sequence]) -> None:
+        """Free a running sequence's KV and re-queue it; it resumes by recomputation."""
+        key = sequence.info.request_id
+        batch.remove({key})
+        sequences.pop(key, None)
+        with self.lock:
+            self.running.pop(key, None)
+            self.queued += 1
+        job = sequence.job
+        log.info("preempted", request_id=key, priority=job.request.priority,
+                 generated_tokens=sequence.generated)
+        self.queue.put(Job((-job.request.priority, next(self._sequence)), job.request,
+                           job.plan, job.media, job.max_new_tokens, job.handle,
+                           resume=sequence))
+
+    def _hold(self, job: Job) -> None:
+        """Not enough KV yet: wait in the queue, up to the queue timeout."""
+        if time.monotonic() - job.enqueued_at > self.config.queue_timeout_s:
+            job.handle.push(Failed(ResourceExhausted(
+                "KV cache budget is fully reserved by running requests; retry later",
+                resource="kv_cache", retry_after_s=1.0,
+            )))
+            return
+        with self.lock:
+            self.queued += 1
+        self.queue.put(job)
+
     def _start(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
         request = job.request
         info = RunningInfo(request.request_id, request.session_id, request.modalities,
-                           len(job.plan.input_ids))
+                           len(job.plan.input_ids), reserved_bytes=self._estimate(job),
+                           priority=request.priority)
+        if job.resume is not None:
+            info.generated_tokens = job.resume.generated
         with self.lock:
             self.running[info.request_id] = info
+        if job.resume is not None:
+            self._resume(job.resume, info, batch, sequences)
+            return
         try:
             if not self._batched:
-                job.handle.push(self._generate_alone(job, info))
+                finished = self._generate_alone(job, info)
                 self._retire(info)
+                job.handle.push(finished)
                 return
             sequence = self._prefill(job, info)
         except Exception as error:  # one request's failure must not stop the loop
@@ -204,11 +271,29 @@ class ModelLoop:
             batch.add(sequence.row, sequence.reuse_cache)
             sequence.reuse_cache = None
 
+    def _resume(self, sequence: Sequence, info: RunningInfo, batch: DecodeBatch,
+                sequences: dict[str, Sequence]) -> None:
+        """Recompute a preempted sequence's KV (all but its last, unfed token), rejoin."""
+        job = sequence.job
+        fed = sequence.history[0, :-1].tolist()
+        plan = PromptPlan(input_ids=fed, spans=job.plan.spans,
+                          content=job.plan.content + fed[len(job.plan.input_ids):])
+        cache = DynamicCache()
+        try:
+            self.model.prefill(plan, job.media, cache)
+        except Exception as error:
+            self._fail(job, info, error)
+            return
+        sequence.info = info
+        sequence.row = Row(info.request_id, len(fed), next_token=sequence.row.next_token)
+        sequences[info.request_id] = sequence
+        batch.add(sequence.row, cache)
+        log.info("resumed", request_id=info.request_id, recomputed_tokens=len(fed))
+
     def _prefill(self, job: Job, info: RunningInfo) -> Sequence:
         request, plan = job.request, job.plan
         reuse = self._reuse(request, plan)
         cached = reuse.tokens if reuse else 0
-        self._make_room(self._estimate(job), excluding=request.request_id)
         cache = reuse.cache if reuse else DynamicCache()
         logits = self.model.prefill(plan, job.media, cache, cached=cached)
         sequence = self._new_sequence(job, info, reuse)
@@ -299,9 +384,11 @@ class ModelLoop:
                  cached_prompt_tokens=usage.cached_prompt_tokens,
                  reuse=sequence.reuse.source if sequence.reuse else None,
                  seconds=round(time.monotonic() - sequence.started, 4))
+        # retire first: a client that reads the account after its final message must
+        # not see its KV twice (as running and as the idle cache it became)
+        self._retire(sequence.info)
         job.handle.push(Finished(reason, usage, sequence.text.matched_stop,
                                  images=_image_sizes(job)))
-        self._retire(sequence.info)
 
     def _fail(self, job: Job, info: RunningInfo | None, error: BaseException) -> None:
         if isinstance(error, torch.OutOfMemoryError):
@@ -339,19 +426,16 @@ class ModelLoop:
         tokens = len(job.plan.input_ids) + job.max_new_tokens
         return tokens * self.model.kv_bytes_per_token()
 
-    def running_kv_bytes(self, *, excluding: str = "") -> int:
-        per_token = self.model.kv_bytes_per_token()
-        with self.lock:
-            return sum((r.prompt_tokens + r.generated_tokens) * per_token
-                       for r in self.running.values() if r.request_id != excluding)
-
     def _make_room(self, needed: int, *, excluding: str) -> None:
         """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget.
 
         `excluding` names the request this is done for: its KV is in `needed` (before
         it runs) or in the session store (after), not counted again as running.
         """
-        in_use = self.sessions.total_bytes() + self.running_kv_bytes(excluding=excluding)
+        with self.lock:
+            reserved = sum(r.reserved_bytes for r in self.running.values()
+                           if r.request_id != excluding)
+        in_use = self.sessions.total_bytes() + reserved
         excess = in_use + needed - self.config.kv_budget_bytes
         if excess > 0:
             result = self.sessions.evict_lru(excess)
@@ -372,7 +456,6 @@ class ModelLoop:
         started = time.monotonic()
         reuse = self._reuse(request, plan)
         cached = reuse.tokens if reuse else 0
-        self._make_room(self._estimate(job), excluding=request.request_id)
         inputs = model.generation_inputs(plan, job.media, cached=cached)
         text = TextStream(model.tokenizer, request.sampling.stop_sequences,
                           start_in_reasoning=self._starts_in_reasoning(request, plan))

@@ -159,3 +159,42 @@ def test_cancelled_and_finished_requests_leave_no_request_kv(server):
         final = status(control)
         assert not final.requests
         assert final.kv_bytes == sum(s.bytes for s in final.sessions)
+
+
+def long_greedy(priority: int, tokens: int, text: str) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        messages=[user(text)], priority=priority,
+        sampling=pb.SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0))
+
+
+def test_a_higher_priority_request_preempts_and_the_preempted_one_resumes(server):
+    public, ctl, stub, control = channels(server)
+    with public, ctl:
+        expected = "".join(r.text_delta for r in stub.Generate(long_greedy(0, 600, "low")))
+        control.TrimKvCache(cpb.TrimKvCacheRequest(policy=cpb.TRIM_POLICY_ALL_IDLE))
+        low = stub.Generate(long_greedy(0, 600, "low"))
+        first = next(low)
+        high = list(stub.Generate(long_greedy(5, 600, "high")))
+        assert high[-1].final.usage.completion_tokens == 600
+        rest = list(low)
+        assert rest[-1].final.usage.completion_tokens == 600
+        assert first.text_delta + "".join(r.text_delta for r in rest) == expected
+    events = [e["event"] for e in server.log_lines()]
+    assert "preempted" in events and "resumed" in events
+
+
+def test_a_request_that_cannot_fit_yet_waits_for_room_instead_of_failing(server):
+    public, ctl, stub, _ = channels(server)
+    with public, ctl:
+        results: dict[str, pb.FinalMessage] = {}
+
+        def run(name: str) -> None:
+            results[name] = list(stub.Generate(long_greedy(0, 600, name)))[-1].final
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {n: f.usage.completion_tokens for n, f in results.items()} == {"a": 600, "b": 600}
+    assert "preempted" not in [e["event"] for e in server.log_lines()]
