@@ -19,6 +19,8 @@ class ServerConfig:
     model_dir: Path | None = None  # None: the embedded default, built into cache_dir
     cache_dir: Path | None = None
     device: str = "cpu"
+    encoder_device: str = ""
+    kv_reserve_fraction: float = 0.3
     dtype: str = "auto"
     served_model_name: str = "autoglm-phone-9b"
     defaults: SamplingParams = field(default_factory=SamplingParams)
@@ -29,6 +31,8 @@ class ServerConfig:
     prefix_caching: bool = True
     session_idle_ttl_s: float = 600.0
     max_pixels: int = 1_003_520
+    pressure_max_pixels: int = 200_704
+    encoder_idle_offload_s: float = 0.0
     grace_period_s: float = 10.0
     control_socket: str = "/tmp/autoglm-control.sock"
     control_tcp: str = ""
@@ -42,10 +46,16 @@ class ServerConfig:
             raise ValueError(f"port {self.port} is not in 0..65535")
         if self.control_tcp and not self.control_token:
             raise ValueError("a TCP control listener needs --control-token (or mTLS)")
+        if not 0 <= self.kv_reserve_fraction < 1:
+            raise ValueError("kv reserve fraction must be in [0, 1)")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
             raise ValueError(f"dtype {self.dtype!r} is not auto, float32, bfloat16 or float16")
         if self.max_message_bytes < 1024:
             raise ValueError("max message size must be at least 1 KiB")
+        if not 4096 <= self.pressure_max_pixels <= self.max_pixels:
+            raise ValueError("pressure max pixels must be in [4096, max pixels]")
+        if self.encoder_idle_offload_s < 0:
+            raise ValueError("encoder idle offload must not be negative")
         if self.grace_period_s < 0:
             raise ValueError("grace period must not be negative")
 
@@ -66,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local modular bundle or GLM-4.1V checkpoint; default: embedded model")
     p.add_argument("--cache-dir", default=_env("CACHE_DIR", ""),
                    help="where the embedded default is converted and cached")
-    p.add_argument("--device", default=_env("DEVICE", "cpu"))
+    p.add_argument("--device", default=_env("DEVICE", "cpu"),
+                   help="cpu, cuda:N, or auto (the decoder over every GPU with accelerate)")
+    p.add_argument("--encoder-device", default=_env("ENCODER_DEVICE", ""),
+                   help="card for the encoders (default: the decoder's; last GPU with auto)")
+    p.add_argument("--kv-reserve-fraction", type=float,
+                   default=float(_env("KV_RESERVE_FRACTION", 0.3)),
+                   help="share of each GPU kept free of weights for KV cache (device auto)")
     p.add_argument("--dtype", default=_env("DTYPE", "auto"))
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", "autoglm-phone-9b"))
     p.add_argument("--max-new-tokens", type=int, default=int(_env("MAX_NEW_TOKENS", 256)))
@@ -78,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=float(_env("MAX_MESSAGE_MB", 32)))
     p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", 64)))
     p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", 1_003_520)))
+    p.add_argument("--pressure-max-pixels", type=int,
+                   default=int(_env("PRESSURE_MAX_PIXELS", 200_704)),
+                   help="pixel budget per image while under memory pressure")
+    p.add_argument("--encoder-idle-offload", type=float,
+                   default=float(_env("ENCODER_IDLE_OFFLOAD", 0)),
+                   help="demote an encoder unused for this many seconds one tier (0: off)")
     p.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 16)),
                    help="most sequences decoded together")
     p.add_argument("--kv-budget-mb", type=float, default=float(_env("KV_BUDGET_MB", 2048)),
@@ -111,9 +133,13 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         host=args.host, port=args.port,
         model_dir=Path(args.model_dir) if args.model_dir else None,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,
+        device=args.device, encoder_device=args.encoder_device,
+        kv_reserve_fraction=args.kv_reserve_fraction, dtype=args.dtype,
+        served_model_name=args.served_model_name,
         defaults=defaults, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         max_queued=args.max_queued, max_pixels=args.max_pixels, max_batch=args.max_batch,
+        pressure_max_pixels=args.pressure_max_pixels,
+        encoder_idle_offload_s=args.encoder_idle_offload,
         kv_budget_bytes=int(args.kv_budget_mb * 1024 * 1024),
         prefix_caching=not args.no_prefix_caching, session_idle_ttl_s=args.session_idle_ttl,
         grace_period_s=args.grace_period, control_socket=args.control_socket,

@@ -12,6 +12,7 @@ from inference_svc.model.builders import default_cache_dir, ensure_default_bundl
 from inference_svc.model.bundle import is_bundle
 from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
 from inference_svc.model.modular import ModularModel
+from inference_svc.model.placement import plan_placement
 
 log = structlog.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,16 +32,27 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
         bundle = ensure_default_bundle(cache)
         log.info("default_bundle_ready", path=str(bundle),
                  seconds=round(time.monotonic() - started, 2))
-    dtype = resolve_dtype(config.dtype, config.device)
+    placement = plan_placement(config.device, encoder_device=config.encoder_device,
+                               kv_reserve_fraction=config.kv_reserve_fraction)
+    dtype = resolve_dtype(config.dtype, placement.encoder_device)
     if is_bundle(bundle):
-        model = ModularModel(bundle, device=config.device, dtype=dtype)
+        model = ModularModel(bundle, dtype=dtype, placement=placement)
     elif is_glm4v_checkpoint(bundle):
-        model = Glm4vModel(bundle, device=config.device, dtype=dtype)
+        model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype)
     else:
         raise FileNotFoundError(
             f"{bundle} is neither a modular bundle (manifest.json) nor a native GLM-4.1V "
             f"checkpoint (config.json with architectures [\"Glm4vForConditionalGeneration\"])"
         )
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
-             dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2))
+             dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2),
+             weight_bytes_by_device=weights_by_device(model))
     return model
+
+
+def weights_by_device(model) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for unit in model.units:
+        for device, size in unit.state().bytes_by_device.items():
+            totals[device] = totals.get(device, 0) + size
+    return totals

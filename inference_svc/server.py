@@ -25,6 +25,7 @@ from inference_svc.config import ServerConfig
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.loading import load_model
+from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.errors import ServiceInterceptor
 from inference_svc.transport.inference_servicer import InferenceServicer
@@ -57,6 +58,7 @@ class Service:
         )
         self.port = self.public.add_insecure_port(f"{config.host}:{config.port}")
         self.control = self._control_server()
+        self._background: list[asyncio.Task] = []
 
     def _control_server(self) -> grpc.aio.Server:
         config = self.config
@@ -100,11 +102,15 @@ class Service:
         config = self.config
         engine = Engine(model, EngineConfig(
             max_queued=config.max_queued, max_pixels=config.max_pixels,
+            pressure_max_pixels=config.pressure_max_pixels,
             max_batch=config.max_batch, kv_budget_bytes=config.kv_budget_bytes,
             prefix_caching=config.prefix_caching, session_idle_ttl_s=config.session_idle_ttl_s,
         ))
         engine.start()
         self.state.engine = engine
+        if config.encoder_idle_offload_s > 0:
+            policy = ResidencyPolicy(engine, idle_seconds=config.encoder_idle_offload_s)
+            self._background.append(asyncio.create_task(policy.run()))
         await self._set_health(True)
         self._write_port_file(serving=True)
         log.info("serving", port=self.port)
@@ -123,6 +129,8 @@ class Service:
     async def stop(self) -> None:
         log.info("shutting_down", grace_seconds=self.config.grace_period_s)
         await self.health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
         await asyncio.gather(self.public.stop(self.config.grace_period_s),
                              self.control.stop(self.config.grace_period_s))
         if self.state.engine is not None:

@@ -8,6 +8,7 @@ import os
 import time
 
 import grpc
+import torch
 from google.protobuf import timestamp_pb2
 
 from autoglm.control.v1 import control_service_pb2 as pb
@@ -16,7 +17,7 @@ from inference_svc.engine.engine import Admission, Engine
 from inference_svc.errors import InvalidRequest, NotReady
 from inference_svc.memory import actions
 from inference_svc.memory.actions import Freed
-from inference_svc.memory.process import rss_bytes
+from inference_svc.memory.process import cuda_devices, rss_bytes
 from inference_svc.model.units import DISK
 from inference_svc.service_state import ServiceState
 
@@ -78,15 +79,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             for e in engine.sessions.entries()
         ]
         kv_bytes = sum(r.bytes for r in requests) + sum(e.bytes for e in sessions)
-        weights: dict[str, int] = {}
-        for unit in engine.model.units:
-            s = unit.state()
-            if s.tier != DISK:
-                weights[s.tier] = weights.get(s.tier, 0) + s.weight_bytes
         rss = rss_bytes()
-        devices = [pb.DeviceMemory(device="cpu", weight_bytes=weights.get("cpu", 0),
-                                   kv_bytes=kv_bytes if engine.model.device == "cpu" else 0,
-                                   total_bytes=_host_total())]
+        devices = device_accounts(engine, kv_bytes)
         admission = engine.admission
         return pb.MemoryStatus(
             taken_at=taken, devices=devices, modules=self._modules(engine), requests=requests,
@@ -214,3 +208,25 @@ def _deny(handler):
     return grpc.unary_unary_rpc_method_handler(
         unary, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
+
+
+def device_accounts(engine: Engine, kv_bytes: int) -> list[pb.DeviceMemory]:
+    """Per device: weights of every resident module, KV, allocator and total bytes."""
+    weights: dict[str, int] = {}
+    for unit in engine.model.units:
+        for device, size in unit.state().bytes_by_device.items():
+            weights[device] = weights.get(device, 0) + size
+    kv_device = str(engine.model.device)
+    accounts = [pb.DeviceMemory(device="cpu", weight_bytes=weights.get("cpu", 0),
+                                kv_bytes=kv_bytes if kv_device == "cpu" else 0,
+                                total_bytes=_host_total())]
+    for device in cuda_devices():
+        _, total = torch.cuda.mem_get_info(device)
+        uuid = f"GPU-{torch.cuda.get_device_properties(device).uuid}"  # NVML's spelling
+        accounts.append(pb.DeviceMemory(
+            device=device, uuid=uuid,
+            weight_bytes=weights.get(device, 0), kv_bytes=kv_bytes if kv_device == device else 0,
+            allocated_bytes=torch.cuda.memory_allocated(device),
+            reserved_bytes=torch.cuda.memory_reserved(device), total_bytes=total,
+        ))
+    return accounts

@@ -30,6 +30,8 @@ class EngineConfig:
     max_queued: int = 64
     max_batch: int = 16
     max_pixels: int = 1_003_520  # the reference deployment's max_pixels (1280*28*28)
+    pressure_max_pixels: int = 200_704  # applied while under memory pressure (256*28*28)
+    pressure_fraction: float = 0.9  # KV budget use above which the service is under pressure
     queue_timeout_s: float = 30.0
     kv_budget_bytes: int = 2 * 1024**3
     session_idle_ttl_s: float = 600.0
@@ -85,8 +87,20 @@ class Engine:
         self._loop.enqueue(Job((0, 0), request, plan, media, max_new, handle))
         return handle
 
+    def under_pressure(self) -> bool:
+        """Admission restricted (by the daemon or an operator), or the KV budget nearly full."""
+        if self.admission.mode != "open":
+            return True
+        used = self.sessions.total_bytes() + self._loop.reserved_bytes()
+        return used > self.config.pressure_fraction * self.config.kv_budget_bytes
+
+    def max_pixels_now(self) -> int:
+        if self.under_pressure():
+            return min(self.config.pressure_max_pixels, self.config.max_pixels)
+        return self.config.max_pixels
+
     def _prepare(self, request: GenerationRequest) -> tuple[DecodedMedia, PromptPlan]:
-        media = self.model.decode_media(request.messages, max_pixels=self.config.max_pixels)
+        media = self.model.decode_media(request.messages, max_pixels=self.max_pixels_now())
         plan = self.model.plan(request.messages, media, enable_thinking=request.enable_thinking)
         return media, plan
 

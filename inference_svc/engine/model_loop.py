@@ -186,21 +186,21 @@ class ModelLoop:
 
     # ---- KV admission and preemption ---------------------------------------------------
 
-    def _reserved_bytes(self) -> int:
+    def reserved_bytes(self) -> int:
         with self.lock:
             return sum(r.reserved_bytes for r in self.running.values())
 
     def _fits(self, job: Job) -> bool:
         """Whether the job's KV reservation fits, after evicting idle caches if needed."""
         needed = self._estimate(job)
-        excess = self.sessions.total_bytes() + self._reserved_bytes() + needed
+        excess = self.sessions.total_bytes() + self.reserved_bytes() + needed
         excess -= self.config.kv_budget_bytes
         if excess > 0:
             result = self.sessions.evict_lru(excess)
             if result.sessions:
                 log.info("kv_evicted", freed_bytes=result.freed_bytes, entries=result.sessions,
                          reason="admission")
-        total = self.sessions.total_bytes() + self._reserved_bytes() + needed
+        total = self.sessions.total_bytes() + self.reserved_bytes() + needed
         return total <= self.config.kv_budget_bytes
 
     def _preempt_for(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:

@@ -79,7 +79,7 @@ def offload_encoders(
         moved = []
         for modality in chosen:
             unit = engine.model.encoders.get(modality)
-            if unit is not None and unit.tier != tier and unit.move_to(tier, timeout=wait_s):
+            if unit is not None and unit.tier != tier and unit.move_to(tier, timeout=wait_s) > 0:
                 moved.append(f"{unit.name}->{tier}")
         return ", ".join(moved) or "nothing to move"
 

@@ -23,6 +23,7 @@ from inference_svc.model.media import (
     decode_pcm,
     decode_wav,
 )
+from inference_svc.model.placement import Placement
 from inference_svc.model.prompt import PromptPlan, media_digest, media_parts, render_prompt
 from inference_svc.model.units import ModuleUnit
 
@@ -38,22 +39,31 @@ class DecodedMedia:
 class ModularModel:
     """Loads a modular bundle; exposes prompt planning, encoding and the decoder."""
 
-    def __init__(self, bundle: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, bundle: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 placement: Placement | None = None):
         self.bundle = bundle
         self.manifest = Manifest.read(bundle)
-        self.device = device
+        placement = placement or Placement(device, device)
+        self.placement = placement
         self.dtype = dtype
         decoder_dir = bundle / self.manifest.modules["decoder"].path
         self.tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
+        placed = {"device_map": "auto", "max_memory": placement.max_memory} if (
+            placement.sharded) else {}
         self.decoder_unit = ModuleUnit(
             "decoder", "text",
-            lambda: AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).eval(),
-            device,
+            lambda: AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype,
+                                                         **placed).eval(),
+            "cuda:0" if placement.sharded else placement.decoder_device,
+            placed_by_loader=placement.sharded,
         )
         self.decoder_unit.load()
         with self.decoder_unit.use() as decoder:
             self.config = decoder.config
             self.generation_config = decoder.generation_config
+            # inputs go where the embedding table lives (the first shard when mapped)
+            self.device = str(decoder.get_input_embeddings().weight.device)
+        device = placement.encoder_device
         hidden = self.config.hidden_size
         self.encoders: dict[str, ModuleUnit] = {}
         if "vision" in self.manifest.modules:
@@ -214,5 +224,6 @@ class ModularModel:
             embeds = decoder.get_input_embeddings()(ids)
             for span in needed:
                 vectors = by_kind[span.kind][span.index]
-                embeds[0, span.start : span.start + span.length] = vectors.to(embeds.dtype)
+                embeds[0, span.start : span.start + span.length] = vectors.to(
+                    device=embeds.device, dtype=embeds.dtype)
         return embeds

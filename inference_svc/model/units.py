@@ -17,12 +17,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from inference_svc.model.placement import bytes_by_device
+
 DISK = "disk"
 
 
-def module_bytes(module: nn.Module) -> int:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+def own_memory(module: nn.Module) -> nn.Module:
+    """Copy tensors that still map the checkpoint file into memory the module owns.
+
+    Loaders may hand back tensors backed by a memory-mapped safetensors file; those
+    pages are neither fully resident nor freed by dropping the module, so residency
+    could not be measured or controlled.
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+    return module
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class UnitState:
     active_requests: int
     idle_seconds: float
     parameters: int
+    bytes_by_device: dict[str, int]
 
 
 class ModuleUnit:
@@ -47,12 +59,17 @@ class ModuleUnit:
         home: str,
         *,
         pin_memory: bool = False,
+        placed_by_loader: bool = False,
     ) -> None:
         self.name = name
         self.modality = modality
         self.home = home
         self._loader = loader
         self._pin_memory = pin_memory
+        # a loader that places the module itself (an accelerate device map over several
+        # GPUs) owns its home placement: the unit only drops it to disk and reloads it
+        self._placed_by_loader = placed_by_loader
+        self._bytes_by_device: dict[str, int] = {}
         self._module: nn.Module | None = None
         self._tier = DISK
         self._resident_bytes = 0
@@ -72,7 +89,7 @@ class ModuleUnit:
                 name=self.name, modality=self.modality, tier=self._tier,
                 weight_bytes=self._resident_bytes, active_requests=self._active,
                 idle_seconds=0.0 if self._active else time.monotonic() - self._last_used,
-                parameters=self._parameters,
+                parameters=self._parameters, bytes_by_device=dict(self._bytes_by_device),
             )
 
     def load(self) -> None:
@@ -111,8 +128,11 @@ class ModuleUnit:
                 self._module = None
                 self._tier = DISK
                 self._resident_bytes = 0
+                self._bytes_by_device = {}
                 gc.collect()
                 return before
+            if self._placed_by_loader:
+                return 0  # a device-mapped module moves only between its placement and disk
             if self._module is None:
                 self._load_module()
             self._module.to(tier)
@@ -120,7 +140,7 @@ class ModuleUnit:
                 for tensor in [*self._module.parameters(), *self._module.buffers()]:
                     tensor.data = tensor.data.pin_memory()
             self._tier = tier
-            self._resident_bytes = module_bytes(self._module)
+            self._measure()
             return before
 
     def _ensure_home(self) -> None:
@@ -128,12 +148,17 @@ class ModuleUnit:
             return
         if self._module is None:
             self._load_module()
-        self._module.to(self.home)
+        if not self._placed_by_loader:
+            self._module.to(self.home)
         self._tier = self.home
-        self._resident_bytes = module_bytes(self._module)
+        self._measure()
+
+    def _measure(self) -> None:
+        self._bytes_by_device = bytes_by_device(self._module)
+        self._resident_bytes = sum(self._bytes_by_device.values())
 
     def _load_module(self) -> None:
-        module = self._loader()
+        module = own_memory(self._loader())
         self._parameters = sum(p.numel() for p in module.parameters())
         self.architecture = getattr(module, "architecture", type(module).__name__)
         self._module = module

@@ -1,0 +1,61 @@
+"""Where modules go: one device, or the decoder spread over every GPU with accelerate.
+
+`device="auto"` with CUDA present loads the decoder with accelerate's device map under a
+per-GPU `max_memory` that leaves a fraction of each card for the KV cache, and puts the
+encoders on a chosen card (the last one by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    decoder_device: str  # "cpu", "cuda:N", or "auto" (device map over all GPUs)
+    encoder_device: str
+    max_memory: dict[int | str, int] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.decoder_device == "auto"
+
+
+def gpu_max_memory(kv_reserve_fraction: float) -> dict[int | str, int]:
+    """Per-GPU weight budget: total memory less the share kept for KV and activations."""
+    budget: dict[int | str, int] = {}
+    for index in range(torch.cuda.device_count()):
+        _, total = torch.cuda.mem_get_info(index)
+        budget[index] = int(total * (1.0 - kv_reserve_fraction))
+    return budget
+
+
+def plan_placement(device: str, *, encoder_device: str = "",
+                   kv_reserve_fraction: float = 0.3) -> Placement:
+    if not 0.0 <= kv_reserve_fraction < 1.0:
+        raise ValueError("kv_reserve_fraction must be in [0, 1)")
+    if device == "auto":
+        count = torch.cuda.device_count()
+        if count == 0:
+            return Placement("cpu", encoder_device or "cpu")
+        if count == 1:
+            return Placement("cuda:0", encoder_device or "cuda:0")
+        return Placement("auto", encoder_device or f"cuda:{count - 1}",
+                         gpu_max_memory(kv_reserve_fraction))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return Placement(device, encoder_device or device)
+
+
+def bytes_by_device(module: torch.nn.Module) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    seen: set[int] = set()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        key = str(tensor.device)
+        totals[key] = totals.get(key, 0) + tensor.numel() * tensor.element_size()
+    return totals

@@ -1,0 +1,68 @@
+"""CUDA tiers and multi-GPU placement: skipped without CUDA, run where a GPU exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference_svc.model.modular import ModularModel
+from inference_svc.model.placement import plan_placement
+
+pytestmark = pytest.mark.gpu
+
+
+def test_moving_an_encoder_off_the_gpu_frees_its_allocator_bytes(tiny_bundle):
+    model = ModularModel(tiny_bundle, dtype=torch.float16,
+                         placement=plan_placement("cuda:0"))
+    vision = model.encoders["image"]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(0)
+    size = vision.state().weight_bytes
+    freed = vision.move_to("cpu")
+    torch.cuda.synchronize()
+    assert freed == size
+    assert before - torch.cuda.memory_allocated(0) >= 0.9 * size
+    with vision.use() as module:  # back on its home GPU on demand
+        assert next(module.parameters()).device.type == "cuda"
+
+
+def test_cpu_tier_is_pinned_on_cuda_hosts(tiny_bundle):
+    model = ModularModel(tiny_bundle, dtype=torch.float16,
+                         placement=plan_placement("cuda:0"))
+    vision = model.encoders["image"]
+    vision.move_to("cpu")
+    module = vision._module
+    assert all(p.is_pinned() for p in module.parameters())
+
+
+def test_generation_on_gpu_in_bfloat16(tiny_bundle):
+    import asyncio
+
+    from inference_svc.engine.engine import Engine, EngineConfig
+    from inference_svc.engine.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
+
+    model = ModularModel(tiny_bundle, dtype=torch.bfloat16, placement=plan_placement("cuda:0"))
+    engine = Engine(model, EngineConfig())
+    engine.start()
+
+    async def generate():
+        handle = await engine.submit(GenerationRequest(
+            "gpu", [ChatMessage("user", [TextPart("hello")])],
+            SamplingParams(max_new_tokens=8, min_new_tokens=8)))
+        return [e async for e in handle.events()][-1]
+
+    try:
+        final = asyncio.run(generate())
+    finally:
+        engine.stop()
+    assert final.usage.completion_tokens == 8
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_auto_placement_spreads_the_decoder_and_pins_encoders_to_the_last_card(tiny_bundle):
+    placement = plan_placement("auto", kv_reserve_fraction=0.3)
+    assert placement.sharded and placement.encoder_device == f"cuda:{torch.cuda.device_count() - 1}"
+    model = ModularModel(tiny_bundle, dtype=torch.float16, placement=placement)
+    decoder_devices = model.decoder_unit.state().bytes_by_device
+    assert all(d.startswith("cuda") for d in decoder_devices)
+    assert set(model.encoders["image"].state().bytes_by_device) == {placement.encoder_device}
