@@ -19,7 +19,8 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-"$BIN/autoglm-server" --port "$PORT" --control-socket "$CONTROL_SOCKET" "$@" &
+"$BIN/autoglm-server" --port "$PORT" --control-socket "$CONTROL_SOCKET" \
+    --metrics-port "${AUTOGLM_METRICS_PORT:-9464}" "$@" &
 server=$!
 pids+=("$server")
 

@@ -38,6 +38,8 @@ class ServerConfig:
     control_tcp: str = ""
     control_token: str = ""
     port_file: Path | None = None
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-token", default=_env("CONTROL_TOKEN", ""))
     p.add_argument("--port-file", default=_env("PORT_FILE", ""),
                    help="write the bound port here once SERVING")
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
+                   help="serve Prometheus metrics on this port (0: off)")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"))
     p.add_argument("--log-format", choices=["auto", "json", "console"],
                    default=_env("LOG_FORMAT", "auto"))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
@@ -145,5 +150,6 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         grace_period_s=args.grace_period, control_socket=args.control_socket,
         control_tcp=args.control_tcp, control_token=args.control_token,
         port_file=Path(args.port_file) if args.port_file else None,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         log_format=args.log_format, log_level=args.log_level,
     )

@@ -26,6 +26,7 @@ from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.loading import load_model
 from inference_svc.memory.residency import ResidencyPolicy
+from inference_svc.metrics import ServiceMetrics
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.errors import ServiceInterceptor
 from inference_svc.transport.inference_servicer import InferenceServicer
@@ -48,8 +49,12 @@ class Service:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.state = ServiceState(config)
+        self.metrics = ServiceMetrics(self.state)
+        self.state.metrics = self.metrics
         self.health = health.aio.HealthServicer()
-        self.public = grpc.aio.server(interceptors=[ServiceInterceptor()], options=_options(config))
+        interceptor = ServiceInterceptor(
+            lambda method, code: self.metrics.rpcs.labels(method, code).inc())
+        self.public = grpc.aio.server(interceptors=[interceptor], options=_options(config))
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.state), self.public)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.public)
         reflection.enable_server_reflection(
@@ -90,6 +95,8 @@ class Service:
             await self.health.set(name, status)
 
     async def start(self) -> None:
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         await self._set_health(False)
         await self.public.start()
         await self.control.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from inference_svc.config import ServerConfig
 from inference_svc.engine.engine import Engine
@@ -12,3 +13,4 @@ from inference_svc.engine.engine import Engine
 class ServiceState:
     config: ServerConfig
     engine: Engine | None = None
+    metrics: Any = None  # inference_svc.metrics.ServiceMetrics, once the server builds it

@@ -84,6 +84,9 @@ class _WithTrailing(grpc.Status):
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Binds a request id, logs one line per call, maps domain errors to statuses."""
 
+    def __init__(self, count: Callable[[str, str], None] | None = None) -> None:
+        self._count = count or (lambda method, code: None)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -102,11 +105,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     async for response in inner_stream(request, context):
                         yield response
                 except ServiceError as error:
+                    self._count(method, rich_status(error).code.name)
                     await _abort(context, error, method, started)
                 except grpc.aio.AbortError:
                     raise
                 except Exception:
+                    self._count(method, "INTERNAL")
                     await _internal(context, method)
+                self._count(method, "CANCELLED" if context.cancelled() else "OK")
                 _end(context, method, started)
 
             return grpc.unary_stream_rpc_method_handler(
@@ -121,11 +127,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     response = await inner_unary(request, context)
                 except ServiceError as error:
+                    self._count(method, rich_status(error).code.name)
                     await _abort(context, error, method, started)
                 except grpc.aio.AbortError:
                     raise
                 except Exception:
+                    self._count(method, "INTERNAL")
                     await _internal(context, method)
+                self._count(method, "OK")
                 _end(context, method, started)
                 return response
 

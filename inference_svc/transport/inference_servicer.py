@@ -40,18 +40,33 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         generation = request_from_pb(request, request_id=request_id,
                                      defaults=self.state.config.defaults, deadline=deadline)
         await context.send_initial_metadata((("x-request-id", request_id),))
+        started = time.monotonic()
+        first_seen = False
+        metrics = self.state.metrics
         handle = await engine.submit(generation)
         try:
             async for event in handle.events():
                 if isinstance(event, Delta):
+                    if not first_seen and metrics is not None:
+                        metrics.time_to_first_token.observe(time.monotonic() - started)
+                    first_seen = True
                     yield pb.GenerateResponse(request_id=request_id, text_delta=event.text,
                                               reasoning_delta=event.reasoning)
                 elif isinstance(event, Finished):
                     if event.reason is FinishReason.CANCELLED and handle.cancellation.expired:
                         raise DeadlineExceeded("deadline exceeded while generating")
+                    if metrics is not None:
+                        self._count(event, time.monotonic() - started)
                     yield final_to_pb(event, request_id)
         finally:
             handle.cancel()  # client gone, deadline, or shutdown: stop generating at once
+
+    def _count(self, finished: Finished, seconds: float) -> None:
+        metrics = self.state.metrics
+        metrics.generation_seconds.observe(seconds)
+        metrics.prompt_tokens.inc(finished.usage.prompt_tokens)
+        metrics.cached_prompt_tokens.inc(finished.usage.cached_prompt_tokens)
+        metrics.completion_tokens.inc(finished.usage.completion_tokens)
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         engine = self._engine()
