@@ -151,13 +151,19 @@ def _begin(context: grpc.aio.ServicerContext, method: str) -> float:
     return time.monotonic()
 
 
+def _request_id_metadata() -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", structlog.contextvars.get_contextvars().get("request_id", "")),)
+
+
 def _end(context: grpc.aio.ServicerContext, method: str, started: float) -> None:
+    context.set_trailing_metadata(_request_id_metadata())
     log.info("rpc_finished", status="OK", seconds=round(time.monotonic() - started, 4),
              cancelled=context.cancelled())
 
 
 async def _abort(context, error: ServiceError, method: str, started: float) -> None:
     status = rich_status(error)
+    status.trailing_metadata = (*status.trailing_metadata, *_request_id_metadata())
     log.info("rpc_finished", status=status.code.name, reason=error.reason, error=error.message,
              seconds=round(time.monotonic() - started, 4))
     await context.abort_with_status(status)
@@ -166,4 +172,5 @@ async def _abort(context, error: ServiceError, method: str, started: float) -> N
 async def _internal(context, method: str) -> None:
     log.exception("rpc_failed", status="INTERNAL")
     request_id = structlog.contextvars.get_contextvars().get("request_id", "")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})",
+                        trailing_metadata=_request_id_metadata())

@@ -253,5 +253,13 @@ def test_model_info_says_which_weights_are_untrained(stub):
 
 
 def test_unknown_session_is_not_found(stub):
-    error = error_of(lambda: stub.EndSession(pb.EndSessionRequest(session_id="nope")))
+    error = error_of(lambda: stub.EndSession(pb.EndSessionRequest(session_id="nope"),
+                                             metadata=[("x-request-id", "rid-404")]))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert ("x-request-id", "rid-404") in error.trailing_metadata()
+
+
+def test_every_call_returns_its_request_id(stub):
+    _, call = stub.GetModelInfo.with_call(pb.GetModelInfoRequest(),
+                                          metadata=[("x-request-id", "rid-info")])
+    assert ("x-request-id", "rid-info") in call.trailing_metadata()
