@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from inference_svc.engine.types import AudioPart, ChatMessage, ImagePart, TextPart
 from inference_svc.errors import ModalityUnavailable
+from inference_svc.model.base import UnitModel
 from inference_svc.model.bundle import Manifest, ModuleEntry
 from inference_svc.model.media import DecodedImage, decode_image
 from inference_svc.model.prompt import (
@@ -87,7 +88,7 @@ def _first_then(first: nn.Module, loader: Callable[[], nn.Module]) -> Callable[[
     return load
 
 
-class Glm4vModel:
+class Glm4vModel(UnitModel):
     """The engine's model interface over a native GLM-4.1V checkpoint directory."""
 
     def __init__(self, checkpoint: Path, *, device: str = "cpu",
@@ -180,18 +181,6 @@ class Glm4vModel:
         )
 
     # ---- what the engine and the transports read -------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def units(self) -> list[ModuleUnit]:
-        return [self.decoder_unit, *self.encoders.values()]
-
-    @property
-    def modalities(self) -> list[str]:
-        return ["text", *self.encoders]
 
     @property
     def context_length(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference_svc.errors import InvalidRequest, ModalityUnavailable
+from inference_svc.model.base import UnitModel
 from inference_svc.model.bundle import Manifest
 from inference_svc.model.encoders import (
     AUDIO_MERGE,
@@ -36,7 +37,7 @@ class DecodedMedia:
     audios: list[DecodedAudio]
 
 
-class ModularModel:
+class ModularModel(UnitModel):
     """Loads a modular bundle; exposes prompt planning, encoding and the decoder."""
 
     def __init__(self, bundle: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -90,18 +91,6 @@ class ModularModel:
             with self.encoders["audio"].use() as audio:
                 conv = audio.conformer.config
                 self._audio_conv = list(zip(conv.conv_kernel, conv.conv_stride, strict=True))
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def units(self) -> list[ModuleUnit]:
-        return [self.decoder_unit, *self.encoders.values()]
-
-    @property
-    def modalities(self) -> list[str]:
-        return ["text", *self.encoders]
 
     @property
     def context_length(self) -> int:

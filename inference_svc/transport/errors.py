@@ -104,14 +104,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for response in inner_stream(request, context):
                         yield response
-                except ServiceError as error:
-                    self._count(method, rich_status(error).code.name)
-                    await _abort(context, error, method, started)
                 except grpc.aio.AbortError:
                     raise
-                except Exception:
-                    self._count(method, "INTERNAL")
-                    await _internal(context, method)
+                except Exception as error:
+                    await self._fail(context, method, started, error)
                 self._count(method, "CANCELLED" if context.cancelled() else "OK")
                 _end(context, method, started)
 
@@ -126,14 +122,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 started = _begin(context, method)
                 try:
                     response = await inner_unary(request, context)
-                except ServiceError as error:
-                    self._count(method, rich_status(error).code.name)
-                    await _abort(context, error, method, started)
                 except grpc.aio.AbortError:
                     raise
-                except Exception:
-                    self._count(method, "INTERNAL")
-                    await _internal(context, method)
+                except Exception as error:
+                    await self._fail(context, method, started, error)
                 self._count(method, "OK")
                 _end(context, method, started)
                 return response
@@ -143,6 +135,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    async def _fail(self, context, method: str, started: float, error: Exception) -> None:
+        """Abort the call with the status the error deserves (never returns)."""
+        if isinstance(error, ServiceError):
+            self._count(method, rich_status(error).code.name)
+            await _abort(context, error, method, started)
+        self._count(method, "INTERNAL")
+        await _internal(context, method)
 
 
 def _begin(context: grpc.aio.ServicerContext, method: str) -> float:

@@ -23,7 +23,8 @@ from inference_svc.engine.types import AudioPart, ChatMessage, ImagePart, TextPa
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.builders import write_tiny_glm4v_checkpoint
 from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
-from inference_svc.model.units import DISK, module_bytes
+from inference_svc.model.placement import bytes_by_device
+from inference_svc.model.units import DISK
 from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
 
 MAX_PIXELS = 1_003_520
@@ -155,7 +156,7 @@ def test_disk_offload_releases_the_tower_and_reload_restores_it(checkpoint):
     with vision.use() as tower:
         before = {k: v.clone() for k, v in tower.state_dict().items()}
         probe = weakref.ref(next(tower.parameters()))
-        resident = module_bytes(tower)
+        resident = sum(bytes_by_device(tower).values())
     with model.decoder_unit.use() as decoder:
         assert not any("visual" in name for name, _ in decoder.named_parameters())
     del tower
