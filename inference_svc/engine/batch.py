@@ -150,15 +150,27 @@ class DecodeBatch:
         device = self.cache.layers[0].keys.device
         tokens = torch.tensor([[r.next_token] for r in self.rows], device=device)
         positions = torch.tensor([[r.length] for r in self.rows], device=device)
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
-        out = decoder(
-            input_ids=tokens, attention_mask=self.mask.to(device), position_ids=positions,
-            past_key_values=self.cache, use_cache=True,
-            cache_position=torch.tensor([self.width - 1], device=device), logits_to_keep=1,
-        )
+        width = self.width
+        mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
+        try:
+            out = decoder(
+                input_ids=tokens, attention_mask=mask.to(device), position_ids=positions,
+                cache=self.cache, use_cache=True,
+                cache_position=torch.tensor([width], device=device), logits_to_keep=1,
+            )
+        except BaseException:
+            self._rollback(width)  # layers before the failure already took this step's KV
+            raise
+        self.mask = mask
         for row in self.rows:
             row.length += 1
         return out.logits[:, -1]
+
+    def _rollback(self, width: int) -> None:
+        for layer in self.cache.layers:
+            if layer.keys is not None and layer.keys.shape[2] > width:
+                layer.keys = layer.keys[:, :, :width]
+                layer.values = layer.values[:, :, :width]
 
     def remove(self, keys: set[str]) -> dict[str, DynamicCache]:
         """Take rows out; returns each removed row's own (unpadded) cache."""

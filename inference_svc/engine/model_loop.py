@@ -33,6 +33,7 @@ from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.engine.text_stream import THINK_OPEN, TextStream
 from inference_svc.engine.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
 from inference_svc.errors import ResourceExhausted
+from inference_svc.memory.process import release_freed_memory
 from inference_svc.model.prompt import PromptPlan
 
 log = structlog.get_logger("engine")
@@ -260,7 +261,7 @@ class ModelLoop:
                 self._retire(info)
                 job.handle.push(finished)
                 return
-            sequence = self._prefill(job, info)
+            sequence = self._with_one_retry(lambda: self._prefill(job, info))
         except Exception as error:  # one request's failure must not stop the loop
             self._fail(job, info, error)
             return
@@ -344,8 +345,14 @@ class ModelLoop:
         if not sequences:
             return
         try:
-            with self.model.decoder_unit.use() as decoder:
-                logits = batch.step(decoder)
+            logits = self._with_one_retry(lambda: self._decode(batch))
+        except torch.OutOfMemoryError as error:
+            # still out of memory after a trim: the newest sequence alone fails
+            newest = max(sequences.values(), key=lambda s: s.started)
+            batch.remove({newest.info.request_id})
+            del sequences[newest.info.request_id]
+            self._fail(newest.job, newest.info, error)
+            return
         except Exception as error:
             log.exception("decode_step_failed", batch=len(batch))
             for key, sequence in list(sequences.items()):
@@ -361,6 +368,21 @@ class ModelLoop:
                 done.add(row.key)
         for key, cache in batch.remove(done).items():
             self._finish(sequences[key], cache, sequences)
+
+    def _decode(self, batch: DecodeBatch) -> torch.Tensor:
+        with self.model.decoder_unit.use() as decoder:
+            return batch.step(decoder)
+
+    def _with_one_retry(self, work):
+        """Run `work`; on out-of-memory, drop every idle cache, release memory, try once more."""
+        try:
+            return work()
+        except torch.OutOfMemoryError:
+            freed = self.sessions.evict_lru(0)
+            release_freed_memory()
+            log.warning("out_of_memory_retry", freed_bytes=freed.freed_bytes,
+                        evicted=len(freed.sessions))
+            return work()
 
     def _finish(self, sequence: Sequence, cache: DynamicCache | None,
                 sequences: dict[str, Sequence]) -> None:
@@ -484,7 +506,7 @@ class ModelLoop:
                 logits_processor=LogitsProcessorList(penalties),
                 stopping_criteria=[StopWhen(lambda: cancellation.requested or text.stopped)],
                 streamer=streamer,
-                past_key_values=cache,
+                cache=cache,
             )
         reason = finish_reason(streamer, cancellation, eos_ids=eos_ids,
                                max_new_tokens=job.max_new_tokens)

@@ -189,7 +189,7 @@ class ModularModel(UnitModel):
         positions = torch.arange(cached, length, device=embeds.device)
         with self.decoder_unit.use() as decoder, torch.inference_mode():
             out = decoder(inputs_embeds=embeds, position_ids=positions.unsqueeze(0),
-                          past_key_values=cache, use_cache=True, cache_position=positions,
+                          cache=cache, use_cache=True, cache_position=positions,
                           logits_to_keep=1)
         return out.logits[0, -1]
 

@@ -1,0 +1,105 @@
+"""Out-of-memory during generation: retried once after a trim, else that request alone fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from inference_svc.engine import batch as batch_module
+from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.engine.types import (
+    ChatMessage,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextPart,
+)
+from inference_svc.errors import ResourceExhausted
+from inference_svc.model.modular import ModularModel
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return ModularModel(tiny_bundle)
+
+
+def request(name: str, tokens: int = 6) -> GenerationRequest:
+    return GenerationRequest(name, [ChatMessage("user", [TextPart(name)])],
+                             SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, seed=1))
+
+
+async def outcome(engine: Engine, req: GenerationRequest):
+    try:
+        handle = await engine.submit(req)
+        return [e async for e in handle.events()][-1]
+    except ResourceExhausted as error:
+        return error
+
+
+def run_all(model, requests, patch):
+    engine = Engine(model, EngineConfig())
+    patch(engine)
+    engine.start()
+
+    async def main():
+        return await asyncio.gather(*(outcome(engine, r) for r in requests))
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def failing_prefill(model, *, times: int):
+    original = model.prefill
+    budget = {"left": times}
+
+    def prefill(plan, media, cache, *, cached=0):
+        text = model.tokenizer.decode(plan.input_ids)
+        if "BOOM" in text and budget["left"] > 0:
+            budget["left"] -= 1
+            raise torch.OutOfMemoryError("simulated")
+        return original(plan, media, cache, cached=cached)
+
+    return prefill
+
+
+def test_a_transient_oom_in_prefill_is_retried_after_a_trim(model, monkeypatch):
+    monkeypatch.setattr(model, "prefill", failing_prefill(model, times=1))
+    [result] = run_all(model, [request("BOOM once")], lambda engine: None)
+    assert isinstance(result, Finished) and result.usage.completion_tokens == 6
+
+
+def test_a_persistent_oom_fails_that_request_alone(model, monkeypatch):
+    monkeypatch.setattr(model, "prefill", failing_prefill(model, times=10))
+    results = run_all(model, [request("fine a"), request("BOOM always"), request("fine b")],
+                      lambda engine: None)
+    assert isinstance(results[1], ResourceExhausted) and results[1].resource == "memory"
+    assert [r.usage.completion_tokens for r in (results[0], results[2])] == [6, 6]
+
+
+def test_an_oom_in_a_decode_step_rolls_back_and_retries(model, monkeypatch):
+    original = batch_module.DecodeBatch.step
+    calls = {"n": 0}
+
+    def flaky_step(self, decoder):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            # fail after the first layers appended this step's KV, as a real OOM would
+            decoder.model.layers[0].register_forward_hook(_raise_once)
+        return original(self, decoder)
+
+    monkeypatch.setattr(batch_module.DecodeBatch, "step", flaky_step)
+    results = run_all(model, [request("one", 10), request("two", 10)], lambda engine: None)
+    assert [r.usage.completion_tokens for r in results] == [10, 10]
+
+
+_fired = {"done": False}
+
+
+def _raise_once(module, inputs, output):
+    if not _fired["done"]:
+        _fired["done"] = True
+        raise torch.OutOfMemoryError("simulated mid-step")
