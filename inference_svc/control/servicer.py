@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
+from inference_svc.engine import kv_cache
 from inference_svc.engine.engine import Admission, Engine
 from inference_svc.errors import InvalidRequest, NotReady
 from inference_svc.memory import actions
@@ -75,7 +76,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         now = time.monotonic()
         sessions = [
             pb.SessionKv(session_id=e.key, tokens=e.tokens, bytes=e.bytes,
-                         idle_seconds=now - e.last_used, device=engine.model.device)
+                         idle_seconds=now - e.last_used,
+                         device=kv_cache.device_of(e.cache) or engine.model.device)
             for e in engine.sessions.entries()
         ]
         kv_bytes = sum(r.bytes for r in requests) + sum(e.bytes for e in sessions)
@@ -130,8 +132,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         engine = self._engine()
         if request.policy == pb.TRIM_POLICY_TRUNCATE and request.max_tokens < 1:
             raise InvalidRequest("TRUNCATE needs max_tokens >= 1", field="max_tokens")
-        policy = {pb.TRIM_POLICY_ALL_IDLE: "all", pb.TRIM_POLICY_TRUNCATE: "truncate"}.get(
-            request.policy, "lru")
+        policy = {pb.TRIM_POLICY_ALL_IDLE: "all", pb.TRIM_POLICY_TRUNCATE: "truncate",
+                  pb.TRIM_POLICY_OFFLOAD_TO_CPU: "offload"}.get(request.policy, "lru")
         async with self._action_lock:
             freed, sessions = await asyncio.to_thread(
                 actions.trim_kv, engine, policy, request.target_bytes, request.max_tokens)

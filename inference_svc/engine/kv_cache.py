@@ -49,3 +49,9 @@ def move(cache: DynamicCache, device: str) -> None:
             layer.keys = layer.keys.to(device)
             layer.values = layer.values.to(device)
             layer.device = layer.keys.device
+
+
+def device_of(cache: DynamicCache) -> str | None:
+    for tensor in _tensors(cache):
+        return str(tensor.device)
+    return None

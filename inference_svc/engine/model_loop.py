@@ -20,6 +20,7 @@ import structlog
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 
+from inference_svc.engine import kv_cache
 from inference_svc.engine.batch import DecodeBatch, Row, Sampler
 from inference_svc.engine.generation import (
     DeltaStreamer,
@@ -440,9 +441,12 @@ class ModelLoop:
     # ---- KV reuse and budget ------------------------------------------------------
 
     def _reuse(self, request: GenerationRequest, plan: PromptPlan) -> Reuse | None:
-        if request.session_id or self.config.prefix_caching:
-            return self.sessions.take(request.session_id, plan.content)
-        return None
+        if not (request.session_id or self.config.prefix_caching):
+            return None
+        reuse = self.sessions.take(request.session_id, plan.content)
+        if reuse is not None and kv_cache.device_of(reuse.cache) != self.model.device:
+            kv_cache.move(reuse.cache, self.model.device)  # it was offloaded to the host
+        return reuse
 
     def _estimate(self, job: Job) -> int:
         tokens = len(job.plan.input_ids) + job.max_new_tokens

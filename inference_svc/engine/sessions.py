@@ -149,10 +149,12 @@ class SessionStore:
         return TrimResult(freed, keys)
 
     def offload_to(self, device: str) -> TrimResult:
+        """Move idle caches living elsewhere (a GPU) to `device`; bytes moved."""
         moved, keys = 0, []
         with self._lock:
             for entry in self._entries.values():
-                kv_cache.move(entry.cache, device)
-                moved += entry.bytes
-                keys.append(entry.key)
+                if kv_cache.device_of(entry.cache) not in (None, device):
+                    kv_cache.move(entry.cache, device)
+                    moved += entry.bytes
+                    keys.append(entry.key)
         return TrimResult(moved, keys)

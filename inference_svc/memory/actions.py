@@ -109,6 +109,8 @@ def trim_kv(engine: Engine, policy: str, target_bytes: int, max_tokens: int
         store = engine.sessions
         if policy == "truncate":
             result = store.truncate_all(max_tokens)
+        elif policy == "offload":
+            result = store.offload_to("cpu")
         else:
             result = store.evict_lru(0 if policy == "all" else target_bytes)
         affected.extend(result.sessions)

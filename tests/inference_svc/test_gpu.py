@@ -66,3 +66,20 @@ def test_auto_placement_spreads_the_decoder_and_pins_encoders_to_the_last_card(t
     decoder_devices = model.decoder_unit.state().bytes_by_device
     assert all(d.startswith("cuda") for d in decoder_devices)
     assert set(model.encoders["image"].state().bytes_by_device) == {placement.encoder_device}
+
+
+def test_idle_session_kv_offloads_to_the_host_and_returns_on_reuse(tiny_bundle):
+    from transformers import DynamicCache
+
+    from inference_svc.engine import kv_cache
+    from inference_svc.engine.sessions import SessionStore
+
+    store = SessionStore(idle_ttl_s=60, min_reuse_tokens=2)
+    cache = DynamicCache()
+    cache.update(torch.randn(1, 2, 8, 4, device="cuda"), torch.randn(1, 2, 8, 4, device="cuda"), 0)
+    store.put("s", "r", list(range(8)), cache)
+    before = torch.cuda.memory_allocated(0)
+    result = store.offload_to("cpu")
+    assert result.sessions == ["s"] and torch.cuda.memory_allocated(0) < before
+    reuse = store.take("s", [*range(8), 99])
+    assert kv_cache.device_of(reuse.cache) == "cpu"  # the engine moves it back on reuse

@@ -67,3 +67,10 @@ def test_idle_sessions_expire():
     assert store.expire_idle(now=entry.last_used + 1).sessions == []
     assert store.expire_idle(now=entry.last_used + 6).sessions == ["old"]
     assert store.total_bytes() == 0
+
+
+def test_offloading_to_the_host_moves_only_caches_that_live_elsewhere():
+    store = SessionStore(idle_ttl_s=60)
+    store.put("s", "r", list(range(5)), cache_of(5))
+    assert store.offload_to("cpu").sessions == []  # already on the host
+    assert kv_cache.device_of(store.entries()[0].cache) == "cpu"
