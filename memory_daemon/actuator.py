@@ -7,7 +7,7 @@ socket or port is found again. Nothing here raises past `ControlCallError`.
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -121,6 +121,35 @@ class ControlClient:
             retries=0,
         )
         return reply.status
+
+    async def watch_memory(
+        self, interval_seconds: float, silence_seconds: float
+    ) -> AsyncIterator[pb.MemoryStatus]:
+        """The statuses the service pushes; ends only by raising `ControlCallError`.
+
+        No push for `silence_seconds` counts as a broken stream (DEADLINE_EXCEEDED).
+        """
+        request = pb.WatchMemoryRequest(interval_seconds=interval_seconds)
+        call = self._connect().WatchMemory(request, metadata=self._metadata)
+        try:
+            while True:
+                try:
+                    response = await asyncio.wait_for(call.read(), silence_seconds)
+                except TimeoutError:
+                    code, details = "DEADLINE_EXCEEDED", f"no push for {silence_seconds}s"
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    code, details = exc.code().name, exc.details() or ""
+                    break
+                if response is grpc.aio.EOF:
+                    code, details = "UNAVAILABLE", "the service ended the stream"
+                    break
+                yield response.status
+        finally:
+            call.cancel()
+        if grpc.StatusCode[code] in _RETRYABLE:
+            await self._reset()
+        raise ControlCallError("WatchMemory", code, details)
 
     async def execute(self, action: Action) -> ActionOutcome:
         """Run one policy action; returns what the service says it freed."""

@@ -50,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--record", help="append every reading to this JSON-lines trace")
     add("--control", help="ControlService target, e.g. unix:///tmp/autoglm-control.sock")
     add("--token", help="bearer token for a TCP control target")
+    status = parser.add_mutually_exclusive_group()
+    status.add_argument(
+        "--watch",
+        dest="status_source",
+        action="store_const",
+        const="watch",
+        help="take the service's status from its WatchMemory pushes (default)",
+    )
+    status.add_argument(
+        "--poll-status",
+        dest="status_source",
+        action="store_const",
+        const="poll",
+        help="read the service's status with GetMemoryStatus every tick",
+    )
     add("--poll-interval", type=float, help="fixed poll interval (sets min and max)")
     add("--poll-min", type=float, help="shortest adaptive poll interval, seconds")
     add("--poll-max", type=float, help="longest adaptive poll interval, seconds")
@@ -64,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     """Flags that were given, as a nested config mapping."""
     flags = {
         ("daemon", "probe"): args.probe,
@@ -80,6 +95,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("replay", "speed"): args.replay_speed,
         ("control", "target"): args.control,
         ("control", "token"): args.token,
+        ("control", "status_source"): args.status_source,
         ("nvml", "devices"): args.gpu,
         ("host", "pid"): args.pid,
         ("host", "budget_bytes"): args.host_budget_bytes,
@@ -135,6 +151,7 @@ async def run_daemon(config: DaemonConfig) -> None:
             "memd.started",
             probe=config.daemon.probe,
             control=config.control.target,
+            status_source=config.control.status_source,
             dry_run=config.daemon.dry_run,
         )
         try:
@@ -149,7 +166,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Parse, validate, run; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config, overrides=_overrides(args))
+        config = load_config(args.config, overrides=overrides_from_flags(args))
         configure_logging(config.daemon.log_level, config.daemon.log_format)
         asyncio.run(run_daemon(config))
     except MemdError as exc:

@@ -19,6 +19,7 @@ ENV_PREFIX = "AUTOGLM_MEMD_"
 DEFAULT_CONTROL_TARGET = "unix:///tmp/autoglm-control.sock"
 PROBES = ("nvml", "host", "replay")
 OFFLOAD_TIERS = ("auto", "cpu", "disk")
+STATUS_SOURCES = ("watch", "poll")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -172,6 +173,8 @@ class ControlSection:
     backoff_initial_seconds: float = 0.2
     backoff_max_seconds: float = 2.0
     offload_tier: str = "auto"
+    status_source: str = "watch"
+    watch_interval_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -187,6 +190,11 @@ class ControlSection:
             raise ConfigError(
                 f"control.offload_tier must be one of {OFFLOAD_TIERS}, got {self.offload_tier!r}"
             )
+        if self.status_source not in STATUS_SOURCES:
+            raise ConfigError(
+                f"control.status_source must be one of {STATUS_SOURCES}, got {self.status_source!r}"
+            )
+        _positive("control.watch_interval_seconds", self.watch_interval_seconds)
         if not self.is_unix and not self.token:
             raise ConfigError(
                 f"control.token is required for the TCP target {self.target!r} "
@@ -243,6 +251,15 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if self.daemon.probe == "replay" and not self.replay.trace:
             raise ConfigError("replay.trace (--trace) is required with probe 'replay'")
+        if (
+            self.control.status_source == "watch"
+            and self.control.watch_interval_seconds >= self.policy.stale_after_seconds
+        ):
+            # Every pushed status would be stale before the next one arrives.
+            raise ConfigError(
+                f"control.watch_interval_seconds ({self.control.watch_interval_seconds}) must "
+                f"be below policy.stale_after_seconds ({self.policy.stale_after_seconds})"
+            )
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:

@@ -8,7 +8,6 @@ from typing import Protocol
 
 import structlog
 
-from autoglm.control.v1 import control_service_pb2 as pb
 from memory_daemon.actuator import ControlClient, service_view
 from memory_daemon.config import DaemonConfig
 from memory_daemon.errors import ControlCallError
@@ -17,6 +16,7 @@ from memory_daemon.policy import Action, ActionKind, PolicyState, decide, poll_i
 from memory_daemon.probes.host import HostProbe
 from memory_daemon.probes.replay import ReplayProbe, TraceRecorder
 from memory_daemon.readings import DeviceReading, Probe
+from memory_daemon.status import ServiceStatus, StatusSource, status_source
 
 log = structlog.get_logger(__name__)
 
@@ -61,12 +61,18 @@ class Daemon:
     metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
     recorder: TraceRecorder | None = None
     state: PolicyState = field(default_factory=PolicyState)
+    status_source: StatusSource | None = None
     ticks: int = 0
     _service_down: bool = False
 
+    def __post_init__(self) -> None:
+        if self.status_source is None and self.control is not None:
+            self.status_source = status_source(self.config, self.control)
+
     async def tick(self) -> float:
         """One measurement and decision; returns seconds until the next one."""
-        status = await self._service_status()
+        read = await self._service_status()
+        status = read.status if read is not None else None
         if status is not None and status.pid and isinstance(self.probe, HostProbe):
             self.probe.pid = self.config.host.pid or status.pid
         readings = self.probe.read()
@@ -101,16 +107,17 @@ class Daemon:
             "memd.tick",
             tick=self.ticks,
             service_up=status is not None,
+            status_from=read.origin if read is not None else None,
             actions=len(decision.actions),
             next_poll_s=round(interval, 3),
         )
         return interval
 
-    async def _service_status(self) -> pb.MemoryStatus | None:
-        if self.control is None:
+    async def _service_status(self) -> ServiceStatus | None:
+        if self.status_source is None:
             return None
         try:
-            status = await self.control.memory_status()
+            read = await self.status_source.read()
         except ControlCallError as exc:
             self.metrics.errors.labels("control").inc()
             if not self._service_down:
@@ -122,7 +129,8 @@ class Daemon:
         if self._service_down:
             log.info("memd.service_available")
         self._service_down = False
-        return status
+        self.metrics.status_reads.labels(read.origin).inc()
+        return read
 
     async def _perform(self, action: Action, readings: list[DeviceReading]) -> None:
         by_device = {reading.device: reading for reading in readings if reading.ok}
@@ -160,6 +168,8 @@ class Daemon:
             self.metrics.errors.labels("control").inc()
             log.warning("memd.action", result="failed", error=str(exc), **event)
             return
+        finally:
+            self._acted()
         self.metrics.actions.labels(action.kind.value, "ok").inc()
         log.info(
             "memd.action",
@@ -171,8 +181,20 @@ class Daemon:
             **event,
         )
 
+    def _acted(self) -> None:
+        # A failed call may still have reached the service: its earlier status is void too.
+        if self.status_source is not None:
+            self.status_source.acted()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until stopped, or once (`--once`), or until a replayed trace is played out."""
+        try:
+            await self._loop(stop)
+        finally:
+            if self.status_source is not None:
+                await self.status_source.close()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             interval = await self.tick()
             if self.config.daemon.once:

@@ -31,6 +31,12 @@ class DaemonMetrics:
             ["action", "result"],
             registry=self.registry,
         )
+        self.status_reads = Counter(
+            "memd_status_reads",
+            "Service statuses a tick used, by origin (watch: a pushed one, poll: GetMemoryStatus)",
+            ["origin"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "memd_errors", "Errors by source (probe, control)", ["source"], registry=self.registry
         )

@@ -1,4 +1,10 @@
-"""A small in-test ControlService: records calls, checks the token, can fail on purpose."""
+"""A small in-test ControlService: records calls, checks the token, can fail on purpose.
+
+`RecordingControl` lacks WatchMemory (UNIMPLEMENTED, as a service that predates it);
+`WatchingControl` streams its status.
+"""
+
+import asyncio
 
 import grpc
 
@@ -25,14 +31,20 @@ class RecordingControl(pb_grpc.ControlServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
 
     def actions(self) -> list[tuple[str, object]]:
-        return [(name, request) for name, request in self.calls if name != "GetMemoryStatus"]
+        reads = ("GetMemoryStatus", "WatchMemory")
+        return [(name, request) for name, request in self.calls if name not in reads]
+
+    def count(self, name: str) -> int:
+        return sum(1 for called, _ in self.calls if called == name)
+
+    def status(self) -> pb.MemoryStatus:
+        return pb.MemoryStatus(
+            pid=self.pid, admission_mode=self.admission, admission_limit=self.admission_limit
+        )
 
     async def GetMemoryStatus(self, request, context):
         await self._enter("GetMemoryStatus", request, context)
-        status = pb.MemoryStatus(
-            pid=self.pid, admission_mode=self.admission, admission_limit=self.admission_limit
-        )
-        return pb.GetMemoryStatusResponse(status=status)
+        return pb.GetMemoryStatusResponse(status=self.status())
 
     async def CollectGarbage(self, request, context):
         await self._enter("CollectGarbage", request, context)
@@ -57,6 +69,29 @@ class RecordingControl(pb_grpc.ControlServiceServicer):
         return pb.SetAdmissionResponse(
             mode=request.mode, max_running=request.max_running, result=pb.ActionResult()
         )
+
+
+class WatchingControl(RecordingControl):
+    """Pushes its status on subscribe and then on every `push()` (the test is the clock)."""
+
+    def __init__(self, token: str = "", pid: int = 0) -> None:
+        super().__init__(token, pid)
+        self.pushed = 0
+        self.subscribed = asyncio.Event()
+        self._wake = asyncio.Condition()
+
+    async def push(self) -> None:
+        async with self._wake:
+            self._wake.notify_all()
+
+    async def WatchMemory(self, request, context):
+        await self._enter("WatchMemory", request, context)
+        self.subscribed.set()
+        while True:
+            self.pushed += 1
+            yield pb.WatchMemoryResponse(status=self.status())
+            async with self._wake:
+                await self._wake.wait()
 
 
 async def start_control(servicer: RecordingControl, address: str) -> tuple[grpc.aio.Server, int]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_daemon.cli import main
+from memory_daemon.cli import build_parser, main, overrides_from_flags
 from memory_daemon.config import ENV_PREFIX, load_config
 from memory_daemon.errors import ConfigError, ExitCode
 
@@ -56,6 +56,14 @@ BAD_FILES = {
         '[control]\ntarget = "127.0.0.1:5000"\n',
         "control.token is required for the TCP target",
     ),
+    "unknown status source": (
+        '[control]\nstatus_source = "push"\n',
+        "control.status_source must be one of ('watch', 'poll'), got 'push'",
+    ),
+    "watch interval not below stale_after": (
+        "[control]\nwatch_interval_seconds = 10\n",
+        "control.watch_interval_seconds (10.0) must be below policy.stale_after_seconds (10.0)",
+    ),
     "replay without trace": ('[daemon]\nprobe = "replay"\n', "replay.trace (--trace) is required"),
     "section not a table": ("policy = 3\n", "[policy] must be a table"),
     "not toml": ("[policy\n", "is not valid TOML"),
@@ -100,6 +108,7 @@ def test_bad_environment_exits_2(name, value, message, monkeypatch, capsys):
         (["--probe", "tpu"], "invalid choice"),
         (["--metrics-port", "70000"], "daemon.metrics_port must be in [0, 65535]"),
         (["--control", "localhost:1"], "control.token is required"),
+        (["--watch", "--poll-status"], "not allowed with argument"),
     ],
 )
 def test_bad_flags_exit_2(argv, message, capsys):
@@ -128,6 +137,27 @@ def test_sources_layer_defaults_file_environment_flags(tmp_path):
     assert config.policy.cooldown_seconds.trim_kv == 3
     assert config.policy.hard_enter == 0.92
     assert config.nvml.devices == ("GPU-b", "GPU-c")
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "source"),
+    [
+        ([], {}, "watch"),
+        (["--poll-status"], {}, "poll"),
+        (["--watch"], {ENV_PREFIX + "CONTROL_STATUS_SOURCE": "poll"}, "watch"),
+        ([], {ENV_PREFIX + "CONTROL_STATUS_SOURCE": "poll"}, "poll"),
+    ],
+)
+def test_status_source_from_flags_and_environment(argv, environ, source):
+    args = build_parser().parse_args(argv)
+    assert load_config(None, environ, overrides_from_flags(args)).control.status_source == source
+
+
+def test_a_slow_watch_interval_is_fine_when_polling():
+    config = load_config(
+        None, {}, {"control": {"status_source": "poll", "watch_interval_seconds": 30}}
+    )
+    assert config.control.watch_interval_seconds == 30
 
 
 def test_config_path_from_the_environment(tmp_path):
