@@ -211,7 +211,7 @@ async def test_multi_turn_session_reuse(default_bundle, tmp_path):
                 history = [{"role": "system", "content": f"{unique_tag()} {AGENT_SYSTEM}"}]
                 for step in range(1, 40):
                     history.append({"role": "user",
-                                    "content": screen_observation(step, 12, rng)})
+                                    "content": screen_observation(step, 9, rng)})
                     result = await grpc_generate(stub, history, reply, session_id=session)
                     if result.prompt_tokens >= target_tokens:
                         break
