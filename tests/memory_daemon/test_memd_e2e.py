@@ -173,6 +173,8 @@ def test_killing_the_daemon_leaves_the_service_serving(server, service, tmp_path
 
 
 def test_daemon_reconnects_after_the_service_restarts(tiny_bundle, tmp_path):
+    """Watch mode: ticks run on pushed statuses (the host probe learns the service's pid from
+    them); after a restart the stream is subscribed again and admission re-applied."""
     workdir = tmp_path / "server"
     first = start_server(workdir, tiny_bundle)
     rss = psutil.Process(first.pid).memory_info().rss
@@ -180,13 +182,17 @@ def test_daemon_reconnects_after_the_service_restarts(tiny_bundle, tmp_path):
     # admission mode at once when the service disagrees.
     config = write_policy(tmp_path / "memd.toml", transition_seconds=60.0)
     daemon = DaemonProcess(
-        daemon_args(first, "--config", str(config), "--probe", "host",
+        daemon_args(first, "--config", str(config), "--probe", "host", "--watch",
                     "--host-budget-bytes", str(rss // 2), "--log-level", "debug"),
-        env={"AUTOGLM_MEMD_POLICY_COOLDOWN_SECONDS_SET_ADMISSION": "0"},
+        env={
+            "AUTOGLM_MEMD_POLICY_COOLDOWN_SECONDS_SET_ADMISSION": "0",
+            "AUTOGLM_MEMD_CONTROL_WATCH_INTERVAL_SECONDS": "0.2",
+        },
     )  # fmt: skip
     second = None
     try:
         daemon.wait_for(lambda: ("set_admission", "paused") in action_kinds(daemon))
+        daemon.wait_for(lambda: daemon.named("memd.tick")[-1]["status_from"] == "watch")
         assert first.terminate() == 0
         daemon.wait_for(lambda: daemon.named("memd.service_unavailable"))
         (workdir / "port.json").unlink()  # else start_server reads the old port
@@ -201,6 +207,8 @@ def test_daemon_reconnects_after_the_service_restarts(tiny_bundle, tmp_path):
             )
         finally:
             service.close()
+        # The stream to the restarted service is up and its pushes drive the ticks again.
+        daemon.wait_for(lambda: daemon.named("memd.tick")[-1]["status_from"] == "watch")
     finally:
         assert daemon.stop() == 0, daemon.tail()
         first.terminate()
@@ -219,3 +227,6 @@ def test_daemon_reconnects_after_the_service_restarts(tiny_bundle, tmp_path):
     reconcile = [e for e in after if e["event"] == "memd.action" and e["action"] == "set_admission"]
     assert reconcile[0]["rule"] == "reconcile:admission_paused"
     assert reconcile[0]["result"] == "ok"
+    # One subscription per service.
+    assert len(daemon.named("memd.watch_connected")) == 2
+    assert daemon.named("memd.watch_lost")
