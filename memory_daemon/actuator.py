@@ -9,9 +9,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
@@ -39,6 +40,8 @@ _ADMISSION_TO_PB = {
     Admission.PAUSED: pb.ADMISSION_MODE_PAUSED,
 }
 _ADMISSION_FROM_PB = {value: key for key, value in _ADMISSION_TO_PB.items()}
+
+_CONTROL_SERVICE = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
 
 Reply = TypeVar("Reply")
 
@@ -147,9 +150,27 @@ class ControlClient:
                 yield response.status
         finally:
             call.cancel()
+        await self._stream_broken("WatchMemory", code, details)
+
+    async def until_not_serving(self) -> None:
+        """Return once the service reports the ControlService NOT_SERVING (for example on
+        entering a graceful shutdown); never returns where it offers no health watch."""
+        request = health_pb2.HealthCheckRequest(service=_CONTROL_SERVICE)
+        self._connect()
+        health = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            async for reply in health.Watch(request, metadata=self._metadata):
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                await self._stream_broken("Health.Watch", exc.code().name, exc.details() or "")
+        await asyncio.Event().wait()
+
+    async def _stream_broken(self, rpc: str, code: str, details: str) -> NoReturn:
         if grpc.StatusCode[code] in _RETRYABLE:
             await self._reset()
-        raise ControlCallError("WatchMemory", code, details)
+        raise ControlCallError(rpc, code, details)
 
     async def execute(self, action: Action) -> ActionOutcome:
         """Run one policy action; returns what the service says it freed."""

@@ -5,7 +5,8 @@ tick takes it while it is fresh. A tick reads with GetMemoryStatus instead when 
 no usable push: the stream is (re)connecting or silent, the push is older than
 `stale_after_seconds`, the service does not offer WatchMemory, or the daemon acted since
 the push arrived (the push may predate the action's effect). So a service that is down
-or restarting is seen exactly as in poll mode, and no tick acts on a stale status.
+or restarting is seen exactly as in poll mode, and no tick acts on a stale status. The
+subscription also ends when the service's health turns NOT_SERVING (graceful shutdown).
 """
 
 import asyncio
@@ -122,13 +123,7 @@ class WatchedStatus:
         delay = self._backoff_initial
         while True:
             try:
-                async for status in self._stream.watch_memory(self._interval, self._stale_after):
-                    if not self.connected:
-                        log.info("memd.watch_connected", interval_s=self._interval)
-                        self.connected = True
-                        delay = self._backoff_initial
-                    self._latest, self._received_at = status, self._now()
-                    self.pushes += 1
+                await self._subscription()
             except ControlCallError as exc:
                 self._latest = None
                 if exc.code == grpc.StatusCode.UNIMPLEMENTED.name:
@@ -137,9 +132,34 @@ class WatchedStatus:
                     return
                 if self.connected:
                     log.warning("memd.watch_lost", code=exc.code, error=exc.details)
+                    delay = self._backoff_initial
                 self.connected = False
             await asyncio.sleep(delay)
             delay = min(self._backoff_max, delay * 2)
+
+    async def _subscription(self) -> None:
+        """One WatchMemory stream, ended early when the service stops serving: a service
+        in graceful shutdown keeps open streams until its grace period is over, and ours
+        would hold its shutdown up all that time."""
+        pushes = asyncio.create_task(self._take_pushes())
+        stopping = asyncio.create_task(self._stream.until_not_serving())
+        try:
+            done, _ = await asyncio.wait((pushes, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pushes, stopping):
+                task.cancel()
+            await asyncio.gather(pushes, stopping, return_exceptions=True)
+        for task in done:
+            task.result()
+        raise ControlCallError("WatchMemory", "UNAVAILABLE", "the service is not serving")
+
+    async def _take_pushes(self) -> None:
+        async for status in self._stream.watch_memory(self._interval, self._stale_after):
+            if not self.connected:
+                log.info("memd.watch_connected", interval_s=self._interval)
+                self.connected = True
+            self._latest, self._received_at = status, self._now()
+            self.pushes += 1
 
     def _start_watching(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="memd-watch-memory")

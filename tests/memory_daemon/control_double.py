@@ -7,6 +7,7 @@
 import asyncio
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
@@ -77,6 +78,7 @@ class WatchingControl(RecordingControl):
     def __init__(self, token: str = "", pid: int = 0) -> None:
         super().__init__(token, pid)
         self.pushed = 0
+        self.open_streams = 0
         self.subscribed = asyncio.Event()
         self._wake = asyncio.Condition()
 
@@ -87,17 +89,27 @@ class WatchingControl(RecordingControl):
     async def WatchMemory(self, request, context):
         await self._enter("WatchMemory", request, context)
         self.subscribed.set()
-        while True:
-            self.pushed += 1
-            yield pb.WatchMemoryResponse(status=self.status())
-            async with self._wake:
-                await self._wake.wait()
+        self.open_streams += 1
+        try:
+            while True:
+                self.pushed += 1
+                yield pb.WatchMemoryResponse(status=self.status())
+                async with self._wake:
+                    await self._wake.wait()
+        finally:
+            self.open_streams -= 1
 
 
-async def start_control(servicer: RecordingControl, address: str) -> tuple[grpc.aio.Server, int]:
+async def start_control(
+    servicer: RecordingControl,
+    address: str,
+    health_servicer: health.aio.HealthServicer | None = None,
+) -> tuple[grpc.aio.Server, int]:
     """Serve on `address` ("unix:/path" or "127.0.0.1:0"); returns the server and port."""
     server = grpc.aio.server()
     pb_grpc.add_ControlServiceServicer_to_server(servicer, server)
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     await server.start()
     return server, port

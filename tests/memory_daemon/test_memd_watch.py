@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from control_double import RecordingControl, WatchingControl, start_control
+from grpc_health.v1 import health, health_pb2
 from structlog.testing import capture_logs
 
 from autoglm.control.v1 import control_service_pb2 as pb
@@ -22,6 +23,7 @@ from memory_daemon.status import PolledStatus, WatchedStatus
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 TOTAL = 24 << 30
+CONTROL_SERVICE = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
 STALE_AFTER = 10.0
 
 
@@ -317,3 +319,33 @@ async def test_pushes_from_a_draining_service_are_not_used(tmp_path):
         await stopping
     assert outcomes == ["UNAVAILABLE"] * 3
     assert servicer.count("WatchMemory") == 1  # resubscribing was refused as well
+
+
+async def test_the_stream_lets_go_when_the_service_shuts_down_gracefully(tmp_path):
+    socket = tmp_path / "control.sock"
+    servicer = WatchingControl()
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set(CONTROL_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    server, _ = await start_control(servicer, f"unix:{socket}", health_servicer)
+    config = config_for(socket)
+    control = ControlClient(config.control)
+    source = watched(config, control, FakeTime())
+    try:
+        await source.read()
+        await eventually(lambda: source.connected, "subscribed")
+        await health_servicer.enter_graceful_shutdown()
+        stopping = asyncio.create_task(server.stop(grace=60))
+        # Else the service would wait out its whole grace period for our stream (or until
+        # the daemon finds the stream silent for stale_after_seconds).
+        await eventually(
+            lambda: servicer.open_streams == 0, "the daemon closed its stream", STALE_AFTER / 2
+        )
+        await stopping
+        with pytest.raises(ControlCallError):
+            await source.read()
+    finally:
+        await source.close()
+        await control.close()
+        await server.stop(None)
+    assert not source.connected
+    assert servicer.count("WatchMemory") == 1  # not resubscribed to the stopping service
