@@ -178,8 +178,11 @@ class WatchedStatus:
 
 
 def status_source(config: DaemonConfig, control: ControlClient) -> StatusSource:
-    """The source `control.status_source` names; the stream gets a channel of its own."""
-    if config.control.status_source == "poll":
+    """The source `control.status_source` names; the stream gets a channel of its own.
+
+    A single tick (`--once`) polls: it would be over before a subscription delivered.
+    """
+    if config.control.status_source == "poll" or config.daemon.once:
         return PolledStatus(control)
     return WatchedStatus(
         stream=ControlClient(config.control),

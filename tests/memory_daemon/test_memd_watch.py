@@ -213,6 +213,14 @@ async def test_without_watch_memory_every_tick_polls_and_still_acts(tmp_path):
     assert servicer.actions()[0][0] == "CollectGarbage"
 
 
+async def test_a_single_tick_polls():
+    config = load_config(None, {}, {"daemon": {"once": True}})
+    control = ControlClient(config.control)
+    clock = VirtualClock()
+    daemon = Daemon(config, FixedProbe(clock, 0.3), clock, control)
+    assert isinstance(daemon.status_source, PolledStatus)
+
+
 async def test_poll_mode_never_subscribes(tmp_path):
     socket = tmp_path / "control.sock"
     servicer = WatchingControl()
