@@ -11,40 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import DynamicCache
 from transformers.generation.logits_process import (
-    MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from inference_svc.engine.generation import FrequencyPresencePenalty
 from inference_svc.engine.types import SamplingParams
-
-
-def build_processors(
-    sampling: SamplingParams, *, prompt_length: int, eos_ids: list[int]
-) -> LogitsProcessorList:
-    """transformers' logits processors for one sequence, in generate()'s order."""
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if sampling.frequency_penalty or sampling.presence_penalty:
-        processors.append(FrequencyPresencePenalty(
-            sampling.frequency_penalty, sampling.presence_penalty, prompt_length))
-    if sampling.min_new_tokens > 0:
-        processors.append(MinNewTokensLengthLogitsProcessor(
-            prompt_length, sampling.min_new_tokens, eos_ids))
-    if sampling.temperature > 0:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k:
-            processors.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0:
-            processors.append(CandidateTopP(sampling.top_p))
-    return processors
 
 
 class CandidateTopP(TopPLogitsWarper):
@@ -75,26 +50,89 @@ class CandidateTopP(TopPLogitsWarper):
 
 @dataclass
 class Sampler:
-    """Chooses one sequence's next token: its processors, its own seeded generator."""
+    """One sequence's sampling state: its parameters and its own seeded generator."""
 
-    processors: LogitsProcessorList
-    greedy: bool
+    params: SamplingParams
+    prompt_length: int
+    eos_ids: list[int]
     generator: torch.Generator | None = None
 
     @classmethod
     def create(cls, sampling: SamplingParams, *, prompt_length: int, eos_ids: list[int],
                seed: int) -> Sampler:
-        greedy = sampling.temperature <= 0
-        generator = None if greedy else torch.Generator().manual_seed(seed)
-        return cls(build_processors(sampling, prompt_length=prompt_length, eos_ids=eos_ids),
-                   greedy, generator)
+        generator = None if sampling.temperature <= 0 else torch.Generator().manual_seed(seed)
+        return cls(sampling, prompt_length, eos_ids, generator)
 
-    def choose(self, history: torch.Tensor, logits: torch.Tensor) -> int:
-        scores = self.processors(history, logits.float())
-        if self.greedy:
-            return int(scores.argmax(dim=-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    @property
+    def group(self) -> tuple:
+        """Rows with equal keys are processed as one tensor."""
+        p = self.params
+        return (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.frequency_penalty,
+                p.presence_penalty)
+
+
+def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
+                  logits: torch.Tensor) -> list[int]:
+    """Next token of every row: transformers' logits processors applied per group of rows
+    that share sampling parameters, then each row's own generator.
+
+    Every operation is row-wise, so a row gets exactly what it would get alone.
+    """
+    tokens = [0] * len(samplers)
+    groups: dict[tuple, list[int]] = {}
+    for index, sampler in enumerate(samplers):
+        groups.setdefault(sampler.group, []).append(index)
+    for rows in groups.values():
+        chosen = _choose_group([samplers[i] for i in rows], [histories[i] for i in rows],
+                               logits[rows].float())
+        for index, token in zip(rows, chosen, strict=True):
+            tokens[index] = token
+    return tokens
+
+
+def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
+                  scores: torch.Tensor) -> list[int]:
+    params = samplers[0].params
+    if params.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(
+            _padded_with_own_tokens(histories), scores)
+    if params.frequency_penalty or params.presence_penalty:
+        counts = _generated_counts(samplers, histories, scores.shape[-1])
+        scores = scores - params.frequency_penalty * counts
+        scores = scores - params.presence_penalty * (counts > 0).to(scores.dtype)
+    for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
+        if history.shape[-1] - sampler.prompt_length < params.min_new_tokens:
+            scores[row, sampler.eos_ids] = -float("inf")
+    if params.temperature <= 0:
+        return scores.argmax(dim=-1).tolist()
+    if params.temperature != 1.0:
+        scores = TemperatureLogitsWarper(params.temperature)(None, scores)
+    if params.top_k:
+        scores = TopKLogitsWarper(params.top_k)(None, scores)
+    if params.top_p < 1.0:
+        scores = CandidateTopP(params.top_p)(None, scores)
+    probs = torch.softmax(scores, dim=-1)
+    return [int(torch.multinomial(probs[row], 1, generator=sampler.generator))
+            for row, sampler in enumerate(samplers)]
+
+
+def _padded_with_own_tokens(histories: list[torch.Tensor]) -> torch.Tensor:
+    """Histories as one tensor; each row padded with its own first token, which a
+    repetition penalty already counts, so padding changes nothing."""
+    rows = [h.reshape(-1) for h in histories]
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
+    firsts = torch.stack([r[0] for r in rows]).unsqueeze(1)
+    return torch.where(padded < 0, firsts, padded)
+
+
+def _generated_counts(samplers: list[Sampler], histories: list[torch.Tensor],
+                      vocab: int) -> torch.Tensor:
+    counts = torch.zeros((len(histories), vocab))
+    for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
+        generated = history.reshape(-1)[sampler.prompt_length:]
+        if generated.numel():
+            counts[row].scatter_add_(0, generated, torch.ones(generated.shape[0]))
+    return counts
 
 
 @dataclass

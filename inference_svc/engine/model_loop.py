@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 
 from inference_svc.engine import kv_cache
-from inference_svc.engine.batch import DecodeBatch, Row, Sampler
+from inference_svc.engine.batch import DecodeBatch, Row, Sampler, choose_tokens
 from inference_svc.engine.generation import (
     DeltaStreamer,
     FrequencyPresencePenalty,
@@ -326,9 +326,14 @@ class ModelLoop:
         )
 
     def _after_token(self, sequence: Sequence) -> bool:
-        """Sample from the pending logits, stream the token; True when the sequence is done."""
-        token = sequence.sampler.choose(sequence.history, sequence.pending_logits[None])
+        """Sample the prefill's logits and stream the token; True when the sequence is done."""
+        [token] = choose_tokens([sequence.sampler], [sequence.history],
+                                sequence.pending_logits[None])
         sequence.pending_logits = None
+        return self._accept(sequence, token)
+
+    def _accept(self, sequence: Sequence, token: int) -> bool:
+        """Stream a chosen token; True when the sequence is done."""
         sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
         sequence.row.next_token = token
         sequence.streamer.put(torch.tensor([token]))
@@ -361,12 +366,11 @@ class ModelLoop:
                 self._fail(sequence.job, sequence.info, error)
             batch.remove({r.key for r in batch.rows})
             return
-        done = set()
-        for index, row in enumerate(batch.rows):
-            sequence = sequences[row.key]
-            sequence.pending_logits = logits[index]
-            if self._after_token(sequence):
-                done.add(row.key)
+        running = [sequences[row.key] for row in batch.rows]
+        tokens = choose_tokens([s.sampler for s in running], [s.history for s in running],
+                               logits)
+        done = {s.info.request_id for s, token in zip(running, tokens, strict=True)
+                if self._accept(s, token)}
         for key, cache in batch.remove(done).items():
             self._finish(sequences[key], cache, sequences)
 

@@ -42,3 +42,27 @@ def test_candidate_top_p_filters_exactly_like_transformers():
             reference = TopPLogitsWarper(top_p)(None, scores.clone())
             fast = CandidateTopP(top_p)(None, scores.clone())
             assert torch.equal(torch.isinf(reference), torch.isinf(fast))
+
+
+def test_choosing_for_a_batch_gives_each_row_what_it_would_get_alone():
+    from inference_svc.engine.batch import Sampler, choose_tokens
+    from inference_svc.engine.types import SamplingParams
+
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.3,
+                            frequency_penalty=0.5, presence_penalty=0.2, min_new_tokens=3)
+    torch.manual_seed(1)
+    histories = [torch.randint(0, 300, (1, n)) for n in (5, 9, 14)]
+    logits = torch.randn(3, 300) * 3
+    prompt_lengths = [4, 4, 12]
+
+    def samplers():
+        return [Sampler.create(params, prompt_length=p, eos_ids=[7], seed=100 + i)
+                for i, p in enumerate(prompt_lengths)]
+
+    together = choose_tokens(samplers(), histories, logits)
+    alone = [choose_tokens([s], [h], logits[i : i + 1])[0]
+             for i, (s, h) in enumerate(zip(samplers(), histories, strict=True))]
+    assert together == alone
+    greedy = SamplingParams(temperature=0, min_new_tokens=0, repetition_penalty=1.0)
+    sampler = Sampler.create(greedy, prompt_length=0, eos_ids=[0], seed=0)
+    assert choose_tokens([sampler], [histories[0]], logits[:1]) == [int(logits[0].argmax())]
