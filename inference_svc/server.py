@@ -71,7 +71,8 @@ class Service:
         if config.control_token:
             interceptors.insert(0, TokenAuthInterceptor(config.control_token))
         server = grpc.aio.server(interceptors=interceptors, options=_options(config))
-        control_grpc.add_ControlServiceServicer_to_server(ControlServicer(self.state), server)
+        self.control_servicer = ControlServicer(self.state)
+        control_grpc.add_ControlServiceServicer_to_server(self.control_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], server,
                                             pool=DocumentedPool())
@@ -136,6 +137,7 @@ class Service:
     async def stop(self) -> None:
         log.info("shutting_down", grace_seconds=self.config.grace_period_s)
         await self.health.enter_graceful_shutdown()
+        self.control_servicer.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(self.public.stop(self.config.grace_period_s),

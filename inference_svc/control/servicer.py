@@ -44,6 +44,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         self.state = state
         # Actions run one at a time: two concurrent offloads of one module are one offload.
         self._action_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
 
     def _engine(self) -> Engine:
         if self.state.engine is None:
@@ -98,11 +100,27 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         return pb.GetMemoryStatusResponse(status=await asyncio.to_thread(self.status))
 
     async def WatchMemory(self, request: pb.WatchMemoryRequest, context):
+        """Push the account at once, after every control action, and at least every interval;
+        end the stream when the service begins to shut down."""
         interval = request.interval_seconds if request.interval_seconds > 0 else 1.0
         interval = max(0.05, min(interval, 3600.0))
-        while True:
+        while not self._closing.is_set():
             yield pb.WatchMemoryResponse(status=await asyncio.to_thread(self.status))
-            await asyncio.sleep(interval)
+            changed = asyncio.ensure_future(self._changed.wait())
+            closing = asyncio.ensure_future(self._closing.wait())
+            _, pending = await asyncio.wait({changed, closing}, timeout=interval,
+                                            return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+
+    def close(self) -> None:
+        """Shutting down: end every WatchMemory stream so they do not hold the grace period."""
+        self._closing.set()
+
+    def _acted(self) -> None:
+        """Wake watchers after an action; the next change needs a fresh event."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def OffloadModules(self, request: pb.OffloadModulesRequest, context):
         engine = self._engine()
@@ -116,6 +134,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 raise InvalidRequest("tier must be TIER_CPU or TIER_DISK to offload",
                                      field="tier")
             freed = await asyncio.to_thread(actions.offload_encoders, engine, modalities, tier)
+        self._acted()
         return pb.OffloadModulesResponse(result=_result(freed), modules=self._modules(engine))
 
     async def ReloadModules(self, request: pb.ReloadModulesRequest, context):
@@ -126,6 +145,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         result = _result(freed)
         result.freed_bytes = 0
         result.freed_bytes_by_device.clear()
+        self._acted()
         return pb.ReloadModulesResponse(result=result, modules=self._modules(engine))
 
     async def TrimKvCache(self, request: pb.TrimKvCacheRequest, context):
@@ -137,11 +157,13 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         async with self._action_lock:
             freed, sessions = await asyncio.to_thread(
                 actions.trim_kv, engine, policy, request.target_bytes, request.max_tokens)
+        self._acted()
         return pb.TrimKvCacheResponse(result=_result(freed), sessions=sessions)
 
     async def CollectGarbage(self, request, context) -> pb.CollectGarbageResponse:
         async with self._action_lock:
             freed = await asyncio.to_thread(actions.collect_garbage)
+        self._acted()
         return pb.CollectGarbageResponse(result=_result(freed))
 
     async def SetAdmission(self, request: pb.SetAdmissionRequest, context):
@@ -157,6 +179,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         lease = request.lease_seconds if mode != "open" else 0.0
         expires = time.monotonic() + lease if lease else None
         engine.set_admission(Admission(mode, limit, expires))
+        self._acted()
         return pb.SetAdmissionResponse(
             mode=request.mode, max_running=limit, lease_seconds=lease,
             result=pb.ActionResult(detail=f"admission {mode}"),

@@ -201,3 +201,31 @@ def test_tcp_control_without_a_token_is_refused_at_startup(tiny_bundle, tmp_path
                           wait=False)
     assert server.process.wait(60) == 2
     assert "control-token" in server.log_path.read_text()
+
+
+def test_watch_pushes_right_after_an_action_not_only_on_the_interval(control):
+    stream = control.WatchMemory(cpb.WatchMemoryRequest(interval_seconds=30))
+    first = next(stream).status
+    control.SetAdmission(cpb.SetAdmissionRequest(mode=cpb.ADMISSION_MODE_LIMITED,
+                                                 max_running=2))
+    pushed = next(stream).status  # well before the 30 s interval
+    control.SetAdmission(cpb.SetAdmissionRequest(mode=cpb.ADMISSION_MODE_OPEN))
+    stream.cancel()
+    assert first.admission_mode == cpb.ADMISSION_MODE_OPEN
+    assert pushed.admission_mode == cpb.ADMISSION_MODE_LIMITED
+
+
+def test_watch_streams_end_when_the_service_shuts_down(tiny_bundle, tmp_path):
+    import signal
+
+    server = start_server(tmp_path / "s", tiny_bundle, "--grace-period", "20")
+    with grpc.insecure_channel(server.control_target) as channel:
+        stream = cgrpc.ControlServiceStub(channel).WatchMemory(
+            cpb.WatchMemoryRequest(interval_seconds=0.2))
+        next(stream)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        for _ in stream:
+            pass
+        assert server.process.wait(30) == 0
+    assert time.monotonic() - started < 10  # not held for the 20 s grace period
