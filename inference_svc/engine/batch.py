@@ -159,19 +159,21 @@ class DecodeBatch:
 
     def add(self, row: Row, cache: DynamicCache) -> None:
         """Join a prefilled sequence whose cache holds exactly row.length tokens."""
+        self.add_many([row], cache, torch.ones((1, row.length), dtype=torch.long))
+
+    def add_many(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Join sequences prefilled together: their cache is left-padded as `mask` says."""
         if self.cache is None:
-            self.rows, self.cache = [row], cache
-            self.mask = torch.ones((1, row.length), dtype=torch.long)
+            self.rows, self.cache, self.mask = list(rows), cache, mask.clone()
             return
-        width = max(self.width, row.length)
+        width = max(self.width, mask.shape[1])
         self._pad_to(width)
-        incoming_mask = torch.ones((1, row.length), dtype=torch.long)
+        pad = width - mask.shape[1]
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            pad = width - row.length
             mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, pad)], dim=0)
             mine.values = torch.cat([mine.values, _pad_left(theirs.values, pad)], dim=0)
-        self.mask = torch.cat([self.mask, _pad_left_mask(incoming_mask, width - row.length)])
-        self.rows.append(row)
+        self.mask = torch.cat([self.mask, _pad_left_mask(mask, pad)])
+        self.rows.extend(rows)
 
     def _pad_to(self, width: int) -> None:
         pad = width - self.width

@@ -77,3 +77,4 @@ class Job:
     handle: RequestHandle | None = field(compare=False, default=None)
     enqueued_at: float = field(compare=False, default_factory=time.monotonic)
     resume: Any = field(compare=False, default=None)  # a preempted Sequence to recompute
+    info: RunningInfo | None = field(compare=False, default=None)  # set once admitted

@@ -51,8 +51,7 @@ class Sequence:
     text: TextStream
     reuse: Reuse | None
     started: float
-    reuse_cache: DynamicCache | None = None  # the prefilled cache, until it joins the batch
-    pending_logits: torch.Tensor | None = None
+    pending_logits: torch.Tensor | None = None  # from prefill, until the first token
 
     @property
     def generated(self) -> int:
@@ -123,15 +122,21 @@ class ModelLoop:
         batch = DecodeBatch()
         sequences: dict[str, Sequence] = {}
         while True:
+            admitted: list[Job] = []
             job = self._next_job(block=not sequences)
-            if job is not None and job.request is None:
-                self._abort_all(batch, sequences)
-                return
-            if job is not None:
-                if self._fits(job) or self._preempt_for(job, batch, sequences):
-                    self._start(job, batch, sequences)
-                    continue  # admit everything waiting before the next decode step
-                self._hold(job)
+            while job is not None:
+                if job.request is None:
+                    self._start_all(admitted, batch, sequences)
+                    self._abort_all(batch, sequences)
+                    return
+                if not (self._fits(job) or self._preempt_for(job, batch, sequences)):
+                    self._hold(job)
+                    break
+                self._register(job)
+                admitted.append(job)
+                job = self._next_job(block=False)  # everything waiting joins this round
+            if admitted:
+                self._start_all(admitted, batch, sequences)
             if sequences:
                 self._step(batch, sequences)
 
@@ -244,34 +249,82 @@ class ModelLoop:
             self.queued += 1
         self.queue.put(job)
 
-    def _start(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+    def _register(self, job: Job) -> None:
         request = job.request
         info = RunningInfo(request.request_id, request.session_id, request.modalities,
                            len(job.plan.input_ids), reserved_bytes=self._estimate(job),
                            priority=request.priority)
         if job.resume is not None:
             info.generated_tokens = job.resume.generated
+        job.info = info
         with self.lock:
             self.running[info.request_id] = info
-        if job.resume is not None:
-            self._resume(job.resume, info, batch, sequences)
+
+    def _start_all(self, jobs: list[Job], batch: DecodeBatch,
+                   sequences: dict[str, Sequence]) -> None:
+        """Prefill admitted jobs (fresh prompts together), sample their first tokens."""
+        fresh: list[tuple[Job, Reuse | None]] = []
+        for job in jobs:
+            if job.resume is not None:
+                self._resume(job.resume, job.info, batch, sequences)
+            elif not self._batched:
+                self._run_alone(job)
+            else:
+                fresh.append((job, self._reuse(job.request, job.plan)))
+        started: list[Sequence] = []
+        alone = [(job, reuse) for job, reuse in fresh if reuse is not None]
+        together = [job for job, reuse in fresh if reuse is None]
+        if len(together) == 1:
+            alone.append((together.pop(), None))
+        for job, reuse in alone:
+            started += self._prefill_alone(job, reuse, batch)
+        if together:
+            started += self._prefill_together(together, batch)
+        if not started:
             return
+        for sequence in started:
+            sequences[sequence.info.request_id] = sequence
+        tokens = choose_tokens([s.sampler for s in started], [s.history for s in started],
+                               torch.stack([s.pending_logits for s in started]))
+        done = {s.info.request_id for s, token in zip(started, tokens, strict=True)
+                if self._accept(s, token)}
+        for key, cache in batch.remove(done).items():
+            self._finish(sequences[key], cache, sequences)
+
+    def _run_alone(self, job: Job) -> None:
         try:
-            if not self._batched:
-                finished = self._generate_alone(job, info)
-                self._retire(info)
-                job.handle.push(finished)
-                return
-            sequence = self._with_one_retry(lambda: self._prefill(job, info))
+            finished = self._generate_alone(job, job.info)
         except Exception as error:  # one request's failure must not stop the loop
-            self._fail(job, info, error)
+            self._fail(job, job.info, error)
             return
-        sequences[info.request_id] = sequence
-        if self._after_token(sequence):
-            self._finish(sequence, None, sequences)
-        else:
-            batch.add(sequence.row, sequence.reuse_cache)
-            sequence.reuse_cache = None
+        self._retire(job.info)
+        job.handle.push(finished)
+
+    def _prefill_alone(self, job: Job, reuse: Reuse | None,
+                       batch: DecodeBatch) -> list[Sequence]:
+        cached = reuse.tokens if reuse else 0
+        cache = reuse.cache if reuse else DynamicCache()
+        try:
+            logits = self._with_one_retry(
+                lambda: self.model.prefill(job.plan, job.media, cache, cached=cached))
+        except Exception as error:
+            self._fail(job, job.info, error)
+            return []
+        sequence = self._new_sequence(job, job.info, reuse, logits)
+        batch.add(sequence.row, cache)
+        return [sequence]
+
+    def _prefill_together(self, jobs: list[Job], batch: DecodeBatch) -> list[Sequence]:
+        try:
+            logits, cache, mask = self.model.prefill_batch([j.plan for j in jobs],
+                                                           [j.media for j in jobs])
+        except Exception as error:  # find the culprit: each alone, so only it fails
+            log.warning("batched_prefill_failed", error=repr(error), jobs=len(jobs))
+            return [s for job in jobs for s in self._prefill_alone(job, None, batch)]
+        started = [self._new_sequence(job, job.info, None, logits[i])
+                   for i, job in enumerate(jobs)]
+        batch.add_many([s.row for s in started], cache, mask)
+        return started
 
     def _resume(self, sequence: Sequence, info: RunningInfo, batch: DecodeBatch,
                 sequences: dict[str, Sequence]) -> None:
@@ -292,18 +345,8 @@ class ModelLoop:
         batch.add(sequence.row, cache)
         log.info("resumed", request_id=info.request_id, recomputed_tokens=len(fed))
 
-    def _prefill(self, job: Job, info: RunningInfo) -> Sequence:
-        request, plan = job.request, job.plan
-        reuse = self._reuse(request, plan)
-        cached = reuse.tokens if reuse else 0
-        cache = reuse.cache if reuse else DynamicCache()
-        logits = self.model.prefill(plan, job.media, cache, cached=cached)
-        sequence = self._new_sequence(job, info, reuse)
-        sequence.reuse_cache = cache
-        sequence.pending_logits = logits
-        return sequence
-
-    def _new_sequence(self, job: Job, info: RunningInfo, reuse: Reuse | None) -> Sequence:
+    def _new_sequence(self, job: Job, info: RunningInfo, reuse: Reuse | None,
+                      logits: torch.Tensor) -> Sequence:
         request, plan = job.request, job.plan
         text = TextStream(self.model.tokenizer, request.sampling.stop_sequences,
                           start_in_reasoning=self._starts_in_reasoning(request, plan))
@@ -322,15 +365,8 @@ class ModelLoop:
         return Sequence(
             job=job, info=info, row=Row(info.request_id, len(plan.input_ids)),
             sampler=sampler, history=torch.tensor([plan.input_ids]), streamer=streamer,
-            text=text, reuse=reuse, started=time.monotonic(),
+            text=text, reuse=reuse, started=time.monotonic(), pending_logits=logits,
         )
-
-    def _after_token(self, sequence: Sequence) -> bool:
-        """Sample the prefill's logits and stream the token; True when the sequence is done."""
-        [token] = choose_tokens([sequence.sampler], [sequence.history],
-                                sequence.pending_logits[None])
-        sequence.pending_logits = None
-        return self._accept(sequence, token)
 
     def _accept(self, sequence: Sequence, token: int) -> bool:
         """Stream a chosen token; True when the sequence is done."""
@@ -392,7 +428,6 @@ class ModelLoop:
     def _finish(self, sequence: Sequence, cache: DynamicCache | None,
                 sequences: dict[str, Sequence]) -> None:
         sequences.pop(sequence.info.request_id, None)
-        cache = cache if cache is not None else getattr(sequence, "reuse_cache", None)
         request, job = sequence.job.request, sequence.job
         sequence.streamer.end()
         eos_ids = self.model.eos_token_ids

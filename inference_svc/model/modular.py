@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from inference_svc.errors import InvalidRequest, ModalityUnavailable
 from inference_svc.model.base import UnitModel
@@ -192,6 +192,29 @@ class ModularModel(UnitModel):
                           cache=cache, use_cache=True, cache_position=positions,
                           logits_to_keep=1)
         return out.logits[0, -1]
+
+    def prefill_batch(
+        self, plans: list[PromptPlan], media: list[DecodedMedia]
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Prefill several prompts in one forward pass, left-padded.
+
+        Returns next-token logits [n, vocab], the new cache and its mask [n, width].
+        """
+        embeds = [self.embed(p, m)[0] for p, m in zip(plans, media, strict=True)]
+        width = max(e.shape[0] for e in embeds)
+        padded = embeds[0].new_zeros((len(embeds), width, embeds[0].shape[-1]))
+        mask = torch.zeros((len(embeds), width), dtype=torch.long)
+        for row, embed in enumerate(embeds):
+            padded[row, width - embed.shape[0]:] = embed
+            mask[row, width - embed.shape[0]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0).to(padded.device)
+        cache = DynamicCache()
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            out = decoder(inputs_embeds=padded, attention_mask=mask.to(padded.device),
+                          position_ids=positions, cache=cache, use_cache=True,
+                          cache_position=torch.arange(width, device=padded.device),
+                          logits_to_keep=1)
+        return out.logits[:, -1], cache, mask
 
     def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
         """Decoder input embeddings with encoder outputs in the media slots.

@@ -52,28 +52,37 @@ def run_all(model, requests, patch):
         engine.stop()
 
 
-def failing_prefill(model, *, times: int):
-    original = model.prefill
+def fail_prefills(monkeypatch, model, *, times: int) -> None:
+    """Prompts containing BOOM run out of memory `times` times, alone or in a batch."""
+    alone, together = model.prefill, model.prefill_batch
     budget = {"left": times}
 
-    def prefill(plan, media, cache, *, cached=0):
-        text = model.tokenizer.decode(plan.input_ids)
-        if "BOOM" in text and budget["left"] > 0:
+    def boom(plans) -> None:
+        boom_in_prompt = any("BOOM" in model.tokenizer.decode(p.input_ids) for p in plans)
+        if boom_in_prompt and budget["left"] > 0:
             budget["left"] -= 1
             raise torch.OutOfMemoryError("simulated")
-        return original(plan, media, cache, cached=cached)
 
-    return prefill
+    def prefill(plan, media, cache, *, cached=0):
+        boom([plan])
+        return alone(plan, media, cache, cached=cached)
+
+    def prefill_batch(plans, media):
+        boom(plans)
+        return together(plans, media)
+
+    monkeypatch.setattr(model, "prefill", prefill)
+    monkeypatch.setattr(model, "prefill_batch", prefill_batch)
 
 
 def test_a_transient_oom_in_prefill_is_retried_after_a_trim(model, monkeypatch):
-    monkeypatch.setattr(model, "prefill", failing_prefill(model, times=1))
+    fail_prefills(monkeypatch, model, times=1)
     [result] = run_all(model, [request("BOOM once")], lambda engine: None)
     assert isinstance(result, Finished) and result.usage.completion_tokens == 6
 
 
 def test_a_persistent_oom_fails_that_request_alone(model, monkeypatch):
-    monkeypatch.setattr(model, "prefill", failing_prefill(model, times=10))
+    fail_prefills(monkeypatch, model, times=10)
     results = run_all(model, [request("fine a"), request("BOOM always"), request("fine b")],
                       lambda engine: None)
     assert isinstance(results[1], ResourceExhausted) and results[1].resource == "memory"
@@ -103,3 +112,19 @@ def _raise_once(module, inputs, output):
     if not _fired["done"]:
         _fired["done"] = True
         raise torch.OutOfMemoryError("simulated mid-step")
+
+
+def test_prompts_prefilled_together_match_each_prefilled_alone(model):
+    from transformers import DynamicCache
+
+    from inference_svc.model.modular import DecodedMedia
+
+    empty = DecodedMedia([], [])
+    plans = [model.plan([ChatMessage("user", [TextPart(text)])], empty, enable_thinking=False)
+             for text in ("short", "a somewhat longer prompt", "the longest prompt of all three")]
+    together, cache, mask = model.prefill_batch(plans, [empty] * 3)
+    for row, plan in enumerate(plans):
+        alone = model.prefill(plan, empty, DynamicCache())
+        assert torch.allclose(together[row], alone, atol=1e-4)
+        assert int(mask[row].sum()) == len(plan.input_ids)
+    assert cache.get_seq_length() == mask.shape[1]
