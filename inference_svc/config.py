@@ -28,6 +28,8 @@ class ServerConfig:
     max_queued: int = 64
     max_batch: int = 16
     kv_budget_bytes: int = 2 * 1024**3
+    kv_budget_fraction: float = 0.0
+    activation_budget_bytes: int = 1024**3
     prefix_caching: bool = True
     session_idle_ttl_s: float = 600.0
     max_pixels: int = 1_003_520
@@ -48,6 +50,8 @@ class ServerConfig:
             raise ValueError(f"port {self.port} is not in 0..65535")
         if self.control_tcp and not self.control_token:
             raise ValueError("a TCP control listener needs --control-token (or mTLS)")
+        if not 0 <= self.kv_budget_fraction < 1:
+            raise ValueError("kv budget fraction must be in [0, 1)")
         if not 0 <= self.kv_reserve_fraction < 1:
             raise ValueError("kv reserve fraction must be in [0, 1)")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
@@ -106,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most sequences decoded together")
     p.add_argument("--kv-budget-mb", type=float, default=float(_env("KV_BUDGET_MB", 2048)),
                    help="bytes of KV cache (running requests + idle sessions), in MiB")
+    p.add_argument("--kv-budget-fraction", type=float,
+                   default=float(_env("KV_BUDGET_FRACTION", 0)),
+                   help="KV budget as a fraction of the decoder device's memory (overrides "
+                        "--kv-budget-mb when > 0)")
+    p.add_argument("--activation-budget-mb", type=float,
+                   default=float(_env("ACTIVATION_BUDGET_MB", 1024)),
+                   help="most encoder activation memory one request may need, in MiB")
     p.add_argument("--no-prefix-caching", action="store_true",
                    default=_env("NO_PREFIX_CACHING", "") not in ("", "0", "false"),
                    help="reuse KV only within a session id")
@@ -146,6 +157,8 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         pressure_max_pixels=args.pressure_max_pixels,
         encoder_idle_offload_s=args.encoder_idle_offload,
         kv_budget_bytes=int(args.kv_budget_mb * 1024 * 1024),
+        kv_budget_fraction=args.kv_budget_fraction,
+        activation_budget_bytes=int(args.activation_budget_mb * 1024 * 1024),
         prefix_caching=not args.no_prefix_caching, session_idle_ttl_s=args.session_idle_ttl,
         grace_period_s=args.grace_period, control_socket=args.control_socket,
         control_tcp=args.control_tcp, control_token=args.control_token,

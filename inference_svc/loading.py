@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import structlog
@@ -56,3 +57,17 @@ def weights_by_device(model) -> dict[str, int]:
         for device, size in unit.state().bytes_by_device.items():
             totals[device] = totals.get(device, 0) + size
     return totals
+
+
+def kv_budget_bytes(config: ServerConfig, model) -> int:
+    """The KV budget: fixed bytes, or a fraction of the decoder device's memory."""
+    if config.kv_budget_fraction <= 0:
+        return config.kv_budget_bytes
+    device = str(model.device)
+    if device.startswith("cuda"):
+        total = torch.cuda.mem_get_info(torch.device(device))[1]
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = int(total * config.kv_budget_fraction)
+    log.info("kv_budget", device=device, fraction=config.kv_budget_fraction, bytes=budget)
+    return budget

@@ -24,7 +24,7 @@ from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.config import ServerConfig
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
 from inference_svc.engine.engine import Engine, EngineConfig
-from inference_svc.loading import load_model
+from inference_svc.loading import kv_budget_bytes, load_model
 from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.metrics import ServiceMetrics
 from inference_svc.service_state import ServiceState
@@ -111,7 +111,8 @@ class Service:
         engine = Engine(model, EngineConfig(
             max_queued=config.max_queued, max_pixels=config.max_pixels,
             pressure_max_pixels=config.pressure_max_pixels,
-            max_batch=config.max_batch, kv_budget_bytes=config.kv_budget_bytes,
+            max_batch=config.max_batch, kv_budget_bytes=kv_budget_bytes(config, model),
+            activation_budget_bytes=config.activation_budget_bytes,
             prefix_caching=config.prefix_caching, session_idle_ttl_s=config.session_idle_ttl_s,
         ))
         engine.start()

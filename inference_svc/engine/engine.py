@@ -34,6 +34,7 @@ class EngineConfig:
     pressure_fraction: float = 0.9  # KV budget use above which the service is under pressure
     queue_timeout_s: float = 30.0
     kv_budget_bytes: int = 2 * 1024**3
+    activation_budget_bytes: int = 1024**3
     session_idle_ttl_s: float = 600.0
     prefix_caching: bool = True
 
@@ -82,6 +83,14 @@ class Engine:
                 f"request needs {needed} bytes of KV cache (prompt {prompt_tokens} + "
                 f"max_new_tokens {max_new}); the KV budget is {self.config.kv_budget_bytes}",
                 resource="kv_cache", retry_after_s=0.0,
+            )
+        activations = self.model.activation_bytes(media)
+        if activations > self.config.activation_budget_bytes:
+            raise ResourceExhausted(
+                f"the request's images and audio need about {activations} bytes of encoder "
+                f"activations; the limit is {self.config.activation_budget_bytes} "
+                f"(send fewer or shorter media)",
+                resource="encoder_activations", retry_after_s=0.0,
             )
         handle = RequestHandle(request, asyncio.get_running_loop())
         self._loop.enqueue(Job((0, 0), request, plan, media, max_new, handle))

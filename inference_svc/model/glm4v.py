@@ -182,6 +182,11 @@ class Glm4vModel(UnitModel):
 
     # ---- what the engine and the transports read -------------------------------------
 
+    def activation_bytes(self, media) -> int:
+        """Vision activations scale with the image grid; the tower's own processor already
+        bounds it by max_pixels, so admission adds no separate limit here."""
+        return 0
+
     @property
     def context_length(self) -> int:
         return int(self.config.max_position_embeddings)

@@ -29,6 +29,8 @@ from inference_svc.model.prompt import PromptPlan, media_digest, media_parts, re
 from inference_svc.model.units import ModuleUnit
 
 ENCODER_MODALITY = {"vision": "image", "audio": "audio"}
+# Live tensors per encoder layer relative to its widest one (input, attention, MLP, output).
+ACTIVATION_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,22 @@ class ModularModel(UnitModel):
             unit.load()
         self._image_tokens = 0
         self._audio_conv: list[tuple[int, int]] = []
+        self._image_activation_bytes = 0
+        self._audio_activation_bytes_per_frame = 0
+        element = torch.tensor([], dtype=dtype).element_size()
         if "image" in self.encoders:
             with self.encoders["image"].use() as vision:
                 self._image_tokens = vision.tokens_per_image
+                vit = vision.vit.config
+                patches = (vit.image_size // vit.patch_size) ** 2 + 1
+                self._image_activation_bytes = (
+                    ACTIVATION_FACTOR * patches * vit.intermediate_size * element)
         if "audio" in self.encoders:
             with self.encoders["audio"].use() as audio:
                 conv = audio.conformer.config
                 self._audio_conv = list(zip(conv.conv_kernel, conv.conv_stride, strict=True))
+                # the first convolution's output (before any downsampling) dominates
+                self._audio_activation_bytes_per_frame = 2 * element * conv.conv_dim[0]
 
     @property
     def context_length(self) -> int:
@@ -113,6 +124,19 @@ class ModularModel(UnitModel):
             if candidate is not None:
                 return int(candidate)
         return 0
+
+    def activation_bytes(self, media: DecodedMedia) -> int:
+        """Peak encoder activations the request's media need (an estimate from geometry:
+        the widest per-layer tensors of each encoder, times a working-set factor)."""
+        frames = sum(self._audio_frames(len(a.samples)) for a in media.audios)
+        return (len(media.images) * self._image_activation_bytes
+                + frames * self._audio_activation_bytes_per_frame)
+
+    def _audio_frames(self, num_samples: int) -> int:
+        frames = num_samples
+        for kernel, stride in self._audio_conv[:1]:  # the first conv layer is the widest
+            frames = (frames - kernel) // stride + 1
+        return max(frames, 1)
 
     def audio_tokens(self, num_samples: int) -> int:
         """Tokens an audio clip becomes; computed from the config, not the module."""

@@ -198,3 +198,23 @@ def test_a_request_that_cannot_fit_yet_waits_for_room_instead_of_failing(server)
             t.join()
         assert {n: f.usage.completion_tokens for n, f in results.items()} == {"a": 600, "b": 600}
     assert "preempted" not in [e["event"] for e in server.log_lines()]
+
+
+def test_media_needing_more_encoder_activations_than_allowed_are_refused(tiny_bundle, tmp_path):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    server = start_server(tmp_path / "a", tiny_bundle, "--activation-budget-mb", "0.01")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(pb.GenerateRequest(messages=[user("see", png_bytes())])))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            detail = error_details_pb2.ErrorInfo()
+            rpc_status.from_call(info.value).details[0].Unpack(detail)
+            assert detail.metadata["resource"] == "encoder_activations"
+            _, final = generate(stub, [user("text only is fine")])
+            assert final.usage.completion_tokens == 8
+    finally:
+        server.terminate()
