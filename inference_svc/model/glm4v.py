@@ -40,7 +40,7 @@ from inference_svc.model.media import DecodedImage, decode_image
 from inference_svc.model.prompt import (
     MediaSpan,
     PromptPlan,
-    _media_content_ids,
+    media_content_ids,
     media_digest,
     media_parts,
 )
@@ -272,7 +272,7 @@ class Glm4vModel(UnitModel):
                 length = self.image_tokens(media.grids[index])
                 spans.append(MediaSpan("image", index, len(ids), length))
                 ids += [self.image_token_id] * length
-                content_ids += _media_content_ids(digests[index], length)
+                content_ids += media_content_ids(digests[index], length)
         return PromptPlan(input_ids=ids, spans=spans, content=content_ids)
 
     def generation_inputs(self, plan: PromptPlan, media: Glm4vMedia, *,

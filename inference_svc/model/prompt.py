@@ -80,13 +80,13 @@ def render_prompt(
         spans.append(MediaSpan(kind, counters[kind], len(ids), media_lengths[number]))
         counters[kind] += 1
         ids += [placeholder_id] * media_lengths[number]
-        content += _media_content_ids(media_digests[number], media_lengths[number])
+        content += media_content_ids(media_digests[number], media_lengths[number])
         position = match.end()
     tail = tokenizer.encode(text[position:], add_special_tokens=False)
     return PromptPlan(input_ids=ids + tail, spans=spans, content=content + tail)
 
 
-def _media_content_ids(digest: bytes, length: int) -> list[int]:
+def media_content_ids(digest: bytes, length: int) -> list[int]:
     """Negative ids (never real tokens) unique to this medium and position."""
     base = int.from_bytes(hashlib.blake2b(digest, digest_size=7).digest(), "little")
     return [-(base + offset) - 1 for offset in range(length)]
