@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import os
 import time
@@ -46,6 +47,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         self._action_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._closing = asyncio.Event()
+        self._recent: collections.deque[pb.ActionRecord] = collections.deque(maxlen=16)
 
     def _engine(self) -> Engine:
         if self.state.engine is None:
@@ -94,6 +96,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             modalities_in_use=sorted(engine.modalities_in_use()),
             admission_mode=ADMISSION_TO_PB[admission.mode], admission_limit=admission.max_running,
             completed_requests=engine.completed, pid=os.getpid(),
+            recent_actions=list(self._recent),
         )
 
     async def GetMemoryStatus(self, request, context) -> pb.GetMemoryStatusResponse:
@@ -117,8 +120,11 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         """Shutting down: end every WatchMemory stream so they do not hold the grace period."""
         self._closing.set()
 
-    def _acted(self) -> None:
-        """Wake watchers after an action; the next change needs a fresh event."""
+    def _acted(self, action: str, result: pb.ActionResult) -> None:
+        """Record the action and wake watchers; the next change needs a fresh event."""
+        record = pb.ActionRecord(action=action, result=result)
+        record.at.GetCurrentTime()
+        self._recent.appendleft(record)
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -134,8 +140,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 raise InvalidRequest("tier must be TIER_CPU or TIER_DISK to offload",
                                      field="tier")
             freed = await asyncio.to_thread(actions.offload_encoders, engine, modalities, tier)
-        self._acted()
-        return pb.OffloadModulesResponse(result=_result(freed), modules=self._modules(engine))
+        result = _result(freed)
+        self._acted("OffloadModules", result)
+        return pb.OffloadModulesResponse(result=result, modules=self._modules(engine))
 
     async def ReloadModules(self, request: pb.ReloadModulesRequest, context):
         engine = self._engine()
@@ -145,7 +152,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         result = _result(freed)
         result.freed_bytes = 0
         result.freed_bytes_by_device.clear()
-        self._acted()
+        self._acted("ReloadModules", result)
         return pb.ReloadModulesResponse(result=result, modules=self._modules(engine))
 
     async def TrimKvCache(self, request: pb.TrimKvCacheRequest, context):
@@ -157,14 +164,16 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         async with self._action_lock:
             freed, sessions = await asyncio.to_thread(
                 actions.trim_kv, engine, policy, request.target_bytes, request.max_tokens)
-        self._acted()
-        return pb.TrimKvCacheResponse(result=_result(freed), sessions=sessions)
+        result = _result(freed)
+        self._acted("TrimKvCache", result)
+        return pb.TrimKvCacheResponse(result=result, sessions=sessions)
 
     async def CollectGarbage(self, request, context) -> pb.CollectGarbageResponse:
         async with self._action_lock:
             freed = await asyncio.to_thread(actions.collect_garbage)
-        self._acted()
-        return pb.CollectGarbageResponse(result=_result(freed))
+        result = _result(freed)
+        self._acted("CollectGarbage", result)
+        return pb.CollectGarbageResponse(result=result)
 
     async def SetAdmission(self, request: pb.SetAdmissionRequest, context):
         engine = self._engine()
@@ -179,11 +188,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         lease = request.lease_seconds if mode != "open" else 0.0
         expires = time.monotonic() + lease if lease else None
         engine.set_admission(Admission(mode, limit, expires))
-        self._acted()
+        result = pb.ActionResult(detail=f"admission {mode}")
+        self._acted("SetAdmission", result)
         return pb.SetAdmissionResponse(
-            mode=request.mode, max_running=limit, lease_seconds=lease,
-            result=pb.ActionResult(detail=f"admission {mode}"),
-        )
+            mode=request.mode, max_running=limit, lease_seconds=lease, result=result)
 
     @staticmethod
     def _modalities(engine: Engine, names) -> list[str]:

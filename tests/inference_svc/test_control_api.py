@@ -229,3 +229,25 @@ def test_watch_streams_end_when_the_service_shuts_down(tiny_bundle, tmp_path):
             pass
         assert server.process.wait(30) == 0
     assert time.monotonic() - started < 10  # not held for the 20 s grace period
+
+
+def test_the_account_lists_the_last_actions_newest_first(control):
+    control.CollectGarbage(cpb.CollectGarbageRequest())
+    control.SetAdmission(cpb.SetAdmissionRequest(mode=cpb.ADMISSION_MODE_OPEN))
+    recent = status(control).recent_actions
+    assert [a.action for a in recent[:2]] == ["SetAdmission", "CollectGarbage"]
+    assert recent[1].result.duration_seconds > 0
+
+
+def test_the_status_command_shows_devices_modules_kv_and_last_actions(server, control):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    control.CollectGarbage(cpb.CollectGarbageRequest())
+    autoglm = Path(sys.executable).parent / "autoglm"
+    out = subprocess.run([str(autoglm), "status", "--control", server.control_target],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    for heading in ("Devices", "Modules", "KV of idle sessions", "Last control actions"):
+        assert heading in out
+    assert "CollectGarbage" in out and "vision" in out

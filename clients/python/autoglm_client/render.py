@@ -158,6 +158,19 @@ def memory_status_text(status: cpb.MemoryStatus) -> str:
             for s in status.sessions
         ],
     )
+    actions = table(
+        ["AT", "ACTION", "FREED", "SECONDS", "DETAIL"],
+        [
+            [
+                a.at.ToDatetime().strftime("%H:%M:%S"),
+                a.action,
+                format_bytes(a.result.freed_bytes),
+                f"{a.result.duration_seconds:.3f}",
+                a.result.detail,
+            ]
+            for a in status.recent_actions
+        ],
+    )
     return "\n".join(
         [
             *summary,
@@ -173,6 +186,9 @@ def memory_status_text(status: cpb.MemoryStatus) -> str:
             "",
             "KV of idle sessions",
             sessions,
+            "",
+            "Last control actions (memory daemon or operator)",
+            actions,
         ]
     )
 
