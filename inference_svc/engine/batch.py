@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from inference_svc.engine.generation import FrequencyPresencePenalty
 from inference_svc.engine.types import SamplingParams
 
 
@@ -97,9 +98,11 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
         scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(
             _padded_with_own_tokens(histories), scores)
     if params.frequency_penalty or params.presence_penalty:
-        counts = _generated_counts(samplers, histories, scores.shape[-1])
-        scores = scores - params.frequency_penalty * counts
-        scores = scores - params.presence_penalty * (counts > 0).to(scores.dtype)
+        # each row counts its own generated tokens: prompt lengths differ per row
+        for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
+            penalty = FrequencyPresencePenalty(params.frequency_penalty,
+                                               params.presence_penalty, sampler.prompt_length)
+            scores[row : row + 1] = penalty(history.reshape(1, -1), scores[row : row + 1])
     for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
         if history.shape[-1] - sampler.prompt_length < params.min_new_tokens:
             scores[row, sampler.eos_ids] = -float("inf")
@@ -123,16 +126,6 @@ def _padded_with_own_tokens(histories: list[torch.Tensor]) -> torch.Tensor:
     padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
     firsts = torch.stack([r[0] for r in rows]).unsqueeze(1)
     return torch.where(padded < 0, firsts, padded)
-
-
-def _generated_counts(samplers: list[Sampler], histories: list[torch.Tensor],
-                      vocab: int) -> torch.Tensor:
-    counts = torch.zeros((len(histories), vocab))
-    for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
-        generated = history.reshape(-1)[sampler.prompt_length:]
-        if generated.numel():
-            counts[row].scatter_add_(0, generated, torch.ones(generated.shape[0]))
-    return counts
 
 
 @dataclass

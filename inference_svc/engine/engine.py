@@ -121,7 +121,7 @@ class Engine:
         return plan
 
     def kv_estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        return (prompt_tokens + max_new_tokens) * self.model.kv_bytes_per_token()
+        return self._loop.kv_estimate(prompt_tokens, max_new_tokens)
 
     def end_session(self, session_id: str) -> int | None:
         """Drop a session's cached state; None when the session is unknown."""

@@ -199,16 +199,7 @@ class ModelLoop:
 
     def _fits(self, job: Job) -> bool:
         """Whether the job's KV reservation fits, after evicting idle caches if needed."""
-        needed = self._estimate(job)
-        excess = self.sessions.total_bytes() + self.reserved_bytes() + needed
-        excess -= self.config.kv_budget_bytes
-        if excess > 0:
-            result = self.sessions.evict_lru(excess)
-            if result.sessions:
-                log.info("kv_evicted", freed_bytes=result.freed_bytes, entries=result.sessions,
-                         reason="admission")
-        total = self.sessions.total_bytes() + self.reserved_bytes() + needed
-        return total <= self.config.kv_budget_bytes
+        return self._make_room(self._estimate(job))
 
     def _preempt_for(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:
         """Last resort: preempt lower-priority sequences (newest first) to fit `job`."""
@@ -347,26 +338,29 @@ class ModelLoop:
 
     def _new_sequence(self, job: Job, info: RunningInfo, reuse: Reuse | None,
                       logits: torch.Tensor) -> Sequence:
-        request, plan = job.request, job.plan
+        plan = job.plan
+        text, streamer = self._open_stream(job, info)
+        streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
+        sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
+                                 eos_ids=self.model.eos_token_ids, seed=_seed(job.request))
+        return Sequence(
+            job=job, info=info, row=Row(info.request_id, len(plan.input_ids)),
+            sampler=sampler, history=torch.tensor([plan.input_ids]), streamer=streamer,
+            text=text, reuse=reuse, started=time.monotonic(), pending_logits=logits,
+        )
+
+    def _open_stream(self, job: Job, info: RunningInfo) -> tuple[TextStream, DeltaStreamer]:
+        """The request's text pipeline and the streamer that feeds its client."""
+        request = job.request
         text = TextStream(self.model.tokenizer, request.sampling.stop_sequences,
-                          start_in_reasoning=self._starts_in_reasoning(request, plan))
+                          start_in_reasoning=self._starts_in_reasoning(request, job.plan))
 
         def emit(delta) -> None:
             info.generated_tokens = len(streamer.token_ids)
             job.handle.push(delta)
 
         streamer = DeltaStreamer(text, emit, reasoning=request.return_reasoning)
-        streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
-        seed = request.sampling.seed
-        if seed is None:
-            seed = int.from_bytes(os.urandom(7), "little")
-        sampler = Sampler.create(request.sampling, prompt_length=len(plan.input_ids),
-                                 eos_ids=self.model.eos_token_ids, seed=seed)
-        return Sequence(
-            job=job, info=info, row=Row(info.request_id, len(plan.input_ids)),
-            sampler=sampler, history=torch.tensor([plan.input_ids]), streamer=streamer,
-            text=text, reuse=reuse, started=time.monotonic(), pending_logits=logits,
-        )
+        return text, streamer
 
     def _accept(self, sequence: Sequence, token: int) -> bool:
         """Stream a chosen token; True when the sequence is done."""
@@ -428,29 +422,36 @@ class ModelLoop:
     def _finish(self, sequence: Sequence, cache: DynamicCache | None,
                 sequences: dict[str, Sequence]) -> None:
         sequences.pop(sequence.info.request_id, None)
-        request, job = sequence.job.request, sequence.job
         sequence.streamer.end()
-        eos_ids = self.model.eos_token_ids
-        reason = finish_reason(sequence.streamer, job.handle.cancellation, eos_ids=eos_ids,
+        finished = self._conclude(sequence.job, sequence.streamer, sequence.text,
+                                  sequence.reuse, cache, sequence.started)
+        # retire first: a client that reads the account after its final message must
+        # not see its KV twice (as running and as the idle cache it became)
+        self._retire(sequence.info)
+        sequence.job.handle.push(finished)
+
+    def _conclude(self, job: Job, streamer: DeltaStreamer, text: TextStream,
+                  reuse: Reuse | None, cache: DynamicCache | None,
+                  started: float) -> Finished:
+        """Why it ended, keep its KV for reuse unless cancelled, account and log it."""
+        request = job.request
+        reason = finish_reason(streamer, job.handle.cancellation,
+                               eos_ids=self.model.eos_token_ids,
                                max_new_tokens=job.max_new_tokens)
         if reason is not FinishReason.CANCELLED and cache is not None:
             self.sessions.put(request.session_id, request.request_id,
-                              job.plan.content + sequence.streamer.token_ids, cache)
+                              job.plan.content + streamer.token_ids, cache)
             self._make_room(0, excluding=request.request_id)
-        usage = _usage(job, sequence.generated)
-        usage.reasoning_tokens = sequence.streamer.reasoning_tokens
-        usage.cached_prompt_tokens = sequence.reuse.tokens if sequence.reuse else 0
+        usage = _usage(job, len(streamer.token_ids))
+        usage.reasoning_tokens = streamer.reasoning_tokens
+        usage.cached_prompt_tokens = reuse.tokens if reuse else 0
         log.info("generation_finished", request_id=request.request_id,
                  finish_reason=reason.value, prompt_tokens=usage.prompt_tokens,
                  completion_tokens=usage.completion_tokens,
                  cached_prompt_tokens=usage.cached_prompt_tokens,
-                 reuse=sequence.reuse.source if sequence.reuse else None,
-                 seconds=round(time.monotonic() - sequence.started, 4))
-        # retire first: a client that reads the account after its final message must
-        # not see its KV twice (as running and as the idle cache it became)
-        self._retire(sequence.info)
-        job.handle.push(Finished(reason, usage, sequence.text.matched_stop,
-                                 images=_image_sizes(job)))
+                 reuse=reuse.source if reuse else None,
+                 seconds=round(time.monotonic() - started, 4))
+        return Finished(reason, usage, text.matched_stop, images=_image_sizes(job))
 
     def _fail(self, job: Job, info: RunningInfo | None, error: BaseException) -> None:
         if isinstance(error, torch.OutOfMemoryError):
@@ -487,26 +488,33 @@ class ModelLoop:
             kv_cache.move(reuse.cache, self.model.device)  # it was offloaded to the host
         return reuse
 
+    def kv_estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """KV a request reserves: prompt plus every token it may generate."""
+        return (prompt_tokens + max_new_tokens) * self.model.kv_bytes_per_token()
+
     def _estimate(self, job: Job) -> int:
-        tokens = len(job.plan.input_ids) + job.max_new_tokens
-        return tokens * self.model.kv_bytes_per_token()
+        return self.kv_estimate(len(job.plan.input_ids), job.max_new_tokens)
 
-    def _make_room(self, needed: int, *, excluding: str) -> None:
-        """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget.
+    def _make_room(self, needed: int, *, excluding: str = "") -> bool:
+        """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget; whether
+        they do.
 
-        `excluding` names the request this is done for: its KV is in `needed` (before
-        it runs) or in the session store (after), not counted again as running.
+        `excluding` names a request whose KV is counted elsewhere (in `needed`, or in the
+        session store once it finished), so not again as running.
         """
-        with self.lock:
-            reserved = sum(r.reserved_bytes for r in self.running.values()
-                           if r.request_id != excluding)
-        in_use = self.sessions.total_bytes() + reserved
-        excess = in_use + needed - self.config.kv_budget_bytes
+        def in_use() -> int:
+            with self.lock:
+                reserved = sum(r.reserved_bytes for r in self.running.values()
+                               if r.request_id != excluding)
+            return self.sessions.total_bytes() + reserved + needed
+
+        excess = in_use() - self.config.kv_budget_bytes
         if excess > 0:
             result = self.sessions.evict_lru(excess)
             if result.sessions:
                 log.info("kv_evicted", freed_bytes=result.freed_bytes, entries=result.sessions,
                          reason="budget")
+        return in_use() <= self.config.kv_budget_bytes
 
     def _starts_in_reasoning(self, request: GenerationRequest, plan: PromptPlan) -> bool:
         if not request.enable_thinking:
@@ -520,20 +528,10 @@ class ModelLoop:
         request, plan, model = job.request, job.plan, self.model
         started = time.monotonic()
         reuse = self._reuse(request, plan)
-        cached = reuse.tokens if reuse else 0
-        inputs = model.generation_inputs(plan, job.media, cached=cached)
-        text = TextStream(model.tokenizer, request.sampling.stop_sequences,
-                          start_in_reasoning=self._starts_in_reasoning(request, plan))
-
-        def emit(delta) -> None:
-            info.generated_tokens = len(streamer.token_ids)
-            job.handle.push(delta)
-
-        streamer = DeltaStreamer(text, emit, reasoning=request.return_reasoning)
+        inputs = model.generation_inputs(plan, job.media, cached=reuse.tokens if reuse else 0)
+        text, streamer = self._open_stream(job, info)
         cancellation = job.handle.cancellation
-        eos_ids = model.eos_token_ids
-        seed = request.sampling.seed
-        torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
+        torch.manual_seed(_seed(request))
         penalties = []
         if request.sampling.frequency_penalty or request.sampling.presence_penalty:
             penalties.append(FrequencyPresencePenalty(
@@ -544,27 +542,20 @@ class ModelLoop:
             decoder.generate(
                 **inputs,
                 generation_config=generation_config(
-                    request.sampling, max_new_tokens=job.max_new_tokens, eos_ids=eos_ids,
-                    pad_id=model.placeholder_id),
+                    request.sampling, max_new_tokens=job.max_new_tokens,
+                    eos_ids=model.eos_token_ids, pad_id=model.placeholder_id),
                 logits_processor=LogitsProcessorList(penalties),
                 stopping_criteria=[StopWhen(lambda: cancellation.requested or text.stopped)],
                 streamer=streamer,
                 cache=cache,
             )
-        reason = finish_reason(streamer, cancellation, eos_ids=eos_ids,
-                               max_new_tokens=job.max_new_tokens)
-        if reason is not FinishReason.CANCELLED:
-            self.sessions.put(request.session_id, request.request_id,
-                              plan.content + streamer.token_ids, cache)
-            self._make_room(0, excluding=request.request_id)
-        usage = _usage(job, len(streamer.token_ids))
-        usage.reasoning_tokens = streamer.reasoning_tokens
-        usage.cached_prompt_tokens = cached
-        log.info("generation_finished", request_id=request.request_id, finish_reason=reason.value,
-                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                 cached_prompt_tokens=cached, reuse=reuse.source if reuse else None,
-                 seconds=round(time.monotonic() - started, 4))
-        return Finished(reason, usage, text.matched_stop, images=_image_sizes(job))
+        return self._conclude(job, streamer, text, reuse, cache, started)
+
+
+def _seed(request: GenerationRequest) -> int:
+    """The request's seed, or a fresh random one."""
+    seed = request.sampling.seed
+    return seed if seed is not None else int.from_bytes(os.urandom(7), "little")
 
 
 def _usage(job: Job, completion_tokens: int) -> Usage:

@@ -28,7 +28,6 @@ from inference_svc.model.placement import Placement
 from inference_svc.model.prompt import PromptPlan, media_digest, media_parts, render_prompt
 from inference_svc.model.units import ModuleUnit
 
-ENCODER_MODALITY = {"vision": "image", "audio": "audio"}
 # Live tensors per encoder layer relative to its widest one (input, attention, MLP, output).
 ACTIVATION_FACTOR = 4
 
@@ -191,18 +190,6 @@ class ModularModel(UnitModel):
         return render_prompt(self.tokenizer, messages, enable_thinking=enable_thinking,
                              media_lengths=lengths, media_digests=digests,
                              placeholder_id=self.placeholder_id)
-
-    def generation_inputs(
-        self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0
-    ) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the decoder's generate(): ids, embeddings, mask."""
-        embeds = self.embed(plan, media, cached=cached)
-        return {
-            "input_ids": torch.tensor([plan.input_ids], device=embeds.device),
-            "inputs_embeds": embeds,
-            "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long,
-                                         device=embeds.device),
-        }
 
     def prefill(
         self, plan: PromptPlan, media: DecodedMedia, cache, *, cached: int = 0
