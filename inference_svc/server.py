@@ -52,6 +52,7 @@ class Service:
         self.metrics = ServiceMetrics(self.state)
         self.state.metrics = self.metrics
         self.health = health.aio.HealthServicer()
+        self.descriptors = DocumentedPool()  # read once, served by both listeners
         interceptor = ServiceInterceptor(
             lambda method, code: self.metrics.rpcs.labels(method, code).inc())
         self.public = grpc.aio.server(interceptors=[interceptor], options=_options(config))
@@ -59,7 +60,7 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.public)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.public,
-            pool=DocumentedPool(),
+            pool=self.descriptors,
         )
         self.port = self.public.add_insecure_port(f"{config.host}:{config.port}")
         self.control = self._control_server()
@@ -75,7 +76,7 @@ class Service:
         control_grpc.add_ControlServiceServicer_to_server(self.control_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], server,
-                                            pool=DocumentedPool())
+                                            pool=self.descriptors)
         if config.control_socket:
             path = config.control_socket
             if os.path.exists(path):
