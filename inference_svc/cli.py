@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     from inference_svc.server import serve
 
-    asyncio.run(serve(config))
-    return 0
+    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ class ServerConfig:
     pressure_max_pixels: int = 200_704
     encoder_idle_offload_s: float = 0.0
     grace_period_s: float = 10.0
+    prefill_chunk_tokens: int = 256
+    watchdog_timeout_s: float = 120.0
     control_socket: str = "/tmp/autoglm-control.sock"
     control_tcp: str = ""
     control_token: str = ""
@@ -64,6 +66,10 @@ class ServerConfig:
             raise ValueError("encoder idle offload must not be negative")
         if self.grace_period_s < 0:
             raise ValueError("grace period must not be negative")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError("prefill chunk tokens must not be negative")
+        if self.watchdog_timeout_s < 0:
+            raise ValueError("watchdog timeout must not be negative")
 
 
 def _env(name: str, default):
@@ -123,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-idle-ttl", type=float, default=float(_env("SESSION_IDLE_TTL", 600)),
                    help="seconds an idle session's KV is kept")
     p.add_argument("--grace-period", type=float, default=float(_env("GRACE_PERIOD", 10)))
+    p.add_argument("--prefill-chunk-tokens", type=int,
+                   default=int(_env("PREFILL_CHUNK_TOKENS", 256)),
+                   help="prompt positions per prefill pass; a cancel or deadline stops the "
+                        "prefill between chunks (0: whole prompt at once)")
+    p.add_argument("--watchdog-timeout", type=float,
+                   default=float(_env("WATCHDOG_TIMEOUT", 120)),
+                   help="seconds the model loop may go without progress while work is "
+                        "pending before the service exits non-zero (0: off)")
     p.add_argument("--control-socket", default=_env("CONTROL_SOCKET", "/tmp/autoglm-control.sock"))
     p.add_argument("--control-tcp", default=_env("CONTROL_TCP", ""),
                    help="also serve the control API on HOST:PORT (requires --control-token)")
@@ -160,7 +174,8 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         kv_budget_fraction=args.kv_budget_fraction,
         activation_budget_bytes=int(args.activation_budget_mb * 1024 * 1024),
         prefix_caching=not args.no_prefix_caching, session_idle_ttl_s=args.session_idle_ttl,
-        grace_period_s=args.grace_period, control_socket=args.control_socket,
+        grace_period_s=args.grace_period, prefill_chunk_tokens=args.prefill_chunk_tokens,
+        watchdog_timeout_s=args.watchdog_timeout, control_socket=args.control_socket,
         control_tcp=args.control_tcp, control_token=args.control_token,
         port_file=Path(args.port_file) if args.port_file else None,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,

@@ -65,3 +65,9 @@ class DeadlineExceeded(ServiceError):
     """The client's deadline passed before generation finished."""
 
     reason = "DEADLINE_EXCEEDED"
+
+
+class GenerationFailed(ServiceError):
+    """The model could not continue this request (its other requests are unaffected)."""
+
+    reason = "GENERATION_FAILED"

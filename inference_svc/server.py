@@ -2,7 +2,8 @@
 
 Health stays NOT_SERVING until the model is loaded and the engine runs. SIGTERM flips
 health to NOT_SERVING, stops accepting calls, lets in-flight streams finish within the
-grace period, then cancels the rest.
+grace period, then ends the rest with a final CANCELLED message carrying their usage.
+A watchdog ends the process (non-zero) if the model loop dies or stalls.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ from inference_svc.service_state import ServiceState
 from inference_svc.transport.errors import ServiceInterceptor
 from inference_svc.transport.inference_servicer import InferenceServicer
 from inference_svc.transport.reflection_docs import DocumentedPool
+from inference_svc.watchdog import EXIT_CODE as WATCHDOG_EXIT_CODE
+from inference_svc.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 CONTROL_SERVICE = control_pb.DESCRIPTOR.services_by_name["ControlService"].full_name
+FLUSH_SECONDS = 2.0  # after the grace period, for the engine's CANCELLED finals to go out
 
 
 def _options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -65,6 +69,8 @@ class Service:
         self.port = self.public.add_insecure_port(f"{config.host}:{config.port}")
         self.control = self._control_server()
         self._background: list[asyncio.Task] = []
+        self.halted = asyncio.Event()  # the watchdog found the model loop dead or stalled
+        self.exit_code = 0
 
     def _control_server(self) -> grpc.aio.Server:
         config = self.config
@@ -115,9 +121,14 @@ class Service:
             max_batch=config.max_batch, kv_budget_bytes=kv_budget_bytes(config, model),
             activation_budget_bytes=config.activation_budget_bytes,
             prefix_caching=config.prefix_caching, session_idle_ttl_s=config.session_idle_ttl_s,
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
         ))
         engine.start()
         self.state.engine = engine
+        if config.watchdog_timeout_s > 0:
+            watchdog = Watchdog(engine, stall_timeout_s=config.watchdog_timeout_s,
+                                on_fault=self._halt)
+            self._background.append(asyncio.create_task(watchdog.run()))
         if config.encoder_idle_offload_s > 0:
             policy = ResidencyPolicy(engine, idle_seconds=config.encoder_idle_offload_s)
             self._background.append(asyncio.create_task(policy.run()))
@@ -136,22 +147,39 @@ class Service:
         }))
         staging.replace(self.config.port_file)
 
+    async def _halt(self, fault: str) -> None:
+        await self._set_health(False)
+        self.exit_code = WATCHDOG_EXIT_CODE
+        self.halted.set()
+
     async def stop(self) -> None:
-        log.info("shutting_down", grace_seconds=self.config.grace_period_s)
+        """Stop accepting calls; streams get the grace period, then a CANCELLED final."""
+        grace = self.config.grace_period_s
+        log.info("shutting_down", grace_seconds=grace)
         await self.health.enter_graceful_shutdown()
         self.control_servicer.close()
         for task in self._background:
             task.cancel()
-        await asyncio.gather(self.public.stop(self.config.grace_period_s),
-                             self.control.stop(self.config.grace_period_s))
-        if self.state.engine is not None:
-            await asyncio.to_thread(self.state.engine.stop)
+        engine = self.state.engine
+        if engine is not None:
+            engine.close()
+        # the servers refuse new calls at once; streams still open after the grace period
+        # are ended by the engine below, and FLUSH_SECONDS lets their finals reach clients
+        stopping = asyncio.gather(self.public.stop(grace + FLUSH_SECONDS),
+                                  self.control.stop(grace + FLUSH_SECONDS))
+        if engine is not None:
+            deadline = asyncio.get_running_loop().time() + grace
+            while not engine.idle and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(engine.stop, 1.0 if self.halted.is_set() else 10.0)
+        await stopping
         if self.config.control_socket and os.path.exists(self.config.control_socket):
             os.unlink(self.config.control_socket)
         log.info("stopped")
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit code 0) or a watchdog halt (non-zero)."""
     service = Service(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,10 +187,12 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(service.start())
     stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    halted = asyncio.create_task(service.halted.wait())
+    await asyncio.wait({starting, stopped, halted}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception() is not None:
         await service.stop()
         raise starting.exception()
-    await stop.wait()
+    await asyncio.wait({stopped, halted}, return_when=asyncio.FIRST_COMPLETED)
     starting.cancel()
     await service.stop()
+    return service.exit_code

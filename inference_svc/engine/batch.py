@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
 
 from inference_svc.engine.generation import FrequencyPresencePenalty
 from inference_svc.engine.types import SamplingParams
+from inference_svc.errors import GenerationFailed
 
 
 class CandidateTopP(TopPLogitsWarper):
@@ -72,27 +73,52 @@ class Sampler:
                 p.presence_penalty)
 
 
+class NonFiniteScores(GenerationFailed):
+    """A row's next-token scores are NaN or infinite, or leave no token to choose."""
+
+    def __init__(self) -> None:
+        super().__init__("the model produced non-finite scores for this request")
+
+
+Choice = int | Exception  # a row's next token, or why that row alone failed
+
+
 def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
-                  logits: torch.Tensor) -> list[int]:
+                  logits: torch.Tensor) -> list[Choice]:
     """Next token of every row: transformers' logits processors applied per group of rows
     that share sampling parameters, then each row's own generator.
 
-    Every operation is row-wise, so a row gets exactly what it would get alone.
+    Every operation is row-wise, so a row gets exactly what it would get alone, and a row
+    that cannot be sampled fails alone: rows with non-finite scores are set apart first,
+    and a group that fails is retried row by row to find the culprit.
     """
-    tokens = [0] * len(samplers)
+    logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    choices: list[Choice] = [NonFiniteScores()] * len(samplers)
     groups: dict[tuple, list[int]] = {}
     for index, sampler in enumerate(samplers):
-        groups.setdefault(sampler.group, []).append(index)
+        if finite[index]:
+            groups.setdefault(sampler.group, []).append(index)
     for rows in groups.values():
-        chosen = _choose_group([samplers[i] for i in rows], [histories[i] for i in rows],
-                               logits[rows].float())
-        for index, token in zip(rows, chosen, strict=True):
-            tokens[index] = token
-    return tokens
+        try:
+            chosen = _choose_group([samplers[i] for i in rows], [histories[i] for i in rows],
+                                   logits[rows])
+        except Exception:
+            chosen = [_choose_alone(samplers[i], histories[i], logits[i]) for i in rows]
+        for index, choice in zip(rows, chosen, strict=True):
+            choices[index] = choice
+    return choices
+
+
+def _choose_alone(sampler: Sampler, history: torch.Tensor, logits: torch.Tensor) -> Choice:
+    try:
+        return _choose_group([sampler], [history], logits.unsqueeze(0).clone())[0]
+    except Exception as error:
+        return error
 
 
 def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
-                  scores: torch.Tensor) -> list[int]:
+                  scores: torch.Tensor) -> list[Choice]:
     params = samplers[0].params
     if params.repetition_penalty != 1.0:
         scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(
@@ -107,7 +133,10 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
         if history.shape[-1] - sampler.prompt_length < params.min_new_tokens:
             scores[row, sampler.eos_ids] = -float("inf")
     if params.temperature <= 0:
-        return scores.argmax(dim=-1).tolist()
+        usable = (~torch.isnan(scores).any(dim=-1)) & (scores > -float("inf")).any(dim=-1)
+        return [int(token) if ok else NonFiniteScores()
+                for token, ok in zip(scores.argmax(dim=-1).tolist(), usable.tolist(),
+                                     strict=True)]
     if params.temperature != 1.0:
         scores = TemperatureLogitsWarper(params.temperature)(None, scores)
     if params.top_k:
@@ -115,8 +144,10 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
     if params.top_p < 1.0:
         scores = CandidateTopP(params.top_p)(None, scores)
     probs = torch.softmax(scores, dim=-1)
-    return [int(torch.multinomial(probs[row], 1, generator=sampler.generator))
-            for row, sampler in enumerate(samplers)]
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    return [int(torch.multinomial(probs[row], 1, generator=sampler.generator)) if ok
+            else NonFiniteScores()
+            for row, (sampler, ok) in enumerate(zip(samplers, usable.tolist(), strict=True))]
 
 
 def _padded_with_own_tokens(histories: list[torch.Tensor]) -> torch.Tensor:

@@ -8,11 +8,13 @@ Transports call `submit()` and iterate the handle's events; the model thread
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, replace
 
 import structlog
 
-from inference_svc.engine.jobs import Admission, Job, RequestHandle, RunningInfo
+from inference_svc.engine.jobs import Admission, Failed, Job, RequestHandle, RunningInfo
 from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.engine.types import GenerationRequest, SamplingParams
@@ -37,6 +39,7 @@ class EngineConfig:
     activation_budget_bytes: int = 1024**3
     session_idle_ttl_s: float = 600.0
     prefix_caching: bool = True
+    prefill_chunk_tokens: int = 256  # prompt positions per prefill pass; 0: whole prompt
 
     def __post_init__(self) -> None:
         if self.max_queued < 1:
@@ -45,6 +48,8 @@ class EngineConfig:
             raise ValueError("max_batch must be at least 1")
         if self.max_pixels < 64 * 64:
             raise ValueError("max_pixels must be at least 4096")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError("prefill_chunk_tokens must not be negative")
         if self.kv_budget_bytes < 64 * 1024:
             raise ValueError("kv_budget_bytes must be at least 64 KiB")
 
@@ -55,19 +60,49 @@ class Engine:
         self.config = config
         self.sessions = SessionStore(idle_ttl_s=config.session_idle_ttl_s)
         self._loop = ModelLoop(model, config, self.sessions)
+        self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
+        self.closed = False
 
     def start(self) -> None:
         self._loop.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End the loop: what still runs or waits ends with CANCELLED and its usage."""
+        self.closed = True
         self._loop.stop(timeout)
+
+    def close(self) -> None:
+        """Refuse new requests (shutdown has begun); those admitted go on."""
+        self.closed = True
+
+    @property
+    def idle(self) -> bool:
+        return not self._loop.busy
+
+    def fault(self, stall_timeout_s: float) -> str | None:
+        """Why the model loop cannot serve (dead, or stalled with work pending), or None."""
+        if not self._loop.alive:
+            return "the model loop has stopped"
+        silent = time.monotonic() - self._loop.heartbeat
+        if silent > stall_timeout_s and self._loop.busy:
+            return f"the model loop made no progress for {silent:.1f} s with work pending"
+        return None
+
+    def fail_all(self, error: Exception) -> int:
+        """End every open request with `error` (the loop can no longer serve them)."""
+        open_handles = [h for h in list(self._handles) if not h.ended]
+        for handle in open_handles:
+            handle.cancel()
+            handle.push(Failed(error))
+        return len(open_handles)
 
     # ---- requests ---------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
-        if self._loop.stopping:
+        if self.closed or self._loop.stopping:
             raise NotReady("the service is shutting down")
         validate(request)
+        request = normalized(request)
         media, plan = await asyncio.to_thread(self._prepare, request)
         context = self.model.context_length
         prompt_tokens = len(plan.input_ids)
@@ -94,6 +129,7 @@ class Engine:
             )
         handle = RequestHandle(request, asyncio.get_running_loop())
         self._loop.enqueue(Job((0, 0), request, plan, media, max_new, handle))
+        self._handles.add(handle)
         return handle
 
     def under_pressure(self) -> bool:
@@ -155,6 +191,19 @@ class Engine:
 
 
 ROLES = {"system", "user", "assistant"}
+# Below this a temperature means greedy decoding (vLLM's rule): dividing scores by a
+# smaller one overflows them to infinity.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# A repetition penalty divides or multiplies scores; far below 1 it overflows them.
+MIN_REPETITION_PENALTY = 0.01
+
+
+def normalized(request: GenerationRequest) -> GenerationRequest:
+    """The request as the sampler runs it: a near-zero temperature is greedy."""
+    sampling = request.sampling
+    if 0 < sampling.temperature < GREEDY_BELOW_TEMPERATURE:
+        return replace(request, sampling=replace(sampling, temperature=0.0))
+    return request
 
 
 def validate(request: GenerationRequest) -> None:
@@ -174,7 +223,8 @@ def validate(request: GenerationRequest) -> None:
         (0 <= s.temperature <= 2, "sampling.temperature", "must be in [0, 2]"),
         (0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]"),
         (s.top_k >= 0, "sampling.top_k", "must not be negative"),
-        (0 < s.repetition_penalty <= 10, "sampling.repetition_penalty", "must be in (0, 10]"),
+        (MIN_REPETITION_PENALTY <= s.repetition_penalty <= 10, "sampling.repetition_penalty",
+         f"must be in [{MIN_REPETITION_PENALTY}, 10]"),
         (-2 <= s.frequency_penalty <= 2, "sampling.frequency_penalty", "must be in [-2, 2]"),
         (-2 <= s.presence_penalty <= 2, "sampling.presence_penalty", "must be in [-2, 2]"),
         (len(s.stop_sequences) <= 16, "sampling.stop_sequences", "at most 16 are allowed"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -49,10 +50,15 @@ class RequestHandle:
         self.cancellation = Cancellation(request.deadline)
         self._loop = loop
         self._events: asyncio.Queue[Event | Failed] = asyncio.Queue()
+        self.ended = False  # its final event (Finished or Failed) has been pushed
 
     def push(self, event: Event | Failed) -> None:
-        """Thread-safe: called from the model thread."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        """Thread-safe: called from the model thread (and by the watchdog)."""
+        if isinstance(event, Finished | Failed):
+            self.ended = True
+        # a closed event loop (process exit) raises RuntimeError: nobody is listening then
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     def cancel(self) -> None:
         self.cancellation.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from transformers import DynamicCache
 
 
@@ -21,6 +22,11 @@ def cache_bytes(cache: DynamicCache) -> int:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+def all_finite(cache: DynamicCache) -> bool:
+    """No NaN or infinity anywhere in the cache (one that has them must not be reused)."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in _tensors(cache))
 
 
 def cache_length(cache: DynamicCache) -> int:

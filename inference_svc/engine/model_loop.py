@@ -5,6 +5,11 @@ batch at the next step. Each sequence keeps its own sampling state (transformers
 logits processors, its own seeded generator), so batching does not change what a
 seeded request generates. Models without a `prefill` method (native GLM-4.1V) run one
 request at a time through transformers' generate().
+
+Containment: no exception ends the loop. A failure is attributed to the request it
+belongs to (a row whose scores are not finite, a prefill, a stream), which fails alone;
+an error in work the requests share fails those in flight, and the loop goes on.
+`heartbeat` tells the service's watchdog that the loop is alive and making progress.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 
 from inference_svc.engine import kv_cache
-from inference_svc.engine.batch import DecodeBatch, Row, Sampler, choose_tokens
+from inference_svc.engine.batch import DecodeBatch, NonFiniteScores, Row, Sampler, choose_tokens
 from inference_svc.engine.generation import (
     DeltaStreamer,
     FrequencyPresencePenalty,
@@ -33,7 +38,7 @@ from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.engine.text_stream import THINK_OPEN, TextStream
 from inference_svc.engine.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
-from inference_svc.errors import ResourceExhausted
+from inference_svc.errors import GenerationFailed, ResourceExhausted, ServiceError
 from inference_svc.memory.process import release_freed_memory
 from inference_svc.model.prompt import PromptPlan
 
@@ -69,6 +74,8 @@ class ModelLoop:
         self.queued = 0
         self.completed = 0
         self.stopping = False
+        self.heartbeat = time.monotonic()  # last sign of progress, for the watchdog
+        self._jobs: dict[str, Job] = {}  # admitted and not yet retired, by request id
         self.admission = Admission()
         self._admission_changed = threading.Condition()
         self._sequence = itertools.count()
@@ -79,6 +86,16 @@ class ModelLoop:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def busy(self) -> bool:
+        """Work is waiting or running (so the heartbeat must keep moving)."""
+        with self.lock:
+            return bool(self.queued or self.running)
 
     def stop(self, timeout: float) -> None:
         self.stopping = True
@@ -122,26 +139,76 @@ class ModelLoop:
         batch = DecodeBatch()
         sequences: dict[str, Sequence] = {}
         while True:
-            admitted: list[Job] = []
-            job = self._next_job(block=not sequences)
-            while job is not None:
-                if job.request is None:
-                    self._start_all(admitted, batch, sequences)
-                    self._abort_all(batch, sequences)
+            self.heartbeat = time.monotonic()
+            try:
+                if not self._iterate(batch, sequences):
                     return
-                if not (self._fits(job) or self._preempt_for(job, batch, sequences)):
-                    self._hold(job)
-                    break
-                self._register(job)
-                admitted.append(job)
-                job = self._next_job(block=False)  # everything waiting joins this round
-            if admitted:
-                self._start_all(admitted, batch, sequences)
-            if sequences:
-                self._step(batch, sequences)
+            except Exception as error:  # shared work failed: contain it, keep serving
+                self._contain(error, batch, sequences)
+
+    def _iterate(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:
+        """Admit what fits, start it, decode one step; False once told to stop."""
+        admitted: list[Job] = []
+        job = self._next_job(block=not sequences)
+        while job is not None:
+            if job.request is None:
+                self._cancel_everything(batch, sequences)
+                return False
+            if not (self._fits(job) or self._preempt_for(job, batch, sequences)):
+                self._hold(job)
+                break
+            self._register(job)
+            admitted.append(job)
+            job = self._next_job(block=False)  # everything waiting joins this round
+        if admitted:
+            self._start_all(admitted, batch, sequences)
+        if sequences:
+            self._step(batch, sequences)
+        return True
+
+    def _contain(self, error: Exception, batch: DecodeBatch,
+                 sequences: dict[str, Sequence]) -> None:
+        """An error outside any one request's work: every request in flight fails (their
+        shared state cannot be trusted), the batch starts empty, the loop goes on."""
+        log.error("model_loop_error", error_type=type(error).__name__,
+                  error=_brief(error), in_flight=len(self._jobs), exc_info=error)
+        batch.rows, batch.cache, batch.mask = [], None, None
+        sequences.clear()
+        failure = GenerationFailed("internal error in the model loop; retry the request")
+        for job in list(self._jobs.values()):
+            self._fail(job, job.info, failure)
+
+    def _cancel_everything(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+        """Shutdown: every running and waiting request ends with CANCELLED and its usage."""
+        for sequence in list(sequences.values()):
+            sequence.job.handle.cancel()
+            self._finish(sequence, None, sequences)
+        batch.rows, batch.cache, batch.mask = [], None, None
+        for job in list(self._jobs.values()):  # admitted but not started
+            self._end_unstarted(job)
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if job.request is not None:
+                with self.lock:
+                    self.queued -= 1
+                self._end_unstarted(job)
+
+    def _end_unstarted(self, job: Job) -> None:
+        job.handle.cancel()
+        if job.info is not None:
+            self._retire(job.info)
+        else:
+            with self.lock:
+                self.completed += 1
+        generated = job.resume.generated if job.resume is not None else 0
+        job.handle.push(Finished(FinishReason.CANCELLED, _usage(job, generated)))
 
     def _next_job(self, *, block: bool) -> Job | None:
         while True:
+            self.heartbeat = time.monotonic()
             if self.admission.mode == "paused" and not self.stopping:
                 self._expire_queued()
             if len(self.running) >= self._capacity() and not self.stopping:
@@ -165,9 +232,7 @@ class ModelLoop:
             with self.lock:
                 self.queued -= 1
             if job.handle.cancellation.requested:
-                job.handle.push(Finished(FinishReason.CANCELLED, _usage(job, 0)))
-                with self.lock:
-                    self.completed += 1
+                self._end_unstarted(job)
                 continue
             return job
 
@@ -250,21 +315,30 @@ class ModelLoop:
         job.info = info
         with self.lock:
             self.running[info.request_id] = info
+            self._jobs[info.request_id] = job
 
     def _start_all(self, jobs: list[Job], batch: DecodeBatch,
                    sequences: dict[str, Sequence]) -> None:
-        """Prefill admitted jobs (fresh prompts together), sample their first tokens."""
+        """Prefill admitted jobs (short fresh prompts together), sample their first tokens.
+
+        A job whose deadline passed or whose client left while it waited is not started.
+        """
         fresh: list[tuple[Job, Reuse | None]] = []
         for job in jobs:
-            if job.resume is not None:
+            if job.handle.cancellation.requested:
+                self._end_unstarted(job)
+            elif job.resume is not None:
                 self._resume(job.resume, job.info, batch, sequences)
             elif not self._batched:
                 self._run_alone(job)
             else:
                 fresh.append((job, self._reuse(job.request, job.plan)))
         started: list[Sequence] = []
-        alone = [(job, reuse) for job, reuse in fresh if reuse is not None]
-        together = [job for job, reuse in fresh if reuse is None]
+        chunk = self.config.prefill_chunk_tokens or self.model.context_length
+        alone = [(job, reuse) for job, reuse in fresh
+                 if reuse is not None or len(job.plan.input_ids) > chunk]
+        together = [job for job, reuse in fresh
+                    if reuse is None and len(job.plan.input_ids) <= chunk]
         if len(together) == 1:
             alone.append((together.pop(), None))
         for job, reuse in alone:
@@ -275,10 +349,29 @@ class ModelLoop:
             return
         for sequence in started:
             sequences[sequence.info.request_id] = sequence
-        tokens = choose_tokens([s.sampler for s in started], [s.history for s in started],
-                               torch.stack([s.pending_logits for s in started]))
-        done = {s.info.request_id for s, token in zip(started, tokens, strict=True)
-                if self._accept(s, token)}
+        choices = choose_tokens([s.sampler for s in started], [s.history for s in started],
+                                torch.stack([s.pending_logits for s in started]))
+        self._advance(started, choices, batch, sequences)
+
+    def _advance(self, running: list[Sequence], choices: list, batch: DecodeBatch,
+                 sequences: dict[str, Sequence]) -> None:
+        """Hand each sequence its chosen token; a sequence that failed leaves alone."""
+        done: set[str] = set()
+        failed: dict[str, Exception] = {}
+        for sequence, choice in zip(running, choices, strict=True):
+            key = sequence.info.request_id
+            if isinstance(choice, Exception):
+                failed[key] = choice
+                continue
+            try:
+                if self._accept(sequence, choice):
+                    done.add(key)
+            except Exception as error:
+                failed[key] = error
+        for key, error in failed.items():
+            batch.remove({key})
+            sequence = sequences.pop(key)
+            self._fail(sequence.job, sequence.info, error)
         for key, cache in batch.remove(done).items():
             self._finish(sequences[key], cache, sequences)
 
@@ -296,14 +389,36 @@ class ModelLoop:
         cached = reuse.tokens if reuse else 0
         cache = reuse.cache if reuse else DynamicCache()
         try:
-            logits = self._with_one_retry(
-                lambda: self.model.prefill(job.plan, job.media, cache, cached=cached))
+            logits = self._with_one_retry(lambda: self._prefill(job, cache, cached))
         except Exception as error:
             self._fail(job, job.info, error)
+            return []
+        if logits is None:  # cancelled or past its deadline: the work stops here
+            log.info("prefill_stopped", request_id=job.request.request_id,
+                     prompt_tokens=len(job.plan.input_ids),
+                     computed_tokens=kv_cache.cache_length(cache) - cached)
+            if reuse is not None:  # give the reused prefix back intact
+                kv_cache.truncate(cache, cached)
+                self.sessions.put(job.request.session_id, job.request.request_id,
+                                  job.plan.content[:cached], cache)
+            self._end_unstarted(job)
             return []
         sequence = self._new_sequence(job, job.info, reuse, logits)
         batch.add(sequence.row, cache)
         return [sequence]
+
+    def _prefill(self, job: Job, cache: DynamicCache, cached: int,
+                 plan: PromptPlan | None = None) -> torch.Tensor | None:
+        """Chunked prefill that stops between chunks once the request is cancelled."""
+        cancellation = job.handle.cancellation
+
+        def should_stop() -> bool:
+            self.heartbeat = time.monotonic()
+            return cancellation.requested
+
+        return self.model.prefill(plan or job.plan, job.media, cache, cached=cached,
+                                  chunk_tokens=self.config.prefill_chunk_tokens,
+                                  should_stop=should_stop)
 
     def _prefill_together(self, jobs: list[Job], batch: DecodeBatch) -> list[Sequence]:
         try:
@@ -326,11 +441,14 @@ class ModelLoop:
                           content=job.plan.content + fed[len(job.plan.input_ids):])
         cache = DynamicCache()
         try:
-            self.model.prefill(plan, job.media, cache)
+            logits = self._prefill(job, cache, 0, plan)
         except Exception as error:
             self._fail(job, info, error)
             return
         sequence.info = info
+        if logits is None:
+            self._finish(sequence, None, sequences)
+            return
         sequence.row = Row(info.request_id, len(fed), next_token=sequence.row.next_token)
         sequences[info.request_id] = sequence
         batch.add(sequence.row, cache)
@@ -390,19 +508,18 @@ class ModelLoop:
             self._fail(newest.job, newest.info, error)
             return
         except Exception as error:
-            log.exception("decode_step_failed", batch=len(batch))
+            log.error("decode_step_failed", batch=len(batch), error_type=type(error).__name__,
+                      error=_brief(error), exc_info=error)
             for key, sequence in list(sequences.items()):
                 del sequences[key]
                 self._fail(sequence.job, sequence.info, error)
             batch.remove({r.key for r in batch.rows})
             return
+        self.heartbeat = time.monotonic()
         running = [sequences[row.key] for row in batch.rows]
-        tokens = choose_tokens([s.sampler for s in running], [s.history for s in running],
-                               logits)
-        done = {s.info.request_id for s, token in zip(running, tokens, strict=True)
-                if self._accept(s, token)}
-        for key, cache in batch.remove(done).items():
-            self._finish(sequences[key], cache, sequences)
+        choices = choose_tokens([s.sampler for s in running], [s.history for s in running],
+                                logits)
+        self._advance(running, choices, batch, sequences)
 
     def _decode(self, batch: DecodeBatch) -> torch.Tensor:
         with self.model.decoder_unit.use() as decoder:
@@ -422,9 +539,13 @@ class ModelLoop:
     def _finish(self, sequence: Sequence, cache: DynamicCache | None,
                 sequences: dict[str, Sequence]) -> None:
         sequences.pop(sequence.info.request_id, None)
-        sequence.streamer.end()
-        finished = self._conclude(sequence.job, sequence.streamer, sequence.text,
-                                  sequence.reuse, cache, sequence.started)
+        try:
+            sequence.streamer.end()
+            finished = self._conclude(sequence.job, sequence.streamer, sequence.text,
+                                      sequence.reuse, cache, sequence.started)
+        except Exception as error:
+            self._fail(sequence.job, sequence.info, error)
+            return
         # retire first: a client that reads the account after its final message must
         # not see its KV twice (as running and as the idle cache it became)
         self._retire(sequence.info)
@@ -439,6 +560,8 @@ class ModelLoop:
                                eos_ids=self.model.eos_token_ids,
                                max_new_tokens=job.max_new_tokens)
         if reason is not FinishReason.CANCELLED and cache is not None:
+            if not kv_cache.all_finite(cache):  # never hand a poisoned cache to anyone
+                raise NonFiniteScores()
             self.sessions.put(request.session_id, request.request_id,
                               job.plan.content + streamer.token_ids, cache)
             self._make_room(0, excluding=request.request_id)
@@ -458,9 +581,12 @@ class ModelLoop:
             log.warning("out_of_memory", request_id=job.request.request_id)
             error = ResourceExhausted("out of memory while generating; retry later",
                                       resource="memory", retry_after_s=2.0)
+        elif isinstance(error, ServiceError):
+            log.warning("generation_failed", request_id=job.request.request_id,
+                        reason=error.reason, error=_brief(error))
         else:
             log.error("generation_failed", request_id=job.request.request_id,
-                      error=repr(error), exc_info=error)
+                      error_type=type(error).__name__, error=_brief(error), exc_info=error)
         job.handle.push(Failed(error))
         if info is not None:
             self._retire(info)
@@ -468,15 +594,10 @@ class ModelLoop:
     def _retire(self, info: RunningInfo) -> None:
         with self.lock:
             self.running.pop(info.request_id, None)
+            self._jobs.pop(info.request_id, None)
             self.completed += 1
         with self._admission_changed:
             self._admission_changed.notify_all()
-
-    def _abort_all(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
-        for sequence in list(sequences.values()):
-            sequence.job.handle.cancel()
-            self._finish(sequence, None, sequences)
-        batch.remove({r.key for r in batch.rows})
 
     # ---- KV reuse and budget ------------------------------------------------------
 
@@ -531,6 +652,11 @@ class ModelLoop:
         inputs = model.generation_inputs(plan, job.media, cached=reuse.tokens if reuse else 0)
         text, streamer = self._open_stream(job, info)
         cancellation = job.handle.cancellation
+
+        def should_stop() -> bool:
+            self.heartbeat = time.monotonic()
+            return cancellation.requested or text.stopped
+
         torch.manual_seed(_seed(request))
         penalties = []
         if request.sampling.frequency_penalty or request.sampling.presence_penalty:
@@ -545,11 +671,17 @@ class ModelLoop:
                     request.sampling, max_new_tokens=job.max_new_tokens,
                     eos_ids=model.eos_token_ids, pad_id=model.placeholder_id),
                 logits_processor=LogitsProcessorList(penalties),
-                stopping_criteria=[StopWhen(lambda: cancellation.requested or text.stopped)],
+                stopping_criteria=[StopWhen(should_stop)],
                 streamer=streamer,
                 cache=cache,
             )
         return self._conclude(job, streamer, text, reuse, cache, started)
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """An exception for the log: its type's message, cut short (never request content)."""
+    text = str(error)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _seed(request: GenerationRequest) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,17 +193,33 @@ class ModularModel(UnitModel):
                              placeholder_id=self.placeholder_id)
 
     def prefill(
-        self, plan: PromptPlan, media: DecodedMedia, cache, *, cached: int = 0
-    ) -> torch.Tensor:
-        """Run the uncached part of the prompt into `cache`; next-token logits [vocab]."""
+        self, plan: PromptPlan, media: DecodedMedia, cache, *, cached: int = 0,
+        chunk_tokens: int = 0, should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor | None:
+        """Run the uncached part of the prompt into `cache`; next-token logits [vocab].
+
+        With `chunk_tokens`, the prompt goes through the decoder that many positions at a
+        time and `should_stop` is asked before each chunk: when it turns true the work
+        stops there and None is returned (the cache then holds the chunks already done).
+        """
+        stop = should_stop or (lambda: False)
+        if stop():
+            return None
         embeds = self.embed(plan, media, cached=cached)[:, cached:]
         length = len(plan.input_ids)
-        positions = torch.arange(cached, length, device=embeds.device)
+        step = chunk_tokens if chunk_tokens > 0 else length
+        logits = None
         with self.decoder_unit.use() as decoder, torch.inference_mode():
-            out = decoder(inputs_embeds=embeds, position_ids=positions.unsqueeze(0),
-                          cache=cache, use_cache=True, cache_position=positions,
-                          logits_to_keep=1)
-        return out.logits[0, -1]
+            for start in range(cached, length, step):
+                if start > cached and stop():
+                    return None
+                end = min(start + step, length)
+                positions = torch.arange(start, end, device=embeds.device)
+                out = decoder(inputs_embeds=embeds[:, start - cached : end - cached],
+                              position_ids=positions.unsqueeze(0), cache=cache, use_cache=True,
+                              cache_position=positions, logits_to_keep=1)
+                logits = out.logits[0, -1]
+        return logits
 
     def prefill_batch(
         self, plans: list[PromptPlan], media: list[DecodedMedia]

@@ -63,9 +63,9 @@ def fail_prefills(monkeypatch, model, *, times: int) -> None:
             budget["left"] -= 1
             raise torch.OutOfMemoryError("simulated")
 
-    def prefill(plan, media, cache, *, cached=0):
+    def prefill(plan, media, cache, **options):
         boom([plan])
-        return alone(plan, media, cache, cached=cached)
+        return alone(plan, media, cache, **options)
 
     def prefill_batch(plans, media):
         boom(plans)
