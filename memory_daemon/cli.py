@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--poll-min", type=float, help="shortest adaptive poll interval, seconds")
     add("--poll-max", type=float, help="longest adaptive poll interval, seconds")
     add("--gpu", action="append", help="GPU UUID to watch (repeatable; default all)")
-    add("--pid", type=int, help="service pid for --probe host (default: learned from the service)")
+    add(
+        "--pid",
+        type=int,
+        help="service pid for --probe host, followed while it lives; then (and by default) "
+        "the pid in --pid-file, else the one the service reports",
+    )
+    add("--pid-file", help='file holding the service pid (a number, or JSON with "pid")')
     add("--host-budget-bytes", type=int, help="host memory budget for --probe host")
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     add("--log-level", choices=LOG_LEVELS)
@@ -98,6 +104,7 @@ def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         ("control", "status_source"): args.status_source,
         ("nvml", "devices"): args.gpu,
         ("host", "pid"): args.pid,
+        ("host", "pid_file"): args.pid_file,
         ("host", "budget_bytes"): args.host_budget_bytes,
     }
     if args.poll_interval is not None:
@@ -117,6 +124,7 @@ def build_probe(config: DaemonConfig, clock: Clock) -> Probe:
         case "host":
             return HostProbe(
                 pid=config.host.pid,
+                pid_file=config.host.pid_file,
                 budget_bytes=config.host.budget_bytes,
                 cgroup_root=config.host.cgroup_root,
                 clock=clock.now,

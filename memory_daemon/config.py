@@ -218,6 +218,7 @@ class HostSection:
     """The service process's memory against a budget."""
 
     pid: int = 0
+    pid_file: str = ""
     budget_bytes: int = 0
     cgroup_root: str = "/sys/fs/cgroup"
 

@@ -64,6 +64,7 @@ class Daemon:
     status_source: StatusSource | None = None
     ticks: int = 0
     _service_down: bool = False
+    _failing: dict[str, str] = field(default_factory=dict)  # device -> its error
 
     def __post_init__(self) -> None:
         if self.status_source is None and self.control is not None:
@@ -74,13 +75,11 @@ class Daemon:
         read = await self._service_status()
         status = read.status if read is not None else None
         if status is not None and status.pid and isinstance(self.probe, HostProbe):
-            self.probe.pid = self.config.host.pid or status.pid
+            self.probe.report_service_pid(status.pid)
         readings = self.probe.read()
         if self.recorder is not None:
             self.recorder.record(readings)
-        for reading in readings:
-            if not reading.ok:
-                log.warning("memd.reading_failed", device=reading.device, error=reading.error)
+        self._log_reading_changes(readings)
         dry_run = self.config.daemon.dry_run
         decision = decide(
             readings,
@@ -112,6 +111,18 @@ class Daemon:
             next_poll_s=round(interval, 3),
         )
         return interval
+
+    def _log_reading_changes(self, readings: list[DeviceReading]) -> None:
+        """A device that starts failing (or fails differently), and one that recovers, are
+        logged once: not every tick while it stays that way."""
+        for reading in readings:
+            failing = self._failing.get(reading.device)
+            if not reading.ok and reading.error != failing:
+                log.warning("memd.reading_failed", device=reading.device, error=reading.error)
+                self._failing[reading.device] = reading.error
+            elif reading.ok and failing is not None:
+                log.info("memd.reading_recovered", device=reading.device, failed=failing)
+                del self._failing[reading.device]
 
     async def _service_status(self) -> ServiceStatus | None:
         if self.status_source is None:

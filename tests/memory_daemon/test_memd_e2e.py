@@ -230,3 +230,59 @@ def test_daemon_reconnects_after_the_service_restarts(tiny_bundle, tmp_path):
     # One subscription per service.
     assert len(daemon.named("memd.watch_connected")) == 2
     assert daemon.named("memd.watch_lost")
+
+
+@pytest.mark.parametrize("given", ["pid", "pid_file"])
+def test_host_probe_follows_a_restarted_service_to_its_new_pid(given, tiny_bundle, tmp_path):
+    """`--pid` names the first process; once it is gone the daemon reads the restarted one
+    (learned from the control API), and so it does from `--pid-file` (the service's port
+    file) without any control API. Loss and recovery are logged once, not every tick."""
+    workdir = tmp_path / "server"
+    first = start_server(workdir, tiny_bundle)
+    if given == "pid":
+        args = daemon_args(first, "--pid", str(first.pid))
+        source = "service"
+    else:
+        control = f"unix://{tmp_path / 'nobody.sock'}"
+        args = ["--control", control, "--poll-interval", POLL,
+                "--pid-file", str(workdir / "port.json")]  # fmt: skip
+        source = "pid_file"
+    config = write_policy(tmp_path / "memd.toml")
+    daemon = DaemonProcess(
+        [*args, "--config", str(config), "--probe", "host", "--log-level", "debug"]
+    )
+    second = None
+
+    def found(pid: int) -> list[dict]:
+        return [e for e in daemon.named("memd.service_pid_found") if e["pid"] == pid]
+
+    try:
+        daemon.wait_for(lambda: found(first.pid))
+        assert first.terminate() == 0
+        daemon.wait_for(lambda: daemon.named("memd.service_pid_lost"))
+        lost_at = len(daemon.events)
+        daemon.wait_for(lambda: len(daemon.named("memd.tick")) >= 3 + sum(
+            e["event"] == "memd.tick" for e in daemon.events[:lost_at]))  # fmt: skip
+        second = start_server(workdir, tiny_bundle)
+        daemon.wait_for(lambda: found(second.pid))
+        daemon.wait_for(lambda: daemon.named("memd.reading_recovered"))
+    finally:
+        assert daemon.stop() == 0, daemon.tail()
+        first.terminate()
+        if second is not None:
+            second.terminate()
+
+    assert found(first.pid)[0]["source"] == ("pid" if given == "pid" else "pid_file")
+    (lost,) = daemon.named("memd.service_pid_lost")
+    assert lost["pid"] == first.pid
+    (back,) = found(second.pid)
+    assert (back["source"], back["previous"]) == (source, first.pid)
+    events = daemon.events
+    lost_index, back_index = events.index(lost), events.index(back)
+    failing_ticks = [e for e in events[lost_index:back_index] if e["event"] == "memd.tick"]
+    failed = daemon.named("memd.reading_failed")
+    assert len(failing_ticks) >= 3
+    assert 1 <= len(failed) <= 2  # the loss (and perhaps a read racing the exit), once each
+    assert all(str(first.pid) in event["error"] for event in failed)
+    (recovered,) = daemon.named("memd.reading_recovered")
+    assert events.index(recovered) > back_index

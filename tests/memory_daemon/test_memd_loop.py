@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from control_double import RecordingControl, start_control
+from structlog.testing import capture_logs
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from memory_daemon.actuator import ControlClient
@@ -112,6 +113,38 @@ async def test_keeps_polling_while_the_service_is_down(tmp_path):
     registry = daemon.metrics.registry
     assert registry.get_sample_value("memd_errors_total", {"source": "control"}) >= 20
     assert registry.get_sample_value("memd_device_level", {"device": "GPU-aaaa"}) == 2
+
+
+async def test_a_failing_device_is_logged_when_it_changes_not_every_tick(tmp_path):
+    ok = {"device": "GPU-aaaa", "used": TOTAL // 2, "total": TOTAL}
+    errors = ["GpuIsLost"] * 4 + ["Unknown"] * 3
+    rows = [
+        {"t": 0.0, **ok},
+        *({"t": float(t), "device": "GPU-aaaa", "ok": False, "error": error}
+          for t, error in enumerate(errors, start=1)),
+        {"t": 8.0, **ok},
+        {"t": 9.0, **ok},
+    ]  # fmt: skip
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    daemon = replay_daemon(replay_config(trace, "unix:///nonexistent.sock", dry_run=True), None)
+    with capture_logs() as logs:
+        await daemon.run(asyncio.Event())
+    assert daemon.ticks == len(rows)
+    reading_events = [
+        (event["event"], event.get("error") or event.get("failed"))
+        for event in logs
+        if event["event"].startswith("memd.reading_")
+    ]
+    assert reading_events == [
+        ("memd.reading_failed", "GpuIsLost"),
+        ("memd.reading_failed", "Unknown"),
+        ("memd.reading_recovered", "Unknown"),
+    ]
+    failures = daemon.metrics.registry.get_sample_value(
+        "memd_reading_failures_total", {"device": "GPU-aaaa"}
+    )
+    assert failures == len(errors)  # the metric still counts every failed reading
 
 
 async def test_once_runs_a_single_tick(tmp_path):

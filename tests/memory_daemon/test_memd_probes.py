@@ -3,12 +3,16 @@
 import io
 import json
 import os
+import sys
+import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
+from structlog.testing import capture_logs
 
 from memory_daemon.errors import ProbeUnavailableError
-from memory_daemon.probes.host import HOST_DEVICE, HostProbe
+from memory_daemon.probes.host import HOST_DEVICE, HostProbe, read_pid_file
 from memory_daemon.probes.replay import ReplayProbe, TraceRecorder, load_trace
 from memory_daemon.readings import DeviceReading
 
@@ -32,6 +36,111 @@ def test_host_probe_without_a_pid_or_with_a_dead_pid_fails_the_reading(tmp_path)
     (reading,) = HostProbe(pid=dead.pid, cgroup_root=tmp_path).read()
     assert not reading.ok
     assert str(dead.pid) in reading.error
+
+
+@pytest.fixture
+def children() -> Iterator[list[psutil.Popen]]:
+    """Real processes standing in for a service and its restarted successor."""
+    started: list[psutil.Popen] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def spawn(children: list[psutil.Popen]) -> psutil.Popen:
+    child = psutil.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    children.append(child)
+    return child
+
+
+def wait_until_zombie(child: psutil.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while child.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"{child.pid} is not a zombie in {timeout}s"
+        time.sleep(0.01)
+
+
+def pid_events(logs: list[dict]) -> list[tuple[str, int, str]]:
+    return [
+        (event["event"], event["pid"], event["source"])
+        for event in logs
+        if event["event"] in ("memd.service_pid_lost", "memd.service_pid_found")
+    ]
+
+
+def test_host_probe_follows_the_service_pid_once_the_given_pid_is_gone(tmp_path, children):
+    first, second = spawn(children), spawn(children)
+    probe = HostProbe(pid=first.pid, budget_bytes=64 * GIB, cgroup_root=tmp_path)
+    with capture_logs() as logs:
+        assert probe.read()[0].ok and probe.pid == first.pid
+        probe.report_service_pid(second.pid)
+        assert probe.read()[0].ok and probe.pid == first.pid  # --pid wins while it lives
+        first.kill()
+        wait_until_zombie(first)  # not reaped yet: a zombie is gone too
+        (reading,) = probe.read()
+        assert reading.ok and probe.pid == second.pid
+        first.wait()
+        for _ in range(3):
+            assert probe.read()[0].ok and probe.pid == second.pid
+    assert pid_events(logs) == [
+        ("memd.service_pid_found", first.pid, "pid"),
+        ("memd.service_pid_lost", first.pid, "pid"),
+        ("memd.service_pid_found", second.pid, "service"),
+    ]
+    assert logs[-1]["previous"] == first.pid
+
+
+def test_host_probe_waits_for_a_successor_and_logs_the_loss_once(tmp_path, children):
+    first, second = spawn(children), spawn(children)
+    pid_file = tmp_path / "port.json"
+    pid_file.write_text(json.dumps({"port": 1, "pid": first.pid, "serving": True}))
+    probe = HostProbe(pid_file=pid_file, budget_bytes=64 * GIB, cgroup_root=tmp_path)
+    with capture_logs() as logs:
+        assert probe.read()[0].ok and probe.pid == first.pid
+        first.kill()
+        first.wait()
+        for _ in range(4):
+            (reading,) = probe.read()
+            assert not reading.ok and str(first.pid) in reading.error
+            assert probe.pid == 0
+        pid_file.write_text(f"{second.pid}\n")
+        assert probe.read()[0].ok and probe.pid == second.pid
+    assert pid_events(logs) == [
+        ("memd.service_pid_found", first.pid, "pid_file"),
+        ("memd.service_pid_lost", first.pid, "pid_file"),
+        ("memd.service_pid_found", second.pid, "pid_file"),
+    ]
+
+
+def test_a_restarted_service_reporting_a_new_pid_is_followed_at_once(tmp_path, children):
+    first, second = spawn(children), spawn(children)
+    probe = HostProbe(budget_bytes=64 * GIB, cgroup_root=tmp_path)
+    assert not probe.read()[0].ok
+    probe.report_service_pid(first.pid)
+    assert probe.read()[0].ok and probe.pid == first.pid
+    probe.report_service_pid(second.pid)
+    assert probe.read()[0].ok and probe.pid == second.pid
+
+
+@pytest.mark.parametrize(
+    ("text", "pid"),
+    [
+        ("4242\n", 4242),
+        ('{"port": 50051, "pid": 4242, "serving": true}', 4242),
+        ('{"pid": "4242"}', 0),
+        ('{"pid": true}', 0),
+        ("[4242]", 0),
+        ("not a pid", 0),
+        ("", 0),
+    ],
+)
+def test_pid_files_hold_a_number_or_json_with_a_pid(tmp_path, text, pid):
+    path = tmp_path / "service.pid"
+    path.write_text(text)
+    assert read_pid_file(path) == pid
+    assert read_pid_file(tmp_path / "absent.pid") == 0
 
 
 @pytest.mark.parametrize(
