@@ -87,6 +87,7 @@ class ServerProcess:
 def start_server(
     workdir: Path, model_dir: Path | None, *extra: str, wait: bool = True,
     timeout: float = 180.0, env: dict[str, str] | None = None,
+    module: str = "inference_svc.cli",
 ) -> ServerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port.json"
@@ -94,7 +95,7 @@ def start_server(
     control = workdir / "control.sock"
     log_path = workdir / "server.log"
     args = [
-        sys.executable, "-m", "inference_svc.cli", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0",
         "--port-file", str(port_file), "--control-socket", str(control),
         "--log-format", "json", "--grace-period", "5", *extra,
     ]
