@@ -155,28 +155,30 @@ class _Undecodable:
     client as UNKNOWN; returning this instead lets the call fail with INVALID_ARGUMENT.
     """
 
-    def __init__(self, message_name: str, error: DecodeError) -> None:
+    def __init__(self, message_name: str, error: Exception) -> None:
         reason = str(error).rpartition("': ")[2] or "cannot parse"
         self.error = InvalidRequest(f"request is not a valid {message_name}: {reason}")
 
 
-def _tolerant(deserialize: Callable[[bytes], object] | None):
+def _tolerant(
+    deserialize: Callable[[bytes], object] | None,
+) -> Callable[[bytes], object] | None:
     if deserialize is None:
         return None
     message_type = getattr(deserialize, "__self__", None)
     descriptor = getattr(message_type, "DESCRIPTOR", None)
     name = descriptor.name if descriptor is not None else "request message"
 
-    def tolerant(data: bytes):
+    def tolerant(data: bytes) -> object:
         try:
             return deserialize(data)
-        except DecodeError as error:
+        except (DecodeError, UnicodeDecodeError) as error:  # the latter: pure-Python protobuf
             return _Undecodable(name, error)
 
     return tolerant
 
 
-def _decoded(request):
+def _decoded(request: object) -> object:
     if isinstance(request, _Undecodable):
         raise request.error
     return request
