@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
+from inference_svc.bounds import quote
 from inference_svc.engine import kv_cache
 from inference_svc.engine.engine import Admission, Engine
 from inference_svc.errors import InvalidRequest, NotReady
@@ -199,7 +200,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         chosen = []
         for name in names:
             if name not in aliases:
-                raise InvalidRequest(f"unknown modality {name!r} (image, audio)",
+                raise InvalidRequest(f"unknown modality {quote(name)} (image, audio)",
                                      field="modalities")
             chosen.append(aliases[name])
         return [m for m in chosen if m in engine.model.encoders]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +14,9 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference_svc.bounds import quote
+from inference_svc.ids import is_request_id
 
 from . import chat_completions
 from .body_limit import BodySizeLimitMiddleware
@@ -32,8 +34,6 @@ from .upstream import InferenceUpstream
 
 log = structlog.get_logger(__name__)
 
-# What the service accepts, and what gRPC metadata can carry: printable ASCII.
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _OWNER = "autoglm-serve"
 
 
@@ -142,7 +142,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 def _require_served_model(model: str, config: GatewayConfig, *, param: str | None) -> None:
     if model != config.served_model_name:
         raise NotFound(
-            f"The model '{model}' does not exist; this gateway serves '{config.served_model_name}'",
+            f"The model {quote(model)} does not exist; "
+            f"this gateway serves '{config.served_model_name}'",
             param=param,
             code="model_not_found",
         )
@@ -151,7 +152,7 @@ def _require_served_model(model: str, config: GatewayConfig, *, param: str | Non
 def _request_id(incoming: str | None) -> str:
     if incoming is None:
         return uuid.uuid4().hex
-    if not _REQUEST_ID.fullmatch(incoming):
+    if not is_request_id(incoming):  # what the service accepts and metadata can carry
         raise BadRequest(
             "x-request-id must be 1-128 printable ASCII characters without spaces",
             param="x-request-id",
@@ -173,11 +174,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 404:
             gateway_error: GatewayError = NotFound(
-                f"Unknown route {request.method} {request.url.path}", code="unknown_url"
+                f"Unknown route {request.method} {quote(request.url.path)}",
+                code="unknown_url",
             )
         elif error.status_code == 405:
             gateway_error = MethodNotAllowed(
-                f"Method {request.method} is not allowed on {request.url.path}",
+                f"Method {request.method} is not allowed on {quote(request.url.path)}",
                 code="method_not_allowed",
             )
         else:

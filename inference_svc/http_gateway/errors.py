@@ -13,7 +13,10 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from inference_svc.bounds import clip
+
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_PARAM_BYTES = 256  # params are paths into the body, whose keys the client chose
 
 
 class GatewayError(Exception):
@@ -30,9 +33,10 @@ class GatewayError(Exception):
         code: str | None = None,
         retry_after_s: int | None = None,
     ) -> None:
+        message = clip(message)  # messages quote client input and upstream errors
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = clip(param, _PARAM_BYTES) if param else param
         self.code = code
         self.retry_after_s = retry_after_s
 

@@ -7,6 +7,7 @@ import binascii
 import re
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
+from inference_svc.bounds import quote
 
 from .errors import BadRequest
 from .openai_schema import AudioPart, ChatCompletionRequest, ChatMessage, ImagePart, TextPart
@@ -92,7 +93,7 @@ def _to_message(message: ChatMessage, param: str) -> pb.Message:
     role = _ROLES.get(message.role)
     if role is None:
         raise BadRequest(
-            f"role {message.role!r} is not supported (tool calling is not available)",
+            f"role {quote(message.role)} is not supported (tool calling is not available)",
             param=f"{param}.role",
             code="unsupported_value",
         )
@@ -126,7 +127,8 @@ def _to_image(url: str, param: str) -> pb.Image:
     mime_type = _IMAGE_MIME_TYPES.get(match["mime"].lower())
     if mime_type is None:
         raise BadRequest(
-            f"unsupported image type {match['mime']!r}; use image/png, image/jpeg or image/webp",
+            f"unsupported image type {quote(match['mime'])}; "
+            "use image/png, image/jpeg or image/webp",
             param=param,
             code="invalid_value",
         )
@@ -139,7 +141,7 @@ def _to_audio(part: AudioPart, param: str) -> pb.Audio:
     audio_format = part.input_audio.format.lower()
     if audio_format not in _AUDIO_FORMATS:
         raise BadRequest(
-            f"unsupported audio format {part.input_audio.format!r}; use 'wav'",
+            f"unsupported audio format {quote(part.input_audio.format)}; use 'wav'",
             param=f"{param}.format",
             code="invalid_value",
         )

@@ -29,6 +29,15 @@ AUDIO_MERGE = 4  # 4 consecutive frames (80 ms) become one audio token
 AUDIO_SAMPLE_RATE = 16_000
 
 
+def conv_receptive_field(layers: list[tuple[int, int]]) -> int:
+    """Fewest input samples from which an unpadded (kernel, stride) stack makes one frame."""
+    field, jump = 1, 1
+    for kernel, stride in layers:
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
 def _projector(in_features: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_features, PROJECTOR_WIDTH), nn.GELU(), nn.Linear(PROJECTOR_WIDTH, out_features)

@@ -14,6 +14,7 @@ import numpy as np
 import soundfile
 from PIL import Image, UnidentifiedImageError
 
+from inference_svc.bounds import quote
 from inference_svc.errors import InvalidMedia
 
 IMAGE_MIME_TYPES = {
@@ -50,7 +51,7 @@ def decode_image(data: bytes, mime_type: str, *, field: str, max_pixels: int) ->
         if expected is None:
             allowed = ", ".join(sorted(set(IMAGE_MIME_TYPES) - {"image/jpg"}))
             raise InvalidMedia(
-                f"{field}: unsupported image MIME type {mime_type!r} (allowed: {allowed})",
+                f"{field}: unsupported image MIME type {quote(mime_type)} (allowed: {allowed})",
                 field=field,
             )
     try:
@@ -74,7 +75,7 @@ def decode_image(data: bytes, mime_type: str, *, field: str, max_pixels: int) ->
         raise InvalidMedia(f"{field}: unsupported image format {fmt}", field=field)
     if expected is not None and fmt != expected:
         raise InvalidMedia(
-            f"{field}: MIME type {mime_type!r} does not match the data ({fmt})", field=field
+            f"{field}: MIME type {quote(mime_type)} does not match the data ({fmt})", field=field
         )
     return DecodedImage(image=fit_pixel_budget(image, max_pixels), original_size=(width, height))
 
@@ -89,8 +90,13 @@ def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def decode_wav(data: bytes, *, field: str, target_rate: int) -> DecodedAudio:
-    """Decode a RIFF/WAVE file (integer or float PCM) to mono float32 at target_rate."""
+def decode_wav(
+    data: bytes, *, field: str, target_rate: int, min_samples: int = 1
+) -> DecodedAudio:
+    """Decode a RIFF/WAVE file (integer or float PCM) to mono float32 at target_rate.
+
+    `min_samples` is the fewest samples at target_rate the audio encoder can take.
+    """
     if not data:
         raise InvalidMedia(f"{field}: audio data is empty", field=field)
     try:
@@ -107,7 +113,8 @@ def decode_wav(data: bytes, *, field: str, target_rate: int) -> DecodedAudio:
         raise
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         raise InvalidMedia(f"{field}: cannot decode WAV audio: {exc}", field=field) from exc
-    return _finish_audio(samples.mean(axis=1), rate, field=field, target_rate=target_rate)
+    return _finish_audio(samples, rate, field=field, target_rate=target_rate,
+                         min_samples=min_samples)
 
 
 def decode_pcm(
@@ -118,6 +125,7 @@ def decode_pcm(
     channels: int,
     field: str,
     target_rate: int,
+    min_samples: int = 1,
 ) -> DecodedAudio:
     """Decode raw interleaved PCM (s16le or f32le) to mono float32 at target_rate."""
     if sample_rate < 1000 or sample_rate > 192_000:
@@ -140,16 +148,32 @@ def decode_pcm(
     if len(data) / (width * channels * sample_rate) > MAX_AUDIO_SECONDS:
         raise InvalidMedia(f"{field}: audio longer than {MAX_AUDIO_SECONDS:.0f} s", field=field)
     samples = np.frombuffer(data, dtype=dtype).astype(np.float32) * scale
-    mono = samples.reshape(-1, channels).mean(axis=1)
-    return _finish_audio(mono, sample_rate, field=field, target_rate=target_rate)
+    return _finish_audio(samples.reshape(-1, channels), sample_rate, field=field,
+                         target_rate=target_rate, min_samples=min_samples)
 
 
-def _finish_audio(mono: np.ndarray, rate: int, *, field: str, target_rate: int) -> DecodedAudio:
-    if not np.all(np.isfinite(mono)):
+def _finish_audio(
+    frames: np.ndarray, rate: int, *, field: str, target_rate: int, min_samples: int
+) -> DecodedAudio:
+    """Check [frames, channels] samples, then mix to mono and resample to target_rate."""
+    if not np.all(np.isfinite(frames)):
         raise InvalidMedia(f"{field}: audio contains NaN or infinite samples", field=field)
-    if len(mono) < rate // 100:
-        raise InvalidMedia(f"{field}: audio is shorter than 10 ms", field=field)
-    return DecodedAudio(samples=resample(mono, rate, target_rate), sample_rate=target_rate)
+    peak = float(np.max(np.abs(frames), initial=0.0))
+    if peak > 1.0:
+        raise InvalidMedia(
+            f"{field}: float audio samples must lie in [-1, 1]; the largest is {peak:.3g}",
+            field=field,
+        )
+    mono = frames.mean(axis=1)
+    samples = resample(mono, rate, target_rate) if len(mono) else mono
+    if len(samples) < max(min_samples, 1):
+        needed_ms = math.ceil(max(min_samples, 1) * 1000 / target_rate)
+        raise InvalidMedia(
+            f"{field}: audio is {len(mono) * 1000 / rate:.1f} ms long; the audio encoder "
+            f"needs at least {needed_ms} ms",
+            field=field,
+        )
+    return DecodedAudio(samples=samples, sample_rate=target_rate)
 
 
 def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:

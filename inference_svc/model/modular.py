@@ -17,6 +17,7 @@ from inference_svc.model.encoders import (
     AUDIO_SAMPLE_RATE,
     AudioEncoder,
     VisionEncoder,
+    conv_receptive_field,
 )
 from inference_svc.model.media import (
     DecodedAudio,
@@ -86,6 +87,7 @@ class ModularModel(UnitModel):
             unit.load()
         self._image_tokens = 0
         self._audio_conv: list[tuple[int, int]] = []
+        self._audio_min_samples = 1
         self._image_activation_bytes = 0
         self._audio_activation_bytes_per_frame = 0
         element = torch.tensor([], dtype=dtype).element_size()
@@ -100,6 +102,8 @@ class ModularModel(UnitModel):
             with self.encoders["audio"].use() as audio:
                 conv = audio.conformer.config
                 self._audio_conv = list(zip(conv.conv_kernel, conv.conv_stride, strict=True))
+                # shorter clips leave the feature encoder's last convolution no input
+                self._audio_min_samples = conv_receptive_field(self._audio_conv)
                 # the first convolution's output (before any downsampling) dominates
                 self._audio_activation_bytes_per_frame = 2 * element * conv.conv_dim[0]
 
@@ -165,11 +169,13 @@ class ModularModel(UnitModel):
                 images.append(decode_image(part.data, part.mime_type, field=part.field,
                                            max_pixels=max_pixels))
             elif part.wav:
-                audios.append(decode_wav(part.wav, field=part.field, target_rate=AUDIO_SAMPLE_RATE))
+                audios.append(decode_wav(part.wav, field=part.field, target_rate=AUDIO_SAMPLE_RATE,
+                                         min_samples=self._audio_min_samples))
             elif part.pcm:
                 audios.append(decode_pcm(
                     part.pcm, sample_rate=part.sample_rate, encoding=part.encoding,
                     channels=part.channels, field=part.field, target_rate=AUDIO_SAMPLE_RATE,
+                    min_samples=self._audio_min_samples,
                 ))
             else:
                 raise InvalidRequest(f"{part.field}: audio part has neither wav nor pcm data",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from inference_svc.engine.types import (
     AudioPart,
@@ -16,6 +14,7 @@ from inference_svc.engine.types import (
     TextPart,
 )
 from inference_svc.errors import InvalidRequest
+from inference_svc.ids import check_session_id
 
 ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 PCM_ENCODINGS = {pb.PCM_ENCODING_S16LE: "s16le", pb.PCM_ENCODING_F32LE: "f32le"}
@@ -25,7 +24,6 @@ FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
-SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def messages_from_pb(messages) -> list[ChatMessage]:
@@ -93,9 +91,8 @@ def request_from_pb(
     request: pb.GenerateRequest, *, request_id: str, defaults: SamplingParams,
     deadline: float | None,
 ) -> GenerationRequest:
-    if request.session_id and not SESSION_ID.fullmatch(request.session_id):
-        raise InvalidRequest("session_id must be 1-128 characters of [A-Za-z0-9._:-]",
-                             field="session_id")
+    if request.session_id:
+        check_session_id(request.session_id)
     return GenerationRequest(
         request_id=request_id,
         messages=messages_from_pb(request.messages),

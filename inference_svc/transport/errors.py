@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -10,9 +9,11 @@ from collections.abc import Awaitable, Callable
 import grpc
 import structlog
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from inference_svc.bounds import clip
 from inference_svc.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -22,10 +23,11 @@ from inference_svc.errors import (
     ServiceError,
     UnknownSession,
 )
+from inference_svc.ids import is_request_id
 
 log = structlog.get_logger("rpc")
 ERROR_DOMAIN = "autoglm.dev"
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+FIELD_BYTES = 256  # field paths are ours, but may index deep into a request
 STATUS_OF = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ModalityUnavailable, grpc.StatusCode.INVALID_ARGUMENT),
@@ -38,29 +40,29 @@ STATUS_OF = [
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and REQUEST_ID.fullmatch(value):
+        if key == "x-request-id" and is_request_id(value):
             return value
     return uuid.uuid4().hex
 
 
 def rich_status(error: ServiceError) -> grpc.Status:
     code = next((c for cls, c in STATUS_OF if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
+    message, field = clip(error.message), clip(error.field, FIELD_BYTES)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
-    if error.field:
-        info.metadata["field"] = error.field
+    if field:
+        info.metadata["field"] = field
     details = [info]
     trailing: list[tuple[str, str]] = []
     if isinstance(error, ResourceExhausted):
-        info.metadata["resource"] = error.resource
+        info.metadata["resource"] = clip(error.resource)
         millis = int(error.retry_after_s * 1000)
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(millis)
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         trailing.append(("retry-after-ms", str(millis)))
-    if error.field and isinstance(error, InvalidRequest):
+    if field and isinstance(error, InvalidRequest):
         details.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=error.field,
-                                                        description=error.message)
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         ]))
     packed = []
     for detail in details:
@@ -68,7 +70,7 @@ def rich_status(error: ServiceError) -> grpc.Status:
         holder.Pack(detail)
         packed.append(holder)
     status = rpc_status.to_status(
-        status_pb2.Status(code=code_pb2.Code.Value(code.name), message=error.message,
+        status_pb2.Status(code=code_pb2.Code.Value(code.name), message=message,
                           details=packed)
     )
     return _WithTrailing(status, trailing)
@@ -96,13 +98,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith("/grpc."):
             return handler
         method = details.method
+        deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
                 started = _begin(context, method)
                 try:
-                    async for response in inner_stream(request, context):
+                    async for response in inner_stream(_decoded(request), context):
                         yield response
                 except grpc.aio.AbortError:
                     raise
@@ -112,7 +115,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 _end(context, method, started)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
+                stream, request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_unary:
@@ -121,7 +124,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context):
                 started = _begin(context, method)
                 try:
-                    response = await inner_unary(request, context)
+                    response = await inner_unary(_decoded(request), context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:
@@ -131,7 +134,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
+                unary, request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -143,6 +146,42 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await _abort(context, error, method, started)
         self._count(method, "INTERNAL")
         await _internal(context, method)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse; the handler turns it into an error.
+
+    grpc runs the deserializer before any handler, and an exception there reaches the
+    client as UNKNOWN; returning this instead lets the call fail with INVALID_ARGUMENT.
+    """
+
+    def __init__(self, message_name: str, error: Exception) -> None:
+        reason = str(error).rpartition("': ")[2] or "cannot parse"
+        self.error = InvalidRequest(f"request is not a valid {message_name}: {reason}")
+
+
+def _tolerant(
+    deserialize: Callable[[bytes], object] | None,
+) -> Callable[[bytes], object] | None:
+    if deserialize is None:
+        return None
+    message_type = getattr(deserialize, "__self__", None)
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+    name = descriptor.name if descriptor is not None else "request message"
+
+    def tolerant(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except (DecodeError, UnicodeDecodeError) as error:  # the latter: pure-Python protobuf
+            return _Undecodable(name, error)
+
+    return tolerant
+
+
+def _decoded(request: object) -> object:
+    if isinstance(request, _Undecodable):
+        raise request.error
+    return request
 
 
 def _begin(context: grpc.aio.ServicerContext, method: str) -> float:
@@ -164,8 +203,8 @@ def _end(context: grpc.aio.ServicerContext, method: str, started: float) -> None
 async def _abort(context, error: ServiceError, method: str, started: float) -> None:
     status = rich_status(error)
     status.trailing_metadata = (*status.trailing_metadata, *_request_id_metadata())
-    log.info("rpc_finished", status=status.code.name, reason=error.reason, error=error.message,
-             seconds=round(time.monotonic() - started, 4))
+    log.info("rpc_finished", status=status.code.name, reason=error.reason,
+             error=clip(error.message), seconds=round(time.monotonic() - started, 4))
     await context.abort_with_status(status)
 
 

@@ -10,8 +10,10 @@ from google.protobuf import struct_pb2
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from inference_svc.bounds import quote
 from inference_svc.engine.types import Delta, Finished, FinishReason
 from inference_svc.errors import DeadlineExceeded, NotReady, UnknownSession
+from inference_svc.ids import check_session_id
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.convert import (
     final_to_pb,
@@ -99,8 +101,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                       audio_tokens=plan.audio_tokens)
 
     async def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
-        engine = self._engine()
-        freed = engine.end_session(request.session_id)
+        session_id = check_session_id(request.session_id)
+        freed = self._engine().end_session(session_id)
         if freed is None:
-            raise UnknownSession(f"no session {request.session_id!r}", field="session_id")
+            raise UnknownSession(f"no session {quote(session_id)}", field="session_id")
         return pb.EndSessionResponse(freed_bytes=freed)

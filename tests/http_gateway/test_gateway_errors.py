@@ -317,3 +317,74 @@ def test_request_id_that_grpc_metadata_cannot_carry_is_400(
     assert response.status_code == 400
     assert error_of(response)["param"] == "x-request-id"
     assert fake_service.requests == []
+
+
+LONG = "x" * 5_000
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"model": LONG}, "model"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": f"data:image/{LONG};base64,AAAA"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": LONG}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].input_audio.format",
+        ),
+    ],
+)
+def test_long_client_strings_are_quoted_briefly(
+    gateway_url: str, fake_service: FakeInferenceService, changes: dict[str, Any], param: str
+) -> None:
+    response = post_chat(gateway_url, {**BODY, **changes})
+
+    assert response.status_code in (400, 404)
+    error = error_of(response)
+    assert error["param"] == param
+    assert "characters)" in error["message"]
+    assert len(error["message"]) < 400
+    assert fake_service.requests == []
+
+
+def test_long_upstream_error_message_is_clipped(
+    gateway_url: str, fake_service: FakeInferenceService
+) -> None:
+    fake_service.script = fail(grpc.StatusCode.INVALID_ARGUMENT, "bad: " + LONG)
+
+    response = post_chat(gateway_url, BODY)
+
+    assert response.status_code == 400
+    message = error_of(response)["message"]
+    assert message.startswith("bad: xxx")
+    assert len(message.encode()) <= 1024
+
+
+def test_long_unknown_route_is_quoted_briefly(gateway_url: str) -> None:
+    response = httpx.post(f"{gateway_url}/v1/{LONG}", json={})
+
+    assert response.status_code == 404
+    assert len(error_of(response)["message"]) < 400

@@ -263,3 +263,70 @@ def test_every_call_returns_its_request_id(stub):
     _, call = stub.GetModelInfo.with_call(pb.GetModelInfoRequest(),
                                           metadata=[("x-request-id", "rid-info")])
     assert ("x-request-id", "rid-info") in call.trailing_metadata()
+
+
+def audio_request(audio: pb.Audio) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text="listen"),
+                                                        pb.Part(audio=audio)])],
+        sampling=pb.SamplingParams(max_new_tokens=2),
+    )
+
+
+@pytest.mark.parametrize("audio", [
+    pb.Audio(wav=wav_bytes(0.010)),
+    pb.Audio(wav=wav_bytes(0.020, rate=8000)),
+    pb.Audio(pcm=pb.PcmAudio(data=b"\0\0" * 320, sample_rate_hz=16000,
+                             encoding=pb.PCM_ENCODING_S16LE)),
+], ids=["wav-10ms", "wav-20ms-8k", "pcm-20ms"])
+def test_audio_shorter_than_the_encoder_takes_is_invalid_argument(stub, audio):
+    error = error_of(lambda: list(stub.Generate(audio_request(audio))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("messages[0].parts[1].audio")
+    assert "at least 25 ms" in error.details()
+    _, final, _ = collect(stub, audio_request(pb.Audio(wav=wav_bytes(0.025))))
+    assert final.usage.audio_tokens > 0
+
+
+@pytest.mark.parametrize("value", [3e38, 1.5, float("nan")])
+def test_float_pcm_outside_unit_range_is_invalid_argument(stub, value):
+    import numpy as np
+
+    samples = np.zeros(1600, "<f4")
+    samples[100] = value
+    audio = pb.Audio(pcm=pb.PcmAudio(data=samples.tobytes(), sample_rate_hz=16000,
+                                     encoding=pb.PCM_ENCODING_F32LE))
+    error = error_of(lambda: list(stub.Generate(audio_request(audio))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("messages[0].parts[1].audio.pcm")
+
+
+def test_long_mime_type_is_quoted_briefly(stub):
+    request = pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[
+        pb.Part(image=pb.Image(data=png_bytes(), mime_type="image/" + "x" * 5000))])])
+    error = error_of(lambda: list(stub.Generate(request)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unsupported image MIME type" in error.details()
+    assert "(5006 characters)" in error.details()
+    assert len(error.details()) < 400
+
+
+def test_long_session_id_is_invalid_argument_on_end_session(stub):
+    error = error_of(lambda: stub.EndSession(pb.EndSessionRequest(session_id="s" * 10_240)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "session_id" in error.details()
+    assert len(error.details()) < 400
+    info = error_details_pb2.ErrorInfo()
+    assert rpc_status.from_call(error).details[0].Unpack(info)
+    assert info.metadata["field"] == "session_id"
+
+
+@pytest.mark.parametrize("session_id", ["", "bad id!", "s" * 129])
+def test_end_session_validates_ids_like_generate(stub, session_id):
+    end = error_of(lambda: stub.EndSession(pb.EndSessionRequest(session_id=session_id)))
+    assert end.code() == grpc.StatusCode.INVALID_ARGUMENT
+    if session_id:
+        request = pb.GenerateRequest(messages=text_request("x").messages, session_id=session_id)
+        generate = error_of(lambda: list(stub.Generate(request)))
+        assert generate.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert generate.details() == end.details()

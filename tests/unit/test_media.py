@@ -84,3 +84,83 @@ def test_bad_pcm_is_rejected(kwargs, fragment):
 def test_not_a_wav_is_rejected():
     with pytest.raises(InvalidMedia):
         decode_wav(png_bytes(), field="a", target_rate=16_000)
+
+
+def float_wav(samples: np.ndarray, subtype: str = "FLOAT") -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, 16_000, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def f32le(*values: float, count: int = 1600) -> bytes:
+    samples = np.zeros(count, "<f4")
+    samples[: len(values)] = values
+    return samples.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("decode", "fragment"),
+    [
+        (lambda: decode_pcm(f32le(0.5, 1.5), sample_rate=16000, encoding="f32le", channels=1,
+                            field="p", target_rate=16_000), "[-1, 1]"),
+        (lambda: decode_pcm(f32le(3e38), sample_rate=16000, encoding="f32le", channels=2,
+                            field="p", target_rate=16_000), "[-1, 1]"),
+        (lambda: decode_pcm(f32le(-np.inf), sample_rate=16000, encoding="f32le", channels=1,
+                            field="p", target_rate=16_000), "infinite"),
+        (lambda: decode_wav(float_wav(np.full(1600, 2.0, "float32")), field="p",
+                            target_rate=16_000), "[-1, 1]"),
+        (lambda: decode_wav(float_wav(np.full(1600, 3e38, "float32")), field="p",
+                            target_rate=16_000), "[-1, 1]"),
+        (lambda: decode_wav(float_wav(np.full(1600, 1e300), "DOUBLE"), field="p",
+                            target_rate=16_000), "infinite"),
+    ],
+)
+def test_float_samples_must_be_finite_and_within_unit_range(decode, fragment):
+    with pytest.raises(InvalidMedia) as info:
+        decode()
+    assert fragment in info.value.message
+    assert info.value.field == "p"
+
+
+def test_float_samples_at_full_scale_are_accepted():
+    decoded = decode_pcm(f32le(1.0, -1.0), sample_rate=16000, encoding="f32le", channels=1,
+                         field="p", target_rate=16_000)
+    assert decoded.samples.max() == 1.0
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100])
+def test_audio_shorter_than_the_encoders_minimum_names_the_minimum(rate):
+    too_short = np.zeros(rate * 20 // 1000, "<i2").tobytes()  # 20 ms
+    with pytest.raises(InvalidMedia) as info:
+        decode_pcm(too_short, sample_rate=rate, encoding="s16le", channels=1,
+                   field="messages[0].parts[1].audio.pcm", target_rate=16_000, min_samples=400)
+    assert "at least 25 ms" in info.value.message
+    assert info.value.field == "messages[0].parts[1].audio.pcm"
+    enough = np.zeros(rate * 25 // 1000, "<i2").tobytes()
+    decoded = decode_pcm(enough, sample_rate=rate, encoding="s16le", channels=1,
+                         field="p", target_rate=16_000, min_samples=400)
+    assert len(decoded.samples) >= 400
+
+
+def test_wav_without_frames_is_rejected():
+    with pytest.raises(InvalidMedia) as info:
+        decode_wav(wav_bytes(0.0), field="a", target_rate=16_000)
+    assert "ms long" in info.value.message
+
+
+def test_minimum_audio_is_the_feature_encoders_receptive_field():
+    from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
+
+    from inference_svc.model.encoders import AudioEncoder, conv_receptive_field
+    from inference_svc.model.media import DecodedAudio
+
+    config = Wav2Vec2ConformerConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_depthwise_kernel_size=3, conv_dim=(8,) * 7, num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )
+    minimum = conv_receptive_field(list(zip(config.conv_kernel, config.conv_stride, strict=True)))
+    encoder = AudioEncoder(Wav2Vec2ConformerModel(config), 8).eval()
+    assert encoder.encode([DecodedAudio(np.zeros(minimum, "float32"), 16_000)])[0].shape[0] == 1
+    with pytest.raises(RuntimeError):
+        encoder.encode([DecodedAudio(np.zeros(minimum - 1, "float32"), 16_000)])
