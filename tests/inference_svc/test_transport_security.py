@@ -43,16 +43,20 @@ def short_request() -> pb.GenerateRequest:
 
 
 @pytest.fixture(scope="module")
-def tls_server(tiny_bundle, pki, tmp_path_factory):
+def control_tcp() -> str:
+    """Where tls_server listens for the control API over TCP."""
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def tls_server(tiny_bundle, pki, control_tcp, tmp_path_factory):
     """TLS on the public port; control on TCP with the same certificate, mTLS and a token."""
-    control_port = free_port()
     server = start_server(
         tmp_path_factory.mktemp("tls"), tiny_bundle, *pki.server_args(),
-        "--control-tcp", f"127.0.0.1:{control_port}", "--control-token", TOKEN,
+        "--control-tcp", control_tcp, "--control-token", TOKEN,
         "--control-tls-client-ca", str(pki.ca),
         credentials=pki.credentials(),
     )
-    server.control_tcp = f"127.0.0.1:{control_port}"
     yield server
     server.terminate()
 
@@ -100,22 +104,24 @@ async def test_the_gateway_reaches_the_service_over_tls(tls_server, pki):
         await upstream.close()
 
 
-def test_control_over_tcp_wants_tls_a_client_certificate_and_the_token(tls_server, pki):
+def test_control_over_tcp_wants_tls_a_client_certificate_and_the_token(
+    tls_server, control_tcp, pki
+):
     mtls = tls_credentials(pki.ca, pki.client_cert, pki.client_key)
-    with ControlClient(tls_server.control_tcp, token=TOKEN, credentials=mtls) as control:
+    with ControlClient(control_tcp, token=TOKEN, credentials=mtls) as control:
         assert control.memory_status().pid == tls_server.pid
-    with ControlClient(tls_server.control_tcp, token=TOKEN,
+    with ControlClient(control_tcp, token=TOKEN,
                        credentials=tls_credentials(pki.ca)) as control, \
             pytest.raises(UnavailableError):
         control.memory_status()
-    with ControlClient(tls_server.control_tcp, token="wrong", credentials=mtls) as control, \
+    with ControlClient(control_tcp, token="wrong", credentials=mtls) as control, \
             pytest.raises(AuthError):
         control.memory_status()
 
 
-def test_autoglm_status_reaches_the_tls_control_port(tls_server, pki, capsys):
+def test_autoglm_status_reaches_the_tls_control_port(tls_server, control_tcp, pki, capsys):
     code = autoglm([
-        "status", "--control", tls_server.control_tcp, "--token", TOKEN, "--json",
+        "status", "--control", control_tcp, "--token", TOKEN, "--json",
         "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
         "--tls-key", str(pki.client_key),
     ])
@@ -123,9 +129,9 @@ def test_autoglm_status_reaches_the_tls_control_port(tls_server, pki, capsys):
     assert f'"pid": {tls_server.pid}' in capsys.readouterr().out
 
 
-async def test_the_memory_daemon_reaches_the_tls_control_port(tls_server, pki):
+async def test_the_memory_daemon_reaches_the_tls_control_port(tls_server, control_tcp, pki):
     section = ControlSection(
-        target=tls_server.control_tcp, token=TOKEN, tls_ca=str(pki.ca),
+        target=control_tcp, token=TOKEN, tls_ca=str(pki.ca),
         tls_cert=str(pki.client_cert), tls_key=str(pki.client_key),
     )
     client = DaemonControlClient(section)
@@ -174,3 +180,23 @@ def test_tcp_control_without_tls_is_refused_unless_insecure_is_explicit(tiny_bun
     assert server.process.wait(60) == 2
     log = server.log_path.read_text()
     assert "needs TLS" in log and "--control-insecure" in log
+
+
+def test_a_client_pinging_too_often_is_sent_away(mtls_server, pki):
+    aggressive = [
+        ("grpc.keepalive_time_ms", 100),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    credentials = pki.credentials(with_client_cert=True)
+    with grpc.secure_channel(mtls_server.target, credentials, options=aggressive) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                          timeout=60)
+        assert next(watch).status == SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            next(watch)  # no data will come: only the server's GOAWAY ends this stream
+    # GOAWAY ENHANCE_YOUR_CALM "too_many_pings", after --max-ping-strikes pings closer
+    # together than --min-ping-interval
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "too many pings" in info.value.details().lower()
