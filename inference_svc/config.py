@@ -13,6 +13,16 @@ ENV_PREFIX = "AUTOGLM_"
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """A listener's certificate chain and key; with `client_ca`, client certificates are
+    required and checked against it (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
@@ -41,6 +51,21 @@ class ServerConfig:
     control_socket: str = "/tmp/autoglm-control.sock"
     control_tcp: str = ""
     control_token: str = ""
+    control_insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    control_tls_cert: Path | None = None  # None: --tls-cert
+    control_tls_key: Path | None = None  # None: --tls-key
+    control_tls_client_ca: Path | None = None
+    max_concurrent_streams: int = 100
+    keepalive_time_s: float = 120.0
+    keepalive_timeout_s: float = 20.0
+    min_ping_interval_s: float = 60.0
+    max_ping_strikes: int = 2
+    keepalive_permit_without_calls: bool = False
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 300.0
     port_file: Path | None = None
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -50,8 +75,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is not in 0..65535")
-        if self.control_tcp and not self.control_token:
-            raise ValueError("a TCP control listener needs --control-token (or mTLS)")
+        self._check_tls()
         if not 0 <= self.kv_budget_fraction < 1:
             raise ValueError("kv budget fraction must be in [0, 1)")
         if not 0 <= self.kv_reserve_fraction < 1:
@@ -70,10 +94,73 @@ class ServerConfig:
             raise ValueError("prefill chunk tokens must not be negative")
         if self.watchdog_timeout_s < 0:
             raise ValueError("watchdog timeout must not be negative")
+        self._check_connection_limits()
+
+    @property
+    def public_tls(self) -> TlsFiles | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    @property
+    def control_tls(self) -> TlsFiles | None:
+        cert = self.control_tls_cert or self.tls_cert
+        key = self.control_tls_key or self.tls_key
+        if cert is None or key is None:
+            return None
+        return TlsFiles(cert, key, self.control_tls_client_ca)
+
+    def _check_tls(self) -> None:
+        for flag, path in (
+            ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+            ("--control-tls-cert", self.control_tls_cert),
+            ("--control-tls-key", self.control_tls_key),
+            ("--control-tls-client-ca", self.control_tls_client_ca),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path} is not a readable file")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if (self.control_tls_cert is None) != (self.control_tls_key is None):
+            raise ValueError("--control-tls-cert and --control-tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.control_tls_client_ca is not None and self.control_tls is None:
+            raise ValueError("--control-tls-client-ca needs a control certificate "
+                             "(--control-tls-cert/--control-tls-key or --tls-cert/--tls-key)")
+        if not self.control_tcp:
+            return
+        if not self.control_token:
+            raise ValueError("a TCP control listener needs --control-token")
+        if self.control_tls is None and not self.control_insecure:
+            raise ValueError(
+                "a TCP control listener needs TLS (--control-tls-cert/--control-tls-key or "
+                "--tls-cert/--tls-key); pass --control-insecure to serve it in plaintext")
+
+    def _check_connection_limits(self) -> None:
+        if self.max_concurrent_streams < 1:
+            raise ValueError("max concurrent streams must be at least 1")
+        if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
+            raise ValueError("keepalive time and timeout must be positive")
+        if self.min_ping_interval_s < 0:
+            raise ValueError("min ping interval must not be negative")
+        if self.max_ping_strikes < 0:
+            raise ValueError("max ping strikes must not be negative")
+        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
+            raise ValueError("max connection age and its grace must not be negative")
 
 
 def _env(name: str, default):
     return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _env_flag(name: str) -> bool:
+    return _env(name, "") not in ("", "0", "false")
+
+
+def _path(value: str) -> Path | None:
+    return Path(value) if value else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(_env("ACTIVATION_BUDGET_MB", 1024)),
                    help="most encoder activation memory one request may need, in MiB")
     p.add_argument("--no-prefix-caching", action="store_true",
-                   default=_env("NO_PREFIX_CACHING", "") not in ("", "0", "false"),
+                   default=_env_flag("NO_PREFIX_CACHING"),
                    help="reuse KV only within a session id")
     p.add_argument("--session-idle-ttl", type=float, default=float(_env("SESSION_IDLE_TTL", 600)),
                    help="seconds an idle session's KV is kept")
@@ -141,6 +228,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-tcp", default=_env("CONTROL_TCP", ""),
                    help="also serve the control API on HOST:PORT (requires --control-token)")
     p.add_argument("--control-token", default=_env("CONTROL_TOKEN", ""))
+    p.add_argument("--control-insecure", action="store_true",
+                   default=_env_flag("CONTROL_INSECURE"),
+                   help="allow --control-tcp without TLS (the token then travels in clear)")
+    p.add_argument("--tls-cert", default=_env("TLS_CERT", ""),
+                   help="PEM certificate chain: serve the public port over TLS")
+    p.add_argument("--tls-key", default=_env("TLS_KEY", ""), help="PEM key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA", ""),
+                   help="PEM CA bundle: require client certificates it signed (mTLS)")
+    p.add_argument("--control-tls-cert", default=_env("CONTROL_TLS_CERT", ""),
+                   help="certificate of the TCP control listener (default: --tls-cert)")
+    p.add_argument("--control-tls-key", default=_env("CONTROL_TLS_KEY", ""),
+                   help="key of the TCP control listener (default: --tls-key)")
+    p.add_argument("--control-tls-client-ca", default=_env("CONTROL_TLS_CLIENT_CA", ""),
+                   help="require client certificates on the TCP control listener (mTLS)")
+    p.add_argument("--max-concurrent-streams", type=int,
+                   default=int(_env("MAX_CONCURRENT_STREAMS", 100)),
+                   help="streams one connection may have open; more wait on the client")
+    p.add_argument("--keepalive-time", type=float, default=float(_env("KEEPALIVE_TIME", 120)),
+                   help="seconds of quiet before the server pings a client")
+    p.add_argument("--keepalive-timeout", type=float,
+                   default=float(_env("KEEPALIVE_TIMEOUT", 20)),
+                   help="seconds to wait for that ping's ack before closing the connection")
+    p.add_argument("--min-ping-interval", type=float,
+                   default=float(_env("MIN_PING_INTERVAL", 60)),
+                   help="least seconds between a client's pings without data; faster ones "
+                        "are strikes")
+    p.add_argument("--max-ping-strikes", type=int, default=int(_env("MAX_PING_STRIKES", 2)),
+                   help="strikes before GOAWAY (ENHANCE_YOUR_CALM, too_many_pings); 0: no limit")
+    p.add_argument("--keepalive-permit-without-calls", action="store_true",
+                   default=_env_flag("KEEPALIVE_PERMIT_WITHOUT_CALLS"),
+                   help="accept client pings on connections with no call open")
+    p.add_argument("--max-connection-age", type=float,
+                   default=float(_env("MAX_CONNECTION_AGE", 1800)),
+                   help="seconds before a connection is asked to go away, so a mesh "
+                        "rebalances (0: never)")
+    p.add_argument("--max-connection-age-grace", type=float,
+                   default=float(_env("MAX_CONNECTION_AGE_GRACE", 300)),
+                   help="seconds the streams of an aged connection get to finish")
     p.add_argument("--port-file", default=_env("PORT_FILE", ""),
                    help="write the bound port here once SERVING")
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
@@ -177,6 +302,18 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         grace_period_s=args.grace_period, prefill_chunk_tokens=args.prefill_chunk_tokens,
         watchdog_timeout_s=args.watchdog_timeout, control_socket=args.control_socket,
         control_tcp=args.control_tcp, control_token=args.control_token,
+        control_insecure=args.control_insecure,
+        tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
+        tls_client_ca=_path(args.tls_client_ca),
+        control_tls_cert=_path(args.control_tls_cert),
+        control_tls_key=_path(args.control_tls_key),
+        control_tls_client_ca=_path(args.control_tls_client_ca),
+        max_concurrent_streams=args.max_concurrent_streams,
+        keepalive_time_s=args.keepalive_time, keepalive_timeout_s=args.keepalive_timeout,
+        min_ping_interval_s=args.min_ping_interval, max_ping_strikes=args.max_ping_strikes,
+        keepalive_permit_without_calls=args.keepalive_permit_without_calls,
+        max_connection_age_s=args.max_connection_age,
+        max_connection_age_grace_s=args.max_connection_age_grace,
         port_file=Path(args.port_file) if args.port_file else None,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         log_format=args.log_format, log_level=args.log_level,

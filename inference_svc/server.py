@@ -22,7 +22,7 @@ from autoglm.control.v1 import control_service_pb2 as control_pb
 from autoglm.control.v1 import control_service_pb2_grpc as control_grpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.config import ServerConfig
+from inference_svc.config import ServerConfig, TlsFiles
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.loading import kv_budget_bytes, load_model
@@ -32,6 +32,7 @@ from inference_svc.service_state import ServiceState
 from inference_svc.transport.errors import ServiceInterceptor
 from inference_svc.transport.inference_servicer import InferenceServicer
 from inference_svc.transport.reflection_docs import DocumentedPool
+from inference_svc.transport.tls import add_port
 from inference_svc.watchdog import EXIT_CODE as WATCHDOG_EXIT_CODE
 from inference_svc.watchdog import Watchdog
 
@@ -41,12 +42,36 @@ CONTROL_SERVICE = control_pb.DESCRIPTOR.services_by_name["ControlService"].full_
 FLUSH_SECONDS = 2.0  # after the grace period, for the engine's CANCELLED finals to go out
 
 
-def _options(config: ServerConfig) -> list[tuple[str, int]]:
-    return [
+def server_options(config: ServerConfig, *, public: bool) -> list[tuple[str, int]]:
+    options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", _ms(config.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(config.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", config.max_ping_strikes),
     ]
+    # Only the public port sits behind load balancers; aging the control listener's
+    # connections would just break the memory daemon's WatchMemory stream.
+    if public and config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace_s)),
+        ]
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _tls_mode(files: TlsFiles | None) -> str:
+    if files is None:
+        return "off"
+    return "mtls" if files.client_ca else "tls"
 
 
 class Service:
@@ -59,14 +84,15 @@ class Service:
         self.descriptors = DocumentedPool()  # read once, served by both listeners
         interceptor = ServiceInterceptor(
             lambda method, code: self.metrics.rpcs.labels(method, code).inc())
-        self.public = grpc.aio.server(interceptors=[interceptor], options=_options(config))
+        self.public = grpc.aio.server(interceptors=[interceptor],
+                                      options=server_options(config, public=True))
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.state), self.public)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.public)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.public,
             pool=self.descriptors,
         )
-        self.port = self.public.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = add_port(self.public, f"{config.host}:{config.port}", config.public_tls)
         self.control = self._control_server()
         self._background: list[asyncio.Task] = []
         self.halted = asyncio.Event()  # the watchdog found the model loop dead or stalled
@@ -77,7 +103,8 @@ class Service:
         interceptors = [ServiceInterceptor()]
         if config.control_token:
             interceptors.insert(0, TokenAuthInterceptor(config.control_token))
-        server = grpc.aio.server(interceptors=interceptors, options=_options(config))
+        server = grpc.aio.server(interceptors=interceptors,
+                                 options=server_options(config, public=False))
         self.control_servicer = ControlServicer(self.state)
         control_grpc.add_ControlServiceServicer_to_server(self.control_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -93,7 +120,7 @@ class Service:
             finally:
                 os.umask(previous)
         if config.control_tcp:
-            server.add_insecure_port(config.control_tcp)
+            add_port(server, config.control_tcp, config.control_tls)
         return server
 
     async def _set_health(self, serving: bool) -> None:
@@ -110,11 +137,12 @@ class Service:
         await self.control.start()
         if self.config.control_socket and os.path.exists(self.config.control_socket):
             os.chmod(self.config.control_socket, 0o600)
-        log.info("listening", port=self.port, control_socket=self.config.control_socket,
-                 control_tcp=self.config.control_tcp or None)
-        self._write_port_file(serving=False)
-        model = await asyncio.to_thread(load_model, self.config)
         config = self.config
+        log.info("listening", port=self.port, control_socket=config.control_socket,
+                 control_tcp=config.control_tcp or None, tls=_tls_mode(config.public_tls),
+                 control_tcp_tls=_tls_mode(config.control_tls) if config.control_tcp else None)
+        self._write_port_file(serving=False)
+        model = await asyncio.to_thread(load_model, config)
         engine = Engine(model, EngineConfig(
             max_queued=config.max_queued, max_pixels=config.max_pixels,
             pressure_max_pixels=config.pressure_max_pixels,

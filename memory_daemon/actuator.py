@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -68,19 +69,41 @@ def service_view(status: pb.MemoryStatus) -> ServiceView:
 ADMISSION_LEASE_SECONDS = 60.0
 
 
+def channel_credentials(config: ControlSection) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the configured PEM files, or None for a plaintext channel."""
+    if not config.tls:
+        return None
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(config.tls_ca),
+        private_key=read(config.tls_key),
+        certificate_chain=read(config.tls_cert),
+    )
+
+
 class ControlClient:
-    """A ControlService client over a Unix socket or token-authenticated TCP."""
+    """A ControlService client over a Unix socket or token-authenticated TCP (TLS or not)."""
 
     def __init__(self, config: ControlSection, offload_tier: str = "auto") -> None:
         self._config = config
         self._offload_tier = _TIERS[offload_tier]
         self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        self._credentials = channel_credentials(config)  # read once; rebuilt channels reuse it
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ControlServiceStub | None = None
 
     def _connect(self) -> pb_grpc.ControlServiceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._config.target, options=_CHANNEL_OPTIONS)
+            target = self._config.target
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    target, self._credentials, options=_CHANNEL_OPTIONS
+                )
             self._stub = pb_grpc.ControlServiceStub(self._channel)
         return self._stub
 

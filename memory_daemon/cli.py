@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--record", help="append every reading to this JSON-lines trace")
     add("--control", help="ControlService target, e.g. unix:///tmp/autoglm-control.sock")
     add("--token", help="bearer token for a TCP control target")
+    add("--tls-ca", help="PEM CA of the control listener's certificate (turns TLS on)")
+    add("--tls-cert", help="client certificate for a control listener that wants mTLS")
+    add("--tls-key", help="key of --tls-cert")
     status = parser.add_mutually_exclusive_group()
     status.add_argument(
         "--watch",
@@ -101,6 +104,9 @@ def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         ("replay", "speed"): args.replay_speed,
         ("control", "target"): args.control,
         ("control", "token"): args.token,
+        ("control", "tls_ca"): args.tls_ca,
+        ("control", "tls_cert"): args.tls_cert,
+        ("control", "tls_key"): args.tls_key,
         ("control", "status_source"): args.status_source,
         ("nvml", "devices"): args.gpu,
         ("host", "pid"): args.pid,

@@ -168,6 +168,11 @@ class ControlSection:
 
     target: str = DEFAULT_CONTROL_TARGET
     token: str = ""
+    # TLS to a TCP target: the CA of the service's certificate; a client certificate and
+    # key for mTLS. Either one turns TLS on.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     deadline_seconds: float = 5.0
     retries: int = 3
     backoff_initial_seconds: float = 0.2
@@ -200,6 +205,21 @@ class ControlSection:
                 f"control.token is required for the TCP target {self.target!r} "
                 f"(or set {ENV_PREFIX}CONTROL_TOKEN)"
             )
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("control.tls_cert and control.tls_key go together")
+        if self.tls and self.is_unix:
+            raise ConfigError("control.tls_* apply to a TCP target, not a Unix socket")
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"control.{key} {path!r} is not a readable file")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
 
     @property
     def is_unix(self) -> bool:

@@ -51,6 +51,7 @@ class ServerProcess:
     port: int
     control_socket: Path
     log_path: Path
+    credentials: grpc.ChannelCredentials | None = None  # how the public port is reached
 
     @property
     def target(self) -> str:
@@ -88,7 +89,9 @@ def start_server(
     workdir: Path, model_dir: Path | None, *extra: str, wait: bool = True,
     timeout: float = 180.0, env: dict[str, str] | None = None,
     module: str = "inference_svc.cli",
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
+    """Start autoglm-server; `credentials` reach its public port when it serves TLS."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port.json"
     port_file.unlink(missing_ok=True)  # a restart in the same workdir must not read the old one
@@ -104,7 +107,7 @@ def start_server(
     log = log_path.open("w")
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                env={**os.environ, **(env or {})})
-    server = ServerProcess(process, 0, control, log_path)
+    server = ServerProcess(process, 0, control, log_path, credentials)
     if wait:
         wait_until_serving(server, port_file, timeout)
     return server
@@ -117,7 +120,7 @@ def wait_until_serving(server: ServerProcess, port_file: Path, timeout: float) -
             raise RuntimeError(f"server exited early:\n{server.log_path.read_text()[-4000:]}")
         if port_file.exists() and port_file.stat().st_size:
             server.port = json.loads(port_file.read_text())["port"]
-            with grpc.insecure_channel(server.target) as channel:
+            with open_channel(server.target, server.credentials) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -126,6 +129,12 @@ def wait_until_serving(server: ServerProcess, port_file: Path, timeout: float) -
     server.terminate()
     tail = server.log_path.read_text()[-4000:]
     raise TimeoutError(f"server not SERVING after {timeout}s:\n{tail}")
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials)
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +171,17 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> b
     return header + b"data" + struct.pack("<I", len(samples)) + samples
 
 
-def health_status(target: str, service: str = "") -> int:
-    with grpc.insecure_channel(target) as channel:
+def health_status(
+    target: str, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> int:
+    with open_channel(target, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A throwaway CA with a loopback server certificate and a client certificate."""
+    from tests.pki import write_pki
+
+    return write_pki(tmp_path_factory.mktemp("pki"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import uvicorn
 
@@ -26,6 +27,21 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
         "--grpc-target",
         default=environ.get("AUTOGLM_GRPC_TARGET", "127.0.0.1:50051"),
         help="host:port of the inference service's public gRPC API",
+    )
+    parser.add_argument(
+        "--grpc-tls-ca",
+        default=environ.get("AUTOGLM_GRPC_TLS_CA", ""),
+        help="PEM CA of the service's certificate: reach it over TLS",
+    )
+    parser.add_argument(
+        "--grpc-tls-cert",
+        default=environ.get("AUTOGLM_GRPC_TLS_CERT", ""),
+        help="client certificate for a service that wants mTLS",
+    )
+    parser.add_argument(
+        "--grpc-tls-key",
+        default=environ.get("AUTOGLM_GRPC_TLS_KEY", ""),
+        help="key of --grpc-tls-cert",
     )
     parser.add_argument(
         "--served-model-name",
@@ -53,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The key is read from the environment only, so it never shows in `ps`.
     config = GatewayConfig(
         upstream_target=args.grpc_target,
+        upstream_tls_ca=_optional_path(args.grpc_tls_ca),
+        upstream_tls_cert=_optional_path(args.grpc_tls_cert),
+        upstream_tls_key=_optional_path(args.grpc_tls_key),
         served_model_name=args.served_model_name,
         api_key=os.environ.get("AUTOGLM_API_KEY") or None,
         max_body_bytes=args.max_body_bytes,
@@ -70,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
     )
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
 
 
 def _optional_float(value: str | None) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_MODEL_NAME = "autoglm-phone-9b"
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -13,6 +14,11 @@ class GatewayConfig:
     """Everything the gateway needs to serve; validated on construction."""
 
     upstream_target: str = "127.0.0.1:50051"
+    # TLS to the service: its certificate's CA (PEM); a client certificate and key when it
+    # wants mTLS. Any of them turns TLS on.
+    upstream_tls_ca: Path | None = None
+    upstream_tls_cert: Path | None = None
+    upstream_tls_key: Path | None = None
     served_model_name: str = DEFAULT_MODEL_NAME
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -37,3 +43,12 @@ class GatewayConfig:
             raise ValueError(f"health_timeout_s must be positive, got {self.health_timeout_s}")
         if self.default_retry_after_s < 0:
             raise ValueError("default_retry_after_s must not be negative")
+        if (self.upstream_tls_cert is None) != (self.upstream_tls_key is None):
+            raise ValueError("upstream_tls_cert and upstream_tls_key go together")
+        for path in (self.upstream_tls_ca, self.upstream_tls_cert, self.upstream_tls_key):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} is not a readable file")
+
+    @property
+    def upstream_tls(self) -> bool:
+        return self.upstream_tls_ca is not None or self.upstream_tls_cert is not None

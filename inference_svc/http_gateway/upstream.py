@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -15,6 +16,20 @@ from .config import GatewayConfig
 INFERENCE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 UNREACHABLE = "UNREACHABLE"
 _Stub = TypeVar("_Stub")
+
+
+def _credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
+    if not config.upstream_tls:
+        return None
+
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(config.upstream_tls_ca),
+        private_key=read(config.upstream_tls_key),
+        certificate_chain=read(config.upstream_tls_cert),
+    )
 
 
 class UpstreamNotOpen(RuntimeError):
@@ -31,7 +46,12 @@ class InferenceUpstream:
         self._health: health_pb2_grpc.HealthStub | None = None
 
     async def open(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self._config.upstream_target)
+        target = self._config.upstream_target
+        credentials = _credentials(self._config)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials)
         self._inference = pb_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -182,7 +182,7 @@ def test_tcp_control_listener_requires_the_token(tiny_bundle, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = start_server(tmp_path / "s", tiny_bundle, "--control-tcp", f"127.0.0.1:{port}",
-                          "--control-token", "s3cret")
+                          "--control-token", "s3cret", "--control-insecure")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             control = cgrpc.ControlServiceStub(channel)

@@ -108,6 +108,15 @@ def test_bad_environment_exits_2(name, value, message, monkeypatch, capsys):
         (["--probe", "tpu"], "invalid choice"),
         (["--metrics-port", "70000"], "daemon.metrics_port must be in [0, 65535]"),
         (["--control", "localhost:1"], "control.token is required"),
+        (["--tls-ca", "/nonexistent/ca.pem"], "control.tls_* apply to a TCP target"),
+        (
+            ["--control", "localhost:1", "--token", "t", "--tls-ca", "/nonexistent/ca.pem"],
+            "control.tls_ca '/nonexistent/ca.pem' is not a readable file",
+        ),
+        (
+            ["--control", "localhost:1", "--token", "t", "--tls-cert", "/nonexistent/c.pem"],
+            "control.tls_cert and control.tls_key go together",
+        ),
         (["--watch", "--poll-status"], "not allowed with argument"),
     ],
 )
@@ -176,6 +185,15 @@ def test_example_config_is_valid_and_documents_every_key():
             assert f"\n{key} =" in text or f"[{section}.{key}]" in text, f"{section}.{key}"
     for key in config.policy.cooldown_seconds.__dataclass_fields__:
         assert f"\n{key} =" in text, key
+
+
+def test_tls_to_the_control_port_from_flags_and_environment(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("pem")
+    environ = {ENV_PREFIX + "CONTROL_TOKEN": "t", ENV_PREFIX + "CONTROL_TLS_CA": str(ca)}
+    config = load_config(None, environ, {"control": {"target": "localhost:1"}})
+    assert config.control.tls and config.control.tls_ca == str(ca)
+    assert not load_config(None, {}).control.tls
 
 
 def test_config_error_is_a_domain_error_with_its_exit_code():

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from inference_svc.config import config_from_args
+from inference_svc.config import TlsFiles, config_from_args
 from inference_svc.loading import kv_budget_bytes
+from inference_svc.server import server_options
 
 
 def test_flags_and_environment_set_the_config(monkeypatch):
@@ -32,6 +33,11 @@ def test_flags_and_environment_set_the_config(monkeypatch):
         (["--dtype", "int3"], "dtype"),
         (["--kv-budget-fraction", "1.5"], "kv budget fraction"),
         (["--pressure-max-pixels", "10"], "pressure max pixels"),
+        (["--control-tcp", "127.0.0.1:1", "--control-token", "t"], "--control-insecure"),
+        (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+         "--tls-cert /nonexistent/cert.pem is not a readable file"),
+        (["--max-concurrent-streams", "0"], "max concurrent streams"),
+        (["--max-connection-age", "-1"], "max connection age"),
     ],
 )
 def test_bad_configuration_exits_2_with_a_clear_message(argv, fragment):
@@ -47,3 +53,66 @@ def test_kv_budget_can_be_a_fraction_of_the_decoders_device():
     assert kv_budget_bytes(config, SimpleNamespace(device="cpu")) == int(host * 0.25)
     fixed = config_from_args(["--kv-budget-mb", "3"])
     assert kv_budget_bytes(fixed, SimpleNamespace(device="cpu")) == 3 * 1024 * 1024
+
+
+def test_connection_limits_have_safe_defaults_and_reach_the_server_options():
+    config = config_from_args([])
+    public = dict(server_options(config, public=True))
+    assert public["grpc.max_concurrent_streams"] == 100
+    assert public["grpc.keepalive_permit_without_calls"] == 0
+    assert public["grpc.http2.min_recv_ping_interval_without_data_ms"] == 60_000
+    assert public["grpc.http2.max_ping_strikes"] == 2
+    assert public["grpc.keepalive_time_ms"] == 120_000
+    assert public["grpc.keepalive_timeout_ms"] == 20_000
+    assert public["grpc.max_connection_age_ms"] == 30 * 60_000
+    assert public["grpc.max_connection_age_grace_ms"] == 5 * 60_000
+    # the control listener's long WatchMemory streams are not aged out
+    assert "grpc.max_connection_age_ms" not in dict(server_options(config, public=False))
+    tuned = dict(server_options(config_from_args(
+        ["--max-concurrent-streams", "8", "--keepalive-permit-without-calls",
+         "--max-connection-age", "0"]), public=True))
+    assert tuned["grpc.max_concurrent_streams"] == 8
+    assert tuned["grpc.keepalive_permit_without_calls"] == 1
+    assert "grpc.max_connection_age_ms" not in tuned
+
+
+def test_environment_sets_the_transport_flags(monkeypatch, tmp_path):
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / name).write_text("pem")
+    monkeypatch.setenv("AUTOGLM_TLS_CERT", str(tmp_path / "cert.pem"))
+    monkeypatch.setenv("AUTOGLM_TLS_KEY", str(tmp_path / "key.pem"))
+    monkeypatch.setenv("AUTOGLM_MAX_CONCURRENT_STREAMS", "7")
+    monkeypatch.setenv("AUTOGLM_CONTROL_INSECURE", "1")
+    config = config_from_args(["--control-tls-client-ca", str(tmp_path / "ca.pem")])
+    assert config.max_concurrent_streams == 7
+    assert config.control_insecure
+    assert config.public_tls == TlsFiles(tmp_path / "cert.pem", tmp_path / "key.pem")
+    # the control listener defaults to the public certificate, with its own client CA
+    assert config.control_tls == TlsFiles(tmp_path / "cert.pem", tmp_path / "key.pem",
+                                          tmp_path / "ca.pem")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--tls-cert", "{cert}"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "{ca}"], "--tls-client-ca needs --tls-cert"),
+        (["--control-tls-client-ca", "{ca}"], "--control-tls-client-ca needs"),
+        (["--control-tcp", "127.0.0.1:1"], "--control-token"),
+    ],
+)
+def test_tls_flags_are_checked_together(argv, fragment, tmp_path):
+    for name in ("cert.pem", "ca.pem"):
+        (tmp_path / name).write_text("pem")
+    argv = [a.format(cert=tmp_path / "cert.pem", ca=tmp_path / "ca.pem") for a in argv]
+    with pytest.raises(ValueError, match=fragment):
+        config_from_args(argv)
+
+
+def test_tcp_control_starts_with_tls_or_an_explicit_insecure_flag(tmp_path):
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("pem")
+    tcp = ["--control-tcp", "127.0.0.1:1", "--control-token", "t"]
+    tls = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    assert config_from_args([*tcp, *tls]).control_tls is not None
+    assert config_from_args([*tcp, "--control-insecure"]).control_tls is None

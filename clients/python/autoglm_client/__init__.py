@@ -1,6 +1,7 @@
 """Python client of autoglm-serve: inference (sync and asyncio), control, and the CLI."""
 
 from autoglm_client.aio import AsyncInferenceClient
+from autoglm_client.channel import tls_credentials
 from autoglm_client.content import (
     assistant,
     audio,
@@ -76,6 +77,7 @@ __all__ = [
     "sniff_image_mime",
     "system",
     "text",
+    "tls_credentials",
     "to_messages",
     "user",
 ]

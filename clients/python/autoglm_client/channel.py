@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
-from autoglm_client.errors import REQUEST_ID_KEY
+from autoglm_client.errors import REQUEST_ID_KEY, InputError
 
 # The server accepts messages up to 32 MiB; the client allows twice that so that the
 # server, not the client, is the one to reject an oversized request with a clear status.
@@ -22,6 +23,31 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+def tls_credentials(
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: the CA that signed the server's certificate (None:
+    the system's roots), and for mTLS the client's certificate chain and key."""
+    if (cert_file is None) != (key_file is None):
+        raise InputError("a client certificate and its key go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file, "CA"),
+        private_key=_read(key_file, "client key"),
+        certificate_chain=_read(cert_file, "client certificate"),
+    )
+
+
+def _read(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read the {what} file {path}: {error.strerror}") from error
 
 
 def open_channel(

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 
-from autoglm_client.channel import DEFAULT_TARGET
+from autoglm_client.channel import DEFAULT_TARGET, tls_credentials
 from autoglm_client.content import prompt_conversation
 from autoglm_client.control import DEFAULT_CONTROL_TARGET, ControlClient
 from autoglm_client.errors import AutoglmError, InputError, RpcError
@@ -55,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoglm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    connection = _connection_options()
+    tls = _tls_options()
+    connection = _connection_options(tls)
 
     chat = commands.add_parser(
         "chat", parents=[connection], help="stream a reply to a prompt (with images/audio)"
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     end_session.add_argument("session_id", metavar="ID")
     end_session.set_defaults(run=run_end_session)
 
-    status = commands.add_parser("status", help="show the service's memory account")
+    status = commands.add_parser(
+        "status", parents=[tls], help="show the service's memory account"
+    )
     status.add_argument(
         "--control",
         default=DEFAULT_CONTROL_TARGET,
@@ -115,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connection_options() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
+def _connection_options(tls: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False, parents=[tls])
     options.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     options.add_argument(
         "--port",
@@ -127,6 +131,23 @@ def _connection_options() -> argparse.ArgumentParser:
     options.add_argument("--target", help="gRPC target; overrides --host/--port")
     options.add_argument("--timeout", type=float, metavar="SEC", help="deadline of the call")
     return options
+
+
+def _tls_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--tls", action="store_true", help="use TLS with the system's CAs")
+    options.add_argument(
+        "--tls-ca", metavar="FILE", help="PEM CA of the server's certificate (implies --tls)"
+    )
+    options.add_argument("--tls-cert", metavar="FILE", help="client certificate (mTLS)")
+    options.add_argument("--tls-key", metavar="FILE", help="key of --tls-cert")
+    return options
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _add_media_options(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +170,11 @@ def _add_media_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _inference_client(args: argparse.Namespace) -> InferenceClient:
-    return InferenceClient(args.target or f"{args.host}:{args.port}", timeout=args.timeout)
+    return InferenceClient(
+        args.target or f"{args.host}:{args.port}",
+        timeout=args.timeout,
+        credentials=_credentials(args),
+    )
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -224,7 +249,7 @@ def run_end_session(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("AUTOGLM_TOKEN")
     render: Callable = _as_json if args.json else memory_status_text
-    with ControlClient(args.control, token=token) as client:
+    with ControlClient(args.control, token=token, credentials=_credentials(args)) as client:
         if not args.watch:
             print(render(client.memory_status()))
             return EXIT_OK

@@ -1,7 +1,8 @@
 """Synchronous client of the control API (memory account and memory actions).
 
 The control API listens on a Unix socket by default; over TCP it wants a bearer token,
-sent as `authorization: Bearer <token>` metadata.
+sent as `authorization: Bearer <token>` metadata, and normally TLS: pass
+`credentials=tls_credentials(ca_file)` (with a client certificate and key for mTLS).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ class InferenceClient:
     """Blocking client of `autoglm.inference.v1.InferenceService`.
 
     `timeout` (seconds) and `metadata` apply to every call unless a call overrides them.
+    For a TLS port pass `credentials=tls_credentials(ca_file)`.
     """
 
     def __init__(
