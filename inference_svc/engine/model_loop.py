@@ -38,7 +38,7 @@ from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.engine.text_stream import THINK_OPEN, TextStream
 from inference_svc.engine.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
-from inference_svc.errors import GenerationFailed, ResourceExhausted, ServiceError
+from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
 from inference_svc.memory.process import release_freed_memory
 from inference_svc.model.prompt import PromptPlan
 
@@ -98,22 +98,25 @@ class ModelLoop:
             return bool(self.queued or self.running)
 
     def stop(self, timeout: float) -> None:
-        self.stopping = True
-        self.queue.put(Job((-(2**62), -1), None))
+        with self.lock:  # no job is queued behind the stop (it would never be answered)
+            self.stopping = True
+            self.queue.put(Job((-(2**62), -1), None))
         with self._admission_changed:
             self._admission_changed.notify_all()
         self._thread.join(timeout)
 
     def enqueue(self, job: Job) -> None:
         with self.lock:
+            if self.stopping:
+                raise NotReady("the service is shutting down")
             if self.queued >= self.config.max_queued:
                 raise ResourceExhausted(
                     f"request queue is full ({self.config.max_queued} waiting)",
                     resource="queue", retry_after_s=1.0,
                 )
             self.queued += 1
-        job.sort_key = (-job.request.priority, next(self._sequence))
-        self.queue.put(job)
+            job.sort_key = (-job.request.priority, next(self._sequence))
+            self.queue.put(job)
 
     def set_admission(self, admission: Admission) -> None:
         with self._admission_changed:
@@ -394,9 +397,13 @@ class ModelLoop:
             self._fail(job, job.info, error)
             return []
         if logits is None:  # cancelled or past its deadline: the work stops here
+            deadline = job.request.deadline
             log.info("prefill_stopped", request_id=job.request.request_id,
                      prompt_tokens=len(job.plan.input_ids),
-                     computed_tokens=kv_cache.cache_length(cache) - cached)
+                     computed_tokens=kv_cache.cache_length(cache) - cached,
+                     chunk_tokens=self.config.prefill_chunk_tokens,
+                     past_deadline_s=None if deadline is None
+                     else round(time.monotonic() - deadline, 3))
             if reuse is not None:  # give the reused prefix back intact
                 kv_cache.truncate(cache, cached)
                 self.sessions.put(job.request.session_id, job.request.request_id,

@@ -70,6 +70,20 @@ def test_streamed_and_whole_answers_agree_and_report_usage(client: openai.OpenAI
     assert chunks[-1].choices == []
 
 
+def test_a_near_zero_temperature_is_greedy_and_the_service_keeps_serving(
+    client: openai.OpenAI,
+) -> None:
+    params: dict[str, Any] = {"model": MODEL, "messages": user("Good morning"), "max_tokens": 8,
+                              "extra_body": {"min_tokens": 8}}
+
+    tiny = client.chat.completions.create(**params, temperature=1e-38)
+    greedy = client.chat.completions.create(**params, temperature=0)
+    after = client.chat.completions.create(**params, temperature=0.7, seed=1)
+
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+    assert after.usage is not None and after.usage.completion_tokens == 8
+
+
 def test_max_tokens_is_honoured(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
         model=MODEL, messages=user("Count."), max_tokens=5, extra_body={"min_tokens": 5}

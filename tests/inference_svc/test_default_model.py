@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import pytest
 
@@ -65,3 +68,58 @@ def test_offloading_encoders_to_disk_returns_their_memory_and_reload_is_exact(st
     tiers = {m.name: m.tier for m in
              control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status.modules}
     assert tiers["vision"] == tiers["audio"] == cpb.TIER_CPU
+
+
+def test_a_long_prefill_past_its_deadline_stops_at_a_chunk_and_frees_the_loop(
+        stubs, default_model_server):
+    """A ~7,000-token prompt with a short deadline: its prefill stops at a chunk boundary,
+    and a short request sent just after it is served (time to first token printed)."""
+    words = " ".join(f"item{i % 97} value{i % 89}" for i in range(1200))
+    long_request = pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text=words)])],
+        sampling=pb.SamplingParams(max_new_tokens=4, temperature=0))
+    prompt_tokens = stubs[0].CountTokens(
+        pb.CountTokensRequest(messages=long_request.messages)).prompt_tokens
+    assert 6500 < prompt_tokens < 8192
+    short: dict[str, float] = {}
+    sent = threading.Event()
+
+    def short_request() -> None:
+        sent.wait()
+        time.sleep(0.05)
+        started = time.monotonic()
+        for response in stubs[0].Generate(pb.GenerateRequest(
+                messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text="Say hi")])],
+                sampling=pb.SamplingParams(max_new_tokens=4, min_new_tokens=4,
+                                           temperature=0)), timeout=120):
+            short.setdefault("first_token_s", time.monotonic() - started)
+            if response.HasField("final"):
+                short["completion_tokens"] = response.final.usage.completion_tokens
+
+    worker = threading.Thread(target=short_request)
+    worker.start()
+    call = stubs[0].Generate(long_request, timeout=2.0,
+                             metadata=[("x-request-id", "long-prefill-deadline")])
+    sent.set()
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    worker.join(120)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert short["completion_tokens"] == 4
+    stopped = wait_for_log(default_model_server, "prefill_stopped", "long-prefill-deadline")
+    assert stopped["prompt_tokens"] == prompt_tokens
+    assert 0 < stopped["computed_tokens"] < prompt_tokens
+    assert stopped["computed_tokens"] % stopped["chunk_tokens"] == 0
+    print(f"\nlong prefill: {stopped['computed_tokens']} of {prompt_tokens} tokens computed, "
+          f"stopped {stopped['past_deadline_s']} s past its deadline; short request's first "
+          f"token after {short['first_token_s']:.2f} s")
+
+
+def wait_for_log(server, event: str, request_id: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.log_lines():
+            if line.get("event") == event and line.get("request_id") == request_id:
+                return line
+        time.sleep(0.1)
+    raise AssertionError(f"no {event} logged for {request_id}")
