@@ -16,21 +16,18 @@ import json
 import math
 import os
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from autoglm.control.v1 import control_service_pb2 as cpb
-from autoglm.control.v1 import control_service_pb2_grpc as cpb_grpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, health_status, png_bytes, start_server, wav_bytes
+from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
+from tests.inference_svc.liveness import assert_still_serving
 from tests.inference_svc.raw_http2 import call_unary_stream
 
 Code = grpc.StatusCode
@@ -89,6 +86,14 @@ def s16_silence(seconds: float, rate: int = 16000) -> bytes:
 
 def f32_samples(*values: float, repeat: int = 1600) -> bytes:
     return struct.pack(f"<{len(values)}f", *values) * repeat
+
+
+def png_with_short_idat() -> bytes:
+    """A valid PNG whose IDAT chunk length is 8 short: Pillow raises SyntaxError on load."""
+    data = png_bytes((32, 32))
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    return data[:at - 4] + (length - 8).to_bytes(4, "big") + data[at:]
 
 
 def huge_png(width: int, height: int) -> bytes:
@@ -232,6 +237,9 @@ CASES = [
     gen("empty stop sequence", INVALID, request(stop_sequences=[""])),
     gen("corrupt image bytes", INVALID, request(image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64))),
     gen("truncated PNG", INVALID, request(image(PNG[: len(PNG) // 2]))),
+    gen("PNG with a short IDAT length", INVALID, request(image(png_with_short_idat()))),
+    Case("CountTokens PNG, short IDAT", INVALID,
+         lambda c, _: count_tokens(c, image(png_with_short_idat()))),
     gen("empty image", INVALID, request(image(b""))),
     gen("5,000-char image mime_type", INVALID, request(image(PNG, "image/" + "x" * 4994))),
     gen("mime_type jpeg for a PNG", INVALID, request(image(PNG, "image/jpeg"))),
@@ -287,29 +295,6 @@ CASES = [
 # ---- the after-each checks ---------------------------------------------------------------
 
 
-def running_kv(server: ServerProcess) -> tuple[int, int]:
-    """(running requests, KV bytes they hold) from the control account."""
-    with grpc.insecure_channel(server.control_target) as channel:
-        stub = cpb_grpc.ControlServiceStub(channel)
-        status = stub.GetMemoryStatus(cpb.GetMemoryStatusRequest(), timeout=10).status
-    return status.running_requests, sum(r.bytes for r in status.requests)
-
-
-def wait_for_no_running_kv(server: ServerProcess, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (state := running_kv(server)) != (0, 0):
-        assert time.monotonic() < deadline, f"running requests/KV still {state} after {timeout}s"
-        time.sleep(0.05)
-
-
-def assert_still_serving(server: ServerProcess, channel: grpc.Channel) -> None:
-    assert server.process.poll() is None, "the server exited"
-    assert health_status(server.target) == health_pb2.HealthCheckResponse.SERVING
-    outcome = generate(channel, request(text("still there?"), max_new_tokens=3))
-    assert outcome.code == Code.OK
-    wait_for_no_running_kv(server)
-
-
 def error_log_lines(server: ServerProcess) -> list[dict]:
     return [line for line in server.log_lines()
             if line.get("level") in ("error", "critical", "exception")
@@ -336,7 +321,24 @@ def table() -> Iterator[list[dict]]:
         print(f"table written to {path}")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+# Defects found by these tests, left for their owners to fix: xfail(strict) until then.
+KNOWN_DEFECTS = {
+    "PNG with a short IDAT length": (
+        "defect: Pillow raises SyntaxError('broken PNG file ...') from load(); "
+        "inference_svc/model/media.py decode_image catches only OSError/ValueError/"
+        "DecompressionBombError, so the call ends INTERNAL instead of INVALID_ARGUMENT"),
+}
+KNOWN_DEFECTS["CountTokens PNG, short IDAT"] = KNOWN_DEFECTS["PNG with a short IDAT length"]
+
+
+def params(cases: list[Case]) -> list:
+    return [pytest.param(case, id=case.name,
+                         marks=[pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[case.name])]
+                         if case.name in KNOWN_DEFECTS else [])
+            for case in cases]
+
+
+@pytest.mark.parametrize("case", params(CASES))
 def test_hostile_input_gets_a_precise_status_and_the_server_lives(server, channel, table, case):
     errors_before = len(error_log_lines(server))
     try:
