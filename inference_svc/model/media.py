@@ -69,8 +69,11 @@ def decode_image(data: bytes, mime_type: str, *, field: str, max_pixels: int) ->
         raise
     except UnidentifiedImageError as exc:
         raise InvalidMedia(f"{field}: not a PNG, JPEG or WebP image", field=field) from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidMedia(f"{field}: cannot decode image: {exc}", field=field) from exc
+    except Exception as exc:  # Pillow's parsers raise many types on hostile bytes
+        # (SyntaxError for a broken PNG chunk, struct.error, EOFError...): all mean the
+        # same to the client, and none may become INTERNAL
+        raise InvalidMedia(f"{field}: cannot decode image: {quote(str(exc))}",
+                           field=field) from exc
     if fmt not in {"PNG", "JPEG", "WEBP"}:
         raise InvalidMedia(f"{field}: unsupported image format {fmt}", field=field)
     if expected is not None and fmt != expected:
@@ -111,7 +114,7 @@ def decode_wav(
             rate = wav.samplerate
     except InvalidMedia:
         raise
-    except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+    except Exception as exc:  # libsndfile and its wrapper raise many types on hostile bytes
         raise InvalidMedia(f"{field}: cannot decode WAV audio: {exc}", field=field) from exc
     return _finish_audio(samples, rate, field=field, target_rate=target_rate,
                          min_samples=min_samples)

@@ -370,11 +370,6 @@ def test_fuzz_bench_structured(server, channel):
 
 @pytest.mark.bench
 @pytest.mark.timeout(3600)
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: a byte flip in a PNG's IDAT chunk length makes Pillow raise SyntaxError, which "
-    "inference_svc/model/media.py decode_image does not catch: Generate ends INTERNAL "
-    "(see test_hostile_inputs 'PNG with a short IDAT length'); this derandomized run "
-    "meets it within its 2,000 examples"))
 def test_fuzz_bench_bytes(server, channel):
     """2,000 byte-mutated examples (2/5 of the bench run's 5,000)."""
     fuzz_bytes(server, channel, examples_of(BENCH_EXAMPLES, 0.4))

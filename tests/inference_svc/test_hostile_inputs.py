@@ -321,24 +321,7 @@ def table() -> Iterator[list[dict]]:
         print(f"table written to {path}")
 
 
-# Defects found by these tests, left for their owners to fix: xfail(strict) until then.
-KNOWN_DEFECTS = {
-    "PNG with a short IDAT length": (
-        "defect: Pillow raises SyntaxError('broken PNG file ...') from load(); "
-        "inference_svc/model/media.py decode_image catches only OSError/ValueError/"
-        "DecompressionBombError, so the call ends INTERNAL instead of INVALID_ARGUMENT"),
-}
-KNOWN_DEFECTS["CountTokens PNG, short IDAT"] = KNOWN_DEFECTS["PNG with a short IDAT length"]
-
-
-def params(cases: list[Case]) -> list:
-    return [pytest.param(case, id=case.name,
-                         marks=[pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[case.name])]
-                         if case.name in KNOWN_DEFECTS else [])
-            for case in cases]
-
-
-@pytest.mark.parametrize("case", params(CASES))
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_hostile_input_gets_a_precise_status_and_the_server_lives(server, channel, table, case):
     errors_before = len(error_log_lines(server))
     try:
