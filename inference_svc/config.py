@@ -46,7 +46,7 @@ class ServerConfig:
     pressure_max_pixels: int = 200_704
     encoder_idle_offload_s: float = 0.0
     grace_period_s: float = 10.0
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int | None = None  # None: by device (see engine)
     watchdog_timeout_s: float = 120.0
     control_socket: str = "/tmp/autoglm-control.sock"
     control_tcp: str = ""
@@ -90,7 +90,7 @@ class ServerConfig:
             raise ValueError("encoder idle offload must not be negative")
         if self.grace_period_s < 0:
             raise ValueError("grace period must not be negative")
-        if self.prefill_chunk_tokens < 0:
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 0:
             raise ValueError("prefill chunk tokens must not be negative")
         if self.watchdog_timeout_s < 0:
             raise ValueError("watchdog timeout must not be negative")
@@ -216,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-idle-ttl", type=float, default=float(_env("SESSION_IDLE_TTL", 600)),
                    help="seconds an idle session's KV is kept")
     p.add_argument("--grace-period", type=float, default=float(_env("GRACE_PERIOD", 10)))
-    p.add_argument("--prefill-chunk-tokens", type=int,
-                   default=int(_env("PREFILL_CHUNK_TOKENS", 256)),
+    chunk = _env("PREFILL_CHUNK_TOKENS", "")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=int(chunk) if chunk else None,
                    help="prompt positions per prefill pass; a cancel or deadline stops the "
-                        "prefill between chunks (0: whole prompt at once)")
+                        "prefill between chunks (0: whole prompt at once; default: 128 on "
+                        "CPU, 2048 on CUDA)")
     p.add_argument("--watchdog-timeout", type=float,
                    default=float(_env("WATCHDOG_TIMEOUT", 120)),
                    help="seconds the model loop may go without progress while work is "

@@ -24,7 +24,7 @@ from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.config import ServerConfig, TlsFiles
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
-from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.engine.engine import Engine, EngineConfig, default_prefill_chunk
 from inference_svc.loading import kv_budget_bytes, load_model
 from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.metrics import ServiceMetrics
@@ -149,7 +149,9 @@ class Service:
             max_batch=config.max_batch, kv_budget_bytes=kv_budget_bytes(config, model),
             activation_budget_bytes=config.activation_budget_bytes,
             prefix_caching=config.prefix_caching, session_idle_ttl_s=config.session_idle_ttl_s,
-            prefill_chunk_tokens=config.prefill_chunk_tokens,
+            prefill_chunk_tokens=(default_prefill_chunk(model.device)
+                                  if config.prefill_chunk_tokens is None
+                                  else config.prefill_chunk_tokens),
         ))
         engine.start()
         self.state.engine = engine

@@ -39,7 +39,7 @@ class EngineConfig:
     activation_budget_bytes: int = 1024**3
     session_idle_ttl_s: float = 600.0
     prefix_caching: bool = True
-    prefill_chunk_tokens: int = 256  # prompt positions per prefill pass; 0: whole prompt
+    prefill_chunk_tokens: int = 128  # prompt positions per prefill pass; 0: whole prompt
 
     def __post_init__(self) -> None:
         if self.max_queued < 1:
@@ -52,6 +52,14 @@ class EngineConfig:
             raise ValueError("prefill_chunk_tokens must not be negative")
         if self.kv_budget_bytes < 64 * 1024:
             raise ValueError("kv_budget_bytes must be at least 64 KiB")
+
+
+def default_prefill_chunk(device: str) -> int:
+    """Prompt positions per prefill pass when not configured: small enough that a cancel
+    or deadline stops the work within a fraction of a second (measured on the embedded
+    default, 2 CPU cores: a 128-position chunk takes up to 0.2 s early in a 7,000-token
+    prompt, 256 up to 0.5 s), large enough that a GPU keeps its throughput."""
+    return 2048 if device.startswith("cuda") else 128
 
 
 class Engine:

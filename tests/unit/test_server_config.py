@@ -37,6 +37,8 @@ def test_flags_and_environment_set_the_config(monkeypatch):
         (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
          "--tls-cert /nonexistent/cert.pem is not a readable file"),
         (["--max-concurrent-streams", "0"], "max concurrent streams"),
+        (["--prefill-chunk-tokens", "-1"], "prefill chunk tokens"),
+        (["--watchdog-timeout", "-5"], "watchdog timeout"),
         (["--max-connection-age", "-1"], "max connection age"),
     ],
 )
@@ -45,6 +47,18 @@ def test_bad_configuration_exits_2_with_a_clear_message(argv, fragment):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert fragment in result.stderr
+
+
+def test_prefill_chunk_follows_the_device_unless_set(monkeypatch):
+    from inference_svc.engine.engine import default_prefill_chunk
+
+    assert config_from_args([]).prefill_chunk_tokens is None
+    assert default_prefill_chunk("cpu") < default_prefill_chunk("cuda:0")
+    assert config_from_args(["--prefill-chunk-tokens", "0"]).prefill_chunk_tokens == 0
+    monkeypatch.setenv("AUTOGLM_PREFILL_CHUNK_TOKENS", "64")
+    monkeypatch.setenv("AUTOGLM_WATCHDOG_TIMEOUT", "7.5")
+    config = config_from_args([])
+    assert (config.prefill_chunk_tokens, config.watchdog_timeout_s) == (64, 7.5)
 
 
 def test_kv_budget_can_be_a_fraction_of_the_decoders_device():
