@@ -184,7 +184,8 @@ class Service:
 
     async def stop(self) -> None:
         """Stop accepting calls; streams get the grace period, then a CANCELLED final."""
-        grace = self.config.grace_period_s
+        # after a watchdog halt the open streams have already been ended: no grace
+        grace = 0.0 if self.halted.is_set() else self.config.grace_period_s
         log.info("shutting_down", grace_seconds=grace)
         await self.health.enter_graceful_shutdown()
         self.control_servicer.close()
