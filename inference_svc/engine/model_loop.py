@@ -63,6 +63,28 @@ class Sequence:
         return len(self.streamer.token_ids)
 
 
+@dataclass
+class Prefill:
+    """A prompt fed through the decoder a chunk at a time, between decode steps."""
+
+    job: Job
+    plan: PromptPlan
+    cache: DynamicCache  # holds every position before `done`
+    embeds: torch.Tensor  # decoder inputs of the positions from `cached` on
+    cached: int  # positions that came from a reused prefix
+    reuse: Reuse | None = None
+    resumed: Sequence | None = None  # a preempted sequence being recomputed
+    done: int = -1
+
+    def __post_init__(self) -> None:
+        if self.done < 0:
+            self.done = self.cached
+
+    @property
+    def remaining(self) -> int:
+        return len(self.plan.input_ids) - self.done
+
+
 class ModelLoop:
     def __init__(self, model, config, sessions: SessionStore) -> None:
         self.model = model
@@ -79,7 +101,8 @@ class ModelLoop:
         self.admission = Admission()
         self._admission_changed = threading.Condition()
         self._sequence = itertools.count()
-        self._batched = hasattr(model, "prefill")
+        self._batched = hasattr(model, "prefill_chunk")
+        self._prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
         self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
 
     # ---- control from other threads ----------------------------------------------
@@ -152,7 +175,7 @@ class ModelLoop:
     def _iterate(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:
         """Admit what fits, start it, decode one step; False once told to stop."""
         admitted: list[Job] = []
-        job = self._next_job(block=not sequences)
+        job = self._next_job(block=not (sequences or self._prefilling))
         while job is not None:
             if job.request is None:
                 self._cancel_everything(batch, sequences)
@@ -165,6 +188,8 @@ class ModelLoop:
             job = self._next_job(block=False)  # everything waiting joins this round
         if admitted:
             self._start_all(admitted, batch, sequences)
+        if self._prefilling:
+            self._prefill_step(batch, sequences)
         if sequences:
             self._step(batch, sequences)
         return True
@@ -177,6 +202,7 @@ class ModelLoop:
                   error=_brief(error), in_flight=len(self._jobs), exc_info=error)
         batch.rows, batch.cache, batch.mask = [], None, None
         sequences.clear()
+        self._prefilling.clear()
         failure = GenerationFailed("internal error in the model loop; retry the request")
         for job in list(self._jobs.values()):
             self._fail(job, job.info, failure)
@@ -187,6 +213,7 @@ class ModelLoop:
             sequence.job.handle.cancel()
             self._finish(sequence, None, sequences)
         batch.rows, batch.cache, batch.mask = [], None, None
+        self._prefilling.clear()
         for job in list(self._jobs.values()):  # admitted but not started
             self._end_unstarted(job)
         while True:
@@ -322,32 +349,33 @@ class ModelLoop:
 
     def _start_all(self, jobs: list[Job], batch: DecodeBatch,
                    sequences: dict[str, Sequence]) -> None:
-        """Prefill admitted jobs (short fresh prompts together), sample their first tokens.
+        """Start admitted jobs: short fresh prompts are prefilled together at once and
+        sample their first tokens; the rest queue for chunked prefill.
 
         A job whose deadline passed or whose client left while it waited is not started.
         """
-        fresh: list[tuple[Job, Reuse | None]] = []
+        together: list[Job] = []
         for job in jobs:
             if job.handle.cancellation.requested:
                 self._end_unstarted(job)
             elif job.resume is not None:
-                self._resume(job.resume, job.info, batch, sequences)
+                self._begin_resume(job.resume, job.info)
             elif not self._batched:
                 self._run_alone(job)
             else:
-                fresh.append((job, self._reuse(job.request, job.plan)))
-        started: list[Sequence] = []
-        chunk = self.config.prefill_chunk_tokens or self.model.context_length
-        alone = [(job, reuse) for job, reuse in fresh
-                 if reuse is not None or len(job.plan.input_ids) > chunk]
-        together = [job for job, reuse in fresh
-                    if reuse is None and len(job.plan.input_ids) <= chunk]
+                reuse = self._reuse(job.request, job.plan)
+                if reuse is None and len(job.plan.input_ids) <= self._chunk_tokens:
+                    together.append(job)
+                else:
+                    self._begin_prefill(job, job.plan, reuse)
         if len(together) == 1:
-            alone.append((together.pop(), None))
-        for job, reuse in alone:
-            started += self._prefill_alone(job, reuse, batch)
-        if together:
-            started += self._prefill_together(together, batch)
+            self._begin_prefill(together[0], together[0].plan, None)
+        elif together:
+            self._start(self._prefill_together(together, batch), batch, sequences)
+
+    def _start(self, started: list[Sequence], batch: DecodeBatch,
+               sequences: dict[str, Sequence]) -> None:
+        """Prefilled sequences sample their first tokens and run from now on."""
         if not started:
             return
         for sequence in started:
@@ -387,79 +415,111 @@ class ModelLoop:
         self._retire(job.info)
         job.handle.push(finished)
 
-    def _prefill_alone(self, job: Job, reuse: Reuse | None,
-                       batch: DecodeBatch) -> list[Sequence]:
+    @property
+    def _chunk_tokens(self) -> int:
+        return self.config.prefill_chunk_tokens or self.model.context_length
+
+    def _begin_prefill(self, job: Job, plan: PromptPlan, reuse: Reuse | None, *,
+                       resumed: Sequence | None = None) -> None:
+        """Queue a prompt for chunked prefill (its media are encoded now)."""
         cached = reuse.tokens if reuse else 0
-        cache = reuse.cache if reuse else DynamicCache()
         try:
-            logits = self._with_one_retry(lambda: self._prefill(job, cache, cached))
+            embeds = self._with_one_retry(
+                lambda: self.model.prompt_embeddings(plan, job.media, cached=cached))
         except Exception as error:
             self._fail(job, job.info, error)
-            return []
-        if logits is None:  # cancelled or past its deadline: the work stops here
-            deadline = job.request.deadline
-            log.info("prefill_stopped", request_id=job.request.request_id,
-                     prompt_tokens=len(job.plan.input_ids),
-                     computed_tokens=kv_cache.cache_length(cache) - cached,
-                     chunk_tokens=self.config.prefill_chunk_tokens,
-                     past_deadline_s=None if deadline is None
-                     else round(time.monotonic() - deadline, 3))
-            if reuse is not None:  # give the reused prefix back intact
-                kv_cache.truncate(cache, cached)
-                self.sessions.put(job.request.session_id, job.request.request_id,
-                                  job.plan.content[:cached], cache)
-            self._end_unstarted(job)
-            return []
-        sequence = self._new_sequence(job, job.info, reuse, logits)
-        batch.add(sequence.row, cache)
-        return [sequence]
+            return
+        self._prefilling.append(Prefill(job, plan, reuse.cache if reuse else DynamicCache(),
+                                        embeds, cached, reuse, resumed))
 
-    def _prefill(self, job: Job, cache: DynamicCache, cached: int,
-                 plan: PromptPlan | None = None) -> torch.Tensor | None:
-        """Chunked prefill that stops between chunks once the request is cancelled."""
-        cancellation = job.handle.cancellation
-
-        def should_stop() -> bool:
-            self.heartbeat = time.monotonic()
-            return cancellation.requested
-
-        return self.model.prefill(plan or job.plan, job.media, cache, cached=cached,
-                                  chunk_tokens=self.config.prefill_chunk_tokens,
-                                  should_stop=should_stop)
-
-    def _prefill_together(self, jobs: list[Job], batch: DecodeBatch) -> list[Sequence]:
-        try:
-            logits, cache, mask = self.model.prefill_batch([j.plan for j in jobs],
-                                                           [j.media for j in jobs])
-        except Exception as error:  # find the culprit: each alone, so only it fails
-            log.warning("batched_prefill_failed", error=repr(error), jobs=len(jobs))
-            return [s for job in jobs for s in self._prefill_alone(job, None, batch)]
-        started = [self._new_sequence(job, job.info, None, logits[i])
-                   for i, job in enumerate(jobs)]
-        batch.add_many([s.row for s in started], cache, mask)
-        return started
-
-    def _resume(self, sequence: Sequence, info: RunningInfo, batch: DecodeBatch,
-                sequences: dict[str, Sequence]) -> None:
-        """Recompute a preempted sequence's KV (all but its last, unfed token), rejoin."""
+    def _begin_resume(self, sequence: Sequence, info: RunningInfo) -> None:
+        """Recompute a preempted sequence's KV (all but its last, unfed token)."""
         job = sequence.job
         fed = sequence.history[0, :-1].tolist()
         plan = PromptPlan(input_ids=fed, spans=job.plan.spans,
                           content=job.plan.content + fed[len(job.plan.input_ids):])
-        cache = DynamicCache()
-        try:
-            logits = self._prefill(job, cache, 0, plan)
-        except Exception as error:
-            self._fail(job, info, error)
-            return
         sequence.info = info
-        if logits is None:
-            self._finish(sequence, None, sequences)
-            return
-        sequence.row = Row(info.request_id, len(fed), next_token=sequence.row.next_token)
-        sequences[info.request_id] = sequence
-        batch.add(sequence.row, cache)
-        log.info("resumed", request_id=info.request_id, recomputed_tokens=len(fed))
+        self._begin_prefill(job, plan, None, resumed=sequence)
+
+    def _prefill_step(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+        """Feed queued prompts: every one that needs at most a chunk completes now, then
+        the oldest longer one advances by a chunk, so a long prompt delays the rest by at
+        most one chunk. Cancelled ones stop here, before their next chunk; completed ones
+        join the batch."""
+        for prefill in [p for p in self._prefilling if p.job.handle.cancellation.requested]:
+            self._prefilling.remove(prefill)
+            self._stop_prefill(prefill, sequences)
+        chunk = self._chunk_tokens
+        short = [p for p in self._prefilling if p.remaining <= chunk]
+        longer = [p for p in self._prefilling if p.remaining > chunk]
+        started: list[Sequence] = []
+        for prefill in short + longer[:1]:
+            end = prefill.done + min(prefill.remaining, chunk)
+            try:
+                logits = self._with_one_retry(lambda p=prefill, e=end: self.model.prefill_chunk(
+                    p.embeds, p.cache, p.done, e, cached=p.cached))
+            except Exception as error:
+                self._prefilling.remove(prefill)
+                self._fail(prefill.job, prefill.job.info, error)
+                continue
+            prefill.done = end
+            self.heartbeat = time.monotonic()
+            if prefill.remaining:
+                continue
+            self._prefilling.remove(prefill)
+            if prefill.resumed is not None:
+                self._rejoin(prefill, batch, sequences)
+            else:
+                sequence = self._new_sequence(prefill.job, prefill.job.info, prefill.reuse,
+                                              logits)
+                batch.add(sequence.row, prefill.cache)
+                started.append(sequence)
+        self._start(started, batch, sequences)
+
+    def _rejoin(self, prefill: Prefill, batch: DecodeBatch,
+                sequences: dict[str, Sequence]) -> None:
+        sequence = prefill.resumed
+        key = sequence.info.request_id
+        sequence.row = Row(key, prefill.done, next_token=sequence.row.next_token)
+        sequences[key] = sequence
+        batch.add(sequence.row, prefill.cache)
+        log.info("resumed", request_id=key, recomputed_tokens=prefill.done)
+
+    def _stop_prefill(self, prefill: Prefill, sequences: dict[str, Sequence]) -> None:
+        """Cancelled or past its deadline mid-prefill: the work stops, nothing is kept but
+        a reused prefix, which goes back intact."""
+        job, deadline = prefill.job, prefill.job.request.deadline
+        log.info("prefill_stopped", request_id=job.request.request_id,
+                 prompt_tokens=len(prefill.plan.input_ids),
+                 computed_tokens=prefill.done - prefill.cached,
+                 chunk_tokens=self._chunk_tokens,
+                 past_deadline_s=None if deadline is None
+                 else round(time.monotonic() - deadline, 3))
+        if prefill.reuse is not None:
+            kv_cache.truncate(prefill.cache, prefill.cached)
+            self.sessions.put(job.request.session_id, job.request.request_id,
+                              prefill.plan.content[:prefill.cached], prefill.cache)
+        if prefill.resumed is not None:
+            self._finish(prefill.resumed, None, sequences)
+        else:
+            self._end_unstarted(job)
+
+    def _prefill_together(self, jobs: list[Job], batch: DecodeBatch) -> list[Sequence]:
+        """Short prompts in one padded pass; if that fails, each is queued on its own so
+        that only the culprit fails."""
+        try:
+            logits, cache, mask = self.model.prefill_batch([j.plan for j in jobs],
+                                                           [j.media for j in jobs])
+        except Exception as error:
+            log.warning("batched_prefill_failed", error_type=type(error).__name__,
+                        error=_brief(error), jobs=len(jobs))
+            for job in jobs:
+                self._begin_prefill(job, job.plan, None)
+            return []
+        started = [self._new_sequence(job, job.info, None, logits[i])
+                   for i, job in enumerate(jobs)]
+        batch.add_many([s.row for s in started], cache, mask)
+        return started
 
     def _new_sequence(self, job: Job, info: RunningInfo, reuse: Reuse | None,
                       logits: torch.Tensor) -> Sequence:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,34 +197,21 @@ class ModularModel(UnitModel):
                              media_lengths=lengths, media_digests=digests,
                              placeholder_id=self.placeholder_id)
 
-    def prefill(
-        self, plan: PromptPlan, media: DecodedMedia, cache, *, cached: int = 0,
-        chunk_tokens: int = 0, should_stop: Callable[[], bool] | None = None,
-    ) -> torch.Tensor | None:
-        """Run the uncached part of the prompt into `cache`; next-token logits [vocab].
+    def prompt_embeddings(self, plan: PromptPlan, media: DecodedMedia, *,
+                          cached: int = 0) -> torch.Tensor:
+        """Decoder inputs for the prompt positions after `cached` [1, n, hidden]."""
+        return self.embed(plan, media, cached=cached)[:, cached:]
 
-        With `chunk_tokens`, the prompt goes through the decoder that many positions at a
-        time and `should_stop` is asked before each chunk: when it turns true the work
-        stops there and None is returned (the cache then holds the chunks already done).
-        """
-        stop = should_stop or (lambda: False)
-        if stop():
-            return None
-        embeds = self.embed(plan, media, cached=cached)[:, cached:]
-        length = len(plan.input_ids)
-        step = chunk_tokens if chunk_tokens > 0 else length
-        logits = None
+    def prefill_chunk(self, embeds: torch.Tensor, cache, start: int, end: int, *,
+                      cached: int = 0) -> torch.Tensor:
+        """Feed prompt positions [start, end) (`embeds` begins at position `cached`) into
+        `cache`, which holds every position before `start`; logits after `end - 1`."""
+        positions = torch.arange(start, end, device=embeds.device)
         with self.decoder_unit.use() as decoder, torch.inference_mode():
-            for start in range(cached, length, step):
-                if start > cached and stop():
-                    return None
-                end = min(start + step, length)
-                positions = torch.arange(start, end, device=embeds.device)
-                out = decoder(inputs_embeds=embeds[:, start - cached : end - cached],
-                              position_ids=positions.unsqueeze(0), cache=cache, use_cache=True,
-                              cache_position=positions, logits_to_keep=1)
-                logits = out.logits[0, -1]
-        return logits
+            out = decoder(inputs_embeds=embeds[:, start - cached : end - cached],
+                          position_ids=positions.unsqueeze(0), cache=cache, use_cache=True,
+                          cache_position=positions, logits_to_keep=1)
+        return out.logits[0, -1]
 
     def prefill_batch(
         self, plans: list[PromptPlan], media: list[DecodedMedia]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -104,16 +105,18 @@ def test_an_error_in_shared_work_fails_those_in_flight_and_the_loop_goes_on(mode
 
 
 def test_a_cache_holding_non_finite_values_is_never_kept_for_reuse(model, monkeypatch):
-    prefill = model.prefill
+    prefill_chunk = model.prefill_chunk
+    poisoned = {"done": False}
 
-    def poisoning(plan, media, cache, **options):
-        logits = prefill(plan, media, cache, **options)
-        if "POISON" in model.tokenizer.decode(plan.input_ids):
+    def poisoning(embeds, cache, start, end, **options):
+        logits = prefill_chunk(embeds, cache, start, end, **options)
+        if not poisoned["done"]:  # the first prompt's KV gets an infinity, its logits not
+            poisoned["done"] = True
             with torch.inference_mode():
                 cache.layers[0].keys[..., -1, :] = float("inf")
         return logits
 
-    monkeypatch.setattr(model, "prefill", poisoning)
+    monkeypatch.setattr(model, "prefill_chunk", poisoning)
     prompt = "POISON " + "shared prefix words " * 8
     results, engine = run_all(model, [request(prompt, tokens=1)])
     assert isinstance(results[0], GenerationFailed)
@@ -121,36 +124,81 @@ def test_a_cache_holding_non_finite_values_is_never_kept_for_reuse(model, monkey
 
 
 def test_a_request_past_its_deadline_is_never_prefilled(model, monkeypatch):
-    prefills = []
-    prefill = model.prefill
-    monkeypatch.setattr(model, "prefill", lambda *a, **k: prefills.append(1) or prefill(*a, **k))
-    monkeypatch.setattr(model, "prefill_batch", None)
+    chunks = []
+    prefill_chunk = model.prefill_chunk
+    monkeypatch.setattr(model, "prefill_chunk",
+                        lambda *a, **k: chunks.append(1) or prefill_chunk(*a, **k))
     late = GenerationRequest("late", [ChatMessage("user", [TextPart("late")])],
                              SamplingParams(max_new_tokens=4), deadline=0.0)
-    results, engine = run_all(model, [late])
+    results, _ = run_all(model, [late])
     assert isinstance(results[0], Finished)
     assert results[0].reason.value == "cancelled"
     assert results[0].usage.completion_tokens == 0
-    assert prefills == [] or engine.completed == 1
+    assert chunks == []
 
 
-def test_chunked_prefill_matches_one_pass_and_stops_between_chunks(model):
+def test_a_long_prefill_yields_to_decoding_and_stops_between_chunks(model, monkeypatch):
+    """With 16-position chunks, a long prompt is fed between decode steps: a short request
+    that arrives while it is prefilling is done first; cancelled mid-prefill, a prompt's
+    work stops at a chunk."""
+    prefill_chunk = model.prefill_chunk
+
+    def slow_chunk(embeds, cache, start, end, **options):
+        time.sleep(0.005)  # the tiny model is too fast to be overtaken otherwise
+        return prefill_chunk(embeds, cache, start, end, **options)
+
+    monkeypatch.setattr(model, "prefill_chunk", slow_chunk)
+    engine = Engine(model, EngineConfig(prefill_chunk_tokens=16))
+    engine.start()
+    long_prompt = "one two three four five six " * 60
+    order: list[str] = []
+
+    async def follow(name: str, handle):
+        async for event in handle.events():
+            order.append(f"{name}:{type(event).__name__}")
+        return event
+
+    async def prefilling(req: GenerationRequest):
+        handle = await engine.submit(req)
+        while not engine._loop._prefilling:  # it is fed chunk by chunk now
+            await asyncio.sleep(0.001)
+        return handle
+
+    async def main():  # each stream is read as its events arrive
+        long = asyncio.create_task(follow("long", await prefilling(request(long_prompt, 2))))
+        short = asyncio.create_task(follow("short", await engine.submit(request("hi", 3))))
+        return await long, await short
+
+    async def cancelled():
+        handle = await prefilling(request(long_prompt.upper(), tokens=2))  # nothing cached
+        handle.cancel()
+        return [e async for e in handle.events()][-1]
+
+    try:
+        long, short = asyncio.run(main())
+        stopped = asyncio.run(cancelled())
+        assert engine.fault(stall_timeout_s=60) is None
+    finally:
+        engine.stop()
+    assert long.usage.completion_tokens == 2 and short.usage.completion_tokens == 3
+    assert order.index("short:Finished") < order.index("long:Delta")
+    assert stopped.reason.value == "cancelled" and stopped.usage.completion_tokens == 0
+
+
+def test_chunked_prefill_matches_one_pass(model):
     from transformers import DynamicCache
 
-    from inference_svc.engine.engine import validate  # noqa: F401  (engine import order)
-
-    plan = model.plan([ChatMessage("user", [TextPart("one two three four " * 20)])],
-                      model.decode_media([], max_pixels=1 << 20), enable_thinking=False)
     media = model.decode_media([], max_pixels=1 << 20)
-    whole = model.prefill(plan, media, DynamicCache())
-    chunked = model.prefill(plan, media, DynamicCache(), chunk_tokens=16)
-    assert torch.allclose(whole, chunked, atol=1e-4)
-    asked = []
+    plan = model.plan([ChatMessage("user", [TextPart("one two three four " * 20)])], media,
+                      enable_thinking=False)
+    embeds = model.prompt_embeddings(plan, media)
+    length = len(plan.input_ids)
+    whole = model.prefill_chunk(embeds, DynamicCache(), 0, length)
     cache = DynamicCache()
-    stopped = model.prefill(plan, media, cache, chunk_tokens=16,
-                            should_stop=lambda: asked.append(1) or len(asked) > 2)
-    assert stopped is None
-    assert cache.get_seq_length() == 32  # two chunks ran, the third never started
+    for start in range(0, length, 16):
+        chunked = model.prefill_chunk(embeds, cache, start, min(start + 16, length))
+    assert torch.allclose(whole, chunked, atol=1e-4)
+    assert cache.get_seq_length() == length
 
 
 def test_choose_tokens_isolates_rows_that_cannot_be_sampled():

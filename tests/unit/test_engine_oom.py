@@ -54,7 +54,7 @@ def run_all(model, requests, patch):
 
 def fail_prefills(monkeypatch, model, *, times: int) -> None:
     """Prompts containing BOOM run out of memory `times` times, alone or in a batch."""
-    alone, together = model.prefill, model.prefill_batch
+    alone, together = model.prompt_embeddings, model.prefill_batch
     budget = {"left": times}
 
     def boom(plans) -> None:
@@ -63,15 +63,15 @@ def fail_prefills(monkeypatch, model, *, times: int) -> None:
             budget["left"] -= 1
             raise torch.OutOfMemoryError("simulated")
 
-    def prefill(plan, media, cache, **options):
+    def prompt_embeddings(plan, media, **options):
         boom([plan])
-        return alone(plan, media, cache, **options)
+        return alone(plan, media, **options)
 
     def prefill_batch(plans, media):
         boom(plans)
         return together(plans, media)
 
-    monkeypatch.setattr(model, "prefill", prefill)
+    monkeypatch.setattr(model, "prompt_embeddings", prompt_embeddings)
     monkeypatch.setattr(model, "prefill_batch", prefill_batch)
 
 
@@ -124,7 +124,8 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(model):
              for text in ("short", "a somewhat longer prompt", "the longest prompt of all three")]
     together, cache, mask = model.prefill_batch(plans, [empty] * 3)
     for row, plan in enumerate(plans):
-        alone = model.prefill(plan, empty, DynamicCache())
+        embeds = model.prompt_embeddings(plan, empty)
+        alone = model.prefill_chunk(embeds, DynamicCache(), 0, len(plan.input_ids))
         assert torch.allclose(together[row], alone, atol=1e-4)
         assert int(mask[row].sum()) == len(plan.input_ids)
     assert cache.get_seq_length() == mask.shape[1]
