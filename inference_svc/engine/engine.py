@@ -144,7 +144,7 @@ class Engine:
         """Admission restricted (by the daemon or an operator), or the KV budget nearly full."""
         if self.admission.mode != "open":
             return True
-        used = self.sessions.total_bytes() + self._loop.reserved_bytes()
+        used = self.sessions.total_bytes() + self._loop.held_bytes()
         return used > self.config.pressure_fraction * self.config.kv_budget_bytes
 
     def max_pixels_now(self) -> int:

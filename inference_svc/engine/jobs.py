@@ -38,7 +38,6 @@ class RunningInfo:
     modalities: set[str]
     prompt_tokens: int
     generated_tokens: int = 0
-    reserved_bytes: int = 0  # KV set aside at admission: prompt + max_new_tokens
     priority: int = 0
 
 
@@ -84,3 +83,4 @@ class Job:
     enqueued_at: float = field(compare=False, default_factory=time.monotonic)
     resume: Any = field(compare=False, default=None)  # a preempted Sequence to recompute
     info: RunningInfo | None = field(compare=False, default=None)  # set once admitted
+    waiting: bool = field(compare=False, default=False)  # admission has made it wait

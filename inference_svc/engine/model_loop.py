@@ -43,6 +43,9 @@ from inference_svc.memory.process import release_freed_memory
 from inference_svc.model.prompt import PromptPlan
 
 log = structlog.get_logger("engine")
+# Share of the KV budget kept free at admission for the running rows to grow into.
+ADMISSION_WATERMARK = 0.01
+RESUME_FIRST = -(2**61)  # queue position of preempted jobs: before every fresh one
 
 
 @dataclass
@@ -288,13 +291,30 @@ class ModelLoop:
 
     # ---- KV admission and preemption ---------------------------------------------------
 
-    def reserved_bytes(self) -> int:
+    def held_bytes(self, *, excluding: str = "") -> int:
+        """KV held by admitted requests: their prompts and the tokens generated so far."""
         with self.lock:
-            return sum(r.reserved_bytes for r in self.running.values())
+            tokens = sum(r.prompt_tokens + r.generated_tokens for r in self.running.values()
+                         if r.request_id != excluding)
+        return tokens * self.model.kv_bytes_per_token()
 
     def _fits(self, job: Job) -> bool:
-        """Whether the job's KV reservation fits, after evicting idle caches if needed."""
-        return self._make_room(self._estimate(job))
+        """Whether the job's prompt (and what a preempted job had generated) fits beside
+        what is held, with a watermark left for the running rows to grow, after evicting
+        idle caches if needed. Admission counts what is used, not what may be."""
+        generated = job.resume.generated if job.resume is not None else 0
+        tokens = len(job.plan.input_ids) + generated
+        watermark = int(ADMISSION_WATERMARK * self.config.kv_budget_bytes)
+        return self._make_room(tokens * self.model.kv_bytes_per_token() + watermark)
+
+    def _make_decode_room(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+        """Before a decode step every row takes one more token of KV: evict idle caches,
+        then preempt the lowest-priority, newest sequences until it fits."""
+        while not self._make_room(len(batch) * self.model.kv_bytes_per_token()):
+            if len(sequences) <= 1:  # a lone sequence always fits by admission's rule
+                return
+            victim = min(sequences.values(), key=lambda s: (s.job.request.priority, -s.started))
+            self._preempt(victim, batch, sequences, reason="kv_budget")
 
     def _preempt_for(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:
         """Last resort: preempt lower-priority sequences (newest first) to fit `job`."""
@@ -302,35 +322,45 @@ class ModelLoop:
         victims = sorted((s for s in sequences.values() if s.job.request.priority < priority),
                          key=lambda s: (s.job.request.priority, -s.started))
         for victim in victims:
-            self._preempt(victim, batch, sequences)
+            self._preempt(victim, batch, sequences, reason="priority")
             if self._fits(job):
                 return True
         return False
 
     def _preempt(self, sequence: Sequence, batch: DecodeBatch,
-                 sequences: dict[str, Sequence]) -> None:
+                 sequences: dict[str, Sequence], *, reason: str) -> None:
         """Free a running sequence's KV and re-queue it; it resumes by recomputation."""
         key = sequence.info.request_id
         batch.remove({key})
         sequences.pop(key, None)
         with self.lock:
             self.running.pop(key, None)
+            self._jobs.pop(key, None)
             self.queued += 1
         job = sequence.job
         log.info("preempted", request_id=key, priority=job.request.priority,
-                 generated_tokens=sequence.generated)
-        self.queue.put(Job((-job.request.priority, next(self._sequence)), job.request,
-                           job.plan, job.media, job.max_new_tokens, job.handle,
+                 generated_tokens=sequence.generated, reason=reason)
+        # ahead of fresh jobs of its priority: it was admitted before them
+        self.queue.put(Job((-job.request.priority, RESUME_FIRST + next(self._sequence)),
+                           job.request, job.plan, job.media, job.max_new_tokens, job.handle,
                            resume=sequence))
 
     def _hold(self, job: Job) -> None:
-        """Not enough KV yet: wait in the queue, up to the queue timeout."""
-        if time.monotonic() - job.enqueued_at > self.config.queue_timeout_s:
+        """Not enough KV yet: wait in the queue, up to the queue timeout (a preempted
+        job waits as long as it takes: it was admitted once and is never dropped)."""
+        waited = time.monotonic() - job.enqueued_at
+        if job.resume is None and waited > self.config.queue_timeout_s:
             job.handle.push(Failed(ResourceExhausted(
-                "KV cache budget is fully reserved by running requests; retry later",
+                "KV cache budget is fully used by running requests; retry later",
                 resource="kv_cache", retry_after_s=1.0,
             )))
             return
+        if not job.waiting:  # once per job: what admission saw when it first said no
+            job.waiting = True
+            log.info("admission_waiting", request_id=job.request.request_id,
+                     prompt_tokens=len(job.plan.input_ids), held_bytes=self.held_bytes(),
+                     cached_bytes=self.sessions.total_bytes(),
+                     budget_bytes=self.config.kv_budget_bytes, running=len(self.running))
         with self.lock:
             self.queued += 1
         self.queue.put(job)
@@ -338,8 +368,7 @@ class ModelLoop:
     def _register(self, job: Job) -> None:
         request = job.request
         info = RunningInfo(request.request_id, request.session_id, request.modalities,
-                           len(job.plan.input_ids), reserved_bytes=self._estimate(job),
-                           priority=request.priority)
+                           len(job.plan.input_ids), priority=request.priority)
         if job.resume is not None:
             info.generated_tokens = job.resume.generated
         job.info = info
@@ -552,6 +581,7 @@ class ModelLoop:
         sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
         sequence.row.next_token = token
         sequence.streamer.put(torch.tensor([token]))
+        sequence.info.generated_tokens = sequence.generated
         return (
             token in self.model.eos_token_ids
             or sequence.generated >= sequence.job.max_new_tokens
@@ -565,6 +595,7 @@ class ModelLoop:
             self._finish(sequences[key], cache, sequences)
         if not sequences:
             return
+        self._make_decode_room(batch, sequences)
         try:
             logits = self._with_one_retry(lambda: self._decode(batch))
         except torch.OutOfMemoryError as error:
@@ -677,11 +708,8 @@ class ModelLoop:
         return reuse
 
     def kv_estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """KV a request reserves: prompt plus every token it may generate."""
+        """KV a request holds at its longest: prompt plus every token it may generate."""
         return (prompt_tokens + max_new_tokens) * self.model.kv_bytes_per_token()
-
-    def _estimate(self, job: Job) -> int:
-        return self.kv_estimate(len(job.plan.input_ids), job.max_new_tokens)
 
     def _make_room(self, needed: int, *, excluding: str = "") -> bool:
         """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget; whether
@@ -691,10 +719,7 @@ class ModelLoop:
         session store once it finished), so not again as running.
         """
         def in_use() -> int:
-            with self.lock:
-                reserved = sum(r.reserved_bytes for r in self.running.values()
-                               if r.request_id != excluding)
-            return self.sessions.total_bytes() + reserved + needed
+            return self.sessions.total_bytes() + self.held_bytes(excluding=excluding) + needed
 
         excess = in_use() - self.config.kv_budget_bytes
         if excess > 0:

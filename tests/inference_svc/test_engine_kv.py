@@ -183,21 +183,32 @@ def test_a_higher_priority_request_preempts_and_the_preempted_one_resumes(server
     assert "preempted" in events and "resumed" in events
 
 
-def test_a_request_that_cannot_fit_yet_waits_for_room_instead_of_failing(server):
-    public, ctl, stub, _ = channels(server)
+def test_requests_that_outgrow_the_budget_together_are_preempted_and_lose_nothing(server):
+    """Admission counts what is used: both start at once; as they grow past the budget the
+    newest is preempted, recomputed later, and still says exactly what it says alone."""
+    public, ctl, stub, control = channels(server)
     with public, ctl:
-        results: dict[str, pb.FinalMessage] = {}
+        alone = {}
+        for name in ("a", "b"):
+            alone[name] = "".join(r.text_delta for r in stub.Generate(long_greedy(0, 600, name)))
+            control.TrimKvCache(cpb.TrimKvCacheRequest(policy=cpb.TRIM_POLICY_ALL_IDLE))
+        results: dict[str, list[pb.GenerateResponse]] = {}
 
         def run(name: str) -> None:
-            results[name] = list(stub.Generate(long_greedy(0, 600, name)))[-1].final
+            results[name] = list(stub.Generate(long_greedy(0, 600, name)))
 
         threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert {n: f.usage.completion_tokens for n, f in results.items()} == {"a": 600, "b": 600}
-    assert "preempted" not in [e["event"] for e in server.log_lines()]
+        for name in ("a", "b"):
+            assert results[name][-1].final.usage.completion_tokens == 600
+            assert "".join(r.text_delta for r in results[name]) == alone[name]
+    lines = server.log_lines()
+    preempted = [e for e in lines if e.get("event") == "preempted"]
+    assert preempted and {e["reason"] for e in preempted} == {"kv_budget"}
+    assert "resumed" in [e["event"] for e in lines]
 
 
 def test_media_needing_more_encoder_activations_than_allowed_are_refused(tiny_bundle, tmp_path):
