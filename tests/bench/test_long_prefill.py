@@ -1,12 +1,16 @@
-"""A long prompt whose deadline passes mid-prefill must not hold up anyone else.
+"""A long prompt being prefilled must not hold up anyone else.
 
-The embedded default (SmolLM2-135M, CPU) gets a ~7,000-token prompt with a 0.3 s
+Head of line: a ~7,000-token prompt is prefilled in chunks between decode steps; a short
+request sent 50 ms after it gets its first token within a chunk's time, not after the
+whole prefill (27 s on this machine when prefilled in one pass).
+
+Deadline: the embedded default (SmolLM2-135M, CPU) gets a ~7,000-token prompt with a 0.3 s
 deadline; 50 ms later a short request arrives. The long prefill stops at its next chunk
 boundary (logged as prefill_stopped with how far past the deadline it stopped), and the
 short request's time to first token is measured, five rounds, each against the default
 chunk size and against one twice as large.
 
-    .venv/bin/python -m pytest tests/bench/test_prefill_deadline.py -m bench -s
+    .venv/bin/python -m pytest tests/bench/test_long_prefill.py -m bench -s
 """
 
 from __future__ import annotations
@@ -91,3 +95,38 @@ def test_a_prefill_past_its_deadline_stops_within_a_chunk(default_bundle, tmp_pa
     report("prefill_deadline", "~7,000-token prompt, 0.3 s deadline; short request 50 ms later",
            ["chunk", "short TTFT median s", "short TTFT max s", "long: tokens computed (max)",
             "stopped past deadline (max s)"], rows, {"rounds": data})
+
+
+def test_a_long_prefill_delays_a_short_request_by_a_chunk_at_most(default_bundle, tmp_path):
+    long_text = " ".join(f"item{i % 97} value{i % 89}" for i in range(1200))
+    server = start_server(tmp_path / "hol", None, timeout=600)
+    rows, data = [], []
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            list(stub.Generate(request("warm up", 2)))
+            for n in range(3):
+                long_done: dict[str, float] = {}
+                sent = time.monotonic()
+
+                def long_request(text: str, done: dict[str, float], since: float) -> None:
+                    list(stub.Generate(request(text, 1), timeout=600))
+                    done["s"] = time.monotonic() - since
+
+                worker = threading.Thread(target=long_request,
+                                          args=(f"{n} {long_text}", long_done, sent))
+                worker.start()
+                time.sleep(0.05)
+                started = time.monotonic()
+                ttft = None
+                for _ in stub.Generate(request("Say hi", 4), timeout=600):
+                    ttft = ttft or time.monotonic() - started
+                worker.join(600)
+                data.append({"short_ttft_s": ttft, "long_prefill_s": long_done["s"]})
+                rows.append([str(n + 1), f"{ttft:.2f}", f"{long_done['s']:.1f}"])
+    finally:
+        server.terminate()
+    report("long_prefill_head_of_line",
+           "~7,000-token prompt prefilling; short request sent 50 ms later (default chunk)",
+           ["round", "short TTFT s", "long prompt's prefill s"], rows, {"rounds": data})
+    assert all(d["short_ttft_s"] < d["long_prefill_s"] for d in data)
