@@ -36,7 +36,7 @@ protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
 run: install
-	AUTOGLM_PORT=$(PORT) BIN=$(BIN) deploy/run-local.sh
+	AUTOGLM_PORT=$(PORT) AUTOGLM_BIN=$(BIN) deploy/run_autoglm_server.sh
 
 test: install
 	$(BIN)/ruff check .
