@@ -46,7 +46,8 @@ def installed_venv(tmp_path) -> Path:
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").touch()
     pip = venv / "bin" / "pip"
-    pip.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" >> {venv}/pip.calls\necho >> {venv}/pip.calls\n")
+    calls = venv / "pip.calls"
+    pip.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" >> {calls}\necho >> {calls}\n")
     pip.chmod(0o755)
     make(venv, dry=False)
     assert ["install", "-q", "torch==2.13.0"] in recorded_pip_calls(venv)
@@ -67,7 +68,7 @@ def test_torch_index_reaches_pip_as_separate_arguments(installed_venv):
     position = torch.index("--index-url")
     assert torch[position + 1] == CUDA_INDEX
     # the old torch goes first, so pip cannot keep the CPU build as "already satisfied"
-    assert ["uninstall", "-q", "-y", "torch"] == commands[0][1:]
+    assert commands[0][1:] == ["uninstall", "-q", "-y", "torch"]
     # only torch changes: the project itself is not reinstalled
     assert not any("-e" in argv for argv in commands)
 
@@ -80,8 +81,8 @@ def test_a_spec_with_operators_and_several_packages_stays_quoted(installed_venv)
 
 def test_going_back_to_the_default_reinstalls_torch(installed_venv):
     make(installed_venv, f"TORCH_INDEX={CUDA_INDEX}", dry=False)
-    assert ["install", "-q", "torch==2.13.0", "--index-url", CUDA_INDEX] == (
-        recorded_pip_calls(installed_venv)[-1])
+    last = recorded_pip_calls(installed_venv)[-1]
+    assert last == ["install", "-q", "torch==2.13.0", "--index-url", CUDA_INDEX]
     assert make(installed_venv, f"TORCH_INDEX={CUDA_INDEX}") == []
     [torch] = pip_installs_of_torch(make(installed_venv))
     assert "--index-url" not in torch

@@ -81,7 +81,7 @@ def test_starts_all_three_and_stops_them_cleanly_on_sigterm(tiny_bundle, tmp_pat
 
         script.send_signal(signal.SIGTERM)
         assert script.wait(60) == 0, log_path.read_text()[-3000:]
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
         assert alive == []
         assert not (tmp_path / "autoglm-control.sock").exists()
         text = log_path.read_text()
