@@ -21,15 +21,16 @@ def free_port() -> int:
 def poll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Call `check` until it returns something truthy; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
     while True:
         try:
             result = check()
-        except (OSError, ValueError):
-            result = None
+        except Exception as error:  # not up yet: refused, unavailable, half-written file
+            result, last_error = None, error
         if result:
             return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout}s: {what}")
+            raise TimeoutError(f"not within {timeout}s: {what} (last error: {last_error!r})")
         time.sleep(interval)
 
 
