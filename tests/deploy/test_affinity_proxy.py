@@ -46,7 +46,7 @@ def nginx_config(listen_port: int, replicas: list[ServerProcess], prefix: Path) 
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the prefix
     return (f"{user}worker_processes 1;\npid {prefix}/nginx.pid;\n"
             f"error_log {prefix}/error.log info;\nevents {{ worker_connections 256; }}\n"
-            f"http {{\n    log_format affinity '$http_x_session_id $upstream_addr $uri';\n"
+            f"http {{\n    log_format affinity '$http_x_session_id|$upstream_addr|$uri';\n"
             f"    access_log {prefix}/access.log affinity;\n{temp_paths}\n{site}\n}}\n")
 
 
@@ -69,7 +69,7 @@ def prefix(tmp_path) -> Path:
 
 def access_log(prefix: Path) -> list[list[str]]:
     """Per request: x-session-id as nginx saw it ("-" when absent), upstream(s), uri."""
-    return [line.split(" ", 2) for line in (prefix / "access.log").read_text().splitlines()]
+    return [line.split("|") for line in (prefix / "access.log").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_a_session_sticks_to_one_replica_and_moves_when_it_stops(replicas, proxy
         assert third.usage.cached_prompt_tokens == 0  # a full prefill on the new replica
         # nginx tried the session's replica, found it refusing, and went on to the other
         upstreams = [e[1] for e in access_log(prefix) if e[2].endswith("/Generate")]
-        assert upstreams[2].endswith(other.target)
+        assert upstreams[2] == f"{home.target}, {other.target}"
 
         conversation += [assistant(reply), user("Thanks.")]
         _, fourth = turn(client, conversation, session, "turn-4")

@@ -80,3 +80,13 @@ def test_starts_all_three_and_stops_them_cleanly_on_sigterm(tiny_bundle, tmp_pat
                 child.kill()
             script.kill()
             script.wait()
+
+
+def test_a_service_that_cannot_start_fails_the_script(tmp_path):
+    env = {**os.environ, "AUTOGLM_BIN": str(Path(sys.executable).parent), "AUTOGLM_PORT": "0",
+           "AUTOGLM_HOST": "127.0.0.1", "AUTOGLM_METRICS_PORT": "0",
+           "AUTOGLM_RUN_DIR": str(tmp_path), "AUTOGLM_GATEWAY_PORT": str(free_port())}
+    result = subprocess.run([str(SCRIPT), "--model-dir", str(tmp_path / "no-such-model")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "the service exited before serving" in result.stderr
