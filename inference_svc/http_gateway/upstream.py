@@ -62,9 +62,12 @@ class InferenceUpstream:
 
     def generate(self, request: pb.GenerateRequest, *, request_id: str) -> grpc.aio.UnaryStreamCall:
         """Start a Generate call; the caller reads it and must cancel it when abandoned."""
+        metadata = [("x-request-id", request_id)]
+        if request.session_id:  # for a proxy's session affinity (deploy/nginx)
+            metadata.append(("x-session-id", request.session_id))
         return self._require(self._inference).Generate(
             request,
-            metadata=(("x-request-id", request_id),),
+            metadata=tuple(metadata),
             timeout=self._config.request_timeout_s,
         )
 

@@ -102,7 +102,8 @@ def test_reflection_lists_services_and_serves_documented_descriptors(inference_s
                              reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in listed.list_services_response.service}
     assert names == {"autoglm.inference.v1.InferenceService", "grpc.health.v1.Health",
-                     "grpc.reflection.v1alpha.ServerReflection"}
+                     "grpc.reflection.v1alpha.ServerReflection",
+                     "grpc.reflection.v1.ServerReflection"}
     found = reflection_call(inference_server.target, reflection_pb2.ServerReflectionRequest(
         file_containing_symbol="autoglm.inference.v1.GenerateRequest"))
     files = [descriptor_pb2.FileDescriptorProto.FromString(raw)

@@ -71,7 +71,9 @@ class AsyncInferenceClient:
             return_reasoning=return_reasoning,
             priority=priority,
         )
-        call = self._stub.Generate(request, **self._defaults.call_kwargs(timeout, request_id))
+        call = self._stub.Generate(
+            request, **self._defaults.call_kwargs(timeout, request_id, session_id)
+        )
         finished = False
         try:
             with rpc_errors_translated():
@@ -157,7 +159,7 @@ class AsyncInferenceClient:
         request = pb.EndSessionRequest(session_id=session_id)
         with rpc_errors_translated():
             response = await self._stub.EndSession(
-                request, **self._defaults.call_kwargs(timeout, None)
+                request, **self._defaults.call_kwargs(timeout, None, session_id)
             )
         return response.freed_bytes
 

@@ -10,6 +10,8 @@ import grpc
 
 from autoglm_client.errors import REQUEST_ID_KEY, InputError
 
+SESSION_ID_KEY = "x-session-id"  # the header proxies hash for session affinity
+
 # The server accepts messages up to 32 MiB; the client allows twice that so that the
 # server, not the client, is the one to reject an oversized request with a clear status.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -83,11 +85,19 @@ class CallDefaults:
     def of(cls, timeout: float | None, metadata: Iterable[tuple[str, str]]) -> CallDefaults:
         return cls(timeout, tuple(metadata))
 
-    def call_kwargs(self, timeout: float | None, request_id: str | None) -> dict[str, object]:
-        """Keyword arguments for a stub call: its timeout and metadata."""
+    def call_kwargs(
+        self, timeout: float | None, request_id: str | None, session_id: str | None = None
+    ) -> dict[str, object]:
+        """Keyword arguments for a stub call: its timeout and metadata.
+
+        A session id also travels as `x-session-id` metadata, so that a proxy in front of
+        several replicas (deploy/nginx) sends every turn of a session to the same one.
+        """
         metadata = self.metadata
         if request_id:
             metadata = (*metadata, (REQUEST_ID_KEY, request_id))
+        if session_id:
+            metadata = (*metadata, (SESSION_ID_KEY, session_id))
         return {
             "timeout": self.timeout if timeout is None else timeout,
             "metadata": metadata or None,

@@ -67,7 +67,9 @@ class InferenceClient:
             return_reasoning=return_reasoning,
             priority=priority,
         )
-        call = self._stub.Generate(request, **self._defaults.call_kwargs(timeout, request_id))
+        call = self._stub.Generate(
+            request, **self._defaults.call_kwargs(timeout, request_id, session_id)
+        )
         finished = False
         try:
             with rpc_errors_translated():
@@ -148,7 +150,9 @@ class InferenceClient:
         """Drop a session's cached state; return the bytes the server released."""
         request = pb.EndSessionRequest(session_id=session_id)
         with rpc_errors_translated():
-            response = self._stub.EndSession(request, **self._defaults.call_kwargs(timeout, None))
+            response = self._stub.EndSession(
+                request, **self._defaults.call_kwargs(timeout, None, session_id)
+            )
         return response.freed_bytes
 
     def close(self) -> None:
