@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 import torch
 
 from inference_svc.engine.batch import DecodeBatch, NonFiniteScores, Sampler, choose_tokens
@@ -19,39 +18,7 @@ from inference_svc.engine.types import (
     TextPart,
 )
 from inference_svc.errors import GenerationFailed
-from inference_svc.model.modular import ModularModel
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return ModularModel(tiny_bundle)
-
-
-def request(name: str, tokens: int = 6, **sampling) -> GenerationRequest:
-    params = {"max_new_tokens": tokens, "min_new_tokens": tokens, "seed": 1, **sampling}
-    return GenerationRequest(name, [ChatMessage("user", [TextPart(name)])],
-                             SamplingParams(**params))
-
-
-async def outcome(engine: Engine, req: GenerationRequest):
-    try:
-        handle = await engine.submit(req)
-        return [e async for e in handle.events()][-1]
-    except Exception as error:
-        return error
-
-
-def run_all(model, requests, **config):
-    engine = Engine(model, EngineConfig(**config))
-    engine.start()
-
-    async def main():
-        return await asyncio.gather(*(outcome(engine, r) for r in requests))
-
-    try:
-        return asyncio.run(main()), engine
-    finally:
-        engine.stop()
+from tests.unit.engine_runs import outcome, request, run_all
 
 
 def test_a_row_with_non_finite_scores_fails_alone(model, monkeypatch):

@@ -2,54 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import pytest
 import torch
 
 from inference_svc.engine import batch as batch_module
-from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.engine.types import (
     ChatMessage,
     Finished,
-    GenerationRequest,
-    SamplingParams,
     TextPart,
 )
 from inference_svc.errors import ResourceExhausted
-from inference_svc.model.modular import ModularModel
-
-
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return ModularModel(tiny_bundle)
-
-
-def request(name: str, tokens: int = 6) -> GenerationRequest:
-    return GenerationRequest(name, [ChatMessage("user", [TextPart(name)])],
-                             SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, seed=1))
-
-
-async def outcome(engine: Engine, req: GenerationRequest):
-    try:
-        handle = await engine.submit(req)
-        return [e async for e in handle.events()][-1]
-    except ResourceExhausted as error:
-        return error
-
-
-def run_all(model, requests, patch):
-    engine = Engine(model, EngineConfig())
-    patch(engine)
-    engine.start()
-
-    async def main():
-        return await asyncio.gather(*(outcome(engine, r) for r in requests))
-
-    try:
-        return asyncio.run(main())
-    finally:
-        engine.stop()
+from tests.unit.engine_runs import request, run_all
 
 
 def fail_prefills(monkeypatch, model, *, times: int) -> None:
@@ -77,14 +39,13 @@ def fail_prefills(monkeypatch, model, *, times: int) -> None:
 
 def test_a_transient_oom_in_prefill_is_retried_after_a_trim(model, monkeypatch):
     fail_prefills(monkeypatch, model, times=1)
-    [result] = run_all(model, [request("BOOM once")], lambda engine: None)
+    [result], _ = run_all(model, [request("BOOM once")])
     assert isinstance(result, Finished) and result.usage.completion_tokens == 6
 
 
 def test_a_persistent_oom_fails_that_request_alone(model, monkeypatch):
     fail_prefills(monkeypatch, model, times=10)
-    results = run_all(model, [request("fine a"), request("BOOM always"), request("fine b")],
-                      lambda engine: None)
+    results, _ = run_all(model, [request("fine a"), request("BOOM always"), request("fine b")])
     assert isinstance(results[1], ResourceExhausted) and results[1].resource == "memory"
     assert [r.usage.completion_tokens for r in (results[0], results[2])] == [6, 6]
 
@@ -101,7 +62,7 @@ def test_an_oom_in_a_decode_step_rolls_back_and_retries(model, monkeypatch):
         return original(self, decoder)
 
     monkeypatch.setattr(batch_module.DecodeBatch, "step", flaky_step)
-    results = run_all(model, [request("one", 10), request("two", 10)], lambda engine: None)
+    results, _ = run_all(model, [request("one", 10), request("two", 10)])
     assert [r.usage.completion_tokens for r in results] == [10, 10]
 
 
