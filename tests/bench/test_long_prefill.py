@@ -27,7 +27,7 @@ from inference_svc.engine.engine import default_prefill_chunk
 from tests.bench.harness import median, report
 from tests.conftest import start_server
 
-pytestmark = pytest.mark.bench
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
 ROUNDS = 5
 DEADLINE_S = 0.3
 
@@ -124,6 +124,8 @@ def test_a_long_prefill_delays_a_short_request_by_a_chunk_at_most(default_bundle
                 worker.join(600)
                 data.append({"short_ttft_s": ttft, "long_prefill_s": long_done["s"]})
                 rows.append([str(n + 1), f"{ttft:.2f}", f"{long_done['s']:.1f}"])
+                print(f"round {n + 1}: short TTFT {ttft:.2f} s, "
+                      f"long prefill {long_done['s']:.1f} s", flush=True)
     finally:
         server.terminate()
     report("long_prefill_head_of_line",
