@@ -46,10 +46,6 @@ log = structlog.get_logger("engine")
 # Share of the KV budget kept free at admission for the running rows to grow into.
 ADMISSION_WATERMARK = 0.01
 RESUME_FIRST = -(2**61)  # queue position of preempted jobs: before every fresh one
-# A long prefill's chunks are sized to take about this long, so what waits behind one
-# (a new prompt, the batch's next decode step) waits about this long at most.
-CHUNK_SECONDS = 0.25
-MIN_CHUNK_TOKENS = 16
 
 
 @dataclass
@@ -79,21 +75,17 @@ class Prefill:
     cache: DynamicCache  # holds every position before `done`
     embeds: torch.Tensor  # decoder inputs of the positions from `cached` on
     cached: int  # positions that came from a reused prefix
-    done: int  # positions in the cache
     reuse: Reuse | None = None
     resumed: Sequence | None = None  # a preempted sequence being recomputed
-    seconds_per_token: float = 0.0  # the pace of its last chunk
+    done: int = -1
+
+    def __post_init__(self) -> None:
+        if self.done < 0:
+            self.done = self.cached
 
     @property
     def remaining(self) -> int:
         return len(self.plan.input_ids) - self.done
-
-    def next_chunk(self, most: int) -> int:
-        """Positions for its next pass: `most`, or fewer where the last chunk's pace says
-        `most` would take longer than CHUNK_SECONDS (attention grows with the position)."""
-        if self.seconds_per_token <= 0:
-            return most
-        return max(MIN_CHUNK_TOKENS, min(most, int(CHUNK_SECONDS / self.seconds_per_token)))
 
 
 class ModelLoop:
@@ -467,7 +459,7 @@ class ModelLoop:
             self._fail(job, job.info, error)
             return
         self._prefilling.append(Prefill(job, plan, reuse.cache if reuse else DynamicCache(),
-                                        embeds, cached, cached, reuse, resumed))
+                                        embeds, cached, reuse, resumed))
 
     def _begin_resume(self, sequence: Sequence, info: RunningInfo) -> None:
         """Recompute a preempted sequence's KV (all but its last, unfed token)."""
@@ -491,8 +483,7 @@ class ModelLoop:
         longer = [p for p in self._prefilling if p.remaining > chunk]
         started: list[Sequence] = []
         for prefill in short + longer[:1]:
-            end = prefill.done + min(prefill.remaining, prefill.next_chunk(chunk))
-            began = time.monotonic()
+            end = prefill.done + min(prefill.remaining, chunk)
             try:
                 logits = self._with_one_retry(lambda p=prefill, e=end: self.model.prefill_chunk(
                     p.embeds, p.cache, p.done, e, cached=p.cached))
@@ -500,9 +491,8 @@ class ModelLoop:
                 self._prefilling.remove(prefill)
                 self._fail(prefill.job, prefill.job.info, error)
                 continue
-            self.heartbeat = time.monotonic()
-            prefill.seconds_per_token = (self.heartbeat - began) / (end - prefill.done)
             prefill.done = end
+            self.heartbeat = time.monotonic()
             if prefill.remaining:
                 continue
             self._prefilling.remove(prefill)

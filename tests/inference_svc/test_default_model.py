@@ -109,6 +109,7 @@ def test_a_long_prefill_past_its_deadline_stops_at_a_chunk_and_frees_the_loop(
     stopped = wait_for_log(default_model_server, "prefill_stopped", "long-prefill-deadline")
     assert stopped["prompt_tokens"] == prompt_tokens
     assert 0 < stopped["computed_tokens"] < prompt_tokens
+    assert stopped["computed_tokens"] % stopped["chunk_tokens"] == 0
     print(f"\nlong prefill: {stopped['computed_tokens']} of {prompt_tokens} tokens computed, "
           f"stopped {stopped['past_deadline_s']} s past its deadline; short request's first "
           f"token after {short['first_token_s']:.2f} s")
