@@ -553,7 +553,7 @@ class ModelLoop:
     def _new_sequence(self, job: Job, info: RunningInfo, reuse: Reuse | None,
                       logits: torch.Tensor) -> Sequence:
         plan = job.plan
-        text, streamer = self._open_stream(job, info)
+        text, streamer = self._open_stream(job)
         streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
         sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
                                  eos_ids=self.model.eos_token_ids, seed=_seed(job.request))
@@ -563,17 +563,16 @@ class ModelLoop:
             text=text, reuse=reuse, started=time.monotonic(), pending_logits=logits,
         )
 
-    def _open_stream(self, job: Job, info: RunningInfo) -> tuple[TextStream, DeltaStreamer]:
+    def _open_stream(self, job: Job) -> tuple[TextStream, DeltaStreamer]:
         """The request's text pipeline and the streamer that feeds its client."""
         request = job.request
         text = TextStream(self.model.tokenizer, request.sampling.stop_sequences,
                           start_in_reasoning=self._starts_in_reasoning(request, job.plan))
 
-        def emit(delta) -> None:
-            info.generated_tokens = len(streamer.token_ids)
-            job.handle.push(delta)
-
-        streamer = DeltaStreamer(text, emit, reasoning=request.return_reasoning)
+        # the handle's own push, not a closure over the streamer: a streamer <-> closure
+        # cycle kept each finished Job (its decoded images and audio) alive until a full
+        # garbage collection, and RSS grew ~25 MB/min under mixed traffic
+        streamer = DeltaStreamer(text, job.handle.push, reasoning=request.return_reasoning)
         return text, streamer
 
     def _accept(self, sequence: Sequence, token: int) -> bool:
@@ -742,11 +741,12 @@ class ModelLoop:
         started = time.monotonic()
         reuse = self._reuse(request, plan)
         inputs = model.generation_inputs(plan, job.media, cached=reuse.tokens if reuse else 0)
-        text, streamer = self._open_stream(job, info)
+        text, streamer = self._open_stream(job)
         cancellation = job.handle.cancellation
 
         def should_stop() -> bool:
             self.heartbeat = time.monotonic()
+            info.generated_tokens = len(streamer.token_ids)
             return cancellation.requested or text.stopped
 
         torch.manual_seed(_seed(request))

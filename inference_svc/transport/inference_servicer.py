@@ -58,6 +58,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     if event.reason is FinishReason.CANCELLED and handle.cancellation.expired:
                         raise DeadlineExceeded("deadline exceeded while generating")
                     if metrics is not None:
+                        if not first_seen and event.usage.completion_tokens:
+                            # tokens that decoded to no text yet (a partial character):
+                            # the client's first content is the final message
+                            metrics.time_to_first_token.observe(time.monotonic() - started)
                         self._count(event, time.monotonic() - started)
                     yield final_to_pb(event, request_id)
         finally:

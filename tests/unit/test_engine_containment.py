@@ -178,3 +178,21 @@ def test_choose_tokens_isolates_rows_that_cannot_be_sampled():
     choices = choose_tokens(samplers, histories, logits)
     assert isinstance(choices[1], NonFiniteScores)
     assert all(isinstance(c, int) for c in (choices[0], choices[2]))
+
+
+def test_a_finished_request_is_freed_without_waiting_for_the_garbage_collector(model):
+    """No reference cycle keeps a finished request (and its decoded media) alive: with the
+    collector off, dropping the last outside reference frees it."""
+    import gc
+    import weakref
+
+    req = request("free me", tokens=4)
+    alive = weakref.ref(req)
+    gc.collect()
+    gc.disable()
+    try:
+        results, _ = run_all(model, [req])
+        del req, results
+        assert alive() is None
+    finally:
+        gc.enable()
