@@ -25,6 +25,7 @@ from inference_svc.config import ServerConfig, TlsFiles
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
 from inference_svc.engine.engine import Engine, EngineConfig, default_prefill_chunk
 from inference_svc.loading import kv_budget_bytes, load_model
+from inference_svc.memory.process import freeze_startup_objects
 from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.metrics import ServiceMetrics
 from inference_svc.service_state import ServiceState
@@ -160,6 +161,7 @@ class Service:
         if config.encoder_idle_offload_s > 0:
             policy = ResidencyPolicy(engine, idle_seconds=config.encoder_idle_offload_s)
             self._background.append(asyncio.create_task(policy.run()))
+        log.info("startup_objects_frozen", objects=freeze_startup_objects())
         await self._set_health(True)
         self._write_port_file(serving=True)
         log.info("serving", port=self.port)
