@@ -72,6 +72,16 @@ def access_log(prefix: Path) -> list[list[str]]:
     return [line.split("|") for line in (prefix / "access.log").read_text().splitlines()]
 
 
+def generate_entries(prefix: Path, count: int) -> list[list[str]]:
+    """The access log's Generate lines, once there are `count` (nginx writes a line just
+    after the response has gone out, so the client can be a moment ahead of it)."""
+    def entries() -> list[list[str]]:
+        return [e for e in access_log(prefix) if e[2].endswith("/Generate")]
+
+    poll(lambda: len(entries()) >= count, 30, f"{count} Generate lines in nginx's access log")
+    return entries()
+
+
 @pytest.fixture
 def proxy(replicas, prefix) -> Iterator[str]:
     prefix.mkdir()
@@ -130,7 +140,7 @@ def test_a_session_sticks_to_one_replica_and_moves_when_it_stops(replicas, proxy
         reply, second = turn(client, conversation, session, "turn-2")
         assert served_by(replicas, "turn-2") == [home]
         # the client sent the session id as metadata, and nginx hashed it
-        generates = [entry for entry in access_log(prefix) if entry[2].endswith("/Generate")]
+        generates = generate_entries(prefix, 2)
         assert [entry[:2] for entry in generates] == [[session, home.target]] * 2
         assert first.usage.cached_prompt_tokens == 0
         assert second.usage.cached_prompt_tokens > 0  # the session's KV cache was there
@@ -142,7 +152,7 @@ def test_a_session_sticks_to_one_replica_and_moves_when_it_stops(replicas, proxy
         assert served_by(replicas, "turn-3") == [other]
         assert third.usage.cached_prompt_tokens == 0  # a full prefill on the new replica
         # nginx tried the session's replica, found it refusing, and went on to the other
-        upstreams = [e[1] for e in access_log(prefix) if e[2].endswith("/Generate")]
+        upstreams = [e[1] for e in generate_entries(prefix, 3)]
         assert upstreams[2] == f"{home.target}, {other.target}"
 
         conversation += [assistant(reply), user("Thanks.")]
@@ -173,6 +183,6 @@ def test_the_gateway_forwards_the_session_id_to_the_proxy(replicas, proxy, prefi
         gateway.terminate()
         gateway.wait(30)
         log.close()
-    generates = [e for e in access_log(prefix) if e[2].endswith("/Generate")]
+    generates = generate_entries(prefix, 2)
     assert [e[0] for e in generates] == ["via-gateway"] * 2
     assert generates[0][1] == generates[1][1]
