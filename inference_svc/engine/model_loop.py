@@ -25,6 +25,7 @@ import structlog
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 
+from inference_svc.bounds import clip
 from inference_svc.engine import kv_cache
 from inference_svc.engine.batch import DecodeBatch, NonFiniteScores, Row, Sampler, choose_tokens
 from inference_svc.engine.generation import (
@@ -75,13 +76,9 @@ class Prefill:
     cache: DynamicCache  # holds every position before `done`
     embeds: torch.Tensor  # decoder inputs of the positions from `cached` on
     cached: int  # positions that came from a reused prefix
+    done: int  # positions in the cache
     reuse: Reuse | None = None
     resumed: Sequence | None = None  # a preempted sequence being recomputed
-    done: int = -1
-
-    def __post_init__(self) -> None:
-        if self.done < 0:
-            self.done = self.cached
 
     @property
     def remaining(self) -> int:
@@ -459,7 +456,7 @@ class ModelLoop:
             self._fail(job, job.info, error)
             return
         self._prefilling.append(Prefill(job, plan, reuse.cache if reuse else DynamicCache(),
-                                        embeds, cached, reuse, resumed))
+                                        embeds, cached, cached, reuse, resumed))
 
     def _begin_resume(self, sequence: Sequence, info: RunningInfo) -> None:
         """Recompute a preempted sequence's KV (all but its last, unfed token)."""
@@ -770,10 +767,9 @@ class ModelLoop:
         return self._conclude(job, streamer, text, reuse, cache, started)
 
 
-def _brief(error: BaseException, limit: int = 300) -> str:
-    """An exception for the log: its type's message, cut short (never request content)."""
-    text = str(error)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+def _brief(error: BaseException) -> str:
+    """An exception for the log: its message, cut short (never request content)."""
+    return clip(str(error), 300)
 
 
 def _seed(request: GenerationRequest) -> int:
