@@ -15,7 +15,6 @@ from google.protobuf import timestamp_pb2
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
 from inference_svc.bounds import quote
-from inference_svc.engine import kv_cache
 from inference_svc.engine.engine import Admission, Engine
 from inference_svc.errors import InvalidRequest, NotReady
 from inference_svc.memory import actions
@@ -70,22 +69,23 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         engine = self._engine()
         taken = timestamp_pb2.Timestamp()
         taken.GetCurrentTime()
-        per_token = engine.model.kv_bytes_per_token()
+        account = engine.kv_account()
         running = engine.running()
         requests = [
             pb.RequestKv(request_id=r.request_id, session_id=r.session_id,
                          tokens=r.prompt_tokens + r.generated_tokens,
-                         bytes=(r.prompt_tokens + r.generated_tokens) * per_token)
+                         bytes=account.blocks_by_owner.get(r.request_id, 0)
+                         * account.bytes_per_block)
             for r in running
         ]
         now = time.monotonic()
         sessions = [
             pb.SessionKv(session_id=e.key, tokens=e.tokens, bytes=e.bytes,
-                         idle_seconds=now - e.last_used,
-                         device=kv_cache.device_of(e.cache) or engine.model.device)
+                         idle_seconds=now - e.last_used, device=e.device or engine.model.device)
             for e in engine.sessions.entries()
         ]
-        kv_bytes = sum(r.bytes for r in requests) + sum(e.bytes for e in sessions)
+        # blocks several requests or sessions share count once here
+        kv_bytes = account.held_bytes + account.cached_bytes
         rss = rss_bytes()
         devices = device_accounts(engine, kv_bytes)
         admission = engine.admission
@@ -97,7 +97,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             modalities_in_use=sorted(engine.modalities_in_use()),
             admission_mode=ADMISSION_TO_PB[admission.mode], admission_limit=admission.max_running,
             completed_requests=engine.completed, pid=os.getpid(),
-            recent_actions=list(self._recent),
+            recent_actions=list(self._recent), cached_kv_bytes=account.cached_bytes,
+            shared_kv_bytes=account.shared_bytes, swapped_kv_bytes=account.swapped_bytes,
+            kv_block_tokens=account.block_size,
         )
 
     async def GetMemoryStatus(self, request, context) -> pb.GetMemoryStatusResponse:

@@ -1,17 +1,11 @@
-"""The running batch: left-padded KV of every running sequence, advanced one token a step.
-
-A new sequence is prefilled on its own (its prompt may carry image and audio embeddings
-and may start from a reused prefix cache), then its cache joins the batch: shorter
-caches are padded on the left and masked. Finished sequences leave the batch at once,
-and columns that only padding uses are dropped.
-"""
+"""Sampling for the running batch: each row's next token from its own logits processors
+and its own seeded generator."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -157,133 +151,3 @@ def _padded_with_own_tokens(histories: list[torch.Tensor]) -> torch.Tensor:
     padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
     firsts = torch.stack([r[0] for r in rows]).unsqueeze(1)
     return torch.where(padded < 0, firsts, padded)
-
-
-@dataclass
-class Row:
-    """What the batch knows of one running sequence."""
-
-    key: str
-    length: int  # real (unpadded) tokens in its cache
-    next_token: int = 0
-
-
-@dataclass
-class DecodeBatch:
-    rows: list[Row] = field(default_factory=list)
-    cache: DynamicCache | None = None
-    mask: torch.Tensor | None = None  # [B, T]: 1 for real tokens, 0 for left padding
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
-    def add(self, row: Row, cache: DynamicCache) -> None:
-        """Join a prefilled sequence whose cache holds exactly row.length tokens."""
-        self.add_many([row], cache, torch.ones((1, row.length), dtype=torch.long))
-
-    def add_many(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Join sequences prefilled together: their cache is left-padded as `mask` says."""
-        if self.cache is None:
-            self.rows, self.cache, self.mask = list(rows), cache, mask.clone()
-            return
-        width = max(self.width, mask.shape[1])
-        self._pad_to(width)
-        pad = width - mask.shape[1]
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, pad)], dim=0)
-            mine.values = torch.cat([mine.values, _pad_left(theirs.values, pad)], dim=0)
-        self.mask = torch.cat([self.mask, _pad_left_mask(mask, pad)])
-        self.rows.extend(rows)
-
-    def _pad_to(self, width: int) -> None:
-        pad = width - self.width
-        if pad <= 0:
-            return
-        for layer in self.cache.layers:
-            layer.keys = _pad_left(layer.keys, pad)
-            layer.values = _pad_left(layer.values, pad)
-        self.mask = _pad_left_mask(self.mask, pad)
-
-    @torch.inference_mode()
-    def step(self, decoder) -> torch.Tensor:
-        """Feed every row's next token; returns next-token logits [B, vocab]."""
-        device = self.cache.layers[0].keys.device
-        tokens = torch.tensor([[r.next_token] for r in self.rows], device=device)
-        positions = torch.tensor([[r.length] for r in self.rows], device=device)
-        width = self.width
-        mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
-        try:
-            out = decoder(
-                input_ids=tokens, attention_mask=mask.to(device), position_ids=positions,
-                cache=self.cache, use_cache=True,
-                cache_position=torch.tensor([width], device=device), logits_to_keep=1,
-            )
-        except BaseException:
-            self._rollback(width)  # layers before the failure already took this step's KV
-            raise
-        self.mask = mask
-        for row in self.rows:
-            row.length += 1
-        return out.logits[:, -1]
-
-    def _rollback(self, width: int) -> None:
-        for layer in self.cache.layers:
-            if layer.keys is not None and layer.keys.shape[2] > width:
-                layer.keys = layer.keys[:, :, :width]
-                layer.values = layer.values[:, :, :width]
-
-    def remove(self, keys: set[str]) -> dict[str, DynamicCache]:
-        """Take rows out; returns each removed row's own (unpadded) cache."""
-        if not keys:
-            return {}
-        taken = {}
-        for index, row in enumerate(self.rows):
-            if row.key in keys:
-                taken[row.key] = self._row_cache(index, row.length)
-        keep = [i for i, row in enumerate(self.rows) if row.key not in keys]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = None
-            return taken
-        index = torch.tensor(keep)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
-            layer.values = layer.values.index_select(0, index.to(layer.values.device))
-        self.mask = self.mask.index_select(0, index)
-        self._drop_padding_columns()
-        return taken
-
-    def _row_cache(self, index: int, length: int) -> DynamicCache:
-        row = DynamicCache()
-        for layer_index, layer in enumerate(self.cache.layers):
-            row.update(layer.keys[index : index + 1, :, -length:].clone(),
-                       layer.values[index : index + 1, :, -length:].clone(), layer_index)
-        return row
-
-    def _drop_padding_columns(self) -> None:
-        longest = max(r.length for r in self.rows)
-        drop = self.width - longest
-        if drop <= 0:
-            return
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, drop:].contiguous()
-            layer.values = layer.values[:, :, drop:].contiguous()
-        self.mask = self.mask[:, drop:]
-
-
-def _pad_left(tensor: torch.Tensor, pad: int) -> torch.Tensor:
-    if pad <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[2] = pad
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
-
-
-def _pad_left_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
-    if pad <= 0:
-        return mask
-    return torch.cat([mask.new_zeros((mask.shape[0], pad)), mask], dim=1)

@@ -14,11 +14,14 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from inference_svc.engine.block_sessions import BlockSessionStore
 from inference_svc.engine.jobs import Admission, Failed, Job, RequestHandle, RunningInfo
+from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
 from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.engine.types import GenerationRequest, SamplingParams
 from inference_svc.errors import ContextTooLong, InvalidRequest, NotReady, ResourceExhausted
+from inference_svc.model.base import PagedDecoder
 from inference_svc.model.modular import DecodedMedia
 from inference_svc.model.prompt import PromptPlan
 
@@ -40,6 +43,7 @@ class EngineConfig:
     session_idle_ttl_s: float = 600.0
     prefix_caching: bool = True
     prefill_chunk_tokens: int = 128  # prompt positions per prefill pass; 0: whole prompt
+    kv_block_tokens: int = 16  # token positions per KV block
 
     def __post_init__(self) -> None:
         if self.max_queued < 1:
@@ -52,6 +56,8 @@ class EngineConfig:
             raise ValueError("prefill_chunk_tokens must not be negative")
         if self.kv_budget_bytes < 64 * 1024:
             raise ValueError("kv_budget_bytes must be at least 64 KiB")
+        if not 1 <= self.kv_block_tokens <= 1024:
+            raise ValueError("kv_block_tokens must be in [1, 1024]")
 
 
 def default_prefill_chunk(device: str) -> int:
@@ -66,8 +72,17 @@ class Engine:
     def __init__(self, model, config: EngineConfig) -> None:
         self.model = model
         self.config = config
-        self.sessions = SessionStore(idle_ttl_s=config.session_idle_ttl_s)
-        self._loop = ModelLoop(model, config, self.sessions)
+        self.ledger: BlockLedger | None = None
+        if isinstance(model, PagedDecoder):
+            pool = model.new_kv_pool(block_size=config.kv_block_tokens, blocks=1)
+            self.ledger = BlockLedger(pool, budget_blocks=max(
+                2, config.kv_budget_bytes // pool.bytes_per_block))
+            self.sessions = BlockSessionStore(
+                self.ledger, idle_ttl_s=config.session_idle_ttl_s, device=model.device,
+                prefix_caching=config.prefix_caching)
+        else:
+            self.sessions = SessionStore(idle_ttl_s=config.session_idle_ttl_s)
+        self._loop = ModelLoop(model, config, self.sessions, self.ledger)
         self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
         self.closed = False
 
@@ -144,8 +159,8 @@ class Engine:
         """Admission restricted (by the daemon or an operator), or the KV budget nearly full."""
         if self.admission.mode != "open":
             return True
-        used = self.sessions.total_bytes() + self._loop.held_bytes()
-        return used > self.config.pressure_fraction * self.config.kv_budget_bytes
+        return self.kv_account().held_bytes > (
+            self.config.pressure_fraction * self.config.kv_budget_bytes)
 
     def max_pixels_now(self) -> int:
         if self.under_pressure():
@@ -169,7 +184,44 @@ class Engine:
 
     def end_session(self, session_id: str) -> int | None:
         """Drop a session's cached state; None when the session is unknown."""
-        return self.sessions.end(session_id)
+        return self.on_model_thread(lambda: self._shrunk(self.sessions.end(session_id)))
+
+    def on_model_thread(self, work):
+        """Run `work` between model steps: KV blocks belong to the model thread."""
+        return self._loop.call(work)
+
+    def _shrunk(self, result):
+        """Give back the pool's free tail after KV was let go."""
+        if self.ledger is not None:
+            self.ledger.shrink()
+        return result
+
+    def trim_kv(self, policy: str, target_bytes: int, max_tokens: int):
+        """Let go of idle KV: LRU down to a target, all of it, truncate each session to
+        `max_tokens`, or copy sessions to host memory; returns the store's TrimResult."""
+        def work():
+            store = self.sessions
+            if policy == "truncate":
+                result = store.truncate_all(max_tokens)
+            elif policy == "offload":
+                result = store.offload_to("cpu")
+            else:
+                result = store.evict_lru(0 if policy == "all" else target_bytes)
+            return self._shrunk(result)
+
+        return self.on_model_thread(work)
+
+    def kv_account(self) -> KVAccount:
+        """The KV ledger as of the last model step."""
+        return self._loop.kv_account
+
+    @property
+    def preemptions(self) -> int:
+        return self._loop.preemptions
+
+    @property
+    def swaps(self) -> int:
+        return self._loop.swaps
 
     # ---- admission and accounting -------------------------------------------------
 

@@ -84,3 +84,5 @@ class Job:
     resume: Any = field(compare=False, default=None)  # a preempted Sequence to recompute
     info: RunningInfo | None = field(compare=False, default=None)  # set once admitted
     waiting: bool = field(compare=False, default=False)  # admission has made it wait
+    reuse: Any = field(compare=False, default=None)  # KV found for it at admission
+    wake: bool = field(compare=False, default=False)  # no request: wakes the loop for a task

@@ -1,10 +1,18 @@
-"""The model thread: admits queued jobs into a running batch and decodes it step by step.
+"""The model thread: admits queued jobs, prefills their prompts a chunk at a time and
+decodes every running sequence one token a step.
 
-Continuous batching: a job that arrives while others run is prefilled and joins the
-batch at the next step. Each sequence keeps its own sampling state (transformers'
-logits processors, its own seeded generator), so batching does not change what a
-seeded request generates. Models without a `prefill` method (native GLM-4.1V) run one
-request at a time through transformers' generate().
+Each iteration reads: run control tasks -> admit what fits -> one prefill pass -> one
+decode step -> publish the KV account. KV lives in blocks (engine/kv_blocks.py): a
+request is admitted when its prompt's blocks fit (less what it finds already computed,
+by session or by content); decoding takes a block when a sequence fills its last one;
+when none is left, idle sessions are evicted, then the lowest-priority, newest sequence
+is preempted (swapped to host memory when long, dropped for recomputation when short)
+and resumes later. Joining or leaving the batch moves no KV and pads nothing.
+
+Each sequence keeps its own sampling state (transformers' logits processors, its own
+seeded generator), so batching does not change what a seeded request generates. Models
+that are not paged decoders (native GLM-4.1V) run one request at a time through
+transformers' generate().
 
 Containment: no exception ends the loop. A failure is attributed to the request it
 belongs to (a row whose scores are not finite, a prefill, a stream), which fails alone;
@@ -19,6 +27,8 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import structlog
@@ -27,7 +37,8 @@ from transformers import DynamicCache, LogitsProcessorList
 
 from inference_svc.bounds import clip
 from inference_svc.engine import kv_cache
-from inference_svc.engine.batch import DecodeBatch, NonFiniteScores, Row, Sampler, choose_tokens
+from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
+from inference_svc.engine.block_sessions import BlockSessionStore
 from inference_svc.engine.generation import (
     DeltaStreamer,
     FrequencyPresencePenalty,
@@ -36,35 +47,48 @@ from inference_svc.engine.generation import (
     generation_config,
 )
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
+from inference_svc.engine.kv_blocks import BlockLedger, KVAccount, KVExhausted
 from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.engine.text_stream import THINK_OPEN, TextStream
 from inference_svc.engine.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
 from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
 from inference_svc.memory.process import release_freed_memory
+from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.prompt import PromptPlan
 
 log = structlog.get_logger("engine")
 # Share of the KV budget kept free at admission for the running rows to grow into.
 ADMISSION_WATERMARK = 0.01
 RESUME_FIRST = -(2**61)  # queue position of preempted jobs: before every fresh one
+WAKE = -(2**62) + 1  # queue position of a wake-up for control tasks
 
 
 @dataclass
 class Sequence:
     job: Job
     info: RunningInfo
-    row: Row
     sampler: Sampler
     history: torch.Tensor
     streamer: DeltaStreamer
     text: TextStream
     reuse: Reuse | None
     started: float
+    length: int  # positions whose KV is in its blocks
+    next_token: int = 0  # chosen, not yet fed
     pending_logits: torch.Tensor | None = None  # from prefill, until the first token
+    swapped: bool = False  # preempted with its blocks copied to host memory
+
+    @property
+    def key(self) -> str:
+        return self.info.request_id
 
     @property
     def generated(self) -> int:
         return len(self.streamer.token_ids)
+
+    @property
+    def content(self) -> list[int]:
+        return self.job.plan.content + self.streamer.token_ids
 
 
 @dataclass
@@ -73,12 +97,15 @@ class Prefill:
 
     job: Job
     plan: PromptPlan
-    cache: DynamicCache  # holds every position before `done`
     embeds: torch.Tensor  # decoder inputs of the positions from `cached` on
-    cached: int  # positions that came from a reused prefix
-    done: int  # positions in the cache
+    cached: int  # positions that came from reused blocks
+    done: int  # positions whose KV is in the owner's blocks
     reuse: Reuse | None = None
     resumed: Sequence | None = None  # a preempted sequence being recomputed
+
+    @property
+    def key(self) -> str:
+        return self.job.request.request_id
 
     @property
     def remaining(self) -> int:
@@ -86,23 +113,29 @@ class Prefill:
 
 
 class ModelLoop:
-    def __init__(self, model, config, sessions: SessionStore) -> None:
+    def __init__(self, model, config, sessions: BlockSessionStore | SessionStore,
+                 ledger: BlockLedger | None = None) -> None:
         self.model = model
         self.config = config
         self.sessions = sessions
+        self.ledger = ledger  # None: one request at a time, dense KV (not paged)
         self.queue: queue.PriorityQueue[Job] = queue.PriorityQueue()
         self.lock = threading.Lock()
         self.running: dict[str, RunningInfo] = {}
         self.queued = 0
         self.completed = 0
+        self.preemptions = 0
+        self.swaps = 0
         self.stopping = False
         self.heartbeat = time.monotonic()  # last sign of progress, for the watchdog
         self._jobs: dict[str, Job] = {}  # admitted and not yet retired, by request id
         self.admission = Admission()
         self._admission_changed = threading.Condition()
         self._sequence = itertools.count()
-        self._batched = hasattr(model, "prefill_chunk")
         self._prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._sequences: dict[str, Sequence] = {}
+        self.kv_account: KVAccount = self._account()
         self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
 
     # ---- control from other threads ----------------------------------------------
@@ -146,6 +179,18 @@ class ModelLoop:
             self.admission = admission
             self._admission_changed.notify_all()
 
+    def call(self, work: Callable[[], object], timeout: float = 30.0) -> object:
+        """Run `work` on the model thread between steps (KV blocks are the loop's alone);
+        directly when the loop is not running."""
+        if not self.alive:
+            return work()
+        done: Future = Future()
+        self._tasks.put((work, done))
+        self.queue.put(Job((WAKE, next(self._sequence)), None, wake=True))
+        with self._admission_changed:
+            self._admission_changed.notify_all()
+        return done.result(timeout)
+
     # ---- the loop ----------------------------------------------------------------
 
     def _capacity(self) -> int:
@@ -154,7 +199,7 @@ class ModelLoop:
             log.warning("admission_lease_lapsed", mode=admission.mode)
             self.set_admission(Admission())
             admission = self.admission
-        most = self.config.max_batch if self._batched else 1
+        most = self.config.max_batch if self.ledger is not None else 1
         if admission.mode == "paused":
             return 0
         if admission.mode == "limited":
@@ -162,57 +207,80 @@ class ModelLoop:
         return most
 
     def _run(self) -> None:
-        batch = DecodeBatch()
-        sequences: dict[str, Sequence] = {}
         while True:
             self.heartbeat = time.monotonic()
             try:
-                if not self._iterate(batch, sequences):
+                if not self._iterate():
                     return
             except Exception as error:  # shared work failed: contain it, keep serving
-                self._contain(error, batch, sequences)
+                self._contain(error)
 
-    def _iterate(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:
-        """Admit what fits, start it, decode one step; False once told to stop."""
+    def _iterate(self) -> bool:
+        """Admit what fits, prefill a chunk, decode one step; False once told to stop."""
+        sequences = self._sequences
+        self._run_tasks()
         admitted: list[Job] = []
         job = self._next_job(block=not (sequences or self._prefilling))
         while job is not None:
             if job.request is None:
-                self._cancel_everything(batch, sequences)
+                self._cancel_everything()
                 return False
-            if not (self._fits(job) or self._preempt_for(job, batch, sequences)):
+            if not self._admit(job):
                 self._hold(job)
                 break
-            self._register(job)
             admitted.append(job)
             job = self._next_job(block=False)  # everything waiting joins this round
         if admitted:
-            self._start_all(admitted, batch, sequences)
+            self._start_all(admitted)
         if self._prefilling:
-            self._prefill_step(batch, sequences)
+            self._prefill_step()
         if sequences:
-            self._step(batch, sequences)
+            self._step()
+        self._publish()
         return True
 
-    def _contain(self, error: Exception, batch: DecodeBatch,
-                 sequences: dict[str, Sequence]) -> None:
+    def _run_tasks(self) -> None:
+        while True:
+            try:
+                work, done = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.set_result(work())
+            except Exception as error:
+                done.set_exception(error)
+            self._publish()
+
+    def _publish(self) -> None:
+        self.kv_account = self._account()
+
+    def _account(self) -> KVAccount:
+        if self.ledger is not None:
+            return self.ledger.account()
+        per_token = self.model.kv_bytes_per_token()
+        with self.lock:
+            owners = {r.request_id: r.prompt_tokens + r.generated_tokens
+                      for r in self.running.values()}
+        idle = sum(e.bytes for e in self.sessions.entries()) // max(per_token, 1)
+        return KVAccount(1, per_token, self.config.kv_budget_bytes // max(per_token, 1),
+                         0, sum(owners.values()) + idle, 0, 0, 0, owners)
+
+    def _contain(self, error: Exception) -> None:
         """An error outside any one request's work: every request in flight fails (their
-        shared state cannot be trusted), the batch starts empty, the loop goes on."""
+        shared state cannot be trusted), the loop goes on."""
         log.error("model_loop_error", error_type=type(error).__name__,
                   error=_brief(error), in_flight=len(self._jobs), exc_info=error)
-        batch.rows, batch.cache, batch.mask = [], None, None
-        sequences.clear()
+        self._sequences.clear()
         self._prefilling.clear()
         failure = GenerationFailed("internal error in the model loop; retry the request")
         for job in list(self._jobs.values()):
             self._fail(job, job.info, failure)
 
-    def _cancel_everything(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
+    def _cancel_everything(self) -> None:
         """Shutdown: every running and waiting request ends with CANCELLED and its usage."""
-        for sequence in list(sequences.values()):
+        for sequence in list(self._sequences.values()):
             sequence.job.handle.cancel()
-            self._finish(sequence, None, sequences)
-        batch.rows, batch.cache, batch.mask = [], None, None
+            self._finish(sequence)
         self._prefilling.clear()
         for job in list(self._jobs.values()):  # admitted but not started
             self._end_unstarted(job)
@@ -228,6 +296,7 @@ class ModelLoop:
 
     def _end_unstarted(self, job: Job) -> None:
         job.handle.cancel()
+        self._release(job.request.request_id)
         if job.info is not None:
             self._retire(job.info)
         else:
@@ -236,9 +305,14 @@ class ModelLoop:
         generated = job.resume.generated if job.resume is not None else 0
         job.handle.push(Finished(FinishReason.CANCELLED, _usage(job, generated)))
 
+    def _release(self, key: str) -> None:
+        if self.ledger is not None:
+            self.ledger.release(key, keep_cached=False)
+
     def _next_job(self, *, block: bool) -> Job | None:
         while True:
             self.heartbeat = time.monotonic()
+            self._run_tasks()
             if self.admission.mode == "paused" and not self.stopping:
                 self._expire_queued()
             if len(self.running) >= self._capacity() and not self.stopping:
@@ -253,6 +327,8 @@ class ModelLoop:
                 if not block:
                     return None
                 self.sessions.expire_idle()
+                continue
+            if job.wake:
                 continue
             if job.request is None:
                 return job
@@ -281,66 +357,123 @@ class ModelLoop:
                     "admission is paused under memory pressure; retry later",
                     resource="admission", retry_after_s=2.0,
                 )))
-            else:
+            elif not job.wake:
                 kept.append(job)
         for job in kept:
             self.queue.put(job)
 
-    # ---- KV admission and preemption ---------------------------------------------------
+    # ---- admission and preemption ------------------------------------------------------
 
-    def held_bytes(self, *, excluding: str = "") -> int:
-        """KV held by admitted requests: their prompts and the tokens generated so far."""
-        with self.lock:
-            tokens = sum(r.prompt_tokens + r.generated_tokens for r in self.running.values()
-                         if r.request_id != excluding)
-        return tokens * self.model.kv_bytes_per_token()
+    def _admit(self, job: Job) -> bool:
+        """Take the job's prompt blocks (less what is already computed) if they fit beside
+        a watermark for the running rows to grow into, after evicting idle sessions or,
+        for a higher-priority job, preempting lower-priority sequences."""
+        if self.ledger is None:
+            self._register(job)
+            return True
+        ledger, key = self.ledger, job.request.request_id
+        resume = job.resume
+        if resume is not None and resume.swapped:
+            need = ledger.blocks_for(resume.length + 1)
+        else:
+            plan = self._resume_plan(resume) if resume is not None else job.plan
+            job.reuse = self._reuse(job.request, plan, key)
+            held = len(ledger.tables.get(key, []))
+            need = ledger.blocks_for(len(plan.input_ids)) - held
+        watermark = int(ADMISSION_WATERMARK * ledger.budget_blocks)
+        try:
+            if not self._room_for(need + watermark, job.request.priority):
+                raise KVExhausted()
+            if resume is not None and resume.swapped:
+                ledger.swap_in(key)
+            else:
+                ledger.extend(key, len(plan.input_ids))
+        except KVExhausted:  # not yet: what it found is let go (still cached), it waits
+            if not (resume is not None and resume.swapped):
+                ledger.release(key)
+            job.reuse = None
+            return False
+        self._register(job)
+        return True
 
-    def _fits(self, job: Job) -> bool:
-        """Whether the job's prompt (and what a preempted job had generated) fits beside
-        what is held, with a watermark left for the running rows to grow, after evicting
-        idle caches if needed. Admission counts what is used, not what may be."""
-        generated = job.resume.generated if job.resume is not None else 0
-        tokens = len(job.plan.input_ids) + generated
-        watermark = int(ADMISSION_WATERMARK * self.config.kv_budget_bytes)
-        return self._make_room(tokens * self.model.kv_bytes_per_token() + watermark)
+    def _room_for(self, blocks: int, priority: int) -> bool:
+        """Whether `blocks` can be had: evict idle sessions (least recently used), then
+        preempt running sequences of lower priority (newest first)."""
+        ledger = self.ledger
+        while not ledger.can_take(blocks):
+            short = (blocks - ledger.available()) * ledger.bytes_per_block
+            if self.sessions.evict_lru(short).sessions:
+                continue
+            victims = [s for s in self._sequences.values() if s.job.request.priority < priority]
+            if not victims:
+                return False
+            self._preempt(min(victims, key=_victim_order), reason="priority")
+        return True
 
-    def _make_decode_room(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
-        """Before a decode step every row takes one more token of KV: evict idle caches,
-        then preempt the lowest-priority, newest sequences until it fits."""
-        while not self._make_room(len(batch) * self.model.kv_bytes_per_token()):
-            if len(sequences) <= 1:  # a lone sequence always fits by admission's rule
-                return
-            victim = min(sequences.values(), key=lambda s: (s.job.request.priority, -s.started))
-            self._preempt(victim, batch, sequences, reason="kv_budget")
+    def _make_decode_room(self) -> None:
+        """Each running sequence gets the block its next token goes to; when none is
+        left, idle sessions are evicted, then the lowest-priority, newest sequence is
+        preempted (it may be the one asking)."""
+        ledger = self.ledger
+        for sequence in sorted(self._sequences.values(), key=_victim_order, reverse=True):
+            while sequence.key in self._sequences:
+                try:
+                    ledger.extend(sequence.key, sequence.length + 1)
+                    break
+                except KVExhausted:
+                    if self.sessions.evict_lru(ledger.bytes_per_block).sessions:
+                        continue
+                    victim = min(self._sequences.values(), key=_victim_order)
+                    if victim is sequence and len(self._sequences) == 1 and self._prefilling:
+                        self._requeue_prefill(self._prefilling[-1])
+                        continue
+                    self._preempt(victim, reason="kv_budget")
 
-    def _preempt_for(self, job: Job, batch: DecodeBatch, sequences: dict[str, Sequence]) -> bool:
-        """Last resort: preempt lower-priority sequences (newest first) to fit `job`."""
-        priority = job.request.priority
-        victims = sorted((s for s in sequences.values() if s.job.request.priority < priority),
-                         key=lambda s: (s.job.request.priority, -s.started))
-        for victim in victims:
-            self._preempt(victim, batch, sequences, reason="priority")
-            if self._fits(job):
-                return True
-        return False
-
-    def _preempt(self, sequence: Sequence, batch: DecodeBatch,
-                 sequences: dict[str, Sequence], *, reason: str) -> None:
-        """Free a running sequence's KV and re-queue it; it resumes by recomputation."""
-        key = sequence.info.request_id
-        batch.remove({key})
-        sequences.pop(key, None)
+    def _preempt(self, sequence: Sequence, *, reason: str) -> None:
+        """Take a running sequence out and re-queue it. A long one's blocks are copied to
+        host memory (copying is cheaper than recomputing them); a short one's are let go
+        (kept cached by content, so its recomputation may find them) and recomputed."""
+        key = sequence.key
+        self._sequences.pop(key, None)
         with self.lock:
             self.running.pop(key, None)
             self._jobs.pop(key, None)
             self.queued += 1
+        self.preemptions += 1
+        if sequence.length > self._chunk_tokens:
+            ledger_bytes = self.ledger.swap_out(key)
+            sequence.swapped = True
+            self.swaps += 1
+        else:
+            ledger_bytes = 0
+            self.ledger.seal(key, sequence.content, sequence.length)
+            self.ledger.release(key)
+            sequence.swapped = False
         job = sequence.job
         log.info("preempted", request_id=key, priority=job.request.priority,
-                 generated_tokens=sequence.generated, reason=reason)
+                 generated_tokens=sequence.generated, reason=reason,
+                 swapped_bytes=ledger_bytes, recompute=not sequence.swapped)
         # ahead of fresh jobs of its priority: it was admitted before them
         self.queue.put(Job((-job.request.priority, RESUME_FIRST + next(self._sequence)),
                            job.request, job.plan, job.media, job.max_new_tokens, job.handle,
                            resume=sequence))
+
+    def _requeue_prefill(self, prefill: Prefill) -> None:
+        """A prompt not yet prefilled gives its blocks back and waits again."""
+        self._prefilling.remove(prefill)
+        self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
+        self.ledger.release(prefill.key)
+        job = prefill.job
+        with self.lock:
+            self.running.pop(prefill.key, None)
+            self._jobs.pop(prefill.key, None)
+            self.queued += 1
+        self.preemptions += 1
+        log.info("preempted", request_id=prefill.key, priority=job.request.priority,
+                 generated_tokens=0, reason="kv_budget", recompute=True)
+        position = -job.request.priority, RESUME_FIRST + next(self._sequence)
+        self.queue.put(Job(position, job.request, job.plan, job.media, job.max_new_tokens,
+                           job.handle, resume=prefill.resumed))
 
     def _hold(self, job: Job) -> None:
         """Not enough KV yet: wait in the queue, up to the queue timeout (a preempted
@@ -354,10 +487,11 @@ class ModelLoop:
             return
         if not job.waiting:  # once per job: what admission saw when it first said no
             job.waiting = True
+            account = self._account()
             log.info("admission_waiting", request_id=job.request.request_id,
-                     prompt_tokens=len(job.plan.input_ids), held_bytes=self.held_bytes(),
-                     cached_bytes=self.sessions.total_bytes(),
-                     budget_bytes=self.config.kv_budget_bytes, running=len(self.running))
+                     prompt_tokens=len(job.plan.input_ids), held_bytes=account.held_bytes,
+                     cached_bytes=account.cached_bytes, budget_bytes=account.budget_bytes,
+                     running=len(self.running))
         with self.lock:
             self.queued += 1
         self.queue.put(job)
@@ -373,73 +507,39 @@ class ModelLoop:
             self.running[info.request_id] = info
             self._jobs[info.request_id] = job
 
-    def _start_all(self, jobs: list[Job], batch: DecodeBatch,
-                   sequences: dict[str, Sequence]) -> None:
-        """Start admitted jobs: short fresh prompts are prefilled together at once and
-        sample their first tokens; the rest queue for chunked prefill.
+    # ---- starting: prefill ---------------------------------------------------------------
 
-        A job whose deadline passed or whose client left while it waited is not started.
-        """
-        together: list[Job] = []
+    def _start_all(self, jobs: list[Job]) -> None:
+        """Start admitted jobs: prompts queue for chunked prefill, swapped sequences
+        rejoin the batch. A job whose deadline passed or whose client left while it
+        waited is not started."""
         for job in jobs:
             if job.handle.cancellation.requested:
-                self._end_unstarted(job)
-            elif job.resume is not None:
-                self._begin_resume(job.resume, job.info)
-            elif not self._batched:
-                self._run_alone(job)
-            else:
-                reuse = self._reuse(job.request, job.plan)
-                if reuse is None and len(job.plan.input_ids) <= self._chunk_tokens:
-                    together.append(job)
+                if job.resume is not None:
+                    self._finish(job.resume)
                 else:
-                    self._begin_prefill(job, job.plan, reuse)
-        if len(together) == 1:
-            self._begin_prefill(together[0], together[0].plan, None)
-        elif together:
-            self._start(self._prefill_together(together, batch), batch, sequences)
+                    self._end_unstarted(job)
+            elif self.ledger is None:
+                self._run_alone(job)
+            elif job.resume is not None and job.resume.swapped:
+                sequence = job.resume
+                sequence.info, sequence.swapped = job.info, False
+                self._sequences[sequence.key] = sequence
+                log.info("resumed", request_id=sequence.key, swapped_in_tokens=sequence.length)
+            elif job.resume is not None:
+                job.resume.info = job.info
+                self._begin_prefill(job, self._resume_plan(job.resume), job.reuse,
+                                    resumed=job.resume)
+            else:
+                self._begin_prefill(job, job.plan, job.reuse)
 
-    def _start(self, started: list[Sequence], batch: DecodeBatch,
-               sequences: dict[str, Sequence]) -> None:
-        """Prefilled sequences sample their first tokens and run from now on."""
-        if not started:
-            return
-        for sequence in started:
-            sequences[sequence.info.request_id] = sequence
-        choices = choose_tokens([s.sampler for s in started], [s.history for s in started],
-                                torch.stack([s.pending_logits for s in started]))
-        self._advance(started, choices, batch, sequences)
-
-    def _advance(self, running: list[Sequence], choices: list, batch: DecodeBatch,
-                 sequences: dict[str, Sequence]) -> None:
-        """Hand each sequence its chosen token; a sequence that failed leaves alone."""
-        done: set[str] = set()
-        failed: dict[str, Exception] = {}
-        for sequence, choice in zip(running, choices, strict=True):
-            key = sequence.info.request_id
-            if isinstance(choice, Exception):
-                failed[key] = choice
-                continue
-            try:
-                if self._accept(sequence, choice):
-                    done.add(key)
-            except Exception as error:
-                failed[key] = error
-        for key, error in failed.items():
-            batch.remove({key})
-            sequence = sequences.pop(key)
-            self._fail(sequence.job, sequence.info, error)
-        for key, cache in batch.remove(done).items():
-            self._finish(sequences[key], cache, sequences)
-
-    def _run_alone(self, job: Job) -> None:
-        try:
-            finished = self._generate_alone(job, job.info)
-        except Exception as error:  # one request's failure must not stop the loop
-            self._fail(job, job.info, error)
-            return
-        self._retire(job.info)
-        job.handle.push(finished)
+    @staticmethod
+    def _resume_plan(sequence: Sequence) -> PromptPlan:
+        """What a preempted sequence recomputes: all it had but its last, unfed token."""
+        job = sequence.job
+        fed = sequence.history[0, :-1].tolist()
+        return PromptPlan(input_ids=fed, spans=job.plan.spans,
+                          content=job.plan.content + fed[len(job.plan.input_ids):])
 
     @property
     def _chunk_tokens(self) -> int:
@@ -455,109 +555,103 @@ class ModelLoop:
         except Exception as error:
             self._fail(job, job.info, error)
             return
-        self._prefilling.append(Prefill(job, plan, reuse.cache if reuse else DynamicCache(),
-                                        embeds, cached, cached, reuse, resumed))
+        self._prefilling.append(Prefill(job, plan, embeds[0], cached, cached, reuse, resumed))
 
-    def _begin_resume(self, sequence: Sequence, info: RunningInfo) -> None:
-        """Recompute a preempted sequence's KV (all but its last, unfed token)."""
-        job = sequence.job
-        fed = sequence.history[0, :-1].tolist()
-        plan = PromptPlan(input_ids=fed, spans=job.plan.spans,
-                          content=job.plan.content + fed[len(job.plan.input_ids):])
-        sequence.info = info
-        self._begin_prefill(job, plan, None, resumed=sequence)
-
-    def _prefill_step(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
-        """Feed queued prompts: every one that needs at most a chunk completes now, then
-        the oldest longer one advances by a chunk, so a long prompt delays the rest by at
-        most one chunk. Cancelled ones stop here, before their next chunk; completed ones
-        join the batch."""
+    def _prefill_step(self) -> None:
+        """One pass over queued prompts under a token budget of one chunk: prompts that
+        fit complete (oldest first), and the oldest longer one advances by what is left
+        of the budget, so a long prompt delays the rest by at most one chunk. Cancelled
+        ones stop here, before their next chunk; completed ones start decoding."""
         for prefill in [p for p in self._prefilling if p.job.handle.cancellation.requested]:
             self._prefilling.remove(prefill)
-            self._stop_prefill(prefill, sequences)
-        chunk = self._chunk_tokens
-        short = [p for p in self._prefilling if p.remaining <= chunk]
-        longer = [p for p in self._prefilling if p.remaining > chunk]
+            self._stop_prefill(prefill)
+        budget = self._chunk_tokens
+        work: list[tuple[Prefill, int]] = []
+        for prefill in sorted(self._prefilling, key=lambda p: p.remaining > budget):
+            take = min(prefill.remaining, budget)
+            work.append((prefill, prefill.done + take))
+            budget -= take
+            if budget <= 0:
+                break
+        if not work:
+            return
+        try:
+            logits = self._with_one_retry(lambda: self._feed(work))
+        except Exception as error:
+            if len(work) == 1:
+                self._prefilling.remove(work[0][0])
+                self._fail(work[0][0].job, work[0][0].job.info, error)
+                return
+            log.warning("batched_prefill_failed", error_type=type(error).__name__,
+                        error=_brief(error), prompts=len(work))
+            logits = self._feed_each(work)
+        self.heartbeat = time.monotonic()
         started: list[Sequence] = []
-        for prefill in short + longer[:1]:
-            end = prefill.done + min(prefill.remaining, chunk)
-            try:
-                logits = self._with_one_retry(lambda p=prefill, e=end: self.model.prefill_chunk(
-                    p.embeds, p.cache, p.done, e, cached=p.cached))
-            except Exception as error:
-                self._prefilling.remove(prefill)
-                self._fail(prefill.job, prefill.job.info, error)
+        for (prefill, end), row_logits in zip(work, logits, strict=True):
+            if row_logits is None:
                 continue
             prefill.done = end
-            self.heartbeat = time.monotonic()
             if prefill.remaining:
                 continue
             self._prefilling.remove(prefill)
+            self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
             if prefill.resumed is not None:
-                self._rejoin(prefill, batch, sequences)
+                self._rejoin(prefill)
             else:
-                sequence = self._new_sequence(prefill.job, prefill.job.info, prefill.reuse,
-                                              logits)
-                batch.add(sequence.row, prefill.cache)
-                started.append(sequence)
-        self._start(started, batch, sequences)
+                started.append(self._new_sequence(prefill, row_logits))
+        self._start(started)
 
-    def _rejoin(self, prefill: Prefill, batch: DecodeBatch,
-                sequences: dict[str, Sequence]) -> None:
+    def _feed(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor]:
+        packed = [RowSlots(self.ledger.slots(p.key, p.done, end),
+                           self.ledger.slots(p.key, 0, end)) for p, end in work]
+        inputs = [p.embeds[p.done - p.cached:end - p.cached] for p, end in work]
+        return list(self.model.forward_paged(self.ledger.pool, [packed], [inputs]))
+
+    def _feed_each(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor | None]:
+        """The prompts one by one, so that only the culprit fails."""
+        out: list[torch.Tensor | None] = []
+        for prefill, end in work:
+            try:
+                out.append(self._feed([(prefill, end)])[0])
+            except Exception as error:
+                self._prefilling.remove(prefill)
+                self._fail(prefill.job, prefill.job.info, error)
+                out.append(None)
+        return out
+
+    def _rejoin(self, prefill: Prefill) -> None:
         sequence = prefill.resumed
-        key = sequence.info.request_id
-        sequence.row = Row(key, prefill.done, next_token=sequence.row.next_token)
-        sequences[key] = sequence
-        batch.add(sequence.row, prefill.cache)
-        log.info("resumed", request_id=key, recomputed_tokens=prefill.done)
+        sequence.length = prefill.done
+        self._sequences[sequence.key] = sequence
+        log.info("resumed", request_id=sequence.key, recomputed_tokens=prefill.done)
 
-    def _stop_prefill(self, prefill: Prefill, sequences: dict[str, Sequence]) -> None:
-        """Cancelled or past its deadline mid-prefill: the work stops, nothing is kept but
-        a reused prefix, which goes back intact."""
+    def _stop_prefill(self, prefill: Prefill) -> None:
+        """Cancelled or past its deadline mid-prefill: the work stops; the blocks already
+        computed stay cached by content."""
         job, deadline = prefill.job, prefill.job.request.deadline
-        log.info("prefill_stopped", request_id=job.request.request_id,
+        log.info("prefill_stopped", request_id=prefill.key,
                  prompt_tokens=len(prefill.plan.input_ids),
                  computed_tokens=prefill.done - prefill.cached,
                  chunk_tokens=self._chunk_tokens,
                  past_deadline_s=None if deadline is None
                  else round(time.monotonic() - deadline, 3))
-        if prefill.reuse is not None:
-            kv_cache.truncate(prefill.cache, prefill.cached)
-            self.sessions.put(job.request.session_id, job.request.request_id,
-                              prefill.plan.content[:prefill.cached], prefill.cache)
+        self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
+        self.ledger.release(prefill.key)
         if prefill.resumed is not None:
-            self._finish(prefill.resumed, None, sequences)
+            self._finish(prefill.resumed)
         else:
             self._end_unstarted(job)
 
-    def _prefill_together(self, jobs: list[Job], batch: DecodeBatch) -> list[Sequence]:
-        """Short prompts in one padded pass; if that fails, each is queued on its own so
-        that only the culprit fails."""
-        try:
-            logits, cache, mask = self.model.prefill_batch([j.plan for j in jobs],
-                                                           [j.media for j in jobs])
-        except Exception as error:
-            log.warning("batched_prefill_failed", error_type=type(error).__name__,
-                        error=_brief(error), jobs=len(jobs))
-            for job in jobs:
-                self._begin_prefill(job, job.plan, None)
-            return []
-        started = [self._new_sequence(job, job.info, None, logits[i])
-                   for i, job in enumerate(jobs)]
-        batch.add_many([s.row for s in started], cache, mask)
-        return started
-
-    def _new_sequence(self, job: Job, info: RunningInfo, reuse: Reuse | None,
-                      logits: torch.Tensor) -> Sequence:
-        plan = job.plan
+    def _new_sequence(self, prefill: Prefill, logits: torch.Tensor) -> Sequence:
+        job, plan, info = prefill.job, prefill.plan, prefill.job.info
         text, streamer = self._open_stream(job)
         streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
         sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
                                  eos_ids=self.model.eos_token_ids, seed=_seed(job.request))
         return Sequence(
-            job=job, info=info, row=Row(info.request_id, len(plan.input_ids)),
-            sampler=sampler, history=torch.tensor([plan.input_ids]), streamer=streamer,
-            text=text, reuse=reuse, started=time.monotonic(), pending_logits=logits,
+            job=job, info=info, sampler=sampler, history=torch.tensor([plan.input_ids]),
+            streamer=streamer, text=text, reuse=prefill.reuse, started=time.monotonic(),
+            length=prefill.done, pending_logits=logits,
         )
 
     def _open_stream(self, job: Job) -> tuple[TextStream, DeltaStreamer]:
@@ -572,10 +666,38 @@ class ModelLoop:
         streamer = DeltaStreamer(text, job.handle.push, reasoning=request.return_reasoning)
         return text, streamer
 
+    # ---- decoding ------------------------------------------------------------------------
+
+    def _start(self, started: list[Sequence]) -> None:
+        """Prefilled sequences sample their first tokens and run from now on."""
+        if not started:
+            return
+        for sequence in started:
+            self._sequences[sequence.key] = sequence
+        choices = choose_tokens([s.sampler for s in started], [s.history for s in started],
+                                torch.stack([s.pending_logits for s in started]))
+        self._advance(started, choices)
+
+    def _advance(self, running: list[Sequence], choices: list) -> None:
+        """Hand each sequence its chosen token; a sequence that failed leaves alone."""
+        for sequence, choice in zip(running, choices, strict=True):
+            sequence.pending_logits = None
+            try:
+                if isinstance(choice, Exception):
+                    raise choice
+                done = self._accept(sequence, choice)
+            except Exception as error:
+                self._sequences.pop(sequence.key, None)
+                self._release(sequence.key)
+                self._fail(sequence.job, sequence.info, error)
+                continue
+            if done:
+                self._finish(sequence)
+
     def _accept(self, sequence: Sequence, token: int) -> bool:
         """Stream a chosen token; True when the sequence is done."""
         sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
-        sequence.row.next_token = token
+        sequence.next_token = token
         sequence.streamer.put(torch.tensor([token]))
         sequence.info.generated_tokens = sequence.generated
         return (
@@ -585,39 +707,46 @@ class ModelLoop:
             or sequence.job.handle.cancellation.requested
         )
 
-    def _step(self, batch: DecodeBatch, sequences: dict[str, Sequence]) -> None:
-        cancelled = {k for k, s in sequences.items() if s.job.handle.cancellation.requested}
-        for key, cache in batch.remove(cancelled).items():
-            self._finish(sequences[key], cache, sequences)
-        if not sequences:
+    def _step(self) -> None:
+        for sequence in [s for s in self._sequences.values()
+                         if s.job.handle.cancellation.requested]:
+            self._finish(sequence)
+        self._make_decode_room()
+        running = list(self._sequences.values())
+        if not running:
             return
-        self._make_decode_room(batch, sequences)
         try:
-            logits = self._with_one_retry(lambda: self._decode(batch))
+            logits = self._with_one_retry(lambda: self._decode(running))
         except torch.OutOfMemoryError as error:
             # still out of memory after a trim: the newest sequence alone fails
-            newest = max(sequences.values(), key=lambda s: s.started)
-            batch.remove({newest.info.request_id})
-            del sequences[newest.info.request_id]
+            newest = max(running, key=lambda s: s.started)
+            self._sequences.pop(newest.key)
+            self._release(newest.key)
             self._fail(newest.job, newest.info, error)
             return
         except Exception as error:
-            log.error("decode_step_failed", batch=len(batch), error_type=type(error).__name__,
+            log.error("decode_step_failed", batch=len(running), error_type=type(error).__name__,
                       error=_brief(error), exc_info=error)
-            for key, sequence in list(sequences.items()):
-                del sequences[key]
+            for sequence in running:
+                self._sequences.pop(sequence.key)
+                self._release(sequence.key)
                 self._fail(sequence.job, sequence.info, error)
-            batch.remove({r.key for r in batch.rows})
             return
+        for sequence in running:
+            sequence.length += 1
         self.heartbeat = time.monotonic()
-        running = [sequences[row.key] for row in batch.rows]
         choices = choose_tokens([s.sampler for s in running], [s.history for s in running],
                                 logits)
-        self._advance(running, choices, batch, sequences)
+        self._advance(running, choices)
 
-    def _decode(self, batch: DecodeBatch) -> torch.Tensor:
-        with self.model.decoder_unit.use() as decoder:
-            return batch.step(decoder)
+    def _decode(self, running: list[Sequence]) -> torch.Tensor:
+        """Feed every sequence its chosen token (a failed pass leaves lengths as they
+        were: the next one writes the same slots again)."""
+        ledger = self.ledger
+        rows = [[RowSlots(ledger.slots(s.key, s.length, s.length + 1),
+                          ledger.slots(s.key, 0, s.length + 1))] for s in running]
+        tokens = [[torch.tensor([s.next_token])] for s in running]
+        return self.model.forward_paged(ledger.pool, rows, tokens)
 
     def _with_one_retry(self, work):
         """Run `work`; on out-of-memory, drop every idle cache, release memory, try once more."""
@@ -630,14 +759,17 @@ class ModelLoop:
                         evicted=len(freed.sessions))
             return work()
 
-    def _finish(self, sequence: Sequence, cache: DynamicCache | None,
-                sequences: dict[str, Sequence]) -> None:
-        sequences.pop(sequence.info.request_id, None)
+    # ---- finishing -----------------------------------------------------------------------
+
+    def _finish(self, sequence: Sequence) -> None:
+        self._sequences.pop(sequence.key, None)
         try:
             sequence.streamer.end()
             finished = self._conclude(sequence.job, sequence.streamer, sequence.text,
-                                      sequence.reuse, cache, sequence.started)
+                                      sequence.reuse, sequence.started,
+                                      keep=lambda: self._keep(sequence))
         except Exception as error:
+            self._release(sequence.key)
             self._fail(sequence.job, sequence.info, error)
             return
         # retire first: a client that reads the account after its final message must
@@ -645,20 +777,28 @@ class ModelLoop:
         self._retire(sequence.info)
         sequence.job.handle.push(finished)
 
+    def _keep(self, sequence: Sequence) -> None:
+        """A finished sequence's blocks go to its session, or stay cached by content."""
+        key = sequence.key
+        if sequence.swapped:
+            self.ledger.release(key)
+            return
+        if not self.ledger.all_finite(key):  # never hand poisoned KV to anyone
+            raise NonFiniteScores()
+        self.sessions.put(sequence.job.request.session_id, key, sequence.content,
+                          sequence.length)
+
     def _conclude(self, job: Job, streamer: DeltaStreamer, text: TextStream,
-                  reuse: Reuse | None, cache: DynamicCache | None,
-                  started: float) -> Finished:
+                  reuse: Reuse | None, started: float, *, keep: Callable[[], None]) -> Finished:
         """Why it ended, keep its KV for reuse unless cancelled, account and log it."""
         request = job.request
         reason = finish_reason(streamer, job.handle.cancellation,
                                eos_ids=self.model.eos_token_ids,
                                max_new_tokens=job.max_new_tokens)
-        if reason is not FinishReason.CANCELLED and cache is not None:
-            if not kv_cache.all_finite(cache):  # never hand a poisoned cache to anyone
-                raise NonFiniteScores()
-            self.sessions.put(request.session_id, request.request_id,
-                              job.plan.content + streamer.token_ids, cache)
-            self._make_room(0, excluding=request.request_id)
+        if reason is FinishReason.CANCELLED:
+            self._release(request.request_id)
+        else:
+            keep()
         usage = _usage(job, len(streamer.token_ids))
         usage.reasoning_tokens = streamer.reasoning_tokens
         usage.cached_prompt_tokens = reuse.tokens if reuse else 0
@@ -671,6 +811,7 @@ class ModelLoop:
         return Finished(reason, usage, text.matched_stop, images=_image_sizes(job))
 
     def _fail(self, job: Job, info: RunningInfo | None, error: BaseException) -> None:
+        self._release(job.request.request_id)
         if isinstance(error, torch.OutOfMemoryError):
             log.warning("out_of_memory", request_id=job.request.request_id)
             error = ResourceExhausted("out of memory while generating; retry later",
@@ -693,37 +834,19 @@ class ModelLoop:
         with self._admission_changed:
             self._admission_changed.notify_all()
 
-    # ---- KV reuse and budget ------------------------------------------------------
+    # ---- KV reuse ------------------------------------------------------------------------
 
-    def _reuse(self, request: GenerationRequest, plan: PromptPlan) -> Reuse | None:
+    def _reuse(self, request: GenerationRequest, plan: PromptPlan, owner: str) -> Reuse | None:
         if not (request.session_id or self.config.prefix_caching):
             return None
-        reuse = self.sessions.take(request.session_id, plan.content)
-        if reuse is not None and kv_cache.device_of(reuse.cache) != self.model.device:
-            kv_cache.move(reuse.cache, self.model.device)  # it was offloaded to the host
-        return reuse
+        return self.sessions.take(request.session_id, plan.content, owner)
 
     def kv_estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """KV a request holds at its longest: prompt plus every token it may generate."""
-        return (prompt_tokens + max_new_tokens) * self.model.kv_bytes_per_token()
-
-    def _make_room(self, needed: int, *, excluding: str = "") -> bool:
-        """Evict idle cached KV (LRU) until `needed` more bytes fit in the budget; whether
-        they do.
-
-        `excluding` names a request whose KV is counted elsewhere (in `needed`, or in the
-        session store once it finished), so not again as running.
-        """
-        def in_use() -> int:
-            return self.sessions.total_bytes() + self.held_bytes(excluding=excluding) + needed
-
-        excess = in_use() - self.config.kv_budget_bytes
-        if excess > 0:
-            result = self.sessions.evict_lru(excess)
-            if result.sessions:
-                log.info("kv_evicted", freed_bytes=result.freed_bytes, entries=result.sessions,
-                         reason="budget")
-        return in_use() <= self.config.kv_budget_bytes
+        tokens = prompt_tokens + max_new_tokens
+        if self.ledger is not None:
+            return self.ledger.blocks_for(tokens) * self.ledger.bytes_per_block
+        return tokens * self.model.kv_bytes_per_token()
 
     def _starts_in_reasoning(self, request: GenerationRequest, plan: PromptPlan) -> bool:
         if not request.enable_thinking:
@@ -731,12 +854,25 @@ class ModelLoop:
         tail = self.model.tokenizer.decode(plan.input_ids[-8:])
         return tail.rstrip().endswith(THINK_OPEN)
 
-    # ---- one request at a time, for models without prefill() -----------------------
+    # ---- one request at a time, for models that are not paged decoders ----------------
+
+    def _run_alone(self, job: Job) -> None:
+        try:
+            finished = self._generate_alone(job, job.info)
+        except Exception as error:  # one request's failure must not stop the loop
+            self._fail(job, job.info, error)
+            return
+        self._retire(job.info)
+        job.handle.push(finished)
 
     def _generate_alone(self, job: Job, info: RunningInfo) -> Finished:
         request, plan, model = job.request, job.plan, self.model
         started = time.monotonic()
-        reuse = self._reuse(request, plan)
+        reuse = None
+        if request.session_id or self.config.prefix_caching:
+            reuse = self.sessions.take(request.session_id, plan.content)
+            if reuse is not None and kv_cache.device_of(reuse.cache) != model.device:
+                kv_cache.move(reuse.cache, model.device)  # it was offloaded to the host
         inputs = model.generation_inputs(plan, job.media, cached=reuse.tokens if reuse else 0)
         text, streamer = self._open_stream(job)
         cancellation = job.handle.cancellation
@@ -764,7 +900,26 @@ class ModelLoop:
                 streamer=streamer,
                 cache=cache,
             )
-        return self._conclude(job, streamer, text, reuse, cache, started)
+
+        def keep() -> None:
+            if not kv_cache.all_finite(cache):  # never hand a poisoned cache to anyone
+                raise NonFiniteScores()
+            self.sessions.put(request.session_id, request.request_id,
+                              plan.content + streamer.token_ids, cache)
+            self._trim_dense_sessions()
+
+        return self._conclude(job, streamer, text, reuse, started, keep=keep)
+
+    def _trim_dense_sessions(self) -> None:
+        """Idle dense caches beyond the KV budget are evicted, least recently used first."""
+        excess = self.sessions.total_bytes() - self.config.kv_budget_bytes
+        if excess > 0:
+            self.sessions.evict_lru(excess)
+
+
+def _victim_order(sequence: Sequence) -> tuple[int, float]:
+    """Preempted first: lowest priority, then the newest."""
+    return sequence.job.request.priority, -sequence.started
 
 
 def _brief(error: BaseException) -> str:

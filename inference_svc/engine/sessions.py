@@ -32,10 +32,14 @@ class CachedPrefix:
     def tokens(self) -> int:
         return len(self.content)
 
+    @property
+    def device(self) -> str | None:
+        return kv_cache.device_of(self.cache)
+
 
 @dataclass(frozen=True)
 class Reuse:
-    cache: DynamicCache
+    cache: DynamicCache | None  # None: the reused KV is in the owner's blocks
     tokens: int
     source: str  # "session", "prefix"
 

@@ -106,13 +106,7 @@ def trim_kv(engine: Engine, policy: str, target_bytes: int, max_tokens: int
     affected: list[str] = []
 
     def work() -> str:
-        store = engine.sessions
-        if policy == "truncate":
-            result = store.truncate_all(max_tokens)
-        elif policy == "offload":
-            result = store.offload_to("cpu")
-        else:
-            result = store.evict_lru(0 if policy == "all" else target_bytes)
+        result = engine.trim_kv(policy, target_bytes, max_tokens)
         affected.extend(result.sessions)
         return f"{policy}: {len(result.sessions)} entries, {result.freed_bytes} KV bytes"
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from inference_svc.model.paged_kv import KVPool, RowSlots
+from inference_svc.model.prompt import PromptPlan
 from inference_svc.model.units import ModuleUnit
 
 
@@ -23,3 +29,15 @@ class UnitModel:
     @property
     def modalities(self) -> list[str]:
         return ["text", *self.encoders]
+
+
+@runtime_checkable
+class PagedDecoder(Protocol):
+    """A model whose decoder runs on block-paged KV (engine batches it step by step)."""
+
+    def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool: ...
+
+    def prompt_embeddings(self, plan: PromptPlan, media, *, cached: int = 0) -> torch.Tensor: ...
+
+    def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
+                      inputs: list[list[torch.Tensor]]) -> torch.Tensor: ...

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference_svc.errors import InvalidRequest, ModalityUnavailable
 from inference_svc.model.base import UnitModel
@@ -25,6 +25,7 @@ from inference_svc.model.media import (
     decode_pcm,
     decode_wav,
 )
+from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
 from inference_svc.model.placement import Placement
 from inference_svc.model.prompt import PromptPlan, media_digest, media_parts, render_prompt
 from inference_svc.model.units import ModuleUnit
@@ -202,39 +203,45 @@ class ModularModel(UnitModel):
         """Decoder inputs for the prompt positions after `cached` [1, n, hidden]."""
         return self.embed(plan, media, cached=cached)[:, cached:]
 
-    def prefill_chunk(self, embeds: torch.Tensor, cache, start: int, end: int, *,
-                      cached: int = 0) -> torch.Tensor:
-        """Feed prompt positions [start, end) (`embeds` begins at position `cached`) into
-        `cache`, which holds every position before `start`; logits after `end - 1`."""
-        positions = torch.arange(start, end, device=embeds.device)
-        with self.decoder_unit.use() as decoder, torch.inference_mode():
-            out = decoder(inputs_embeds=embeds[:, start - cached : end - cached],
-                          position_ids=positions.unsqueeze(0), cache=cache, use_cache=True,
-                          cache_position=positions, logits_to_keep=1)
-        return out.logits[0, -1]
+    def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool:
+        """Block storage for this decoder's KV, each layer's on that layer's device."""
+        config = self.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        with self.decoder_unit.use() as decoder:
+            devices = [str(layer.self_attn.k_proj.weight.device)
+                       for layer in decoder.model.layers]
+        return KVPool(layer_devices=devices, kv_heads=heads, head_dim=head_dim,
+                      dtype=self.dtype, block_size=block_size, blocks=blocks)
 
-    def prefill_batch(
-        self, plans: list[PromptPlan], media: list[DecodedMedia]
-    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-        """Prefill several prompts in one forward pass, left-padded.
+    def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
+                      inputs: list[list[torch.Tensor]]) -> torch.Tensor:
+        """One decoder pass over new tokens of several sequences, KV in `pool`.
 
-        Returns next-token logits [n, vocab], the new cache and its mask [n, width].
+        `rows[b]` lists the sequences packed into row b and `inputs[b]` their new
+        tokens: token ids [n], or decoder input embeddings [n, hidden] (a prompt with
+        media). Returns the logits after each sequence's last token [sequences, vocab],
+        in row-major order.
         """
-        embeds = [self.embed(p, m)[0] for p, m in zip(plans, media, strict=True)]
-        width = max(e.shape[0] for e in embeds)
-        padded = embeds[0].new_zeros((len(embeds), width, embeds[0].shape[-1]))
-        mask = torch.zeros((len(embeds), width), dtype=torch.long)
-        for row, embed in enumerate(embeds):
-            padded[row, width - embed.shape[0]:] = embed
-            mask[row, width - embed.shape[0]:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0).to(padded.device)
-        cache = DynamicCache()
+        step = PagedStep(pool, rows, self.dtype)
         with self.decoder_unit.use() as decoder, torch.inference_mode():
-            out = decoder(inputs_embeds=padded, attention_mask=mask.to(padded.device),
-                          position_ids=positions, cache=cache, use_cache=True,
-                          cache_position=torch.arange(width, device=padded.device),
-                          logits_to_keep=1)
-        return out.logits[:, -1], cache, mask
+            table = decoder.get_input_embeddings()
+            device = table.weight.device
+            embeds = torch.zeros((len(rows), step.queries, self.config.hidden_size),
+                                 dtype=table.weight.dtype, device=device)
+            for b, row_inputs in enumerate(inputs):
+                parts = [table(x.to(device)) if x.dtype == torch.long else x.to(device)
+                         for x in row_inputs]
+                row = torch.cat(parts) if len(parts) > 1 else parts[0]
+                embeds[b, step.queries - row.shape[0]:] = row
+            keep = torch.tensor(step.last, device=device)
+            out = decoder(inputs_embeds=embeds, position_ids=step.positions.to(device),
+                          attention_mask=step.mask.to(device), cache=step, use_cache=False,
+                          logits_to_keep=keep if len(rows) == 1 else 1)
+        if len(rows) == 1:
+            return out.logits[0]
+        return out.logits[:, -1]
 
     def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
         """Decoder input embeddings with encoder outputs in the media slots.

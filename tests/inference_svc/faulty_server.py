@@ -21,13 +21,13 @@ class LoopKilled(BaseException):
 def plant_faults() -> None:
     start_all = ModelLoop._start_all
 
-    def faulty_start_all(self, jobs, batch, sequences):
+    def faulty_start_all(self, jobs):
         prompts = [self.model.tokenizer.decode(job.plan.input_ids) for job in jobs]
         if any("KILL-THE-LOOP" in p for p in prompts):
             raise LoopKilled("planted fault")
         if any("STALL-THE-LOOP" in p for p in prompts):
             threading.Event().wait()
-        return start_all(self, jobs, batch, sequences)
+        return start_all(self, jobs)
 
     ModelLoop._start_all = faulty_start_all
 

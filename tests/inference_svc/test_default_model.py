@@ -70,9 +70,9 @@ def test_offloading_encoders_to_disk_returns_their_memory_and_reload_is_exact(st
     assert tiers["vision"] == tiers["audio"] == cpb.TIER_CPU
 
 
-def test_a_long_prefill_past_its_deadline_stops_at_a_chunk_and_frees_the_loop(
+def test_a_long_prefill_past_its_deadline_stops_between_passes_and_frees_the_loop(
         stubs, default_model_server):
-    """A ~7,000-token prompt with a short deadline: its prefill stops at a chunk boundary,
+    """A ~7,000-token prompt with a short deadline: its prefill stops between two passes,
     and a short request sent just after it is served (time to first token printed)."""
     words = " ".join(f"item{i % 97} value{i % 89}" for i in range(1200))
     long_request = pb.GenerateRequest(
@@ -109,7 +109,6 @@ def test_a_long_prefill_past_its_deadline_stops_at_a_chunk_and_frees_the_loop(
     stopped = wait_for_log(default_model_server, "prefill_stopped", "long-prefill-deadline")
     assert stopped["prompt_tokens"] == prompt_tokens
     assert 0 < stopped["computed_tokens"] < prompt_tokens
-    assert stopped["computed_tokens"] % stopped["chunk_tokens"] == 0
     print(f"\nlong prefill: {stopped['computed_tokens']} of {prompt_tokens} tokens computed, "
           f"stopped {stopped['past_deadline_s']} s past its deadline; short request's first "
           f"token after {short['first_token_s']:.2f} s")

@@ -1,37 +1,11 @@
-"""The running batch: joining and leaving keep every row's KV exactly."""
+"""Sampling for the running batch: every row gets what it would get alone."""
 
 from __future__ import annotations
 
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from inference_svc.engine.batch import CandidateTopP, DecodeBatch, Row
-from tests.unit.test_sessions import cache_of
-
-
-def test_rows_of_different_lengths_join_and_leave_with_their_own_kv():
-    batch = DecodeBatch()
-    short, long = cache_of(3), cache_of(7)
-    expected_short = short.layers[0].keys.clone()
-    expected_long = long.layers[1].values.clone()
-    batch.add(Row("short", 3), short)
-    batch.add(Row("long", 7), long)
-    assert batch.width == 7
-    assert batch.mask.tolist() == [[0, 0, 0, 0, 1, 1, 1], [1] * 7]
-    taken = batch.remove({"short"})
-    assert torch.equal(taken["short"].layers[0].keys, expected_short)
-    assert [r.key for r in batch.rows] == ["long"]
-    assert torch.equal(batch.cache.layers[1].values, expected_long)
-
-
-def test_padding_columns_go_when_the_longest_row_leaves():
-    batch = DecodeBatch()
-    batch.add(Row("a", 2), cache_of(2))
-    batch.add(Row("b", 9), cache_of(9))
-    batch.remove({"b"})
-    assert batch.width == 2 and batch.mask.tolist() == [[1, 1]]
-    batch.remove({"a"})
-    assert len(batch) == 0 and batch.cache is None
+from inference_svc.engine.batch import CandidateTopP
 
 
 def test_candidate_top_p_filters_exactly_like_transformers():

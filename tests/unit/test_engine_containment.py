@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import torch
 
-from inference_svc.engine.batch import DecodeBatch, NonFiniteScores, Sampler, choose_tokens
+from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.engine.types import (
@@ -22,16 +23,16 @@ from tests.unit.engine_runs import outcome, request, run_all
 
 
 def test_a_row_with_non_finite_scores_fails_alone(model, monkeypatch):
-    step = DecodeBatch.step
+    decode = ModelLoop._decode
 
-    def poisoned(self, decoder):
-        logits = step(self, decoder).clone()
-        for index, row in enumerate(self.rows):
-            if row.key.startswith("NAN"):
+    def poisoned(self, running):
+        logits = decode(self, running).clone()
+        for index, sequence in enumerate(running):
+            if sequence.key.startswith("NAN"):
                 logits[index] = float("nan")
         return logits
 
-    monkeypatch.setattr(DecodeBatch, "step", poisoned)
+    monkeypatch.setattr(ModelLoop, "_decode", poisoned)
     names = ["ok one", "NAN row", "ok two", "ok three"]
     results, _ = run_all(model, [request(n, tokens=8) for n in names])
     by_name = dict(zip(names, results, strict=True))
@@ -46,11 +47,11 @@ def test_an_error_in_shared_work_fails_those_in_flight_and_the_loop_goes_on(mode
     step = ModelLoop._step
     calls = {"n": 0}
 
-    def failing_once(self, batch, sequences):
+    def failing_once(self):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated bug in shared work")
-        return step(self, batch, sequences)
+        return step(self)
 
     monkeypatch.setattr(ModelLoop, "_step", failing_once)
     engine = Engine(model, EngineConfig())
@@ -72,29 +73,33 @@ def test_an_error_in_shared_work_fails_those_in_flight_and_the_loop_goes_on(mode
 
 
 def test_a_cache_holding_non_finite_values_is_never_kept_for_reuse(model, monkeypatch):
-    prefill_chunk = model.prefill_chunk
+    feed = ModelLoop._feed
     poisoned = {"done": False}
 
-    def poisoning(embeds, cache, start, end, **options):
-        logits = prefill_chunk(embeds, cache, start, end, **options)
+    def poisoning(self, work):
+        logits = feed(self, work)
         if not poisoned["done"]:  # the first prompt's KV gets an infinity, its logits not
             poisoned["done"] = True
+            prefill, end = work[0]
+            slot = self.ledger.slots(prefill.key, end - 1, end)[0]
             with torch.inference_mode():
-                cache.layers[0].keys[..., -1, :] = float("inf")
+                self.ledger.pool.keys[0][slot] = float("inf")
         return logits
 
-    monkeypatch.setattr(model, "prefill_chunk", poisoning)
+    monkeypatch.setattr(ModelLoop, "_feed", poisoning)
     prompt = "POISON " + "shared prefix words " * 8
-    results, engine = run_all(model, [request(prompt, tokens=1)])
+    results, engine = run_all(model, [replace(request(prompt, tokens=1), session_id="s")])
+    assert poisoned["done"]
     assert isinstance(results[0], GenerationFailed)
     assert engine.sessions.entries() == []
+    assert engine.kv_account().held_blocks == 0
 
 
 def test_a_request_past_its_deadline_is_never_prefilled(model, monkeypatch):
     chunks = []
-    prefill_chunk = model.prefill_chunk
-    monkeypatch.setattr(model, "prefill_chunk",
-                        lambda *a, **k: chunks.append(1) or prefill_chunk(*a, **k))
+    forward = model.forward_paged
+    monkeypatch.setattr(model, "forward_paged",
+                        lambda *a, **k: chunks.append(1) or forward(*a, **k))
     late = GenerationRequest("late", [ChatMessage("user", [TextPart("late")])],
                              SamplingParams(max_new_tokens=4), deadline=0.0)
     results, _ = run_all(model, [late])
@@ -108,13 +113,13 @@ def test_a_long_prefill_yields_to_decoding_and_stops_between_chunks(model, monke
     """With 16-position chunks, a long prompt is fed between decode steps: a short request
     that arrives while it is prefilling is done first; cancelled mid-prefill, a prompt's
     work stops at a chunk."""
-    prefill_chunk = model.prefill_chunk
+    forward = model.forward_paged
 
-    def slow_chunk(embeds, cache, start, end, **options):
+    def slow_forward(pool, rows, inputs):
         time.sleep(0.005)  # the tiny model is too fast to be overtaken otherwise
-        return prefill_chunk(embeds, cache, start, end, **options)
+        return forward(pool, rows, inputs)
 
-    monkeypatch.setattr(model, "prefill_chunk", slow_chunk)
+    monkeypatch.setattr(model, "forward_paged", slow_forward)
     engine = Engine(model, EngineConfig(prefill_chunk_tokens=16))
     engine.start()
     long_prompt = "one two three four five six " * 60
@@ -152,20 +157,35 @@ def test_a_long_prefill_yields_to_decoding_and_stops_between_chunks(model, monke
     assert stopped.reason.value == "cancelled" and stopped.usage.completion_tokens == 0
 
 
-def test_chunked_prefill_matches_one_pass(model):
-    from transformers import DynamicCache
+def _paged_prefill(model, embeds, length: int, chunk: int, first_block: int = 1):
+    """Feed `embeds` into a fresh pool in chunks; the logits after the last position."""
+    from inference_svc.model.paged_kv import RowSlots
 
+    size = 16
+    pool = model.new_kv_pool(block_size=size, blocks=first_block + length // size + 1)
+
+    def slots(a: int, b: int) -> torch.Tensor:
+        return torch.tensor([(first_block + p // size) * size + p % size for p in range(a, b)])
+
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        logits = model.forward_paged(pool, [[RowSlots(slots(start, end), slots(0, end))]],
+                                     [[embeds[0, start:end]]])
+    return logits[0]
+
+
+def test_chunked_prefill_matches_one_pass(model):
     media = model.decode_media([], max_pixels=1 << 20)
     plan = model.plan([ChatMessage("user", [TextPart("one two three four " * 20)])], media,
                       enable_thinking=False)
     embeds = model.prompt_embeddings(plan, media)
     length = len(plan.input_ids)
-    whole = model.prefill_chunk(embeds, DynamicCache(), 0, length)
-    cache = DynamicCache()
-    for start in range(0, length, 16):
-        chunked = model.prefill_chunk(embeds, cache, start, min(start + 16, length))
+    whole = _paged_prefill(model, embeds, length, chunk=length)
+    chunked = _paged_prefill(model, embeds, length, chunk=16, first_block=3)
     assert torch.allclose(whole, chunked, atol=1e-4)
-    assert cache.get_seq_length() == length
+    with model.decoder_unit.use() as decoder, torch.inference_mode():
+        dense = decoder(inputs_embeds=embeds).logits[0, -1]
+    assert torch.allclose(whole, dense, atol=1e-4)
 
 
 def test_choose_tokens_isolates_rows_that_cannot_be_sampled():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from inference_svc.engine import batch as batch_module
+from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.engine.types import (
     ChatMessage,
     Finished,
@@ -15,8 +15,8 @@ from tests.unit.engine_runs import request, run_all
 
 
 def fail_prefills(monkeypatch, model, *, times: int) -> None:
-    """Prompts containing BOOM run out of memory `times` times, alone or in a batch."""
-    alone, together = model.prompt_embeddings, model.prefill_batch
+    """Prompts containing BOOM run out of memory `times` times when their inputs are made."""
+    alone = model.prompt_embeddings
     budget = {"left": times}
 
     def boom(plans) -> None:
@@ -29,12 +29,7 @@ def fail_prefills(monkeypatch, model, *, times: int) -> None:
         boom([plan])
         return alone(plan, media, **options)
 
-    def prefill_batch(plans, media):
-        boom(plans)
-        return together(plans, media)
-
     monkeypatch.setattr(model, "prompt_embeddings", prompt_embeddings)
-    monkeypatch.setattr(model, "prefill_batch", prefill_batch)
 
 
 def test_a_transient_oom_in_prefill_is_retried_after_a_trim(model, monkeypatch):
@@ -50,43 +45,55 @@ def test_a_persistent_oom_fails_that_request_alone(model, monkeypatch):
     assert [r.usage.completion_tokens for r in (results[0], results[2])] == [6, 6]
 
 
-def test_an_oom_in_a_decode_step_rolls_back_and_retries(model, monkeypatch):
-    original = batch_module.DecodeBatch.step
+def test_an_oom_in_a_decode_step_is_retried(model, monkeypatch):
+    """An out-of-memory error after the first layers wrote this step's KV: the step runs
+    again (writing the same slots), and both requests complete with every token."""
+    original = ModelLoop._decode
     calls = {"n": 0}
+    fired = []
 
-    def flaky_step(self, decoder):
+    def raise_once(module, inputs, output):
+        if not fired:
+            fired.append(True)
+            raise torch.OutOfMemoryError("simulated mid-step")
+
+    def flaky_decode(self, running):
         calls["n"] += 1
-        if calls["n"] == 3:
-            # fail after the first layers appended this step's KV, as a real OOM would
-            decoder.model.layers[0].register_forward_hook(_raise_once)
-        return original(self, decoder)
+        if calls["n"] != 3:
+            return original(self, running)
+        with self.model.decoder_unit.use() as decoder:
+            hook = decoder.model.layers[1].register_forward_hook(raise_once)
+        try:
+            return original(self, running)
+        finally:
+            hook.remove()
 
-    monkeypatch.setattr(batch_module.DecodeBatch, "step", flaky_step)
+    monkeypatch.setattr(ModelLoop, "_decode", flaky_decode)
     results, _ = run_all(model, [request("one", 10), request("two", 10)])
+    assert fired == [True]
     assert [r.usage.completion_tokens for r in results] == [10, 10]
 
 
-_fired = {"done": False}
-
-
-def _raise_once(module, inputs, output):
-    if not _fired["done"]:
-        _fired["done"] = True
-        raise torch.OutOfMemoryError("simulated mid-step")
-
-
 def test_prompts_prefilled_together_match_each_prefilled_alone(model):
-    from transformers import DynamicCache
-
     from inference_svc.model.modular import DecodedMedia
+    from inference_svc.model.paged_kv import RowSlots
 
     empty = DecodedMedia([], [])
     plans = [model.plan([ChatMessage("user", [TextPart(text)])], empty, enable_thinking=False)
              for text in ("short", "a somewhat longer prompt", "the longest prompt of all three")]
-    together, cache, mask = model.prefill_batch(plans, [empty] * 3)
-    for row, plan in enumerate(plans):
-        embeds = model.prompt_embeddings(plan, empty)
-        alone = model.prefill_chunk(embeds, DynamicCache(), 0, len(plan.input_ids))
-        assert torch.allclose(together[row], alone, atol=1e-4)
-        assert int(mask[row].sum()) == len(plan.input_ids)
-    assert cache.get_seq_length() == mask.shape[1]
+    embeds = [model.prompt_embeddings(plan, empty)[0] for plan in plans]
+    size, pool = 16, model.new_kv_pool(block_size=16, blocks=16)
+
+    def segment(first_block: int, length: int) -> RowSlots:
+        slots = torch.tensor([(first_block + p // size) * size + p % size
+                              for p in range(length)])
+        return RowSlots(slots, slots)
+
+    segments = [segment(1 + 4 * i, e.shape[0]) for i, e in enumerate(embeds)]
+    together = model.forward_paged(pool, [segments], [embeds])
+    for row, (seg, embed) in enumerate(zip(segments, embeds, strict=True)):
+        own_pool = model.new_kv_pool(block_size=16, blocks=16)
+        alone = model.forward_paged(own_pool, [[seg]], [[embed]])
+        assert torch.allclose(together[row], alone[0], atol=1e-4)
+        # the packed pass wrote each prompt's KV as a pass of its own does
+        assert torch.allclose(pool.keys[0][seg.write], own_pool.keys[0][seg.write], atol=1e-4)

@@ -1,0 +1,192 @@
+"""KV in fixed-size blocks: the storage, and one decoder forward that writes and reads it.
+
+The pool holds each layer's keys and values as [slots, kv_heads, head_dim], one slot per
+token position and `block_size` slots per block. Block 0 is never handed out: it stays
+zero, and padded reads point at it. Which blocks a sequence owns is the engine's
+business (engine/kv_blocks.py); a forward is told, per row, the slot of each new token
+and the slots of every position the row attends to, in position order.
+
+transformers' decoders call `cache.update(keys, values, layer_idx, kwargs=...)` in each
+attention layer and attend over what it returns; `PagedStep` is that object for one
+forward. It writes the new tokens' keys and values into their slots and gathers each
+row's positions into a [rows, kv_heads, longest, head_dim] view for the attention
+implementation (sdpa or eager), with a mask that hides padding and future positions.
+Padding exists only in that transient view: the pool stores tokens and nothing else.
+The same gather-then-attend scheme is what transformers' own continuous batching does
+for its sdpa and eager paged paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NULL_BLOCK = 0
+
+
+class KVPool:
+    """Every layer's KV slots; grows and shrinks by reallocation (rare, amortized)."""
+
+    def __init__(self, *, layer_devices: list[str], kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, block_size: int, blocks: int) -> None:
+        self.layer_devices = layer_devices
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.block_size = block_size
+        self.keys = [self._empty(blocks, d) for d in layer_devices]
+        self.values = [self._empty(blocks, d) for d in layer_devices]
+        self.capacity = blocks
+
+    def _empty(self, blocks: int, device: str) -> torch.Tensor:
+        return torch.zeros((blocks * self.block_size, self.kv_heads, self.head_dim),
+                           dtype=self.dtype, device=device)
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        per_layer = self.block_size * self.kv_heads * self.head_dim * element
+        return 2 * len(self.layer_devices) * per_layer
+
+    def resize(self, blocks: int) -> None:
+        """Reallocate to `blocks`, keeping the contents of the blocks both sizes hold."""
+        keep = min(blocks, self.capacity) * self.block_size
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                new = self._empty(blocks, self.layer_devices[layer])
+                new[:keep] = old[:keep]
+                store[layer] = new
+                del old
+        self.capacity = blocks
+
+    def _slots(self, blocks: list[int], device: str) -> torch.Tensor:
+        ids = torch.tensor(blocks, dtype=torch.long)
+        slots = ids[:, None] * self.block_size + torch.arange(self.block_size)
+        return slots.reshape(-1).to(device)
+
+    def copy_blocks(self, sources: list[int], targets: list[int]) -> None:
+        for store in (self.keys, self.values):
+            for layer, tensor in enumerate(store):
+                device = self.layer_devices[layer]
+                tensor[self._slots(targets, device)] = tensor[self._slots(sources, device)]
+
+    def save(self, blocks: list[int], device: str) -> SavedBlocks:
+        """A copy of `blocks` on `device` (pinned host memory when the pool is on a GPU)."""
+        pin = device == "cpu" and any(d.startswith("cuda") for d in self.layer_devices)
+        keys, values = [], []
+        for store, out in ((self.keys, keys), (self.values, values)):
+            for layer, tensor in enumerate(store):
+                part = tensor[self._slots(blocks, self.layer_devices[layer])]
+                copy = torch.empty(part.shape, dtype=part.dtype, device=device, pin_memory=pin)
+                copy.copy_(part)
+                out.append(copy)
+        return SavedBlocks(keys, values, len(blocks))
+
+    def restore(self, saved: SavedBlocks, blocks: list[int]) -> None:
+        for store, parts in ((self.keys, saved.keys), (self.values, saved.values)):
+            for layer, tensor in enumerate(store):
+                device = self.layer_devices[layer]
+                tensor[self._slots(blocks, device)] = parts[layer].to(device)
+
+    def all_finite(self, blocks: list[int]) -> bool:
+        for store in (self.keys, self.values):
+            for layer, tensor in enumerate(store):
+                part = tensor[self._slots(blocks, self.layer_devices[layer])]
+                if not bool(torch.isfinite(part).all()):
+                    return False
+        return True
+
+
+@dataclass
+class SavedBlocks:
+    """Blocks copied out of the pool (a swapped-out sequence, an offloaded session)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    blocks: int
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass(frozen=True)
+class RowSlots:
+    """One sequence in a forward: where its new tokens go, and every position it reads."""
+
+    write: torch.Tensor  # slot of each new token, in order (int64)
+    read: torch.Tensor  # slot of every position attended to (past then new), in order
+
+    @property
+    def start(self) -> int:
+        """Position of the first new token."""
+        return len(self.read) - len(self.write)
+
+
+class PagedStep:
+    """The `cache` a decoder forward gets: writes new KV to its slots, returns the
+    gathered KV of every row.
+
+    A row is one or more sequences (segments) packed end to end: a segment attends to
+    its own earlier positions only. Decode steps put one sequence per row (one query
+    each); prefill packs every prompt chunk into one row, so no query is padding. Rows
+    are left-padded to the longest, so each row's last token is last.
+    """
+
+    def __init__(self, pool: KVPool, rows: list[list[RowSlots]], dtype: torch.dtype) -> None:
+        self.pool = pool
+        self.queries = max(sum(len(s.write) for s in row) for row in rows)
+        self.keys = max(sum(len(s.read) for s in row) for row in rows)
+        q, k = self.queries, self.keys
+        write_rows, write_slots, read = [], [], []
+        allowed = torch.zeros((len(rows), q, k), dtype=torch.bool)
+        positions = torch.zeros((len(rows), q), dtype=torch.long)
+        self.last: list[int] = []  # query index of each segment's last token, row-major
+        for b, row in enumerate(rows):
+            row_q = sum(len(s.write) for s in row)
+            query, key = q - row_q, 0
+            allowed[b, :query, 0] = True  # padded queries read the zero block: no NaN
+            for segment in row:
+                n, m = len(segment.write), len(segment.read)
+                write_rows.append(torch.arange(b * q + query, b * q + query + n))
+                write_slots.append(segment.write)
+                read.append(segment.read)
+                own = torch.arange(segment.start, segment.start + n)
+                positions[b, query:query + n] = own
+                allowed[b, query:query + n, key:key + m] = (
+                    torch.arange(m)[None, :] <= own[:, None])
+                query, key = query + n, key + m
+                self.last.append(b * q + query - 1)
+            if key < k:
+                read.append(torch.full((k - key,), NULL_BLOCK * pool.block_size))
+        self.positions = positions
+        self._write_rows = torch.cat(write_rows)
+        self._write_slots = torch.cat(write_slots)
+        self._read = torch.cat(read)
+        self._padded = len(self._write_rows) != len(rows) * q
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        self.mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        self._on: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (self._write_rows.to(device), self._write_slots.to(device),
+                             self._read.to(device))
+        return self._on[key]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               kwargs: dict | None = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, queries, dim = key_states.shape
+        write_rows, write_slots, read = self._indices(key_states.device)
+        out = []
+        for new, store in ((key_states, self.pool.keys), (value_states, self.pool.values)):
+            pool = store[layer_idx]
+            flat = new.transpose(1, 2).reshape(batch * queries, heads, dim)
+            if self._padded:
+                flat = flat.index_select(0, write_rows)
+            pool.index_copy_(0, write_slots, flat.to(pool.dtype))
+            gathered = pool.index_select(0, read).view(batch, self.keys, heads, dim)
+            out.append(gathered.transpose(1, 2))
+        return out[0], out[1]

@@ -1,0 +1,133 @@
+"""The engine on paged KV: no padding, shared prefixes, preemption that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.engine.model_loop import ModelLoop
+from inference_svc.engine.types import (
+    ChatMessage,
+    Delta,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextPart,
+)
+
+BLOCK = 16
+
+
+def greedy(name: str, text: str, tokens: int, **fields) -> GenerationRequest:
+    sampling = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0,
+                              repetition_penalty=1.0)
+    return GenerationRequest(name, [ChatMessage("user", [TextPart(text)])], sampling, **fields)
+
+
+def run(engine: Engine, requests: list[GenerationRequest]) -> list[tuple[str, Finished]]:
+    """Every request's streamed text and final event (all submitted at once)."""
+    async def one(request: GenerationRequest) -> tuple[str, Finished]:
+        handle = await engine.submit(request)
+        text, final = "", None
+        async for event in handle.events():
+            if isinstance(event, Delta):
+                text += event.text
+            else:
+                final = event
+        return text, final
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    return asyncio.run(main())
+
+
+def started(model, **config) -> Engine:
+    engine = Engine(model, EngineConfig(kv_block_tokens=BLOCK, **config))
+    engine.start()
+    return engine
+
+
+def test_a_long_prompt_beside_short_ones_holds_its_tokens_and_no_padding(model, monkeypatch):
+    """At every decode step the KV held is at most the live tokens plus one partly filled
+    block per sequence: the long prompt does not widen the short ones' rows."""
+    seen: list[tuple[int, int, int]] = []
+    step = ModelLoop._step
+
+    def observed(self):
+        step(self)
+        held = self.ledger.account().held_blocks
+        # a decoding sequence may hold the block its next token goes to; a prefilling
+        # prompt holds its own blocks from admission on
+        bound = sum(s.length // BLOCK + 1 for s in self._sequences.values())
+        bound += sum(-(-len(p.plan.input_ids) // BLOCK) for p in self._prefilling)
+        seen.append((held, bound, len(self._sequences)))
+
+    monkeypatch.setattr(ModelLoop, "_step", observed)
+    engine = started(model, prefix_caching=False, prefill_chunk_tokens=512)
+    try:
+        long = greedy("long", "alpha beta gamma delta " * 60, 12)
+        shorts = [greedy(f"short {i}", f"hello number {i}", 12) for i in range(7)]
+        results = run(engine, [long, *shorts])
+    finally:
+        engine.stop()
+    assert all(final.usage.completion_tokens == 12 for _, final in results)
+    assert any(count == 8 for _, _, count in seen)  # they did decode side by side
+    for held, bound, _ in seen:
+        assert held <= bound
+
+
+def test_sessions_sharing_a_system_prompt_hold_its_blocks_once(model):
+    system = "You are a careful assistant for a phone agent. " * 12
+    first = replace(greedy("s0", "first", 4), session_id="s0")
+    first = replace(first, messages=[ChatMessage("system", [TextPart(system)]),
+                                     *first.messages])
+    others = [replace(first, request_id=f"s{i}", session_id=f"s{i}",
+                      messages=[first.messages[0],
+                                ChatMessage("user", [TextPart(f"question {i}")])])
+              for i in range(1, 9)]
+    engine = started(model)
+    try:
+        [(_, cold)] = run(engine, [first])
+        results = run(engine, others)
+        account = engine.kv_account()
+    finally:
+        engine.stop()
+    shared_prompt = cold.usage.prompt_tokens - 8  # the system prompt and a little more
+    for _, final in results:
+        assert final.usage.cached_prompt_tokens >= shared_prompt - BLOCK
+    # nine sessions hold their common prefix in one set of blocks
+    assert account.shared_blocks >= shared_prompt // BLOCK - 1
+    assert account.held_blocks < 9 * (cold.usage.prompt_tokens // BLOCK)
+
+
+@pytest.mark.parametrize("chunk", [32, 4096], ids=["long-ones-swap", "all-recompute"])
+def test_preempted_sequences_finish_with_the_output_of_an_unpreempted_run(model, chunk):
+    """A KV budget that fits about two sequences at full length: everyone completes, by
+    swapping to host memory and back (sequences longer than a prefill chunk) or by
+    recomputation, and greedy output is the same as with a budget that fits them all."""
+    requests = [greedy(f"r{i}", f"Tell me about topic {i} " + "and more " * (i * 6), 48)
+                for i in range(6)]
+    large = started(model)
+    try:
+        expected = run(large, requests)
+        per_block = large.ledger.bytes_per_block
+    finally:
+        large.stop()
+    longest = max(final.usage.prompt_tokens for _, final in expected) + 48
+    budget = 2 * -(-longest // BLOCK) + 2
+    tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk)
+    try:
+        got = run(tight, requests)
+        preemptions, swaps = tight.preemptions, tight.swaps
+        account = tight.kv_account()
+    finally:
+        tight.stop()
+    assert [text for text, _ in got] == [text for text, _ in expected]
+    assert all(final.usage.completion_tokens == 48 for _, final in got)
+    assert preemptions > 0
+    assert (swaps > 0) if chunk == 32 else (swaps == 0)
+    assert account.held_blocks == 0 and account.swapped_bytes == 0
