@@ -57,7 +57,9 @@ from pathlib import Path
 
 import grpc
 import httpx
+from google.protobuf import json_format
 
+from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.bench.harness import (
     Sampling,
@@ -530,7 +532,14 @@ async def run(plan: Plan, workdir: Path) -> dict:
             httpx.AsyncClient(base_url=theirs_server.base_url, timeout=900,
                               limits=limits) as client,
         ):
-            ours = GrpcSide(pb_grpc.InferenceServiceStub(channel))
+            stub = pb_grpc.InferenceServiceStub(channel)
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            described = json_format.MessageToDict(info)
+            payload["ours_model_info"] = described
+            placed = [f"{m.name} on {m.device}" for m in info.modules]
+            print(f"[gpu_throughput] {OURS} serves {', '.join(placed)}, "
+                  f"dtype {described.get('details', {}).get('dtype', '?')}", flush=True)
+            ours = GrpcSide(stub)
             theirs = OpenAISide(client, theirs_server.model, generation)
             sides: list[Side] = [ours, theirs]
 
