@@ -135,6 +135,7 @@ class ModelLoop:
         self._prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
         self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._sequences: dict[str, Sequence] = {}
+        self._eos = frozenset(model.eos_token_ids)
         self.kv_account: KVAccount = self._account()
         self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
 
@@ -701,7 +702,7 @@ class ModelLoop:
         sequence.streamer.put(torch.tensor([token]))
         sequence.info.generated_tokens = sequence.generated
         return (
-            token in self.model.eos_token_ids
+            token in self._eos
             or sequence.generated >= sequence.job.max_new_tokens
             or sequence.text.stopped
             or sequence.job.handle.cancellation.requested
@@ -742,11 +743,9 @@ class ModelLoop:
     def _decode(self, running: list[Sequence]) -> torch.Tensor:
         """Feed every sequence its chosen token (a failed pass leaves lengths as they
         were: the next one writes the same slots again)."""
-        ledger = self.ledger
-        rows = [[RowSlots(ledger.slots(s.key, s.length, s.length + 1),
-                          ledger.slots(s.key, 0, s.length + 1))] for s in running]
-        tokens = [[torch.tensor([s.next_token])] for s in running]
-        return self.model.forward_paged(ledger.pool, rows, tokens)
+        tables = [self.ledger.table(s.key) for s in running]
+        return self.model.decode_paged(self.ledger.pool, tables, [s.length for s in running],
+                                       [s.next_token for s in running])
 
     def _with_one_retry(self, work):
         """Run `work`; on out-of-memory, drop every idle cache, release memory, try once more."""

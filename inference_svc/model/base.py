@@ -41,3 +41,6 @@ class PagedDecoder(Protocol):
 
     def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
                       inputs: list[list[torch.Tensor]]) -> torch.Tensor: ...
+
+    def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
+                     tokens: list[int]) -> torch.Tensor: ...

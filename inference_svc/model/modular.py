@@ -235,13 +235,26 @@ class ModularModel(UnitModel):
                          for x in row_inputs]
                 row = torch.cat(parts) if len(parts) > 1 else parts[0]
                 embeds[b, step.queries - row.shape[0]:] = row
-            keep = torch.tensor(step.last, device=device)
-            out = decoder(inputs_embeds=embeds, position_ids=step.positions.to(device),
-                          attention_mask=step.mask.to(device), cache=step, use_cache=False,
-                          logits_to_keep=keep if len(rows) == 1 else 1)
-        if len(rows) == 1:
-            return out.logits[0]
-        return out.logits[:, -1]
+            return self._run_decoder(decoder, step, embeds)
+
+    def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
+                     tokens: list[int]) -> torch.Tensor:
+        """One decode step: sequence b feeds `tokens[b]` at position `lengths[b]` of its
+        blocks `tables[b]`. Returns next-token logits [sequences, vocab]."""
+        step = PagedStep.decode(pool, tables, lengths, self.dtype)
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            table = decoder.get_input_embeddings()
+            ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
+            return self._run_decoder(decoder, step, table(ids)[:, None])
+
+    @staticmethod
+    def _run_decoder(decoder, step: PagedStep, embeds: torch.Tensor) -> torch.Tensor:
+        device = embeds.device
+        single = embeds.shape[0] == 1
+        out = decoder(inputs_embeds=embeds, position_ids=step.positions.to(device),
+                      attention_mask=step.mask.to(device), cache=step, use_cache=False,
+                      logits_to_keep=torch.tensor(step.last, device=device) if single else 1)
+        return out.logits[0] if single else out.logits[:, -1]
 
     def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
         """Decoder input embeddings with encoder outputs in the media slots.

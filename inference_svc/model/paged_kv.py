@@ -169,6 +169,34 @@ class PagedStep:
         self.mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         self._on: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
+    @classmethod
+    def decode(cls, pool: KVPool, tables: list[list[int]], lengths: list[int],
+               dtype: torch.dtype) -> PagedStep:
+        """One new token per sequence, at position `lengths[b]` of `tables[b]`'s blocks:
+        built with a few tensor operations whatever the batch size."""
+        step = cls.__new__(cls)
+        size, rows = pool.block_size, len(tables)
+        width = max(len(t) for t in tables)
+        table = torch.zeros((rows, width), dtype=torch.long)  # padded with the zero block
+        for b, blocks in enumerate(tables):
+            table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        length = torch.tensor(lengths, dtype=torch.long)
+        step.pool, step.queries, step.keys = pool, 1, int(length.max()) + 1
+        slots = (table[:, :, None] * size + torch.arange(size)).reshape(rows, -1)
+        read = slots[:, :step.keys]
+        allowed = torch.arange(step.keys)[None, :] <= length[:, None]
+        read = torch.where(allowed, read, NULL_BLOCK * size)
+        step._write_rows = torch.arange(rows)
+        step._write_slots = read.gather(1, length[:, None]).reshape(-1)
+        step._read = read.reshape(-1)
+        step._padded = False
+        step.positions = length[:, None]
+        step.last = list(range(rows))
+        mask = torch.zeros((rows, 1, 1, step.keys), dtype=dtype)
+        step.mask = mask.masked_fill(~allowed[:, None, None, :], torch.finfo(dtype).min)
+        step._on = {}
+        return step
+
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._on:
