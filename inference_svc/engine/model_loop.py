@@ -553,7 +553,8 @@ class ModelLoop:
         text, streamer = self._open_stream(job)
         streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
         sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
-                                 eos_ids=self.model.eos_token_ids, seed=_seed(job.request))
+                                 eos_ids=self.model.eos_token_ids, seed=_seed(job.request),
+                                 grammar=job.request.grammar)  # response format (issue 13)
         return Sequence(
             job=job, info=info, row=Row(info.request_id, len(plan.input_ids)),
             sampler=sampler, history=torch.tensor([plan.input_ids]), streamer=streamer,
@@ -576,6 +577,7 @@ class ModelLoop:
         """Stream a chosen token; True when the sequence is done."""
         sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
         sequence.row.next_token = token
+        sequence.streamer.add_logprobs(sequence.sampler.take_logprobs())  # issue 13
         sequence.streamer.put(torch.tensor([token]))
         sequence.info.generated_tokens = sequence.generated
         return (
