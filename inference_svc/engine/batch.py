@@ -3,7 +3,7 @@ and its own seeded generator."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.logits_process import (
@@ -13,6 +13,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from inference_svc.engine import constraints, logprobs
+from inference_svc.engine.constraints import Grammar, RowConstraint
 from inference_svc.engine.generation import FrequencyPresencePenalty
 from inference_svc.engine.types import SamplingParams
 from inference_svc.errors import GenerationFailed
@@ -46,18 +48,27 @@ class CandidateTopP(TopPLogitsWarper):
 
 @dataclass
 class Sampler:
-    """One sequence's sampling state: its parameters and its own seeded generator."""
+    """One sequence's sampling state: its parameters, its own seeded generator, where it
+    stands in its response format's grammar, and the log probabilities not yet streamed."""
 
     params: SamplingParams
     prompt_length: int
     eos_ids: list[int]
     generator: torch.Generator | None = None
+    constraint: RowConstraint | None = None
+    recorded: list[logprobs.RawLogprob] = field(default_factory=list)
 
     @classmethod
     def create(cls, sampling: SamplingParams, *, prompt_length: int, eos_ids: list[int],
-               seed: int) -> Sampler:
+               seed: int, grammar: Grammar | None = None) -> Sampler:
         generator = None if sampling.temperature <= 0 else torch.Generator().manual_seed(seed)
-        return cls(sampling, prompt_length, eos_ids, generator)
+        constraint = grammar.start() if grammar is not None else None
+        return cls(sampling, prompt_length, eos_ids, generator, constraint)
+
+    def take_logprobs(self) -> list[logprobs.RawLogprob]:
+        """The log probabilities recorded since the last call (none unless requested)."""
+        taken, self.recorded = self.recorded, []
+        return taken
 
     @property
     def group(self) -> tuple:
@@ -89,6 +100,11 @@ def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
     logits = logits.float()
     finite = torch.isfinite(logits).all(dim=-1).tolist()
     choices: list[Choice] = [NonFiniteScores()] * len(samplers)
+    raw = logits.clone() if any(s.params.logprobs is not None for s in samplers) else logits
+    logits, failed = _apply_constraints(samplers, logits)
+    for index, error in failed.items():
+        finite[index] = False
+        choices[index] = error
     groups: dict[tuple, list[int]] = {}
     for index, sampler in enumerate(samplers):
         if finite[index]:
@@ -101,7 +117,57 @@ def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
             chosen = [_choose_alone(samplers[i], histories[i], logits[i]) for i in rows]
         for index, choice in zip(rows, chosen, strict=True):
             choices[index] = choice
+    _advance_constraints(samplers, choices)
+    _record_logprobs(samplers, choices, raw)
     return choices
+
+
+def _apply_constraints(samplers: list[Sampler], logits: torch.Tensor
+                       ) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """Rows with a response format get -inf on every token their grammar does not allow
+    next (end-of-sequence only where the text so far is complete), in one masked_fill
+    over those rows; free rows are untouched. Returns the scores and the rows whose
+    grammar failed."""
+    rows = [i for i, s in enumerate(samplers) if s.constraint is not None]
+    if not rows:
+        return logits, {}
+    failed: dict[int, Exception] = {}
+    words = constraints.mask_words(len(rows), logits.shape[1])
+    for slot, index in enumerate(rows):
+        constraint = samplers[index].constraint
+        try:
+            constraint.fill(words, slot)
+        except Exception as error:
+            failed[index] = error
+    allowed = constraints.allowed_tokens(words, logits.shape[1], logits.device)
+    for slot, index in enumerate(rows):
+        eos = list(samplers[index].constraint.eos_ids)
+        if eos and index not in failed:
+            allowed[slot, eos] = samplers[index].constraint.accepting
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits[index].masked_fill(~allowed, -float("inf"))
+    return logits.index_put((index,), masked), failed
+
+
+def _advance_constraints(samplers: list[Sampler], choices: list[Choice]) -> None:
+    for index, (sampler, choice) in enumerate(zip(samplers, choices, strict=True)):
+        if sampler.constraint is not None and not isinstance(choice, Exception):
+            try:
+                sampler.constraint.accept(choice)
+            except Exception as error:
+                choices[index] = error
+
+
+def _record_logprobs(samplers: list[Sampler], choices: list[Choice],
+                     raw: torch.Tensor) -> None:
+    rows = [i for i, (s, c) in enumerate(zip(samplers, choices, strict=True))
+            if s.params.logprobs is not None and not isinstance(c, Exception)]
+    if not rows:
+        return
+    computed = logprobs.compute(raw[rows], [choices[i] for i in rows],
+                                [samplers[i].params.logprobs for i in rows])
+    for index, entry in zip(rows, computed, strict=True):
+        samplers[index].recorded.append(entry)
 
 
 def _choose_alone(sampler: Sampler, history: torch.Tensor, logits: torch.Tensor) -> Choice:
@@ -124,7 +190,9 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
                                                params.presence_penalty, sampler.prompt_length)
             scores[row : row + 1] = penalty(history.reshape(1, -1), scores[row : row + 1])
     for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
-        if history.shape[-1] - sampler.prompt_length < params.min_new_tokens:
+        # a response format decides alone when the reply may end
+        if (sampler.constraint is None
+                and history.shape[-1] - sampler.prompt_length < params.min_new_tokens):
             scores[row, sampler.eos_ids] = -float("inf")
     if params.temperature <= 0:
         usable = (~torch.isnan(scores).any(dim=-1)) & (scores > -float("inf")).any(dim=-1)

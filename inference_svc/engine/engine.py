@@ -15,8 +15,10 @@ from dataclasses import dataclass, replace
 import structlog
 
 from inference_svc.engine.block_sessions import BlockSessionStore
+from inference_svc.engine.constraints import GrammarCompiler
 from inference_svc.engine.jobs import Admission, Failed, Job, RequestHandle, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
+from inference_svc.engine.logprobs import MAX_TOP_LOGPROBS
 from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.engine.types import GenerationRequest, SamplingParams
@@ -85,6 +87,9 @@ class Engine:
         self._loop = ModelLoop(model, config, self.sessions, self.ledger)
         self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
         self.closed = False
+        self.grammars = GrammarCompiler(
+            model.tokenizer, vocab_size=int(getattr(model.config, "vocab_size", 0) or 0),
+            eos_ids=model.eos_token_ids)
 
     def start(self) -> None:
         self._loop.start()
@@ -126,6 +131,7 @@ class Engine:
             raise NotReady("the service is shutting down")
         validate(request)
         request = normalized(request)
+        request = await self._with_grammar(request)
         media, plan = await asyncio.to_thread(self._prepare, request)
         context = self.model.context_length
         prompt_tokens = len(plan.input_ids)
@@ -154,6 +160,21 @@ class Engine:
         self._loop.enqueue(Job((0, 0), request, plan, media, max_new, handle))
         self._handles.add(handle)
         return handle
+
+    async def _with_grammar(self, request: GenerationRequest) -> GenerationRequest:
+        """Compile the request's response format here, off the model thread (cached by
+        content, so a repeated schema costs a lookup)."""
+        sampling = request.sampling
+        wants_sampler = sampling.response_format is not None or sampling.logprobs is not None
+        if wants_sampler and self.ledger is None:  # the one-at-a-time generate() path
+            field = ("sampling.response_format" if sampling.response_format is not None
+                     else "sampling.logprobs")
+            raise InvalidRequest(f"{field} is not supported by this model (it runs without the "
+                                 "batched sampler)", field=field)
+        if sampling.response_format is None:
+            return request
+        grammar = await asyncio.to_thread(self.grammars.compile, sampling.response_format)
+        return replace(request, grammar=grammar)
 
     def under_pressure(self) -> bool:
         """Admission restricted (by the daemon or an operator), or the KV budget nearly full."""
@@ -290,6 +311,8 @@ def validate(request: GenerationRequest) -> None:
         (len(s.stop_sequences) <= 16, "sampling.stop_sequences", "at most 16 are allowed"),
         (all(0 < len(x) <= 256 for x in s.stop_sequences), "sampling.stop_sequences",
          "each must be 1 to 256 characters"),
+        (s.logprobs is None or 0 <= s.logprobs <= MAX_TOP_LOGPROBS, "sampling.logprobs",
+         f"must be in [0, {MAX_TOP_LOGPROBS}]"),
     ]
     for ok, name, message in checks:
         if not ok:

@@ -10,8 +10,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from inference_svc.engine.logprobs import RawLogprob, describe
 from inference_svc.engine.text_stream import TextStream
-from inference_svc.engine.types import Delta, FinishReason, SamplingParams
+from inference_svc.engine.types import Delta, FinishReason, SamplingParams, TokenLogprob
 
 
 class FrequencyPresencePenalty(LogitsProcessor):
@@ -52,6 +53,13 @@ class DeltaStreamer(BaseStreamer):
         self.token_ids: list[int] = []
         self.reasoning_tokens = 0
         self._prompt_seen = False
+        self._logprobs: list[TokenLogprob] = []  # sent with the next delta
+
+    def add_logprobs(self, recorded: list[RawLogprob]) -> None:
+        """Log probabilities of the tokens about to be put; they go out with the next
+        delta, or with a delta of their own when those tokens make no text yet."""
+        tokenizer = self.text.tokenizer
+        self._logprobs.extend(describe(raw, tokenizer) for raw in recorded)
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # generate() first hands over the prompt ids
@@ -68,8 +76,10 @@ class DeltaStreamer(BaseStreamer):
 
     def _send(self, split) -> None:
         reasoning = split.reasoning if self.reasoning else ""
-        if split.answer or reasoning:
-            self.emit(Delta(text=split.answer, reasoning=reasoning))
+        if split.answer or reasoning or self._logprobs:
+            self.emit(Delta(text=split.answer, reasoning=reasoning,
+                            logprobs=tuple(self._logprobs)))
+            self._logprobs = []
 
 
 def generation_config(

@@ -648,7 +648,8 @@ class ModelLoop:
         text, streamer = self._open_stream(job)
         streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
         sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
-                                 eos_ids=self.model.eos_token_ids, seed=_seed(job.request))
+                                 eos_ids=self.model.eos_token_ids, seed=_seed(job.request),
+                                 grammar=job.request.grammar)
         return Sequence(
             job=job, info=info, sampler=sampler, history=torch.tensor([plan.input_ids]),
             streamer=streamer, text=text, reuse=prefill.reuse, started=time.monotonic(),
@@ -699,6 +700,7 @@ class ModelLoop:
         """Stream a chosen token; True when the sequence is done."""
         sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
         sequence.next_token = token
+        sequence.streamer.add_logprobs(sequence.sampler.take_logprobs())
         sequence.streamer.put(torch.tensor([token]))
         sequence.info.generated_tokens = sequence.generated
         return (

@@ -133,6 +133,7 @@ class TextStream:
     def __init__(
         self, tokenizer, stop_sequences: tuple[str, ...], *, start_in_reasoning: bool
     ) -> None:
+        self.tokenizer = tokenizer
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopSequenceMatcher(stop_sequences)
         self._splitter = ReasoningSplitter(start_in_reasoning=start_in_reasoning)

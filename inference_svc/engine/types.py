@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inference_svc.engine.constraints import Grammar
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,23 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """A format the reply must follow, enforced token by token (constrained decoding).
+
+    `kind` is "json_object" (any JSON object), "json_schema" (`schema`, a JSON Schema as
+    JSON text) or "regex" (`pattern`, the whole reply must match). `field` is where it
+    came from in the request, for error messages.
+    """
+
+    kind: str
+    schema: str = ""
+    pattern: str = ""
+    name: str = ""
+    strict: bool = False
+    field: str = "sampling.response_format"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
     min_new_tokens: int = 32
@@ -49,6 +70,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop_sequences: tuple[str, ...] = ()
+    response_format: ResponseFormat | None = None
+    logprobs: int | None = None  # each token's log probability and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,7 @@ class GenerationRequest:
     return_reasoning: bool = False
     priority: int = 0
     deadline: float | None = None  # time.monotonic() value
+    grammar: Grammar | None = None  # the compiled response_format, set at submit
 
     @property
     def modalities(self) -> set[str]:
@@ -100,9 +124,29 @@ class ImageSize:
 
 
 @dataclass(frozen=True)
+class TokenAlternative:
+    token_id: int
+    token: str  # the token's own text (U+FFFD where it holds part of a character)
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its log probability and the most likely alternatives."""
+
+    token_id: int
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TokenAlternative, ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     text: str = ""
     reasoning: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # tokens generated since the previous delta
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from .errors import (
 )
 from .openai_schema import ChatCompletionRequest
 from .request_mapping import to_generate_request
+from .structured import plan as plan_structured
 from .upstream import InferenceUpstream
 
 log = structlog.get_logger(__name__)
@@ -105,7 +106,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         x_request_id: Annotated[str | None, Header()] = None,
     ) -> JSONResponse | StreamingResponse:
         _require_served_model(body.model, config, param="model")
-        generate_request = to_generate_request(body)
+        structured = plan_structured(body)
+        generate_request = to_generate_request(body, structured)
         request_id = _request_id(x_request_id)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id, route="chat.completions")
@@ -116,10 +118,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 model=config.served_model_name,
                 default_retry_after_s=config.default_retry_after_s,
                 receive=request.receive,
+                structured=structured,
             )
             return JSONResponse(completion, headers={"x-request-id": request_id})
         first = await chat_completions.first_response(
-            call, default_retry_after_s=config.default_retry_after_s, receive=request.receive
+            call, default_retry_after_s=config.default_retry_after_s, receive=request.receive,
+            structured=structured,
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = chat_completions.stream(
@@ -129,6 +133,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             model=config.served_model_name,
             include_usage=include_usage,
             default_retry_after_s=config.default_retry_after_s,
+            structured=structured,
         )
         return StreamingResponse(
             events,

@@ -27,6 +27,7 @@ from .response_building import (
     CompletionAccumulator,
     sse_event,
 )
+from .structured import StructuredPlan
 
 log = structlog.get_logger(__name__)
 
@@ -42,15 +43,19 @@ async def complete(
     model: str,
     default_retry_after_s: int,
     receive: Receive,
+    structured: StructuredPlan | None = None,
 ) -> dict[str, Any]:
     """Read the whole stream and build a `chat.completion` object."""
-    accumulator = CompletionAccumulator()
+    accumulator = CompletionAccumulator(
+        wants_logprobs=bool(structured and structured.logprobs is not None),
+        tool=structured.tool if structured else None)
     try:
         async with _cancelled_on_disconnect(call, receive):
             async for response in call:
                 accumulator.add(response)
     except grpc.aio.AioRpcError as error:
-        raise error_from_rpc(error, default_retry_after_s=default_retry_after_s) from error
+        raise _located(error_from_rpc(error, default_retry_after_s=default_retry_after_s),
+                       structured) from error
     finally:
         call.cancel()
     final = accumulator.final
@@ -63,7 +68,8 @@ async def complete(
 
 
 async def first_response(
-    call: grpc.aio.UnaryStreamCall, *, default_retry_after_s: int, receive: Receive
+    call: grpc.aio.UnaryStreamCall, *, default_retry_after_s: int, receive: Receive,
+    structured: StructuredPlan | None = None,
 ) -> pb.GenerateResponse | None:
     """Wait for the first message, so that an upstream refusal becomes an HTTP status.
 
@@ -73,7 +79,8 @@ async def first_response(
         async with _cancelled_on_disconnect(call, receive):
             response = await call.read()
     except grpc.aio.AioRpcError as error:
-        raise error_from_rpc(error, default_retry_after_s=default_retry_after_s) from error
+        raise _located(error_from_rpc(error, default_retry_after_s=default_retry_after_s),
+                       structured) from error
     except BaseException:
         call.cancel()
         raise
@@ -88,6 +95,7 @@ async def stream(
     model: str,
     include_usage: bool,
     default_retry_after_s: int,
+    structured: StructuredPlan | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE byte chunks: role, deltas, finish, optional usage, [DONE].
 
@@ -99,6 +107,8 @@ async def stream(
         model=model,
         created=int(time.time()),
         include_usage=include_usage,
+        wants_logprobs=bool(structured and structured.logprobs is not None),
+        tool=structured.tool if structured else None,
     )
     try:
         yield sse_event(chunks.role_chunk())
@@ -132,6 +142,15 @@ async def _final_events(chunks: ChunkBuilder, final: pb.FinalMessage) -> AsyncIt
     if chunks.include_usage:
         yield sse_event(chunks.usage_chunk(final))
     yield SSE_DONE
+
+
+def _located(error: GatewayError, structured: StructuredPlan | None) -> GatewayError:
+    """An upstream error about the response format names the request field it came from
+    (response_format..., or the tool's parameters)."""
+    if (structured is not None and structured.schema_param and error.param
+            and error.param.startswith("sampling.response_format")):
+        error.param = structured.schema_param
+    return error
 
 
 async def _next(call: grpc.aio.UnaryStreamCall) -> pb.GenerateResponse | None:

@@ -1,9 +1,10 @@
 """The chat-completions request body, as pydantic models.
 
 Only what the gateway can honour is declared; other OpenAI fields are ignored, except
-those whose silent loss would change the answer's meaning (tools, logprobs, structured
-output), which are rejected in `request_mapping`. Fields that OpenAI clients send in
-``extra_body`` (``enable_thinking``, ``session_id``, ...) arrive as top-level keys.
+those whose silent loss would change the answer's meaning (n > 1, legacy functions, an
+unforced tool choice), which are rejected in `request_mapping` and `structured`. Fields
+that OpenAI clients send in ``extra_body`` (``enable_thinking``, ``session_id``, ...)
+arrive as top-level keys.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier tool calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class StreamOptions(_Lenient):
@@ -82,8 +85,11 @@ class ChatCompletionRequest(_Lenient):
     min_tokens: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
     priority: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
 
-    # Declared only to be refused: the service cannot honour them.
+    # Structured output (see `structured`).
     tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # one call per reply is what is generated
+    functions: list[Any] | None = None  # legacy; refused
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None

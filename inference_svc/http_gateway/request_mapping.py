@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
@@ -11,6 +12,8 @@ from inference_svc.bounds import quote
 
 from .errors import BadRequest
 from .openai_schema import AudioPart, ChatCompletionRequest, ChatMessage, ImagePart, TextPart
+from .structured import StructuredPlan
+from .structured import plan as plan_structured
 
 _ROLES = {
     "system": pb.ROLE_SYSTEM,
@@ -28,14 +31,26 @@ _AUDIO_FORMATS = {"wav"}
 _DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<payload>.*)", re.DOTALL)
 
 
-def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
+def to_generate_request(body: ChatCompletionRequest,
+                        structured: StructuredPlan | None = None) -> pb.GenerateRequest:
     """Build the gRPC request; raises `BadRequest` for what the service cannot honour."""
     _reject_unsupported(body)
+    if structured is None:
+        structured = plan_structured(body)
+    messages = [
+        _to_message(message, f"messages[{i}]") for i, message in enumerate(body.messages)
+    ]
+    if structured.instructions:
+        messages.insert(0, pb.Message(role=pb.ROLE_SYSTEM,
+                                      parts=[pb.Part(text=structured.instructions)]))
+    sampling = _to_sampling(body)
+    if structured.response_format is not None:
+        sampling.response_format.CopyFrom(structured.response_format)
+    if structured.logprobs is not None:
+        sampling.logprobs = structured.logprobs
     request = pb.GenerateRequest(
-        messages=[
-            _to_message(message, f"messages[{i}]") for i, message in enumerate(body.messages)
-        ],
-        sampling=_to_sampling(body),
+        messages=messages,
+        sampling=sampling,
         enable_thinking=body.enable_thinking,
         return_reasoning=body.return_reasoning,
     )
@@ -49,17 +64,6 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
 def _reject_unsupported(body: ChatCompletionRequest) -> None:
     if body.n is not None and body.n != 1:
         raise BadRequest("only n=1 is supported", param="n", code="unsupported_value")
-    if body.tools or body.functions:
-        param = "tools" if body.tools else "functions"
-        raise BadRequest("tool calling is not supported", param=param, code="unsupported_value")
-    if body.logprobs:
-        raise BadRequest("logprobs are not supported", param="logprobs", code="unsupported_value")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise BadRequest(
-            "only response_format type 'text' is supported",
-            param="response_format",
-            code="unsupported_value",
-        )
 
 
 def _to_sampling(body: ChatCompletionRequest) -> pb.SamplingParams:
@@ -90,19 +94,25 @@ def _to_sampling(body: ChatCompletionRequest) -> pb.SamplingParams:
 
 
 def _to_message(message: ChatMessage, param: str) -> pb.Message:
-    role = _ROLES.get(message.role)
-    if role is None:
-        raise BadRequest(
-            f"role {quote(message.role)} is not supported (tool calling is not available)",
-            param=f"{param}.role",
-            code="unsupported_value",
-        )
+    if message.role == "tool":  # a tool's result, told to the model as user text
+        return pb.Message(role=pb.ROLE_USER, parts=[pb.Part(
+            text=f"Result of tool call {message.tool_call_id or ''}: {_text_of(message)}")])
+    role = _ROLES[message.role]
+    if message.role == "assistant" and message.tool_calls and not message.content:
+        calls = [call.get("function", {}) for call in message.tool_calls]
+        return pb.Message(role=role, parts=[pb.Part(text=json.dumps(calls, ensure_ascii=False))])
     if message.content is None:
         raise BadRequest("message content is required", param=f"{param}.content")
     if isinstance(message.content, str):
         return pb.Message(role=role, parts=[pb.Part(text=message.content)])
     parts = [_to_part(part, f"{param}.content[{i}]") for i, part in enumerate(message.content)]
     return pb.Message(role=role, parts=parts)
+
+
+def _text_of(message: ChatMessage) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(p.text for p in message.content or [] if isinstance(p, TextPart))
 
 
 def _to_part(part: TextPart | ImagePart | AudioPart, param: str) -> pb.Part:

@@ -8,6 +8,8 @@ from typing import Any
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 
+from .structured import ToolPlan, logprobs_to_openai, tool_calls
+
 SSE_DONE = b"data: [DONE]\n\n"
 
 _FINISH_REASONS = {
@@ -43,7 +45,10 @@ class CompletionAccumulator:
     request_id: str = ""
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
     final: pb.FinalMessage | None = None
+    wants_logprobs: bool = False
+    tool: ToolPlan | None = None
 
     def add(self, response: pb.GenerateResponse) -> None:
         if response.request_id and not self.request_id:
@@ -52,11 +57,19 @@ class CompletionAccumulator:
             self.content.append(response.text_delta)
         if response.reasoning_delta:
             self.reasoning.append(response.reasoning_delta)
+        self.logprobs.extend(response.logprobs)
         if response.HasField("final"):
             self.final = response.final
 
     def to_openai(self, final: pb.FinalMessage, *, model: str, created: int) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        content = "".join(self.content)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        finish_reason = openai_finish_reason(final.finish_reason)
+        calls = tool_calls(self.tool, content, self.request_id) if self.tool else None
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            if finish_reason == "stop":
+                finish_reason = "tool_calls"
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
         return {
@@ -68,8 +81,9 @@ class CompletionAccumulator:
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
-                    "finish_reason": openai_finish_reason(final.finish_reason),
+                    "logprobs": ({"content": logprobs_to_openai(self.logprobs), "refusal": None}
+                                 if self.wants_logprobs else None),
+                    "finish_reason": finish_reason,
                 }
             ],
             "usage": usage_to_openai(final.usage),
@@ -78,12 +92,16 @@ class CompletionAccumulator:
 
 @dataclass(slots=True, frozen=True)
 class ChunkBuilder:
-    """Builds the `chat.completion.chunk` objects of one streamed answer."""
+    """Builds the `chat.completion.chunk` objects of one streamed answer. A tool call's
+    JSON is held back and sent whole as `tool_calls` with the finish chunk."""
 
     request_id: str
     model: str
     created: int
     include_usage: bool
+    wants_logprobs: bool = False
+    tool: ToolPlan | None = None
+    tool_text: list[str] = field(default_factory=list)
 
     def role_chunk(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""})
@@ -92,12 +110,30 @@ class ChunkBuilder:
         delta: dict[str, Any] = {}
         if response.reasoning_delta:
             delta["reasoning_content"] = response.reasoning_delta
-        if response.text_delta:
+        if response.text_delta and self.tool is not None:
+            self.tool_text.append(response.text_delta)
+        elif response.text_delta:
             delta["content"] = response.text_delta
-        return self._chunk(delta) if delta else None
+        logprobs = None
+        if self.wants_logprobs and response.logprobs:
+            logprobs = {"content": logprobs_to_openai(response.logprobs), "refusal": None}
+        if not (delta or logprobs):
+            return None
+        chunk = self._chunk(delta)
+        chunk["choices"][0]["logprobs"] = logprobs
+        return chunk
 
     def finish_chunk(self, final: pb.FinalMessage) -> dict[str, Any]:
-        return self._chunk({}, finish_reason=openai_finish_reason(final.finish_reason))
+        finish_reason = openai_finish_reason(final.finish_reason)
+        if self.tool is None:
+            return self._chunk({}, finish_reason=finish_reason)
+        text = "".join(self.tool_text)
+        calls = tool_calls(self.tool, text, self.request_id)
+        if calls is None:  # cut short: what was generated, as text
+            return self._chunk({"content": text} if text else {}, finish_reason=finish_reason)
+        delta = {"tool_calls": [{"index": 0, **call} for call in calls]}
+        return self._chunk(delta, finish_reason="tool_calls" if finish_reason == "stop"
+                           else finish_reason)
 
     def usage_chunk(self, final: pb.FinalMessage) -> dict[str, Any]:
         chunk = self._envelope()

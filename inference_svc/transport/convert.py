@@ -10,8 +10,10 @@ from inference_svc.engine.types import (
     FinishReason,
     GenerationRequest,
     ImagePart,
+    ResponseFormat,
     SamplingParams,
     TextPart,
+    TokenLogprob,
 )
 from inference_svc.errors import InvalidRequest
 from inference_svc.ids import check_session_id
@@ -75,7 +77,38 @@ def sampling_from_pb(params: pb.SamplingParams, defaults: SamplingParams) -> Sam
         presence_penalty=pick("presence_penalty"),
         seed=params.seed if params.HasField("seed") else None,
         stop_sequences=tuple(params.stop_sequences),
+        response_format=response_format_from_pb(params.response_format),
+        logprobs=params.logprobs if params.HasField("logprobs") else None,
     )
+
+
+def response_format_from_pb(fmt: pb.ResponseFormat) -> ResponseFormat | None:
+    field = "sampling.response_format"
+    kind = fmt.WhichOneof("format")
+    if kind is None:
+        return None
+    if kind == "json_schema":
+        schema = fmt.json_schema
+        if not schema.schema:
+            raise InvalidRequest(f"{field}.json_schema.schema must not be empty",
+                                 field=f"{field}.json_schema.schema")
+        return ResponseFormat("json_schema", schema=schema.schema, name=schema.name,
+                              strict=schema.strict, field=field)
+    if kind == "regex":
+        return ResponseFormat("regex", pattern=fmt.regex, field=field)
+    return ResponseFormat("json_object", field=field)
+
+
+def logprobs_to_pb(entries: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=e.token_id, token=e.token, token_bytes=e.token_bytes, logprob=e.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=a.token_id, token=a.token,
+                                        token_bytes=a.token_bytes, logprob=a.logprob)
+                          for a in e.top],
+        )
+        for e in entries
+    ]
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:

@@ -17,6 +17,7 @@ from inference_svc.ids import check_session_id
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.convert import (
     final_to_pb,
+    logprobs_to_pb,
     messages_from_pb,
     request_from_pb,
     sampling_to_pb,
@@ -53,7 +54,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         metrics.time_to_first_token.observe(time.monotonic() - started)
                     first_seen = True
                     yield pb.GenerateResponse(request_id=request_id, text_delta=event.text,
-                                              reasoning_delta=event.reasoning)
+                                              reasoning_delta=event.reasoning,
+                                              logprobs=logprobs_to_pb(event.logprobs))
                 elif isinstance(event, Finished):
                     if event.reason is FinishReason.CANCELLED and handle.cancellation.expired:
                         raise DeadlineExceeded("deadline exceeded while generating")

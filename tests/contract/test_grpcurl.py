@@ -97,6 +97,38 @@ def test_generate_streams_json_deltas_then_final_usage(inference_server):
     assert last["final"]["images"][0]["originalWidth"] == 96
 
 
+def test_json_schema_request_from_the_json_form_returns_valid_json_and_logprobs(
+        inference_server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}
+    request = {
+        "messages": [{"role": "ROLE_USER", "parts": [{"text": "Is it ok?"}]}],
+        "sampling": {"maxNewTokens": 32, "minNewTokens": 0, "temperature": 1.0, "seed": 5,
+                     "logprobs": 2,
+                     "responseFormat": {"jsonSchema": {"name": "answer",
+                                                       "schema": json.dumps(schema),
+                                                       "strict": True}}},
+    }
+    result = call(inference_server, f"{SERVICE}/Generate", request)
+    assert result.returncode == 0, result.stderr
+    *deltas, last = json_stream(result.stdout)
+    assert json.loads("".join(m.get("textDelta", "") for m in deltas)) in (
+        {"ok": True}, {"ok": False})
+    assert last["final"]["finishReason"] == "FINISH_REASON_STOP"
+    tokens = [t for m in deltas for t in m.get("logprobs", [])]
+    assert len(tokens) == last["final"]["usage"]["completionTokens"]
+    assert all(len(t["topLogprobs"]) == 2 for t in tokens)
+
+
+def test_an_unusable_schema_is_invalid_argument_naming_the_field(inference_server):
+    request = {"messages": [{"role": "ROLE_USER", "parts": [{"text": "x"}]}],
+               "sampling": {"responseFormat": {"jsonSchema": {"schema": "{\"type\": 1}"}}}}
+    result = call(inference_server, f"{SERVICE}/Generate", request)
+    assert result.returncode != 0
+    assert "InvalidArgument" in result.stderr
+    assert "sampling.response_format.json_schema.schema" in result.stderr
+
+
 @pytest.mark.parametrize("service", ["", SERVICE])
 def test_health_check_answers_serving(inference_server, service):
     result = grpcurl("-plaintext", "-d", json.dumps({"service": service}),

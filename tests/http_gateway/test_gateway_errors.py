@@ -38,7 +38,10 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
         ({"n": 2}, "n"),
         ({"temperature": 5}, "temperature"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"response_format": {"type": "grammar"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}},
+         "response_format.json_schema.schema"),
         (
             {
                 "messages": [
@@ -81,7 +84,12 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
             },
             "messages[0].content[0].input_audio.format",
         ),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}},
+         "tool_choice.function.name"),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0]"),
+        ({"functions": [{"name": "f"}]}, "functions"),
     ],
 )
 def test_invalid_requests_are_400_naming_the_parameter(

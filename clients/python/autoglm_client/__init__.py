@@ -30,16 +30,19 @@ from autoglm_client.errors import (
     UnavailableError,
 )
 from autoglm_client.inference import InferenceClient
-from autoglm_client.request_builders import Sampling
+from autoglm_client.request_builders import ResponseFormat, Sampling
 from autoglm_client.results import (
     Completion,
     Final,
     FinishReason,
     ImageSize,
+    Logprobs,
     ProtocolError,
     ReasoningDelta,
     StreamEvent,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -58,14 +61,18 @@ __all__ = [
     "InferenceClient",
     "InputError",
     "InvalidArgumentError",
+    "Logprobs",
     "NotFoundError",
     "ProtocolError",
     "ReasoningDelta",
     "ResourceExhaustedError",
+    "ResponseFormat",
     "RpcError",
     "Sampling",
     "StreamEvent",
     "TextDelta",
+    "TokenLogprob",
+    "TopLogprob",
     "UnavailableError",
     "Usage",
     "assistant",

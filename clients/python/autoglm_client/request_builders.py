@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm_client.content import Conversation, to_messages
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """A format the reply must follow (constrained decoding); build with the class methods."""
+
+    kind: str
+    schema: str = ""
+    name: str = ""
+    strict: bool = False
+    pattern: str = ""
+
+    @classmethod
+    def json_object(cls) -> ResponseFormat:
+        return cls("json_object")
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | str, *, name: str = "",
+                    strict: bool = False) -> ResponseFormat:
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        return cls("json_schema", schema=text, name=name, strict=strict)
+
+    @classmethod
+    def regex(cls, pattern: str) -> ResponseFormat:
+        return cls("regex", pattern=pattern)
+
+    def to_pb(self) -> pb.ResponseFormat:
+        if self.kind == "json_schema":
+            return pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(
+                name=self.name, schema=self.schema, strict=self.strict))
+        if self.kind == "regex":
+            return pb.ResponseFormat(regex=self.pattern)
+        return pb.ResponseFormat(json_object=pb.JsonObjectFormat())
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,14 +58,20 @@ class Sampling:
     presence_penalty: float | None = None
     seed: int | None = None
     stop_sequences: Sequence[str] = field(default=())
+    response_format: ResponseFormat | None = None
+    logprobs: int | None = None  # per-token log probabilities with this many alternatives
 
     def to_pb(self) -> pb.SamplingParams:
+        special = {"stop_sequences", "response_format"}
         values = {
             name: getattr(self, name)
             for name in self.__slots__
-            if name != "stop_sequences" and getattr(self, name) is not None
+            if name not in special and getattr(self, name) is not None
         }
-        return pb.SamplingParams(**values, stop_sequences=list(self.stop_sequences))
+        params = pb.SamplingParams(**values, stop_sequences=list(self.stop_sequences))
+        if self.response_format is not None:
+            params.response_format.CopyFrom(self.response_format.to_pb())
+        return params
 
 
 def generate_request(

@@ -99,7 +99,41 @@ class Final:
         )
 
 
-StreamEvent = TextDelta | ReasoningDelta | Final
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """An alternative at one position."""
+
+    token_id: int
+    token: str
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log probability and its most likely alternatives."""
+
+    token_id: int
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+    @classmethod
+    def from_pb(cls, entry: pb.TokenLogprob) -> TokenLogprob:
+        return cls(entry.token_id, entry.token, entry.token_bytes, entry.logprob,
+                   tuple(TopLogprob(a.token_id, a.token, a.token_bytes, a.logprob)
+                         for a in entry.top_logprobs))
+
+
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """Log probabilities of tokens generated since the previous event (when requested)."""
+
+    tokens: tuple[TokenLogprob, ...]
+
+
+StreamEvent = TextDelta | ReasoningDelta | Logprobs | Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +143,7 @@ class Completion:
     text: str
     reasoning: str
     final: Final
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def usage(self) -> Usage:
@@ -120,12 +155,14 @@ class Completion:
 
 
 def events_from_response(response: pb.GenerateResponse) -> list[StreamEvent]:
-    """The events one stream message carries, in order: reasoning, text, final."""
+    """The events one stream message carries, in order: reasoning, text, logprobs, final."""
     events: list[StreamEvent] = []
     if response.reasoning_delta:
         events.append(ReasoningDelta(response.reasoning_delta))
     if response.text_delta:
         events.append(TextDelta(response.text_delta))
+    if response.logprobs:
+        events.append(Logprobs(tuple(TokenLogprob.from_pb(e) for e in response.logprobs)))
     if response.HasField("final"):
         events.append(Final.from_pb(response.final, response.request_id))
     return events
@@ -137,6 +174,7 @@ class CompletionAccumulator:
 
     text_parts: list[str] = field(default_factory=list)
     reasoning_parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     final: Final | None = None
 
     def add(self, event: StreamEvent) -> None:
@@ -145,10 +183,13 @@ class CompletionAccumulator:
                 self.text_parts.append(text)
             case ReasoningDelta(text=text):
                 self.reasoning_parts.append(text)
+            case Logprobs(tokens=tokens):
+                self.logprobs.extend(tokens)
             case Final():
                 self.final = event
 
     def completion(self) -> Completion:
         if self.final is None:
             raise ProtocolError("Generate stream ended without a final message")
-        return Completion("".join(self.text_parts), "".join(self.reasoning_parts), self.final)
+        return Completion("".join(self.text_parts), "".join(self.reasoning_parts), self.final,
+                          tuple(self.logprobs))
