@@ -61,8 +61,9 @@ class DaemonMetrics:
 
     def observe(self, readings: list[DeviceReading], state: PolicyState) -> None:
         for reading in readings:
+            failures = self.reading_failures.labels(reading.device)  # at 0 until one fails
             if not reading.ok:
-                self.reading_failures.labels(reading.device).inc()
+                failures.inc()
                 continue
             self.used_bytes.labels(reading.device).set(reading.total_bytes - reading.free_bytes)
             self.total_bytes.labels(reading.device).set(reading.total_bytes)
