@@ -183,8 +183,9 @@ class _EngineCollector:
         yield self._gauge("autoglm_kv_cache_budget_bytes", "KV cache budget", budget)
         yield self._gauge(
             "autoglm_kv_cache_usage_ratio",
-            "Share of the KV budget held, running requests and idle caches together "
-            "(vllm:kv_cache_usage_perc counts the same way, 0 to 1)",
+            "Share of the KV budget held, running requests and idle caches together, 0 to 1 "
+            "(vllm:kv_cache_usage_perc counts evictable cache as free: its equivalent is "
+            "kind=running over the budget)",
             (running_bytes + cached_bytes) / budget if budget else 0.0)
         cached = GaugeMetricFamily("autoglm_kv_cache_entries",
                                    "Idle KV caches kept for reuse, by kind",
