@@ -57,10 +57,13 @@ def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
     else:
         exceptions = structlog.processors.ExceptionRenderer(exception_dicts)
         renderer = structlog.processors.JSONRenderer()
-    processors = [
-        structlog.contextvars.merge_contextvars,
+    shared = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        *shared,
         structlog.processors.StackInfoRenderer(),
         exceptions,
         clip_fields,
@@ -72,5 +75,26 @@ def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries log through stdlib logging; keep their warnings, in the same stream.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    # Libraries (uvicorn, grpc, transformers) log through stdlib logging: their records are
+    # rendered by the same processors, so every line of the process is one format.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.contextvars.merge_contextvars,
+                           structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    exceptions, clip_fields, renderer],
+    )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # libraries' warnings; uvicorn sets its own loggers' level
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (as structlog's logger does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)

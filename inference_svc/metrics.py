@@ -1,74 +1,216 @@
-"""Prometheus metrics: request counters and latencies, and the engine's memory gauges.
+"""Prometheus metrics of the service, named in vLLM's terms with a `model_name` label.
 
-Counters and histograms are updated by the transport; gauges are read from the engine
-at scrape time, so they are never stale.
+Three sources:
+
+* the interceptor counts every RPC by method and status code (cancelled ones as
+  CANCELLED);
+* the transport observes each Generate call's lifecycle as the client sees it: time to
+  first token, the gaps between streamed deltas, end-to-end latency by finish reason,
+  prompt and generation lengths (`RequestTimer`);
+* gauges are read from the engine at scrape time (`_EngineCollector`), so they are
+  never stale: running and waiting requests, KV held by running requests and by idle
+  caches against the budget, cached entries, module placement, admission.
+
+Queue time and preemptions happen inside the engine, which reports neither yet: they
+are `EngineObserver` hooks (`ServiceMetrics` implements them) that the engine calls
+once it takes an observer. Until then their series exist and stay at zero.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+import time
+from collections.abc import Iterator
+from typing import Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from inference_svc.engine.types import Finished, FinishReason
 from inference_svc.memory.process import rss_bytes
 from inference_svc.service_state import ServiceState
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# request latencies: 10 ms .. 10 min (a 3,000-token phone-agent answer on CPU is minutes)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# the gap between two streamed tokens: 1 ms .. 10 s
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
+                     0.3, 0.5, 0.75, 1, 2.5, 5, 10)
+# tokens per request, 1-2-5 steps up to a 32k context (vLLM's build_1_2_5_buckets)
+LENGTH_BUCKETS = tuple(m * 10**e for e in range(5) for m in (1, 2, 5) if m * 10**e <= 32768)
+# finish reasons of the e2e histogram: the engine's, and the ways a call ends without one
+ERROR_REASONS = ("deadline", "error")
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it schedules (hooks; the engine calls them once it
+    accepts an observer)."""
+
+    def request_admitted(self, queued_seconds: float) -> None:
+        """A request left the waiting queue for the running batch after this long."""
+
+    def request_preempted(self, reason: str) -> None:
+        """A running request was preempted (its KV freed, itself re-queued)."""
 
 
 class ServiceMetrics:
     def __init__(self, state: ServiceState) -> None:
+        self.model_name = state.config.served_model_name
         self.registry = CollectorRegistry()
+        registry, model = self.registry, ["model_name"]
         self.rpcs = Counter("autoglm_rpcs", "RPCs finished, by method and status code",
-                            ["method", "code"], registry=self.registry)
+                            ["method", "code"], registry=registry)
         self.prompt_tokens = Counter("autoglm_prompt_tokens", "Prompt tokens processed",
-                                     registry=self.registry)
+                                     model, registry=registry).labels(self.model_name)
         self.cached_prompt_tokens = Counter(
-            "autoglm_cached_prompt_tokens", "Prompt tokens served from cached KV",
-            registry=self.registry)
+            "autoglm_cached_prompt_tokens",
+            "Prompt tokens served from cached KV (session or prefix cache hits)",
+            model, registry=registry).labels(self.model_name)
         self.completion_tokens = Counter("autoglm_completion_tokens", "Tokens generated",
-                                         registry=self.registry)
+                                         model, registry=registry).labels(self.model_name)
+        self.preemptions = Counter(
+            "autoglm_num_preemptions", "Running requests preempted (re-queued, KV freed)",
+            model, registry=registry).labels(self.model_name)
+        self.queue_time = Histogram(
+            "autoglm_request_queue_time_seconds", "Time a request waited for admission",
+            model, buckets=LATENCY_BUCKETS, registry=registry).labels(self.model_name)
         self.time_to_first_token = Histogram(
-            "autoglm_time_to_first_token_seconds", "Generate: call start to first text",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.generation_seconds = Histogram(
-            "autoglm_generation_seconds", "Generate: call start to final message",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(state))
+            "autoglm_time_to_first_token_seconds",
+            "Generate: call start to the first streamed text",
+            model, buckets=LATENCY_BUCKETS, registry=registry).labels(self.model_name)
+        self.inter_token_latency = Histogram(
+            "autoglm_inter_token_latency_seconds",
+            "Generate: gap between consecutive streamed deltas, per token",
+            model, buckets=TOKEN_GAP_BUCKETS, registry=registry).labels(self.model_name)
+        self.e2e_latency = Histogram(
+            "autoglm_e2e_request_latency_seconds",
+            "Generate: call start to its end, by finish reason",
+            ["model_name", "finished_reason"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.prompt_length = Histogram(
+            "autoglm_request_prompt_tokens", "Prompt length of finished requests",
+            model, buckets=LENGTH_BUCKETS, registry=registry).labels(self.model_name)
+        self.generation_length = Histogram(
+            "autoglm_request_generation_tokens", "Tokens generated by finished requests",
+            model, buckets=LENGTH_BUCKETS, registry=registry).labels(self.model_name)
+        # every reason's series exists from the start, so rate() and dashboards see zeros
+        for reason in (*(r.value for r in FinishReason), *ERROR_REASONS):
+            self.e2e_latency.labels(self.model_name, reason)
+        registry.register(_EngineCollector(state, self.model_name))
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
+    # ---- EngineObserver -------------------------------------------------------------
+
+    def request_admitted(self, queued_seconds: float) -> None:
+        self.queue_time.observe(queued_seconds)
+
+    def request_preempted(self, reason: str) -> None:
+        self.preemptions.inc()
+
+    # ---- the transport's view of one Generate call --------------------------------
+
+    def timer(self) -> RequestTimer:
+        return RequestTimer(self)
+
+
+class RequestTimer:
+    """One Generate call as the client sees it: first token, gaps, end."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+        self.started = time.monotonic()
+        self.last_delta: float | None = None
+
+    def delta(self) -> None:
+        now = time.monotonic()
+        if self.last_delta is None:
+            self.metrics.time_to_first_token.observe(now - self.started)
+        else:
+            self.metrics.inter_token_latency.observe(now - self.last_delta)
+        self.last_delta = now
+
+    def finished(self, event: Finished) -> None:
+        metrics, usage = self.metrics, event.usage
+        if self.last_delta is None and usage.completion_tokens:
+            # tokens that decoded to no text yet (a partial character): the client's
+            # first content is the final message
+            self.delta()
+        metrics.e2e_latency.labels(metrics.model_name, event.reason.value).observe(
+            time.monotonic() - self.started)
+        metrics.prompt_tokens.inc(usage.prompt_tokens)
+        metrics.cached_prompt_tokens.inc(usage.cached_prompt_tokens)
+        metrics.completion_tokens.inc(usage.completion_tokens)
+        metrics.prompt_length.observe(usage.prompt_tokens)
+        metrics.generation_length.observe(usage.completion_tokens)
+
+    def failed(self, reason: str) -> None:
+        """Ended without a final message: `deadline` or `error`."""
+        self.metrics.e2e_latency.labels(self.metrics.model_name, reason).observe(
+            time.monotonic() - self.started)
+
 
 class _EngineCollector:
-    def __init__(self, state: ServiceState) -> None:
+    def __init__(self, state: ServiceState, model_name: str) -> None:
         self.state = state
+        self.model_name = model_name
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         rss = GaugeMetricFamily("autoglm_process_resident_bytes", "Service process RSS")
         rss.add_metric([], rss_bytes())
         yield rss
         engine = self.state.engine
         if engine is None:
             return
-        gauges = {
-            "autoglm_running_requests": ("Requests being generated", len(engine.running())),
-            "autoglm_queued_requests": ("Requests waiting for admission", engine.queued),
-            "autoglm_idle_kv_bytes": ("KV held by idle sessions and cached prefixes",
-                                      engine.sessions.total_bytes()),
-            "autoglm_kv_budget_bytes": ("Configured KV budget", engine.config.kv_budget_bytes),
-        }
-        for name, (help_text, value) in gauges.items():
-            gauge = GaugeMetricFamily(name, help_text)
-            gauge.add_metric([], value)
-            yield gauge
-        weights = GaugeMetricFamily("autoglm_module_weight_bytes",
-                                    "Resident weight bytes of each module, by tier",
-                                    labels=["module", "tier"])
+        name = [self.model_name]
+        running = engine.running()
+        per_token = engine.model.kv_bytes_per_token()
+        running_bytes = sum(r.prompt_tokens + r.generated_tokens for r in running) * per_token
+        entries = engine.sessions.entries()
+        cached_bytes = sum(e.bytes for e in entries)
+        budget = engine.config.kv_budget_bytes
+        yield self._gauge("autoglm_num_requests_running", "Requests in the running batch",
+                          len(running))
+        yield self._gauge("autoglm_num_requests_waiting",
+                          "Requests waiting for admission (preempted ones included)",
+                          engine.queued)
+        used = GaugeMetricFamily(
+            "autoglm_kv_cache_used_bytes",
+            "KV cache bytes held: by running requests, and by idle sessions and cached "
+            "prefixes (evicted first when running requests need room)",
+            labels=["model_name", "kind"])
+        used.add_metric([*name, "running"], running_bytes)
+        used.add_metric([*name, "cached"], cached_bytes)
+        yield used
+        yield self._gauge("autoglm_kv_cache_budget_bytes", "KV cache budget", budget)
+        yield self._gauge(
+            "autoglm_kv_cache_usage_ratio",
+            "Share of the KV budget held, running requests and idle caches together, 0 to 1 "
+            "(vllm:kv_cache_usage_perc counts evictable cache as free: its equivalent is "
+            "kind=running over the budget)",
+            (running_bytes + cached_bytes) / budget if budget else 0.0)
+        cached = GaugeMetricFamily("autoglm_kv_cache_entries",
+                                   "Idle KV caches kept for reuse, by kind",
+                                   labels=["model_name", "kind"])
+        sessions = sum(1 for e in entries if e.session_id)  # the rest: anonymous prefixes
+        cached.add_metric([*name, "session"], sessions)
+        cached.add_metric([*name, "prefix"], len(entries) - sessions)
+        yield cached
+        weights = GaugeMetricFamily(
+            "autoglm_module_weight_bytes",
+            "Weight bytes of each module on each device; tier is where the module is "
+            "(cuda:N, cpu, or disk with no bytes resident)",
+            labels=["model_name", "module", "tier", "device"])
         for unit in engine.model.units:
             state = unit.state()
-            weights.add_metric([state.name, state.tier], state.weight_bytes)
+            for device, size in (state.bytes_by_device or {state.tier: 0}).items():
+                weights.add_metric([*name, state.name, state.tier, device], size)
         yield weights
         admission = GaugeMetricFamily("autoglm_admission_open",
-                                      "1 while admission is open, 0 when limited or paused")
-        admission.add_metric([], 1 if engine.admission.mode == "open" else 0)
+                                      "1 while admission is open, 0 when limited or paused",
+                                      labels=["model_name"])
+        admission.add_metric(name, 1 if engine.admission.mode == "open" else 0)
         yield admission
+
+    def _gauge(self, metric: str, help_text: str, value: float) -> GaugeMetricFamily:
+        gauge = GaugeMetricFamily(metric, help_text, labels=["model_name"])
+        gauge.add_metric([self.model_name], value)
+        return gauge

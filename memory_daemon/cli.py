@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pid-file", help='file holding the service pid (a number, or JSON with "pid")')
     add("--host-budget-bytes", type=int, help="host memory budget for --probe host")
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    add("--metrics-host", help="address the metrics listen on (default 127.0.0.1)")
     add("--log-level", choices=LOG_LEVELS)
     add("--log-format", choices=LOG_FORMATS)
     add("--dry-run", action="store_true", default=None, help="log decisions, do not act")
@@ -96,6 +97,7 @@ def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         ("daemon", "poll_interval_min_seconds"): args.poll_min,
         ("daemon", "poll_interval_max_seconds"): args.poll_max,
         ("daemon", "metrics_port"): args.metrics_port,
+        ("daemon", "metrics_host"): args.metrics_host,
         ("daemon", "log_level"): args.log_level,
         ("daemon", "log_format"): args.log_format,
         ("daemon", "dry_run"): args.dry_run,
@@ -150,7 +152,7 @@ async def run_daemon(config: DaemonConfig) -> None:
     control = ControlClient(config.control, config.control.offload_tier)
     metrics = DaemonMetrics()
     if config.daemon.metrics_port:
-        metrics.serve(config.daemon.metrics_port)
+        metrics.serve(config.daemon.metrics_port, config.daemon.metrics_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

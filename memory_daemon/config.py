@@ -138,6 +138,7 @@ class DaemonSection:
     log_level: str = "info"
     log_format: str = "json"
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     record_path: str = ""
 
     def __post_init__(self) -> None:
@@ -160,6 +161,8 @@ class DaemonSection:
             )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"daemon.metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if not self.metrics_host:
+            raise ConfigError("daemon.metrics_host must not be empty")
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,6 +182,7 @@ class Daemon:
         finally:
             self._acted()
         self.metrics.actions.labels(action.kind.value, "ok").inc()
+        self.metrics.freed_bytes.labels(action.kind.value).inc(max(outcome.freed_bytes, 0))
         log.info(
             "memd.action",
             result="ok",

@@ -2,8 +2,10 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from memory_daemon.policy import PolicyState
+from memory_daemon.policy import ActionKind, PolicyState
 from memory_daemon.readings import DeviceReading
+
+ACTION_RESULTS = ("ok", "failed", "dry_run")
 
 
 class DaemonMetrics:
@@ -37,17 +39,31 @@ class DaemonMetrics:
             ["origin"],
             registry=self.registry,
         )
+        self.freed_bytes = Counter(
+            "memd_freed_bytes",
+            "Bytes the service reported freed by the daemon's actions, by action",
+            ["action"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "memd_errors", "Errors by source (probe, control)", ["source"], registry=self.registry
         )
+        # every action's series exists from the start, so rate() and dashboards see zeros
+        for kind in ActionKind:
+            self.freed_bytes.labels(kind.value)
+            for result in ACTION_RESULTS:
+                self.actions.labels(kind.value, result)
+        for source in ("probe", "control"):
+            self.errors.labels(source)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
 
     def observe(self, readings: list[DeviceReading], state: PolicyState) -> None:
         for reading in readings:
+            failures = self.reading_failures.labels(reading.device)  # at 0 until one fails
             if not reading.ok:
-                self.reading_failures.labels(reading.device).inc()
+                failures.inc()
                 continue
             self.used_bytes.labels(reading.device).set(reading.total_bytes - reading.free_bytes)
             self.total_bytes.labels(reading.device).set(reading.total_bytes)

@@ -28,6 +28,7 @@ from .errors import (
     MethodNotAllowed,
     NotFound,
 )
+from .observability import AccessLogMiddleware, GatewayMetrics
 from .openai_schema import ChatCompletionRequest
 from .request_mapping import to_generate_request
 from .structured import plan as plan_structured
@@ -58,6 +59,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    # outermost: it sees every answer, the body limit's 413s and unknown routes included
+    metrics = GatewayMetrics(config.served_model_name)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     _install_error_handlers(app)
 
     async def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:

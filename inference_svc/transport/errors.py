@@ -104,6 +104,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 started = _begin(context, method)
+                call = structlog.contextvars.get_contextvars()
                 try:
                     async for response in inner_stream(_decoded(request), context):
                         yield response
@@ -111,7 +112,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as error:
                     await self._fail(context, method, started, error)
-                self._count(method, "CANCELLED" if context.cancelled() else "OK")
+                except BaseException:  # CancelledError, GeneratorExit: the call ended under us
+                    self._cut_short(context, method, started, call)
+                    raise
+                if context.cancelled():
+                    self._cut_short(context, method, started, call)
+                    return
+                self._count(method, "OK")
                 _end(context, method, started)
 
             return grpc.unary_stream_rpc_method_handler(
@@ -123,12 +130,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 started = _begin(context, method)
+                call = structlog.contextvars.get_contextvars()
                 try:
                     response = await inner_unary(_decoded(request), context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:
                     await self._fail(context, method, started, error)
+                except BaseException:  # CancelledError: the client cancelled or timed out
+                    self._cut_short(context, method, started, call)
+                    raise
                 self._count(method, "OK")
                 _end(context, method, started)
                 return response
@@ -138,6 +149,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _cut_short(self, context: grpc.aio.ServicerContext, method: str, started: float,
+                   call: dict[str, object]) -> None:
+        """The client cancelled or its deadline passed while the handler ran: count and log
+        it as the client saw it. This may run outside the call's context (a stream closed
+        by the garbage collector), so the log line names its call itself."""
+        remaining = context.time_remaining()
+        code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        self._count(method, code)
+        log.info("rpc_finished", status=code, seconds=round(time.monotonic() - started, 4),
+                 cancelled=True, **call)
 
     async def _fail(self, context, method: str, started: float, error: Exception) -> None:
         """Abort the call with the status the error deserves (never returns)."""

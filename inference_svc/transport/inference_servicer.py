@@ -43,38 +43,36 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         generation = request_from_pb(request, request_id=request_id,
                                      defaults=self.state.config.defaults, deadline=deadline)
         await context.send_initial_metadata((("x-request-id", request_id),))
-        started = time.monotonic()
-        first_seen = False
-        metrics = self.state.metrics
+        timer = self.state.metrics.timer() if self.state.metrics is not None else None
+        ended = False
         handle = await engine.submit(generation)
         try:
             async for event in handle.events():
                 if isinstance(event, Delta):
-                    if not first_seen and metrics is not None:
-                        metrics.time_to_first_token.observe(time.monotonic() - started)
-                    first_seen = True
+                    if timer is not None:
+                        timer.delta()
                     yield pb.GenerateResponse(request_id=request_id, text_delta=event.text,
                                               reasoning_delta=event.reasoning,
                                               logprobs=logprobs_to_pb(event.logprobs))
                 elif isinstance(event, Finished):
                     if event.reason is FinishReason.CANCELLED and handle.cancellation.expired:
+                        ended = True
+                        if timer is not None:
+                            timer.failed("deadline")
                         raise DeadlineExceeded("deadline exceeded while generating")
-                    if metrics is not None:
-                        if not first_seen and event.usage.completion_tokens:
-                            # tokens that decoded to no text yet (a partial character):
-                            # the client's first content is the final message
-                            metrics.time_to_first_token.observe(time.monotonic() - started)
-                        self._count(event, time.monotonic() - started)
+                    ended = True
+                    if timer is not None:
+                        timer.finished(event)
                     yield final_to_pb(event, request_id)
+        except Exception:
+            if timer is not None and not ended:
+                timer.failed("error")
+            ended = True
+            raise
         finally:
             handle.cancel()  # client gone, deadline, or shutdown: stop generating at once
-
-    def _count(self, finished: Finished, seconds: float) -> None:
-        metrics = self.state.metrics
-        metrics.generation_seconds.observe(seconds)
-        metrics.prompt_tokens.inc(finished.usage.prompt_tokens)
-        metrics.cached_prompt_tokens.inc(finished.usage.cached_prompt_tokens)
-        metrics.completion_tokens.inc(finished.usage.completion_tokens)
+            if timer is not None and not ended:  # the client cancelled or went away
+                timer.failed(FinishReason.CANCELLED.value)
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         engine = self._engine()

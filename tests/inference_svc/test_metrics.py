@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import subprocess
+import time
 import urllib.request
+from collections.abc import Callable, Iterator
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import start_server
+from tests.conftest import ServerProcess, start_server
+
+GENERATE = "/autoglm.inference.v1.InferenceService/Generate"
+MODEL = (("model_name", "autoglm-phone-9b"),)
+
+Samples = dict[tuple[str, tuple], float]
 
 
 def free_port() -> int:
@@ -20,36 +30,130 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+def scrape_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def scrape(port: int) -> Samples:
     samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(scrape_text(port)):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
 
 
-def test_metrics_count_tokens_rpcs_and_show_module_residency(tiny_bundle, tmp_path):
+def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def text_request(text: str, session_id: str = "", **sampling: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text=text)])],
+        sampling=pb.SamplingParams(**sampling), session_id=session_id)
+
+
+@pytest.fixture(scope="module")
+def metered(tiny_bundle, tmp_path_factory) -> Iterator[tuple[ServerProcess, int]]:
     port = free_port()
-    server = start_server(tmp_path / "s", tiny_bundle, "--metrics-port", str(port))
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.InferenceServiceStub(channel)
-            for _ in range(2):
-                list(stub.Generate(pb.GenerateRequest(
-                    messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text="hi")])],
-                    sampling=pb.SamplingParams(max_new_tokens=5, min_new_tokens=5))))
-            with contextlib.suppress(grpc.RpcError):
-                list(stub.Generate(pb.GenerateRequest()))
+    server = start_server(tmp_path_factory.mktemp("metered"), tiny_bundle,
+                          "--metrics-port", str(port))
+    yield server, port
+    server.terminate()
+
+
+def test_metrics_count_tokens_rpcs_lengths_and_latencies(metered):
+    server, port = metered
+    before = scrape(port)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for _ in range(2):
+            list(stub.Generate(text_request("hi", max_new_tokens=5, min_new_tokens=5)))
+        with contextlib.suppress(grpc.RpcError):
+            list(stub.Generate(pb.GenerateRequest()))
+    after = scrape(port)
+
+    def grew(name: str, labels: tuple = MODEL) -> float:
+        key = (name, tuple(sorted(labels)))
+        return after[key] - before.get(key, 0)
+
+    assert grew("autoglm_completion_tokens_total") == 10
+    assert grew("autoglm_rpcs_total", (("code", "OK"), ("method", GENERATE))) == 2
+    assert grew("autoglm_rpcs_total", (("code", "INVALID_ARGUMENT"), ("method", GENERATE))) == 1
+    assert grew("autoglm_time_to_first_token_seconds_count") == 2
+    assert grew("autoglm_inter_token_latency_seconds_count") >= 2
+    assert grew("autoglm_e2e_request_latency_seconds_count",
+                (("finished_reason", "length"), *MODEL)) == 2
+    assert grew("autoglm_request_generation_tokens_count") == 2
+    assert grew("autoglm_request_generation_tokens_bucket", (("le", "5.0"), *MODEL)) == 2
+    assert grew("autoglm_request_generation_tokens_bucket", (("le", "2.0"), *MODEL)) == 0
+    assert grew("autoglm_request_prompt_tokens_sum") == grew("autoglm_prompt_tokens_total") > 0
+    assert after[("autoglm_module_weight_bytes",
+                  (("device", "cpu"), *MODEL, ("module", "vision"), ("tier", "cpu")))] > 0
+    assert after[("autoglm_num_requests_running", MODEL)] == 0
+    assert after[("autoglm_admission_open", MODEL)] == 1
+    # hooks the engine does not call yet: present, at zero
+    assert ("autoglm_num_preemptions_total", MODEL) in after
+    assert ("autoglm_request_queue_time_seconds_count", MODEL) in after
+
+
+def test_running_kv_shows_in_usage_and_a_cancelled_stream_counts_as_cancelled(metered):
+    server, port = metered
+    cancelled = (("code", "CANCELLED"), ("method", GENERATE))
+    before = scrape(port)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        call = stub.Generate(text_request("Tell me a long story", max_new_tokens=2000,
+                                          min_new_tokens=2000),
+                             metadata=[("x-request-id", "rid-metrics-cancel")])
+        next(call)  # generating now
+        during = scrape(port)
+        call.cancel()
+
+        def counted() -> bool:
+            return scrape(port).get(("autoglm_rpcs_total", cancelled), 0) > before.get(
+                ("autoglm_rpcs_total", cancelled), 0)
+
+        eventually(counted)
+    assert during[("autoglm_num_requests_running", MODEL)] == 1
+    running = during[("autoglm_kv_cache_used_bytes", (("kind", "running"), *MODEL))]
+    cached = during[("autoglm_kv_cache_used_bytes", (("kind", "cached"), *MODEL))]
+    budget = during[("autoglm_kv_cache_budget_bytes", MODEL)]
+    assert running > 0
+    assert during[("autoglm_kv_cache_usage_ratio", MODEL)] == pytest.approx(
+        (running + cached) / budget)
+    after = scrape(port)
+    key = ("autoglm_e2e_request_latency_seconds_count",
+           (("finished_reason", "cancelled"), *MODEL))
+    assert after[key] == before[key] + 1
+    eventually(lambda: any(
+        line.get("event") == "rpc_finished" and line.get("request_id") == "rid-metrics-cancel"
+        for line in server.log_lines()))
+    [finished] = [line for line in server.log_lines() if line.get("event") == "rpc_finished"
+                  and line.get("request_id") == "rid-metrics-cancel"]
+    assert finished["status"] == "CANCELLED"
+    assert finished["rpc"] == GENERATE
+
+
+def test_a_session_turn_leaves_cached_kv_and_an_entry(metered):
+    server, port = metered
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        list(stub.Generate(text_request("remember this for later please", "metrics-s1",
+                                        max_new_tokens=4)))
         samples = scrape(port)
-    finally:
-        server.terminate()
-    generate = "/autoglm.inference.v1.InferenceService/Generate"
-    assert samples[("autoglm_completion_tokens_total", ())] == 10
-    assert samples[("autoglm_rpcs_total", (("code", "OK"), ("method", generate)))] == 2
-    assert samples[("autoglm_rpcs_total",
-                    (("code", "INVALID_ARGUMENT"), ("method", generate)))] == 1
-    assert samples[("autoglm_time_to_first_token_seconds_count", ())] == 2
-    assert samples[("autoglm_module_weight_bytes", (("module", "vision"), ("tier", "cpu")))] > 0
-    assert samples[("autoglm_running_requests", ())] == 0
-    assert samples[("autoglm_admission_open", ())] == 1
+        pb_grpc.InferenceServiceStub(channel).EndSession(
+            pb.EndSessionRequest(session_id="metrics-s1"))
+    assert samples[("autoglm_kv_cache_entries", (("kind", "session"), *MODEL))] >= 1
+    assert samples[("autoglm_kv_cache_used_bytes", (("kind", "cached"), *MODEL))] > 0
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_finds_the_exposition_clean(metered):
+    _, port = metered
+    result = subprocess.run(["promtool", "check", "metrics"], input=scrape_text(port),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == ""

@@ -200,3 +200,11 @@ def test_config_error_is_a_domain_error_with_its_exit_code():
     with pytest.raises(ConfigError) as raised:
         load_config(None, {ENV_PREFIX + "POLICY_HARD_EXIT": "2"})
     assert raised.value.exit_code == ExitCode.BAD_CONFIG
+
+
+def test_metrics_listen_on_loopback_unless_a_host_is_given():
+    assert load_config(None, {}).daemon.metrics_host == "127.0.0.1"
+    args = build_parser().parse_args(["--metrics-host", "0.0.0.0"])
+    assert load_config(None, {}, overrides_from_flags(args)).daemon.metrics_host == "0.0.0.0"
+    environ = {ENV_PREFIX + "DAEMON_METRICS_HOST": "::1"}
+    assert load_config(None, environ).daemon.metrics_host == "::1"
