@@ -11,9 +11,8 @@ Three sources:
   never stale: running and waiting requests, KV held by running requests and by idle
   caches against the budget, cached entries, module placement, admission.
 
-Queue time and preemptions happen inside the engine, which reports neither yet: they
-are `EngineObserver` hooks (`ServiceMetrics` implements them) that the engine calls
-once it takes an observer. Until then their series exist and stay at zero.
+Queue time and preemptions happen inside the engine, which reports them through
+`EngineObserver` (`ServiceMetrics` implements it).
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ ERROR_REASONS = ("deadline", "error")
 
 
 class EngineObserver(Protocol):
-    """What the engine reports as it schedules (hooks; the engine calls them once it
-    accepts an observer)."""
+    """What the engine reports as it schedules."""
 
     def request_admitted(self, queued_seconds: float) -> None:
         """A request left the waiting queue for the running batch after this long."""
@@ -162,10 +160,11 @@ class _EngineCollector:
             return
         name = [self.model_name]
         running = engine.running()
-        per_token = engine.model.kv_bytes_per_token()
-        running_bytes = sum(r.prompt_tokens + r.generated_tokens for r in running) * per_token
-        entries = engine.sessions.entries()
-        cached_bytes = sum(e.bytes for e in entries)
+        account = engine.kv_account()
+        by_owner = account.blocks_by_owner
+        running_bytes = min(sum(by_owner.get(r.request_id, 0) for r in running),
+                            account.held_blocks) * account.bytes_per_block
+        cached_bytes = account.used_bytes - running_bytes
         budget = engine.config.kv_budget_bytes
         yield self._gauge("autoglm_num_requests_running", "Requests in the running batch",
                           len(running))
@@ -174,8 +173,8 @@ class _EngineCollector:
                           engine.queued)
         used = GaugeMetricFamily(
             "autoglm_kv_cache_used_bytes",
-            "KV cache bytes held: by running requests, and by idle sessions and cached "
-            "prefixes (evicted first when running requests need room)",
+            "KV cache bytes in use: held by running requests, and held by idle sessions or "
+            "cached by content for reuse (evicted first when running requests need room)",
             labels=["model_name", "kind"])
         used.add_metric([*name, "running"], running_bytes)
         used.add_metric([*name, "cached"], cached_bytes)
@@ -183,16 +182,22 @@ class _EngineCollector:
         yield self._gauge("autoglm_kv_cache_budget_bytes", "KV cache budget", budget)
         yield self._gauge(
             "autoglm_kv_cache_usage_ratio",
-            "Share of the KV budget held, running requests and idle caches together, 0 to 1 "
+            "Share of the KV budget in use, running requests and idle caches together, 0 to 1 "
             "(vllm:kv_cache_usage_perc counts evictable cache as free: its equivalent is "
             "kind=running over the budget)",
-            (running_bytes + cached_bytes) / budget if budget else 0.0)
+            account.used_bytes / budget if budget else 0.0)
+        yield self._gauge("autoglm_kv_cache_shared_bytes",
+                          "KV blocks held by more than one request or session (stored once)",
+                          account.shared_bytes)
+        yield self._gauge("autoglm_kv_cache_swapped_bytes",
+                          "KV copied to host memory: preempted requests, offloaded sessions",
+                          account.swapped_bytes)
         cached = GaugeMetricFamily("autoglm_kv_cache_entries",
-                                   "Idle KV caches kept for reuse, by kind",
+                                   "Idle KV kept for reuse: sessions, and cached blocks found "
+                                   "by content (kind=prefix)",
                                    labels=["model_name", "kind"])
-        sessions = sum(1 for e in entries if e.session_id)  # the rest: anonymous prefixes
-        cached.add_metric([*name, "session"], sessions)
-        cached.add_metric([*name, "prefix"], len(entries) - sessions)
+        cached.add_metric([*name, "session"], len(engine.sessions.entries()))
+        cached.add_metric([*name, "prefix"], account.cached_blocks)
         yield cached
         weights = GaugeMetricFamily(
             "autoglm_module_weight_bytes",

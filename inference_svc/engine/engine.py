@@ -71,7 +71,7 @@ def default_prefill_chunk(device: str) -> int:
 
 
 class Engine:
-    def __init__(self, model, config: EngineConfig) -> None:
+    def __init__(self, model, config: EngineConfig, observer=None) -> None:
         self.model = model
         self.config = config
         self.ledger: BlockLedger | None = None
@@ -84,7 +84,7 @@ class Engine:
                 prefix_caching=config.prefix_caching)
         else:
             self.sessions = SessionStore(idle_ttl_s=config.session_idle_ttl_s)
-        self._loop = ModelLoop(model, config, self.sessions, self.ledger)
+        self._loop = ModelLoop(model, config, self.sessions, self.ledger, observer)
         self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
         self.closed = False
         self.grammars = GrammarCompiler(

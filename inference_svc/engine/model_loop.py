@@ -114,8 +114,9 @@ class Prefill:
 
 class ModelLoop:
     def __init__(self, model, config, sessions: BlockSessionStore | SessionStore,
-                 ledger: BlockLedger | None = None) -> None:
+                 ledger: BlockLedger | None = None, observer=None) -> None:
         self.model = model
+        self.observer = observer  # told of admissions and preemptions (metrics)
         self.config = config
         self.sessions = sessions
         self.ledger = ledger  # None: one request at a time, dense KV (not paged)
@@ -440,7 +441,7 @@ class ModelLoop:
             self.running.pop(key, None)
             self._jobs.pop(key, None)
             self.queued += 1
-        self.preemptions += 1
+        self._count_preemption(reason)
         if sequence.length > self._chunk_tokens:
             ledger_bytes = self.ledger.swap_out(key)
             sequence.swapped = True
@@ -469,12 +470,17 @@ class ModelLoop:
             self.running.pop(prefill.key, None)
             self._jobs.pop(prefill.key, None)
             self.queued += 1
-        self.preemptions += 1
+        self._count_preemption("kv_budget")
         log.info("preempted", request_id=prefill.key, priority=job.request.priority,
                  generated_tokens=0, reason="kv_budget", recompute=True)
         position = -job.request.priority, RESUME_FIRST + next(self._sequence)
         self.queue.put(Job(position, job.request, job.plan, job.media, job.max_new_tokens,
                            job.handle, resume=prefill.resumed))
+
+    def _count_preemption(self, reason: str) -> None:
+        self.preemptions += 1
+        if self.observer is not None:
+            self.observer.request_preempted(reason)
 
     def _hold(self, job: Job) -> None:
         """Not enough KV yet: wait in the queue, up to the queue timeout (a preempted
@@ -503,6 +509,8 @@ class ModelLoop:
                            len(job.plan.input_ids), priority=request.priority)
         if job.resume is not None:
             info.generated_tokens = job.resume.generated
+        elif self.observer is not None:
+            self.observer.request_admitted(time.monotonic() - job.enqueued_at)
         job.info = info
         with self.lock:
             self.running[info.request_id] = info
