@@ -96,8 +96,11 @@ def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
     Every operation is row-wise, so a row gets exactly what it would get alone, and a row
     that cannot be sampled fails alone: rows with non-finite scores are set apart first,
     and a group that fails is retried row by row to find the culprit.
+
+    Scores come to host memory first: histories, constraint masks and each row's seeded
+    generator live there.
     """
-    logits = logits.float()
+    logits = logits.float().cpu()
     finite = torch.isfinite(logits).all(dim=-1).tolist()
     choices: list[Choice] = [NonFiniteScores()] * len(samplers)
     raw = logits.clone() if any(s.params.logprobs is not None for s in samplers) else logits
