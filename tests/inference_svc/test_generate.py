@@ -218,8 +218,8 @@ def test_cancel_mid_stream_stops_generation(stub, inference_server):
                 break
             time.sleep(0.05)
     assert status.running_requests == 0
-    # what KV is left belongs to idle cached prefixes of earlier, finished requests
-    assert status.kv_bytes == sum(s.bytes for s in status.sessions)
+    # what KV is left belongs to sessions and cached blocks of earlier, finished requests
+    assert status.kv_bytes == status.cached_kv_bytes + sum(s.bytes for s in status.sessions)
     assert not [s for s in status.sessions if "to-cancel" in s.session_id]
     finished = [e for e in inference_server.log_lines()
                 if e.get("event") == "generation_finished" and e.get("request_id") == "to-cancel"]
