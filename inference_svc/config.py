@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference_svc.engine.types import SamplingParams
+from inference_svc.types import SamplingParams
 
 ENV_PREFIX = "AUTOGLM_"
 

@@ -24,9 +24,9 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from inference_svc.engine.types import Finished, FinishReason
-from inference_svc.memory.process import rss_bytes
+from inference_svc.process_memory import rss_bytes
 from inference_svc.service_state import ServiceState
+from inference_svc.types import Finished, FinishReason
 
 # request latencies: 10 ms .. 10 min (a 3,000-token phone-agent answer on CPU is minutes)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

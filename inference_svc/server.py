@@ -25,9 +25,9 @@ from inference_svc.config import ServerConfig, TlsFiles
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
 from inference_svc.engine.engine import Engine, EngineConfig, default_prefill_chunk
 from inference_svc.loading import kv_budget_bytes, load_model
-from inference_svc.memory.process import freeze_startup_objects
 from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.metrics import ServiceMetrics
+from inference_svc.process_memory import freeze_startup_objects
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.errors import ServiceInterceptor
 from inference_svc.transport.health import ListenerHealth

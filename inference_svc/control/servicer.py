@@ -19,8 +19,8 @@ from inference_svc.engine.engine import Admission, Engine
 from inference_svc.errors import InvalidRequest, NotReady
 from inference_svc.memory import actions
 from inference_svc.memory.actions import Freed
-from inference_svc.memory.process import cuda_devices, rss_bytes
 from inference_svc.model.units import DISK
+from inference_svc.process_memory import cuda_devices, rss_bytes
 from inference_svc.service_state import ServiceState
 
 TIER_NAMES = {pb.TIER_CPU: "cpu", pb.TIER_DISK: DISK}

@@ -16,8 +16,8 @@ from transformers.generation.logits_process import (
 from inference_svc.engine import constraints, logprobs
 from inference_svc.engine.constraints import Grammar, RowConstraint
 from inference_svc.engine.generation import FrequencyPresencePenalty
-from inference_svc.engine.types import SamplingParams
 from inference_svc.errors import GenerationFailed
+from inference_svc.types import SamplingParams
 
 
 class CandidateTopP(TopPLogitsWarper):

@@ -25,8 +25,8 @@ import structlog
 import torch
 
 from inference_svc.bounds import clip
-from inference_svc.engine.types import ResponseFormat
 from inference_svc.errors import GenerationFailed, InvalidRequest
+from inference_svc.types import ResponseFormat
 
 log = structlog.get_logger(__name__)
 

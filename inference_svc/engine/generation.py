@@ -12,7 +12,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from inference_svc.engine.logprobs import RawLogprob, describe
 from inference_svc.engine.text_stream import TextStream
-from inference_svc.engine.types import Delta, FinishReason, SamplingParams, TokenLogprob
+from inference_svc.types import Delta, FinishReason, SamplingParams, TokenLogprob
 
 
 class FrequencyPresencePenalty(LogitsProcessor):

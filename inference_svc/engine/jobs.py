@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference_svc.engine.generation import Cancellation
-from inference_svc.engine.types import Event, Finished, GenerationRequest
 from inference_svc.model.modular import DecodedMedia
 from inference_svc.model.prompt import PromptPlan
+from inference_svc.types import Event, Finished, GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference_svc.engine.types import TokenAlternative, TokenLogprob
+from inference_svc.types import TokenAlternative, TokenLogprob
 
 MAX_TOP_LOGPROBS = 20
 

@@ -23,7 +23,6 @@ an error in work the requests share fails those in flight, and the loop goes on.
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import threading
 import time
@@ -33,28 +32,22 @@ from dataclasses import dataclass
 
 import structlog
 import torch
-from transformers import DynamicCache, LogitsProcessorList
 
 from inference_svc.bounds import clip
-from inference_svc.engine import kv_cache
 from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.block_sessions import BlockSessionStore
-from inference_svc.engine.generation import (
-    DeltaStreamer,
-    FrequencyPresencePenalty,
-    StopWhen,
-    finish_reason,
-    generation_config,
-)
+from inference_svc.engine.dense_runner import generate_alone
+from inference_svc.engine.generation import DeltaStreamer
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount, KVExhausted
+from inference_svc.engine.output import end_reason, final_event, open_stream, seed_of, usage
 from inference_svc.engine.sessions import Reuse, SessionStore
-from inference_svc.engine.text_stream import THINK_OPEN, TextStream
-from inference_svc.engine.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
+from inference_svc.engine.text_stream import TextStream
 from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
-from inference_svc.memory.process import release_freed_memory
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.prompt import PromptPlan
+from inference_svc.process_memory import release_freed_memory
+from inference_svc.types import Finished, FinishReason, GenerationRequest
 
 log = structlog.get_logger("engine")
 # Share of the KV budget kept free at admission for the running rows to grow into.
@@ -305,7 +298,7 @@ class ModelLoop:
             with self.lock:
                 self.completed += 1
         generated = job.resume.generated if job.resume is not None else 0
-        job.handle.push(Finished(FinishReason.CANCELLED, _usage(job, generated)))
+        job.handle.push(Finished(FinishReason.CANCELLED, usage(job, generated)))
 
     def _release(self, key: str) -> None:
         if self.ledger is not None:
@@ -653,28 +646,16 @@ class ModelLoop:
 
     def _new_sequence(self, prefill: Prefill, logits: torch.Tensor) -> Sequence:
         job, plan, info = prefill.job, prefill.plan, prefill.job.info
-        text, streamer = self._open_stream(job)
+        text, streamer = open_stream(self.model.tokenizer, job)
         streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
         sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
-                                 eos_ids=self.model.eos_token_ids, seed=_seed(job.request),
+                                 eos_ids=self.model.eos_token_ids, seed=seed_of(job.request),
                                  grammar=job.request.grammar)
         return Sequence(
             job=job, info=info, sampler=sampler, history=torch.tensor([plan.input_ids]),
             streamer=streamer, text=text, reuse=prefill.reuse, started=time.monotonic(),
             length=prefill.done, pending_logits=logits,
         )
-
-    def _open_stream(self, job: Job) -> tuple[TextStream, DeltaStreamer]:
-        """The request's text pipeline and the streamer that feeds its client."""
-        request = job.request
-        text = TextStream(self.model.tokenizer, request.sampling.stop_sequences,
-                          start_in_reasoning=self._starts_in_reasoning(request, job.plan))
-
-        # the handle's own push, not a closure over the streamer: a streamer <-> closure
-        # cycle kept each finished Job (its decoded images and audio) alive until a full
-        # garbage collection, and RSS grew ~25 MB/min under mixed traffic
-        streamer = DeltaStreamer(text, job.handle.push, reasoning=request.return_reasoning)
-        return text, streamer
 
     # ---- decoding ------------------------------------------------------------------------
 
@@ -801,23 +782,19 @@ class ModelLoop:
                   reuse: Reuse | None, started: float, *, keep: Callable[[], None]) -> Finished:
         """Why it ended, keep its KV for reuse unless cancelled, account and log it."""
         request = job.request
-        reason = finish_reason(streamer, job.handle.cancellation,
-                               eos_ids=self.model.eos_token_ids,
-                               max_new_tokens=job.max_new_tokens)
+        reason = end_reason(job, streamer, self.model.eos_token_ids)
         if reason is FinishReason.CANCELLED:
             self._release(request.request_id)
         else:
             keep()
-        usage = _usage(job, len(streamer.token_ids))
-        usage.reasoning_tokens = streamer.reasoning_tokens
-        usage.cached_prompt_tokens = reuse.tokens if reuse else 0
+        finished = final_event(job, streamer, text, reason, reuse.tokens if reuse else 0)
         log.info("generation_finished", request_id=request.request_id,
-                 finish_reason=reason.value, prompt_tokens=usage.prompt_tokens,
-                 completion_tokens=usage.completion_tokens,
-                 cached_prompt_tokens=usage.cached_prompt_tokens,
+                 finish_reason=reason.value, prompt_tokens=finished.usage.prompt_tokens,
+                 completion_tokens=finished.usage.completion_tokens,
+                 cached_prompt_tokens=finished.usage.cached_prompt_tokens,
                  reuse=reuse.source if reuse else None,
                  seconds=round(time.monotonic() - started, 4))
-        return Finished(reason, usage, text.matched_stop, images=_image_sizes(job))
+        return finished
 
     def _fail(self, job: Job, info: RunningInfo | None, error: BaseException) -> None:
         self._release(job.request.request_id)
@@ -857,73 +834,27 @@ class ModelLoop:
             return self.ledger.blocks_for(tokens) * self.ledger.bytes_per_block
         return tokens * self.model.kv_bytes_per_token()
 
-    def _starts_in_reasoning(self, request: GenerationRequest, plan: PromptPlan) -> bool:
-        if not request.enable_thinking:
-            return False
-        tail = self.model.tokenizer.decode(plan.input_ids[-8:])
-        return tail.rstrip().endswith(THINK_OPEN)
-
     # ---- one request at a time, for models that are not paged decoders ----------------
 
     def _run_alone(self, job: Job) -> None:
-        try:
-            finished = self._generate_alone(job, job.info)
-        except Exception as error:  # one request's failure must not stop the loop
-            self._fail(job, job.info, error)
-            return
-        self._retire(job.info)
-        job.handle.push(finished)
+        started, info = time.monotonic(), job.info
 
-    def _generate_alone(self, job: Job, info: RunningInfo) -> Finished:
-        request, plan, model = job.request, job.plan, self.model
-        started = time.monotonic()
-        reuse = None
-        if request.session_id or self.config.prefix_caching:
-            reuse = self.sessions.take(request.session_id, plan.content)
-            if reuse is not None and kv_cache.device_of(reuse.cache) != model.device:
-                kv_cache.move(reuse.cache, model.device)  # it was offloaded to the host
-        inputs = model.generation_inputs(plan, job.media, cached=reuse.tokens if reuse else 0)
-        text, streamer = self._open_stream(job)
-        cancellation = job.handle.cancellation
-
-        def should_stop() -> bool:
+        def progress(tokens: int) -> None:
             self.heartbeat = time.monotonic()
-            info.generated_tokens = len(streamer.token_ids)
-            return cancellation.requested or text.stopped
+            info.generated_tokens = tokens
 
-        torch.manual_seed(_seed(request))
-        penalties = []
-        if request.sampling.frequency_penalty or request.sampling.presence_penalty:
-            penalties.append(FrequencyPresencePenalty(
-                request.sampling.frequency_penalty, request.sampling.presence_penalty,
-                len(plan.input_ids)))
-        with model.decoder_unit.use() as decoder, torch.inference_mode():
-            cache = reuse.cache if reuse else DynamicCache(config=decoder.config)
-            decoder.generate(
-                **inputs,
-                generation_config=generation_config(
-                    request.sampling, max_new_tokens=job.max_new_tokens,
-                    eos_ids=model.eos_token_ids, pad_id=model.placeholder_id),
-                logits_processor=LogitsProcessorList(penalties),
-                stopping_criteria=[StopWhen(should_stop)],
-                streamer=streamer,
-                cache=cache,
-            )
-
-        def keep() -> None:
-            if not kv_cache.all_finite(cache):  # never hand a poisoned cache to anyone
-                raise NonFiniteScores()
-            self.sessions.put(request.session_id, request.request_id,
-                              plan.content + streamer.token_ids, cache)
-            self._trim_dense_sessions()
-
-        return self._conclude(job, streamer, text, reuse, started, keep=keep)
-
-    def _trim_dense_sessions(self) -> None:
-        """Idle dense caches beyond the KV budget are evicted, least recently used first."""
-        excess = self.sessions.total_bytes() - self.config.kv_budget_bytes
-        if excess > 0:
-            self.sessions.evict_lru(excess)
+        try:
+            run = generate_alone(self.model, job, self.sessions,
+                                 prefix_caching=self.config.prefix_caching,
+                                 kv_budget_bytes=self.config.kv_budget_bytes,
+                                 on_progress=progress)
+            finished = self._conclude(job, run.streamer, run.text, run.reuse, started,
+                                      keep=run.keep)
+        except Exception as error:  # one request's failure must not stop the loop
+            self._fail(job, info, error)
+            return
+        self._retire(info)
+        job.handle.push(finished)
 
 
 def _victim_order(sequence: Sequence) -> tuple[int, float]:
@@ -936,18 +867,3 @@ def _brief(error: BaseException) -> str:
     return clip(str(error), 300)
 
 
-def _seed(request: GenerationRequest) -> int:
-    """The request's seed, or a fresh random one."""
-    seed = request.sampling.seed
-    return seed if seed is not None else int.from_bytes(os.urandom(7), "little")
-
-
-def _usage(job: Job, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=len(job.plan.input_ids), completion_tokens=completion_tokens,
-        image_tokens=job.plan.image_tokens, audio_tokens=job.plan.audio_tokens,
-    )
-
-
-def _image_sizes(job: Job) -> list[ImageSize]:
-    return [ImageSize(i.image.width, i.image.height, *i.original_size) for i in job.media.images]

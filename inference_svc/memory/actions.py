@@ -14,8 +14,8 @@ import structlog
 import torch
 
 from inference_svc.engine.engine import Engine
-from inference_svc.memory.process import cuda_devices, release_freed_memory, rss_bytes
 from inference_svc.model.units import DISK
+from inference_svc.process_memory import cuda_devices, release_freed_memory, rss_bytes
 
 log = structlog.get_logger("memory")
 

@@ -32,7 +32,6 @@ from transformers import (
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from inference_svc.engine.types import AudioPart, ChatMessage, ImagePart, TextPart
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.base import UnitModel
 from inference_svc.model.bundle import Manifest, ModuleEntry
@@ -45,6 +44,7 @@ from inference_svc.model.prompt import (
     media_parts,
 )
 from inference_svc.model.units import ModuleUnit
+from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
 ARCHITECTURE = "Glm4vForConditionalGeneration"
 # Optional sidecar beside config.json: {"name": str, "trained": bool, "note": str}.

@@ -6,7 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from inference_svc.engine.types import AudioPart, ChatMessage, ImagePart, TextPart
+from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
 _MARKER = "\ufff9{}\ufffb"  # Unicode interlinear annotation marks: never in user text
 _MARKER_RE = re.compile("\ufff9(\\d+)\ufffb")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from inference_svc.engine.types import (
+from inference_svc.errors import InvalidRequest
+from inference_svc.ids import check_session_id
+from inference_svc.types import (
     AudioPart,
     ChatMessage,
     Finished,
@@ -15,8 +17,6 @@ from inference_svc.engine.types import (
     TextPart,
     TokenLogprob,
 )
-from inference_svc.errors import InvalidRequest
-from inference_svc.ids import check_session_id
 
 ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 PCM_ENCODINGS = {pb.PCM_ENCODING_S16LE: "s16le", pb.PCM_ENCODING_F32LE: "f32le"}

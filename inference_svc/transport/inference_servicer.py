@@ -11,7 +11,6 @@ from google.protobuf import struct_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.bounds import quote
-from inference_svc.engine.types import Delta, Finished, FinishReason
 from inference_svc.errors import DeadlineExceeded, NotReady, UnknownSession
 from inference_svc.ids import check_session_id
 from inference_svc.service_state import ServiceState
@@ -22,6 +21,7 @@ from inference_svc.transport.convert import (
     request_from_pb,
     sampling_to_pb,
 )
+from inference_svc.types import Delta, Finished, FinishReason
 
 TIER_OF = {"cpu": pb.TIER_CPU, "disk": pb.TIER_DISK}
 

@@ -11,7 +11,7 @@ import pytest
 
 from inference_svc.engine.constraints import GrammarCompiler
 from inference_svc.engine.engine import Engine, EngineConfig
-from inference_svc.engine.types import (
+from inference_svc.types import (
     ChatMessage,
     Finished,
     GenerationRequest,

@@ -19,12 +19,12 @@ from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.engine.types import AudioPart, ChatMessage, ImagePart, TextPart
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.builders import write_tiny_glm4v_checkpoint
 from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
 from inference_svc.model.placement import bytes_by_device
 from inference_svc.model.units import DISK
+from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
 
 MAX_PIXELS = 1_003_520

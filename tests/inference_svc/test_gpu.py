@@ -39,7 +39,7 @@ def test_generation_on_gpu_in_bfloat16(tiny_bundle):
     import asyncio
 
     from inference_svc.engine.engine import Engine, EngineConfig
-    from inference_svc.engine.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
+    from inference_svc.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
 
     model = ModularModel(tiny_bundle, dtype=torch.bfloat16, placement=plan_placement("cuda:0"))
     engine = Engine(model, EngineConfig())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from inference_svc.engine.engine import Engine, EngineConfig
-from inference_svc.engine.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
+from inference_svc.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
 
 
 def request(name: str, tokens: int = 6, **sampling) -> GenerationRequest:

@@ -20,7 +20,7 @@ def test_candidate_top_p_filters_exactly_like_transformers():
 
 def test_choosing_for_a_batch_gives_each_row_what_it_would_get_alone():
     from inference_svc.engine.batch import Sampler, choose_tokens
-    from inference_svc.engine.types import SamplingParams
+    from inference_svc.types import SamplingParams
 
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.3,
                             frequency_penalty=0.5, presence_penalty=0.2, min_new_tokens=3)

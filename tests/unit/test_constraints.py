@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from inference_svc.engine.constraints import allowed_tokens, mask_words
-from inference_svc.engine.types import Delta, Finished, ResponseFormat
 from inference_svc.errors import InvalidRequest
+from inference_svc.types import Delta, Finished, ResponseFormat
 from tests.unit.engine_runs import request, run_all
 
 BOOL_SCHEMA = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},

@@ -11,14 +11,14 @@ import torch
 from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
-from inference_svc.engine.types import (
+from inference_svc.errors import GenerationFailed
+from inference_svc.types import (
     ChatMessage,
     Finished,
     GenerationRequest,
     SamplingParams,
     TextPart,
 )
-from inference_svc.errors import GenerationFailed
 from tests.unit.engine_runs import outcome, request, run_all
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from inference_svc.engine.model_loop import ModelLoop
-from inference_svc.engine.types import (
+from inference_svc.errors import ResourceExhausted
+from inference_svc.types import (
     ChatMessage,
     Finished,
     TextPart,
 )
-from inference_svc.errors import ResourceExhausted
 from tests.unit.engine_runs import request, run_all
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from inference_svc.engine.engine import Admission, Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
-from inference_svc.engine.types import (
+from inference_svc.types import (
     ChatMessage,
     Delta,
     Finished,

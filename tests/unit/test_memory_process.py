@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import gc, sys, weakref
 import inference_svc.model.modular  # torch and transformers, as the server loads them
-from inference_svc.memory.process import freeze_startup_objects
+from inference_svc.process_memory import freeze_startup_objects
 
 class Finished:  # a request whose streamer and callback refer to each other
     def __init__(self):

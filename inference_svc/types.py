@@ -1,4 +1,5 @@
-"""Engine-level request and event types; transports convert to and from these."""
+"""Request and event types, the bottom layer: transports convert to and from these, the
+engine and the models read them."""
 
 from __future__ import annotations
 

@@ -1,0 +1,63 @@
+"""The output stage: a request's text pipeline, and the final event that ends it.
+
+Tokens become text deltas (stop sequences held back, reasoning split off) through
+`TextStream`, which the streamer feeds; the final event carries why it ended and the
+usage. Shared by the paged runner and the one-at-a-time runner.
+"""
+
+from __future__ import annotations
+
+import os
+
+from inference_svc.engine.generation import DeltaStreamer, finish_reason
+from inference_svc.engine.jobs import Job
+from inference_svc.engine.text_stream import THINK_OPEN, TextStream
+from inference_svc.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
+
+
+def open_stream(tokenizer, job: Job) -> tuple[TextStream, DeltaStreamer]:
+    """The request's text pipeline and the streamer that feeds its client."""
+    request = job.request
+    text = TextStream(tokenizer, request.sampling.stop_sequences,
+                      start_in_reasoning=starts_in_reasoning(tokenizer, job))
+    # the handle's own push, not a closure over the streamer: a streamer <-> closure
+    # cycle kept each finished Job (its decoded images and audio) alive until a full
+    # garbage collection, and RSS grew ~25 MB/min under mixed traffic
+    streamer = DeltaStreamer(text, job.handle.push, reasoning=request.return_reasoning)
+    return text, streamer
+
+
+def starts_in_reasoning(tokenizer, job: Job) -> bool:
+    """The chat template opened a <think> block the model continues."""
+    if not job.request.enable_thinking:
+        return False
+    tail = tokenizer.decode(job.plan.input_ids[-8:])
+    return tail.rstrip().endswith(THINK_OPEN)
+
+
+def end_reason(job: Job, streamer: DeltaStreamer, eos_ids: list[int]) -> FinishReason:
+    return finish_reason(streamer, job.handle.cancellation, eos_ids=eos_ids,
+                         max_new_tokens=job.max_new_tokens)
+
+
+def final_event(job: Job, streamer: DeltaStreamer, text: TextStream, reason: FinishReason,
+                cached_tokens: int) -> Finished:
+    used = usage(job, len(streamer.token_ids))
+    used.reasoning_tokens = streamer.reasoning_tokens
+    used.cached_prompt_tokens = cached_tokens
+    images = [ImageSize(i.image.width, i.image.height, *i.original_size)
+              for i in job.media.images]
+    return Finished(reason, used, text.matched_stop, images=images)
+
+
+def usage(job: Job, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=len(job.plan.input_ids), completion_tokens=completion_tokens,
+        image_tokens=job.plan.image_tokens, audio_tokens=job.plan.audio_tokens,
+    )
+
+
+def seed_of(request: GenerationRequest) -> int:
+    """The request's seed, or a fresh random one."""
+    seed = request.sampling.seed
+    return seed if seed is not None else int.from_bytes(os.urandom(7), "little")
