@@ -47,6 +47,7 @@ class ServerConfig:
     encoder_idle_offload_s: float = 0.0
     grace_period_s: float = 10.0
     prefill_chunk_tokens: int | None = None  # None: by device (see engine)
+    kv_block_tokens: int = 16
     watchdog_timeout_s: float = 120.0
     control_socket: str = "/tmp/autoglm-control.sock"
     control_tcp: str = ""
@@ -92,6 +93,8 @@ class ServerConfig:
             raise ValueError("grace period must not be negative")
         if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 0:
             raise ValueError("prefill chunk tokens must not be negative")
+        if not 1 <= self.kv_block_tokens <= 1024:
+            raise ValueError("KV block tokens must be in [1, 1024]")
         if self.watchdog_timeout_s < 0:
             raise ValueError("watchdog timeout must not be negative")
         self._check_connection_limits()
@@ -221,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt positions per prefill pass; a cancel or deadline stops the "
                         "prefill between chunks (0: whole prompt at once; default: 128 on "
                         "CPU, 2048 on CUDA)")
+    p.add_argument("--kv-block-tokens", type=int, default=int(_env("KV_BLOCK_TOKENS", 16)),
+                   help="token positions per KV block (the unit of allocation, sharing and "
+                        "prefix caching)")
     p.add_argument("--watchdog-timeout", type=float,
                    default=float(_env("WATCHDOG_TIMEOUT", 120)),
                    help="seconds the model loop may go without progress while work is "
@@ -301,6 +307,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         activation_budget_bytes=int(args.activation_budget_mb * 1024 * 1024),
         prefix_caching=not args.no_prefix_caching, session_idle_ttl_s=args.session_idle_ttl,
         grace_period_s=args.grace_period, prefill_chunk_tokens=args.prefill_chunk_tokens,
+        kv_block_tokens=args.kv_block_tokens,
         watchdog_timeout_s=args.watchdog_timeout, control_socket=args.control_socket,
         control_tcp=args.control_tcp, control_token=args.control_token,
         control_insecure=args.control_insecure,

@@ -17,7 +17,9 @@ from inference_svc.server import server_options
 def test_flags_and_environment_set_the_config(monkeypatch):
     monkeypatch.setenv("AUTOGLM_PORT", "6000")
     monkeypatch.setenv("AUTOGLM_TEMPERATURE", "0.3")
+    monkeypatch.setenv("AUTOGLM_KV_BLOCK_TOKENS", "32")
     config = config_from_args(["--max-new-tokens", "64", "--kv-budget-mb", "10"])
+    assert config.kv_block_tokens == 32
     assert config.port == 6000
     assert config.defaults.temperature == pytest.approx(0.3)
     assert config.defaults.max_new_tokens == 64
@@ -38,6 +40,7 @@ def test_flags_and_environment_set_the_config(monkeypatch):
          "--tls-cert /nonexistent/cert.pem is not a readable file"),
         (["--max-concurrent-streams", "0"], "max concurrent streams"),
         (["--prefill-chunk-tokens", "-1"], "prefill chunk tokens"),
+        (["--kv-block-tokens", "0"], "KV block tokens"),
         (["--watchdog-timeout", "-5"], "watchdog timeout"),
         (["--max-connection-age", "-1"], "max connection age"),
     ],
