@@ -82,8 +82,8 @@ def test_a_long_prompt_decoding_beside_short_ones_pads_nothing(default_bundle, t
     try:
         public, private, stub, control = stubs(server)
         with public, private:
-            requests = [greedy([user(words(1700))], 48)]
-            requests += [greedy([user(words(40, seed=i))], 48) for i in range(1, 8)]
+            requests = [greedy([user(words(680))], 48)]  # ~4,000 tokens
+            requests += [greedy([user(words(17, seed=i))], 48) for i in range(1, 8)]  # ~100
             done = threading.Event()
 
             def watch() -> None:
@@ -123,7 +123,7 @@ def test_sessions_sharing_a_system_prompt_hold_it_once(default_bundle, tmp_path)
     account while they all run (shared bytes), and a later turn's time to first token
     with ~2,000 tokens of history against a cold prefill of the same conversation."""
     per_token = bytes_per_token(default_bundle)
-    system = pb.Message(role=pb.ROLE_SYSTEM, parts=[pb.Part(text=words(330))])
+    system = pb.Message(role=pb.ROLE_SYSTEM, parts=[pb.Part(text=words(120))])  # ~700
     server = start_server(tmp_path / "s", None, timeout=600)
     peak = None
     try:
@@ -151,7 +151,7 @@ def test_sessions_sharing_a_system_prompt_hold_it_once(default_bundle, tmp_path)
             watcher.join()
             cached = [r[-1].final.usage.cached_prompt_tokens for r in results]
 
-            history = [system, user(words(600, seed=5))]
+            history = [system, user(words(230, seed=5))]  # ~2,000 tokens with the system
             turn = greedy(history, 16, session_id="long")
             cold_ttft, reply = first_token_and_reply(stub, turn)
             history += [pb.Message(role=pb.ROLE_ASSISTANT, parts=[pb.Part(text=reply)]),
