@@ -59,6 +59,31 @@ def stubs(server):
     return public, private, pb_grpc.InferenceServiceStub(public), cgrpc.ControlServiceStub(private)
 
 
+class Watcher:
+    """Reads the memory account every 50 ms on a thread, keeping what `keep` selects."""
+
+    def __init__(self, control, keep) -> None:
+        self.samples: list[cpb.MemoryStatus] = []
+        self._control, self._keep = control, keep
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            account = status(self._control)
+            if self._keep(account, self.samples):
+                self.samples.append(account)
+            time.sleep(0.05)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_all(stub, requests: list[pb.GenerateRequest]) -> list[list[pb.GenerateResponse]]:
     results: list = [None] * len(requests)
 
@@ -78,26 +103,14 @@ def test_a_long_prompt_decoding_beside_short_ones_pads_nothing(default_bundle, t
     account against live tokens x bytes per token (+ one block per sequence)."""
     per_token = bytes_per_token(default_bundle)
     server = start_server(tmp_path / "s", None, "--no-prefix-caching", timeout=600)
-    samples = []
     try:
         public, private, stub, control = stubs(server)
         with public, private:
             requests = [greedy([user(words(680))], 48)]  # ~4,000 tokens
             requests += [greedy([user(words(17, seed=i))], 48) for i in range(1, 8)]  # ~100
-            done = threading.Event()
-
-            def watch() -> None:
-                while not done.is_set():
-                    s = status(control)
-                    if s.running_requests == 8 and len(s.requests) == 8:
-                        samples.append(s)
-                    time.sleep(0.05)
-
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            results = run_all(stub, requests)
-            done.set()
-            watcher.join()
+            with Watcher(control, lambda s, _: s.running_requests == len(s.requests) == 8) as w:
+                results = run_all(stub, requests)
+            samples = w.samples
     finally:
         server.terminate()
     assert all(r[-1].final.usage.completion_tokens == 48 for r in results)
@@ -125,7 +138,6 @@ def test_sessions_sharing_a_system_prompt_hold_it_once(default_bundle, tmp_path)
     per_token = bytes_per_token(default_bundle)
     system = pb.Message(role=pb.ROLE_SYSTEM, parts=[pb.Part(text=words(120))])  # ~700
     server = start_server(tmp_path / "s", None, timeout=600)
-    peak = None
     try:
         public, private, stub, control = stubs(server)
         with public, private:
@@ -134,21 +146,10 @@ def test_sessions_sharing_a_system_prompt_hold_it_once(default_bundle, tmp_path)
             prompt = first[-1].final.usage.prompt_tokens
             requests = [greedy([system, user(f"question number {i}")], 24,
                                session_id=f"s{i}") for i in range(1, 33)]
-            done = threading.Event()
-
-            def watch() -> None:
-                nonlocal peak
-                while not done.is_set():
-                    s = status(control)
-                    if peak is None or s.running_requests > peak.running_requests:
-                        peak = s
-                    time.sleep(0.05)
-
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            results = run_all(stub, requests)
-            done.set()
-            watcher.join()
+            with Watcher(control, lambda s, seen: not seen or s.running_requests
+                         > seen[-1].running_requests) as w:
+                results = run_all(stub, requests)
+            peak = w.samples[-1]
             cached = [r[-1].final.usage.cached_prompt_tokens for r in results]
 
             history = [system, user(words(230, seed=5))]  # ~2,000 tokens with the system

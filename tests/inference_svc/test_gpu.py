@@ -88,26 +88,11 @@ def test_idle_session_kv_offloads_to_the_host_and_returns_on_reuse(tiny_bundle):
 def test_the_paged_engine_preempts_through_pinned_host_memory_and_loses_nothing(tiny_bundle):
     """On CUDA the block pool lives on the GPU and a preempted sequence's blocks are
     copied to pinned host memory and back; greedy output matches a run with room."""
-    from tests.unit.test_engine_paged import BLOCK, greedy, run, started
+    from tests.unit.test_engine_paged import preemption_runs
 
     model = ModularModel(tiny_bundle, dtype=torch.float32, placement=plan_placement("cuda:0"))
-    requests = [greedy(f"r{i}", f"Tell me about topic {i} " + "and more " * (i * 6), 48)
-                for i in range(6)]
-    large = started(model)
-    try:
-        expected = run(large, requests)
-        per_block = large.ledger.bytes_per_block
-        assert large.ledger.pool.keys[0].device.type == "cuda"
-    finally:
-        large.stop()
-    longest = max(final.usage.prompt_tokens for _, final in expected) + 48
-    tight = started(model, kv_budget_bytes=(2 * -(-longest // BLOCK) + 2) * per_block,
-                    prefill_chunk_tokens=8)
-    try:
-        got = run(tight, requests)
-        swaps = tight.swaps
-    finally:
-        tight.stop()
-    assert swaps > 0
-    assert all(final.usage.completion_tokens == 48 for _, final in got)
-    assert [text for text, _ in got] == [text for text, _ in expected]
+    runs = preemption_runs(model, chunk=8)
+    assert runs.tight.ledger.pool.keys[0].device.type == "cuda"
+    assert runs.tight.swaps > 0
+    assert all(final.usage.completion_tokens == 48 for _, final in runs.got)
+    assert [text for text, _ in runs.got] == [text for text, _ in runs.expected]

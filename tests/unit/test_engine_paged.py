@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -108,11 +108,16 @@ def test_sessions_sharing_a_system_prompt_hold_its_blocks_once(model):
     assert account.held_blocks < 9 * (cold.usage.prompt_tokens // BLOCK)
 
 
-@pytest.mark.parametrize("chunk", [8, 4096], ids=["long-ones-swap", "all-recompute"])
-def test_preempted_sequences_finish_with_the_output_of_an_unpreempted_run(model, chunk):
-    """A KV budget that fits about two sequences at full length: everyone completes, by
-    swapping to host memory and back (sequences longer than a prefill chunk) or by
-    recomputation, and greedy output is the same as with a budget that fits them all."""
+@dataclass
+class PreemptionRuns:
+    expected: list[tuple[str, Finished]]  # with room for every request
+    got: list[tuple[str, Finished]]  # through a budget for about two
+    tight: Engine  # the stopped engine of the tight run
+
+
+def preemption_runs(model, chunk: int) -> PreemptionRuns:
+    """Six greedy requests of 48 tokens, with room for all, then through a KV budget that
+    fits about two of them at full length."""
     requests = [greedy(f"r{i}", f"Tell me about topic {i} " + "and more " * (i * 6), 48)
                 for i in range(6)]
     large = started(model)
@@ -126,12 +131,20 @@ def test_preempted_sequences_finish_with_the_output_of_an_unpreempted_run(model,
     tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk)
     try:
         got = run(tight, requests)
-        preemptions, swaps = tight.preemptions, tight.swaps
-        account = tight.kv_account()
     finally:
         tight.stop()
-    assert [text for text, _ in got] == [text for text, _ in expected]
-    assert all(final.usage.completion_tokens == 48 for _, final in got)
-    assert preemptions > 0
-    assert (swaps > 0) if chunk == 8 else (swaps == 0)
+    return PreemptionRuns(expected, got, tight)
+
+
+@pytest.mark.parametrize("chunk", [8, 4096], ids=["long-ones-swap", "all-recompute"])
+def test_preempted_sequences_finish_with_the_output_of_an_unpreempted_run(model, chunk):
+    """Everyone completes, by swapping to host memory and back (sequences longer than a
+    prefill chunk) or by recomputation, and greedy output is the same as with a budget
+    that fits them all."""
+    runs = preemption_runs(model, chunk)
+    assert [text for text, _ in runs.got] == [text for text, _ in runs.expected]
+    assert all(final.usage.completion_tokens == 48 for _, final in runs.got)
+    assert runs.tight.preemptions > 0
+    assert (runs.tight.swaps > 0) if chunk == 8 else (runs.tight.swaps == 0)
+    account = runs.tight.kv_account()
     assert account.held_blocks == 0 and account.swapped_bytes == 0
