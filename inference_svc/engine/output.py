@@ -18,8 +18,11 @@ from inference_svc.types import Finished, FinishReason, GenerationRequest, Image
 def open_stream(tokenizer, job: Job) -> tuple[TextStream, DeltaStreamer]:
     """The request's text pipeline and the streamer that feeds its client."""
     request = job.request
+    # Structured output must reach the client exactly as the grammar made it.
+    answer_tags = job.plan.answer_tags and request.sampling.response_format is None
     text = TextStream(tokenizer, request.sampling.stop_sequences,
-                      start_in_reasoning=starts_in_reasoning(tokenizer, job))
+                      start_in_reasoning=starts_in_reasoning(tokenizer, job),
+                      answer_tags=answer_tags)
     # the handle's own push, not a closure over the streamer: a streamer <-> closure
     # cycle kept each finished Job (its decoded images and audio) alive until a full
     # garbage collection, and RSS grew ~25 MB/min under mixed traffic

@@ -1,8 +1,11 @@
 """From generated token ids to client-visible text deltas.
 
-Three stages, each holding back only what it must: UTF-8-safe incremental decoding,
-stop-sequence matching (text that may start a stop sequence waits), and splitting
-`<think>...</think>` reasoning from the answer.
+Four stages, each holding back only what it must: UTF-8-safe incremental decoding,
+stop-sequence matching (text that may start a stop sequence waits), splitting
+`<think>...</think>` reasoning from the answer, and, for models that wrap their answer in
+`<answer>...</answer>` (GLM-4.1V, AutoGLM-Phone-9B), taking those tags out of the answer
+text: what the client reads as the answer is the answer itself (for the phone agent,
+`do(action=...)` or `finish(message=...)` with nothing after it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
 REPLACEMENT = "\ufffd"
 
 
@@ -127,16 +132,46 @@ class ReasoningSplitter:
             out.answer += text
 
 
+class TagRemover:
+    """Drops every occurrence of some tags from a text stream; holds back possible
+    beginnings of one until the next piece says whether it is a tag."""
+
+    def __init__(self, tags: tuple[str, ...]) -> None:
+        self._tags = tuple(t for t in tags if t)
+        self._buffer = ""
+
+    def push(self, text: str) -> str:
+        if not self._tags:
+            return text
+        self._buffer += text
+        for tag in self._tags:
+            self._buffer = self._buffer.replace(tag, "")
+        hold = _longest_partial(self._buffer, self._tags)
+        cut = len(self._buffer) - hold
+        emitted, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return emitted
+
+    def flush(self) -> str:
+        emitted, self._buffer = self._buffer, ""
+        return emitted
+
+
 class TextStream:
-    """Token ids in, (answer, reasoning) deltas out; knows when a stop sequence hit."""
+    """Token ids in, (answer, reasoning) deltas out; knows when a stop sequence hit.
+
+    With `answer_tags`, `<answer>` and `</answer>` are markup: they leave the answer text
+    (reasoning text is left as the model wrote it).
+    """
 
     def __init__(
-        self, tokenizer, stop_sequences: tuple[str, ...], *, start_in_reasoning: bool
+        self, tokenizer, stop_sequences: tuple[str, ...], *, start_in_reasoning: bool,
+        answer_tags: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopSequenceMatcher(stop_sequences)
         self._splitter = ReasoningSplitter(start_in_reasoning=start_in_reasoning)
+        self._answer_tags = TagRemover((ANSWER_OPEN, ANSWER_CLOSE) if answer_tags else ())
 
     @property
     def stopped(self) -> bool:
@@ -153,7 +188,8 @@ class TextStream:
     def push(self, token_id: int) -> Split:
         if self.stopped:
             return Split()
-        return self._splitter.push(self._stops.push(self._detokenizer.push(token_id)))
+        split = self._splitter.push(self._stops.push(self._detokenizer.push(token_id)))
+        return Split(self._answer_tags.push(split.answer), split.reasoning)
 
     def finish(self) -> Split:
         if not self.stopped:
@@ -164,4 +200,5 @@ class TextStream:
         else:
             pushed = Split()
         flushed = self._splitter.flush()
-        return Split(pushed.answer + flushed.answer, pushed.reasoning + flushed.reasoning)
+        answer = self._answer_tags.push(pushed.answer + flushed.answer) + self._answer_tags.flush()
+        return Split(answer, pushed.reasoning + flushed.reasoning)

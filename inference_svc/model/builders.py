@@ -255,8 +255,44 @@ def write_tiny_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
     """A tiny random native GLM-4.1V checkpoint (Glm4vForConditionalGeneration) for tests.
 
     Same files as a real one: config, safetensors weights, tokenizer, image processor and
-    chat template, so that it loads offline through the same code path.
+    chat template, so that it loads offline through the same code path. Its image
+    geometry is shrunk too (4-px patches, at most 64x64 pixels), so images stay cheap.
     """
+    return _write_glm4v(
+        out, seed=seed, name="tiny-random-glm4v",
+        note="tiny random Glm4vForConditionalGeneration for tests",
+        patch=4, max_positions=4096,
+        # Wide enough (a few MB) that offloading it shows in the process's memory.
+        vision={"depth": 2, "hidden_size": 256, "num_heads": 4, "intermediate_size": 512,
+                "image_size": 32},
+        pixels=(16 * 16, 64 * 64),
+    )
+
+
+def write_tiny_phone_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
+    """A tiny random GLM-4.1V of AutoGLM-Phone-9B's shape where it counts for serving.
+
+    Tiny widths and depths, but the real image geometry (14-px patches, 2x2 merge, two
+    temporal frames, GLM-4.1V-9B-Thinking's min/max pixels and resize rule) and a context
+    as long as the phone agent's deployment (25,480 tokens), so image token counts and
+    the prompt's layout are those of the real model: a 1080x2400 screenshot is 3,354
+    image tokens at the processor's own max_pixels, 3,108 at max_pixels 5,000,000.
+    """
+    from inference_svc.model.glm4v_vision import GLM4V_MAX_PIXELS, GLM4V_MIN_PIXELS
+
+    return _write_glm4v(
+        out, seed=seed, name="tiny-random-glm4v-phone-shape",
+        note="tiny random Glm4vForConditionalGeneration with AutoGLM-Phone-9B's image "
+             "geometry (patch 14, merge 2, temporal patch 2)",
+        patch=14, max_positions=32768,
+        vision={"depth": 2, "hidden_size": 128, "num_heads": 4, "intermediate_size": 256,
+                "image_size": 336},
+        pixels=(GLM4V_MIN_PIXELS, GLM4V_MAX_PIXELS),
+    )
+
+
+def _write_glm4v(out: Path, *, seed: int, name: str, note: str, patch: int,
+                 max_positions: int, vision: dict, pixels: tuple[int, int]) -> Path:
     from transformers import (
         Glm4vConfig,
         Glm4vForConditionalGeneration,
@@ -269,21 +305,19 @@ def write_tiny_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
     tokenizer = tiny_glm4v_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token)
            for token in [*GLM4V_SPECIAL_TOKENS, *GLM4V_MARKUP_TOKENS]}
-    patch, merge = 4, 2
+    merge = 2
     config = Glm4vConfig(
         text_config={
             "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 4096, "pad_token_id": ids["<|endoftext|>"],
+            "max_position_embeddings": max_positions, "pad_token_id": ids["<|endoftext|>"],
             "initializer_range": 0.3,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]},
         },
-        # Wide enough (a few MB) that offloading it shows in the process's memory.
         vision_config={
-            "depth": 2, "hidden_size": 256, "num_heads": 4, "intermediate_size": 512,
-            "out_hidden_size": 128, "patch_size": patch, "spatial_merge_size": merge,
-            "temporal_patch_size": 2, "image_size": 32, "initializer_range": 0.3,
+            **vision, "out_hidden_size": 128, "patch_size": patch,
+            "spatial_merge_size": merge, "temporal_patch_size": 2, "initializer_range": 0.3,
         },
         image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
         image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
@@ -298,12 +332,9 @@ def write_tiny_glm4v_checkpoint(out: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out)
     image_processor = Glm4vImageProcessorPil(
         patch_size=patch, merge_size=merge, temporal_patch_size=2,
-        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+        size={"shortest_edge": pixels[0], "longest_edge": pixels[1]},
     )
     image_processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / PROVENANCE).write_text(json.dumps({
-        "name": "tiny-random-glm4v", "trained": False,
-        "note": "tiny random Glm4vForConditionalGeneration for tests",
-    }))
+    (out / PROVENANCE).write_text(json.dumps({"name": name, "trained": False, "note": note}))
     return out

@@ -1,6 +1,6 @@
 """autoglm-bundle: write a model directory the server can load, or show what one holds.
 
-    autoglm-bundle write --kind default|tiny|tiny-glm4v [--force] OUT
+    autoglm-bundle write --kind default|tiny|tiny-glm4v|tiny-glm4v-phone [--force] OUT
     autoglm-bundle show [--json] DIR
 
 `show` reads only the safetensors headers, never the weights themselves.
@@ -53,10 +53,17 @@ def _write_tiny_glm4v(out: Path) -> None:
     write_tiny_glm4v_checkpoint(out)
 
 
+def _write_tiny_phone_glm4v(out: Path) -> None:
+    from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
+
+    write_tiny_phone_glm4v_checkpoint(out)
+
+
 WRITERS: dict[str, Callable[[Path], None]] = {
     "default": _write_default,
     "tiny": _write_tiny,
     "tiny-glm4v": _write_tiny_glm4v,
+    "tiny-glm4v-phone": _write_tiny_phone_glm4v,
 }
 
 

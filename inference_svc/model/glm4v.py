@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from torch import nn
 from transformers import (
@@ -35,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.base import UnitModel
 from inference_svc.model.bundle import Manifest, ModuleEntry
+from inference_svc.model.glm4v_vision import TowerShape, VisionGeometry, activation_bytes
 from inference_svc.model.media import DecodedImage, decode_image
 from inference_svc.model.prompt import (
     MediaSpan,
@@ -109,6 +111,8 @@ class Glm4vModel(UnitModel):
         self.image_token_id = int(model.config.image_token_id)
         self._image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         self._merge = int(self._vision_config.spatial_merge_size)
+        self.geometry = self._geometry()
+        self._tower_shape = TowerShape.of(self._vision_config, dtype)
         self.decoder_unit = ModuleUnit("decoder", "text",
                                        _first_then(model, self._load_decoder), device)
         vision = ModuleUnit("vision", "image", self._load_vision, device, pin_memory=True)
@@ -119,6 +123,16 @@ class Glm4vModel(UnitModel):
         self.manifest = self._manifest()
 
     # ---- loading ------------------------------------------------------------------
+
+    def _geometry(self) -> VisionGeometry:
+        """The image processor's resize rule and patching, as configured in the checkpoint."""
+        processor = self.image_processor
+        size = processor.size
+        return VisionGeometry(
+            patch_size=int(processor.patch_size), merge_size=int(processor.merge_size),
+            temporal_patch_size=int(processor.temporal_patch_size),
+            min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]),
+        )
 
     def _load_full(self) -> Glm4vForConditionalGeneration:
         return Glm4vForConditionalGeneration.from_pretrained(
@@ -182,10 +196,11 @@ class Glm4vModel(UnitModel):
 
     # ---- what the engine and the transports read -------------------------------------
 
-    def activation_bytes(self, media) -> int:
-        """Vision activations scale with the image grid; the tower's own processor already
-        bounds it by max_pixels, so admission adds no separate limit here."""
-        return 0
+    def activation_bytes(self, media: Glm4vMedia) -> int:
+        """The vision tower's peak activations for this request's images, from their patch
+        grids (glm4v_vision.activation_bytes): what admission weighs against the
+        activation budget before the tower runs."""
+        return activation_bytes(self._tower_shape, [t * h * w for t, h, w in media.grids])
 
     @property
     def context_length(self) -> int:
@@ -218,17 +233,32 @@ class Glm4vModel(UnitModel):
     # ---- requests -----------------------------------------------------------------
 
     def decode_media(self, messages: list[ChatMessage], *, max_pixels: int) -> Glm4vMedia:
+        """Decode and patch each image, resized by GLM-4.1V's own rule within `max_pixels`.
+
+        `max_pixels` means what the processor's max_pixels means (it counts the two
+        temporal frames of a still image, as vLLM's `mm_processor_kwargs` max_pixels
+        does); the checkpoint's own limit still caps it. Each image's DecodedImage holds
+        the resized image, so usage reports the size the model saw.
+        """
         images: list[DecodedImage] = []
         pixel_values: list[torch.Tensor] = []
         grids: list[tuple[int, int, int]] = []
+        budget = min(max_pixels, self.geometry.max_pixels) if max_pixels > 0 else None
         for part in media_parts(messages):
             if isinstance(part, AudioPart):
                 raise ModalityUnavailable(f"{part.field}: this model has no audio encoder",
                                           field=part.field)
-            decoded = decode_image(part.data, part.mime_type, field=part.field,
-                                   max_pixels=max_pixels)
-            processed = self.image_processor(images=[decoded.image], return_tensors="pt")
-            images.append(decoded)
+            decoded = decode_image(part.data, part.mime_type, field=part.field, max_pixels=0)
+            size = self.geometry.resized(*decoded.original_size, max_pixels=budget)
+            image = decoded.image
+            if image.size != size:
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            limit = budget or self.geometry.max_pixels
+            processed = self.image_processor(
+                images=[image], return_tensors="pt",
+                size={"shortest_edge": min(self.geometry.min_pixels, limit),
+                      "longest_edge": limit})
+            images.append(DecodedImage(image, decoded.original_size))
             pixel_values.append(processed["pixel_values"])
             t, h, w = (int(n) for n in processed["image_grid_thw"][0])
             grids.append((t, h, w))
@@ -273,7 +303,8 @@ class Glm4vModel(UnitModel):
                 spans.append(MediaSpan("image", index, len(ids), length))
                 ids += [self.image_token_id] * length
                 content_ids += media_content_ids(digests[index], length)
-        return PromptPlan(input_ids=ids, spans=spans, content=content_ids)
+        return PromptPlan(input_ids=ids, spans=spans, content=content_ids,
+                          answer_tags=True)
 
     def generation_inputs(self, plan: PromptPlan, media: Glm4vMedia, *,
                           cached: int = 0) -> dict:

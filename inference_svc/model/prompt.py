@@ -29,6 +29,9 @@ class PromptPlan:
     # input_ids with each media position replaced by an id derived from the media's bytes:
     # equal content sequences mean equal KV, which is what prefix caching needs
     content: list[int] = field(default_factory=list)
+    # The reply wraps its answer in <answer>...</answer> (GLM-4.1V's format): the tags
+    # are markup the text stream takes out of the answer text.
+    answer_tags: bool = False
 
     @property
     def image_tokens(self) -> int:

@@ -8,6 +8,7 @@ from inference_svc.engine.text_stream import (
     IncrementalDetokenizer,
     ReasoningSplitter,
     StopSequenceMatcher,
+    TagRemover,
     TextStream,
 )
 
@@ -98,3 +99,51 @@ def test_text_stream_stops_and_ignores_tokens_after_a_stop_sequence():
     answer += stream.finish().answer
     assert answer == "你好"
     assert stream.stopped and stream.matched_stop == "END"
+
+
+def run_stream(text: str, *, answer_tags: bool, stops: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(answer, reasoning) of a byte-per-token stream of `text`."""
+    tokenizer = ByteTokenizer()
+    stream = TextStream(tokenizer, stops, start_in_reasoning=False, answer_tags=answer_tags)
+    answer = reasoning = ""
+    for token in tokenizer.encode(text):
+        part = stream.push(token)
+        answer, reasoning = answer + part.answer, reasoning + part.reasoning
+    tail = stream.finish()
+    return answer + tail.answer, reasoning + tail.reasoning
+
+
+GLM_REPLY = ('<think>\nThe home screen; open Settings.\n</think>\n'
+             '<answer>do(action="Launch", app="设置")</answer>')
+
+
+def test_answer_tags_leave_the_answer_and_reasoning_is_split():
+    answer, reasoning = run_stream(GLM_REPLY, answer_tags=True)
+    assert reasoning == "\nThe home screen; open Settings.\n"
+    assert answer == '\ndo(action="Launch", app="设置")'
+
+
+def test_without_answer_tags_the_text_is_unchanged():
+    answer, _ = run_stream(GLM_REPLY, answer_tags=False)
+    assert answer == '\n<answer>do(action="Launch", app="设置")</answer>'
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        (["<ans", "wer>x</an", "swer>"], "x"),
+        (["a <", "b> c"], "a <b> c"),
+        (["ends with </ans"], "ends with </ans"),  # a partial tag at the end is text
+        (["<answer><answer>y"], "y"),
+    ],
+)
+def test_tag_remover_holds_back_only_possible_tags(chunks, expected):
+    remover = TagRemover(("<answer>", "</answer>"))
+    out = "".join(remover.push(c) for c in chunks) + remover.flush()
+    assert out == expected
+
+
+def test_stop_sequences_apply_before_answer_tags_are_taken_out():
+    answer, _ = run_stream("<answer>finish(message=\"ok\")</answer>STOP junk",
+                           answer_tags=True, stops=("STOP",))
+    assert answer == 'finish(message="ok")'
