@@ -86,3 +86,4 @@ class Job:
     waiting: bool = field(compare=False, default=False)  # admission has made it wait
     reuse: Any = field(compare=False, default=None)  # KV found for it at admission
     wake: bool = field(compare=False, default=False)  # no request: wakes the loop for a task
+    preempted: bool = field(compare=False, default=False)  # admitted once: never times out

@@ -451,7 +451,7 @@ class ModelLoop:
         # ahead of fresh jobs of its priority: it was admitted before them
         self.queue.put(Job((-job.request.priority, RESUME_FIRST + next(self._sequence)),
                            job.request, job.plan, job.media, job.max_new_tokens, job.handle,
-                           resume=sequence))
+                           resume=sequence, preempted=True))
 
     def _requeue_prefill(self, prefill: Prefill) -> None:
         """A prompt not yet prefilled gives its blocks back and waits again."""
@@ -468,7 +468,7 @@ class ModelLoop:
                  generated_tokens=0, reason="kv_budget", recompute=True)
         position = -job.request.priority, RESUME_FIRST + next(self._sequence)
         self.queue.put(Job(position, job.request, job.plan, job.media, job.max_new_tokens,
-                           job.handle, resume=prefill.resumed))
+                           job.handle, resume=prefill.resumed, preempted=True))
 
     def _count_preemption(self, reason: str) -> None:
         self.preemptions += 1
@@ -479,7 +479,7 @@ class ModelLoop:
         """Not enough KV yet: wait in the queue, up to the queue timeout (a preempted
         job waits as long as it takes: it was admitted once and is never dropped)."""
         waited = time.monotonic() - job.enqueued_at
-        if job.resume is None and waited > self.config.queue_timeout_s:
+        if not (job.resume or job.preempted) and waited > self.config.queue_timeout_s:
             job.handle.push(Failed(ResourceExhausted(
                 "KV cache budget is fully used by running requests; retry later",
                 resource="kv_cache", retry_after_s=1.0,

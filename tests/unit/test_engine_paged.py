@@ -115,9 +115,9 @@ class PreemptionRuns:
     tight: Engine  # the stopped engine of the tight run
 
 
-def preemption_runs(model, chunk: int) -> PreemptionRuns:
+def preemption_runs(model, chunk: int, *, budget_blocks=None, **config) -> PreemptionRuns:
     """Six greedy requests of 48 tokens, with room for all, then through a KV budget that
-    fits about two of them at full length."""
+    fits about two of them at full length (or `budget_blocks(expected)` blocks)."""
     requests = [greedy(f"r{i}", f"Tell me about topic {i} " + "and more " * (i * 6), 48)
                 for i in range(6)]
     large = started(model)
@@ -127,8 +127,9 @@ def preemption_runs(model, chunk: int) -> PreemptionRuns:
     finally:
         large.stop()
     longest = max(final.usage.prompt_tokens for _, final in expected) + 48
-    budget = 2 * -(-longest // BLOCK) + 2
-    tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk)
+    budget = budget_blocks(expected) if budget_blocks else 2 * -(-longest // BLOCK) + 2
+    tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk,
+                    **config)
     try:
         got = run(tight, requests)
     finally:
@@ -148,3 +149,18 @@ def test_preempted_sequences_finish_with_the_output_of_an_unpreempted_run(model,
     assert (runs.tight.swaps > 0) if chunk == 8 else (runs.tight.swaps == 0)
     account = runs.tight.kv_account()
     assert account.held_blocks == 0 and account.swapped_bytes == 0
+
+
+def test_a_preempted_request_never_times_out_in_the_queue(model):
+    """Every prompt fits at admission, then they outgrow the budget together: requests
+    preempted (while decoding or still prefilling) wait as long as it takes, although
+    a fresh request would time out at once."""
+    def all_prompts_and_a_little(expected) -> int:
+        return sum(-(-final.usage.prompt_tokens // BLOCK) for _, final in expected) + 1
+
+    runs = preemption_runs(model, 8, budget_blocks=all_prompts_and_a_little,
+                           queue_timeout_s=0.001)
+    assert runs.tight.preemptions > 0
+    assert all(isinstance(final, Finished) and final.usage.completion_tokens == 48
+               for _, final in runs.got)
+    assert [text for text, _ in runs.got] == [text for text, _ in runs.expected]
