@@ -73,7 +73,8 @@ WAKE = -(2**62) + 1  # queue position of a wake-up for control tasks
 @dataclass
 class Choices:
     """The sequences of one request (n of them, one per choice) and how those that ended
-    ended. `over`: the request has ended (failed); what is left of it is let go."""
+    ended. `over`: the request has ended (failed); what is left of it is let go. The
+    list is emptied when the request ends (its sequences point back here)."""
 
     n: int
     sequences: list[Sequence] = field(default_factory=list)
@@ -844,6 +845,7 @@ class ModelLoop:
             return
         self._choices.pop(request_id, None)
         finished = self._request_final(sequence.job, choices)
+        choices.sequences.clear()  # no cycle keeps the ended request (and its media) alive
         # retire first: a client that reads the account after its final message must
         # not see its KV twice (as running and as the idle cache it became)
         self._retire(request_id)
@@ -923,6 +925,7 @@ class ModelLoop:
             for sequence in choices.sequences:
                 self._sequences.pop(sequence.key, None)
                 self._release(sequence.key)
+            choices.sequences.clear()  # no cycle keeps the failed request alive
             for prefill in [p for p in self._prefilling if p.job.request.request_id
                             == request_id]:
                 self._prefilling.remove(prefill)
