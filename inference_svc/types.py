@@ -86,6 +86,7 @@ class GenerationRequest:
     priority: int = 0
     deadline: float | None = None  # time.monotonic() value
     grammar: Grammar | None = None  # the compiled response_format, set at submit
+    n: int = 1  # choices generated from the prompt, sharing its KV
 
     @property
     def modalities(self) -> set[str]:
@@ -148,6 +149,18 @@ class Delta:
     text: str = ""
     reasoning: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()  # tokens generated since the previous delta
+    index: int = 0  # the choice it belongs to
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    """How one choice ended; streamed when it ends (n > 1) and listed in `Finished`."""
+
+    index: int
+    reason: FinishReason
+    completion_tokens: int
+    reasoning_tokens: int = 0
+    matched_stop_sequence: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,7 @@ class Finished:
     usage: Usage
     matched_stop_sequence: str = ""
     images: list[ImageSize] = field(default_factory=list)
+    choices: tuple[ChoiceEnd, ...] = ()  # each choice's end, when n > 1
 
 
-Event = Delta | Finished
+Event = Delta | ChoiceEnd | Finished

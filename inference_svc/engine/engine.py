@@ -165,6 +165,9 @@ class Engine:
         """Compile the request's response format here, off the model thread (cached by
         content, so a repeated schema costs a lookup)."""
         sampling = request.sampling
+        if request.n > 1 and self.ledger is None:
+            raise InvalidRequest("n > 1 is not supported by this model (it runs one request "
+                                 "at a time, without paged KV)", field="n")
         wants_sampler = sampling.response_format is not None or sampling.logprobs is not None
         if wants_sampler and self.ledger is None:  # the one-at-a-time generate() path
             field = ("sampling.response_format" if sampling.response_format is not None
@@ -277,6 +280,8 @@ ROLES = {"system", "user", "assistant"}
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # A repetition penalty divides or multiplies scores; far below 1 it overflows them.
 MIN_REPETITION_PENALTY = 0.01
+# Most choices one request may ask for (GenerateRequest.n).
+MAX_CHOICES = 8
 
 
 def normalized(request: GenerationRequest) -> GenerationRequest:
@@ -299,6 +304,7 @@ def validate(request: GenerationRequest) -> None:
                                  field=f"messages[{i}].parts")
     s = request.sampling
     checks = [
+        (1 <= request.n <= MAX_CHOICES, "n", f"must be in [1, {MAX_CHOICES}]"),
         (s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be at least 1"),
         (s.max_new_tokens <= 32_768, "sampling.max_new_tokens", "must be at most 32768"),
         (0 <= s.temperature <= 2, "sampling.temperature", "must be in [0, 2]"),

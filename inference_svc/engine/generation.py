@@ -46,8 +46,10 @@ class StopWhen(StoppingCriteria):
 class DeltaStreamer(BaseStreamer):
     """Receives token ids from generate() and emits text deltas through `emit`."""
 
-    def __init__(self, text: TextStream, emit: Callable[[Delta], None], *, reasoning: bool) -> None:
+    def __init__(self, text: TextStream, emit: Callable[[Delta], None], *, reasoning: bool,
+                 index: int = 0) -> None:
         self.text = text
+        self.index = index  # the choice whose tokens it streams
         self.emit = emit
         self.reasoning = reasoning
         self.token_ids: list[int] = []
@@ -78,7 +80,7 @@ class DeltaStreamer(BaseStreamer):
         reasoning = split.reasoning if self.reasoning else ""
         if split.answer or reasoning or self._logprobs:
             self.emit(Delta(text=split.answer, reasoning=reasoning,
-                            logprobs=tuple(self._logprobs)))
+                            logprobs=tuple(self._logprobs), index=self.index))
             self._logprobs = []
 
 

@@ -9,6 +9,12 @@ when none is left, idle sessions are evicted, then the lowest-priority, newest s
 is preempted (swapped to host memory when long, dropped for recomputation when short)
 and resumes later. Joining or leaving the batch moves no KV and pads nothing.
 
+A request asking for n choices prefills its prompt once; then n sequences decode from
+it, the first in the prompt's blocks, the others holding the same blocks (shared, not
+copied: a block is copied only when a sequence writes into one that others read). Each
+choice is preempted and resumes on its own; a cancel ends them all; the request ends
+when its last choice does.
+
 Each sequence keeps its own sampling state (transformers' logits processors, its own
 seeded generator), so batching does not change what a seeded request generates. Models
 that are not paged decoders (native GLM-4.1V) run one request at a time through
@@ -28,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 import torch
@@ -40,20 +46,44 @@ from inference_svc.engine.dense_runner import generate_alone
 from inference_svc.engine.generation import DeltaStreamer
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount, KVExhausted
-from inference_svc.engine.output import end_reason, final_event, open_stream, seed_of, usage
+from inference_svc.engine.output import (
+    choice_end,
+    choice_seed,
+    choices_final,
+    end_reason,
+    final_event,
+    open_stream,
+    usage,
+)
 from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.engine.text_stream import TextStream
 from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.prompt import PromptPlan
 from inference_svc.process_memory import release_freed_memory
-from inference_svc.types import Finished, FinishReason, GenerationRequest
+from inference_svc.types import ChoiceEnd, Finished, FinishReason, GenerationRequest
 
 log = structlog.get_logger("engine")
 # Share of the KV budget kept free at admission for the running rows to grow into.
 ADMISSION_WATERMARK = 0.01
 RESUME_FIRST = -(2**61)  # queue position of preempted jobs: before every fresh one
 WAKE = -(2**62) + 1  # queue position of a wake-up for control tasks
+
+
+@dataclass
+class Choices:
+    """The sequences of one request (n of them, one per choice) and how those that ended
+    ended. `over`: the request has ended (failed); what is left of it is let go. The
+    list is emptied when the request ends (its sequences point back here)."""
+
+    n: int
+    sequences: list[Sequence] = field(default_factory=list)
+    ends: dict[int, ChoiceEnd] = field(default_factory=dict)
+    over: bool = False
+
+    @property
+    def generated(self) -> int:
+        return sum(s.generated for s in self.sequences)
 
 
 @dataclass
@@ -70,10 +100,13 @@ class Sequence:
     next_token: int = 0  # chosen, not yet fed
     pending_logits: torch.Tensor | None = None  # from prefill, until the first token
     swapped: bool = False  # preempted with its blocks copied to host memory
+    index: int = 0  # which of the request's choices
+    choices: Choices | None = None  # its request's choices (itself among them)
 
     @property
     def key(self) -> str:
-        return self.info.request_id
+        """Its owner name in the ledger: the request id, or `id#i` for choice i > 0."""
+        return choice_key(self.job.request.request_id, self.index)
 
     @property
     def generated(self) -> int:
@@ -98,7 +131,7 @@ class Prefill:
 
     @property
     def key(self) -> str:
-        return self.job.request.request_id
+        return self.resumed.key if self.resumed is not None else self.job.request.request_id
 
     @property
     def remaining(self) -> int:
@@ -129,6 +162,7 @@ class ModelLoop:
         self._prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
         self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._sequences: dict[str, Sequence] = {}
+        self._choices: dict[str, Choices] = {}  # requests decoding, by request id
         self._eos = frozenset(model.eos_token_ids)
         self.kv_account: KVAccount = self._account()
         self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
@@ -276,6 +310,10 @@ class ModelLoop:
         for sequence in list(self._sequences.values()):
             sequence.job.handle.cancel()
             self._finish(sequence)
+        for prefill in [p for p in self._prefilling if p.resumed is not None]:
+            self._prefilling.remove(prefill)
+            prefill.job.handle.cancel()
+            self._finish(prefill.resumed)
         self._prefilling.clear()
         for job in list(self._jobs.values()):  # admitted but not started
             self._end_unstarted(job)
@@ -291,14 +329,16 @@ class ModelLoop:
 
     def _end_unstarted(self, job: Job) -> None:
         job.handle.cancel()
+        if job.resume is not None:  # a preempted choice: it ends, cancelled
+            self._finish(job.resume)
+            return
         self._release(job.request.request_id)
         if job.info is not None:
-            self._retire(job.info)
+            self._retire(job.request.request_id)
         else:
             with self.lock:
                 self.completed += 1
-        generated = job.resume.generated if job.resume is not None else 0
-        job.handle.push(Finished(FinishReason.CANCELLED, usage(job, generated)))
+        job.handle.push(Finished(FinishReason.CANCELLED, usage(job, 0)))
 
     def _release(self, key: str) -> None:
         if self.ledger is not None:
@@ -345,7 +385,9 @@ class ModelLoop:
                 job = self.queue.get_nowait()
             except queue.Empty:
                 break
-            if job.request is not None and now - job.enqueued_at > self.config.queue_timeout_s:
+            # a preempted job is never dropped: it was admitted once
+            if (job.request is not None and not (job.resume or job.preempted)
+                    and now - job.enqueued_at > self.config.queue_timeout_s):
                 with self.lock:
                     self.queued -= 1
                 job.handle.push(Failed(ResourceExhausted(
@@ -366,8 +408,8 @@ class ModelLoop:
         if self.ledger is None:
             self._register(job)
             return True
-        ledger, key = self.ledger, job.request.request_id
-        resume = job.resume
+        ledger, resume = self.ledger, job.resume
+        key = resume.key if resume is not None else job.request.request_id
         if resume is not None and resume.swapped:
             need = ledger.blocks_for(resume.length + 1)
         else:
@@ -375,6 +417,8 @@ class ModelLoop:
             job.reuse = self._reuse(job.request, plan, key)
             held = len(ledger.tables.get(key, []))
             need = ledger.blocks_for(len(plan.input_ids)) - held
+            if resume is None:  # each further choice soon writes a block of its own
+                need += job.request.n - 1
         watermark = int(ADMISSION_WATERMARK * ledger.budget_blocks)
         try:
             if not self._room_for(need + watermark, job.request.priority):
@@ -414,6 +458,8 @@ class ModelLoop:
             while sequence.key in self._sequences:
                 try:
                     ledger.extend(sequence.key, sequence.length + 1)
+                    # copy on write: a block shared with other choices is copied first
+                    ledger.writable_from(sequence.key, sequence.length)
                     break
                 except KVExhausted:
                     if self.sessions.evict_lru(ledger.bytes_per_block).sessions:
@@ -430,9 +476,8 @@ class ModelLoop:
         (kept cached by content, so its recomputation may find them) and recomputed."""
         key = sequence.key
         self._sequences.pop(key, None)
+        self._settle(sequence.job.request.request_id)
         with self.lock:
-            self.running.pop(key, None)
-            self._jobs.pop(key, None)
             self.queued += 1
         self._count_preemption(reason)
         if sequence.length > self._chunk_tokens:
@@ -445,8 +490,8 @@ class ModelLoop:
             self.ledger.release(key)
             sequence.swapped = False
         job = sequence.job
-        log.info("preempted", request_id=key, priority=job.request.priority,
-                 generated_tokens=sequence.generated, reason=reason,
+        log.info("preempted", request_id=job.request.request_id, choice=sequence.index,
+                 priority=job.request.priority, generated_tokens=sequence.generated, reason=reason,
                  swapped_bytes=ledger_bytes, recompute=not sequence.swapped)
         # ahead of fresh jobs of its priority: it was admitted before them
         self.queue.put(Job((-job.request.priority, RESUME_FIRST + next(self._sequence)),
@@ -459,12 +504,11 @@ class ModelLoop:
         self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
         self.ledger.release(prefill.key)
         job = prefill.job
+        self._settle(job.request.request_id)
         with self.lock:
-            self.running.pop(prefill.key, None)
-            self._jobs.pop(prefill.key, None)
             self.queued += 1
         self._count_preemption("kv_budget")
-        log.info("preempted", request_id=prefill.key, priority=job.request.priority,
+        log.info("preempted", request_id=job.request.request_id, priority=job.request.priority,
                  generated_tokens=0, reason="kv_budget", recompute=True)
         position = -job.request.priority, RESUME_FIRST + next(self._sequence)
         self.queue.put(Job(position, job.request, job.plan, job.media, job.max_new_tokens,
@@ -498,10 +542,16 @@ class ModelLoop:
 
     def _register(self, job: Job) -> None:
         request = job.request
+        if job.resume is not None:
+            with self.lock:
+                known = self.running.get(request.request_id)
+            if known is not None:  # another of its choices is in the batch
+                job.info = known
+                return
         info = RunningInfo(request.request_id, request.session_id, request.modalities,
                            len(job.plan.input_ids), priority=request.priority)
         if job.resume is not None:
-            info.generated_tokens = job.resume.generated
+            info.generated_tokens = job.resume.choices.generated
         elif self.observer is not None:
             self.observer.request_admitted(time.monotonic() - job.enqueued_at)
         job.info = info
@@ -527,7 +577,8 @@ class ModelLoop:
                 sequence = job.resume
                 sequence.info, sequence.swapped = job.info, False
                 self._sequences[sequence.key] = sequence
-                log.info("resumed", request_id=sequence.key, swapped_in_tokens=sequence.length)
+                log.info("resumed", request_id=job.request.request_id, choice=sequence.index,
+                         swapped_in_tokens=sequence.length)
             elif job.resume is not None:
                 job.resume.info = job.info
                 self._begin_prefill(job, self._resume_plan(job.resume), job.reuse,
@@ -600,7 +651,7 @@ class ModelLoop:
             if prefill.resumed is not None:
                 self._rejoin(prefill)
             else:
-                started.append(self._new_sequence(prefill, row_logits))
+                started.extend(self._new_sequences(prefill, row_logits))
         self._start(started)
 
     def _feed(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor]:
@@ -625,7 +676,8 @@ class ModelLoop:
         sequence = prefill.resumed
         sequence.length = prefill.done
         self._sequences[sequence.key] = sequence
-        log.info("resumed", request_id=sequence.key, recomputed_tokens=prefill.done)
+        log.info("resumed", request_id=prefill.job.request.request_id, choice=sequence.index,
+                 recomputed_tokens=prefill.done)
 
     def _stop_prefill(self, prefill: Prefill) -> None:
         """Cancelled or past its deadline mid-prefill: the work stops; the blocks already
@@ -644,17 +696,36 @@ class ModelLoop:
         else:
             self._end_unstarted(job)
 
-    def _new_sequence(self, prefill: Prefill, logits: torch.Tensor) -> Sequence:
+    def _new_sequences(self, prefill: Prefill, logits: torch.Tensor) -> list[Sequence]:
+        """The request's n choices, from its prefilled prompt: the first keeps the prompt's
+        blocks, each other one holds the same blocks (shared; the block it writes into is
+        copied when it first writes, see `_make_decode_room`)."""
+        request = prefill.job.request
+        choices = Choices(request.n)
+        self._choices[request.request_id] = choices
+        prompt, started = self.ledger.table(prefill.key), time.monotonic()
+        for index in range(request.n):
+            if index:
+                self.ledger.adopt(choice_key(request.request_id, index),
+                                  self.ledger.hold(prompt))
+            choices.sequences.append(
+                self._new_sequence(prefill, logits, index, choices, started))
+        return choices.sequences
+
+    def _new_sequence(self, prefill: Prefill, logits: torch.Tensor, index: int,
+                      choices: Choices, started: float) -> Sequence:
         job, plan, info = prefill.job, prefill.plan, prefill.job.info
-        text, streamer = open_stream(self.model.tokenizer, job)
+        text, streamer = open_stream(self.model.tokenizer, job, index)
         streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
         sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
-                                 eos_ids=self.model.eos_token_ids, seed=seed_of(job.request),
+                                 eos_ids=self.model.eos_token_ids,
+                                 seed=choice_seed(job.request, index),
                                  grammar=job.request.grammar)
         return Sequence(
             job=job, info=info, sampler=sampler, history=torch.tensor([plan.input_ids]),
-            streamer=streamer, text=text, reuse=prefill.reuse, started=time.monotonic(),
-            length=prefill.done, pending_logits=logits,
+            streamer=streamer, text=text, reuse=prefill.reuse if index == 0 else None,
+            started=started, length=prefill.done, pending_logits=logits, index=index,
+            choices=choices,
         )
 
     # ---- decoding ------------------------------------------------------------------------
@@ -673,14 +744,14 @@ class ModelLoop:
         """Hand each sequence its chosen token; a sequence that failed leaves alone."""
         for sequence, choice in zip(running, choices, strict=True):
             sequence.pending_logits = None
+            if sequence.key not in self._sequences:  # its request failed meanwhile
+                continue
             try:
                 if isinstance(choice, Exception):
                     raise choice
                 done = self._accept(sequence, choice)
             except Exception as error:
-                self._sequences.pop(sequence.key, None)
-                self._release(sequence.key)
-                self._fail(sequence.job, sequence.info, error)
+                self._fail_sequence(sequence, error)
                 continue
             if done:
                 self._finish(sequence)
@@ -691,7 +762,7 @@ class ModelLoop:
         sequence.next_token = token
         sequence.streamer.add_logprobs(sequence.sampler.take_logprobs())
         sequence.streamer.put(torch.tensor([token]))
-        sequence.info.generated_tokens = sequence.generated
+        sequence.info.generated_tokens = sequence.choices.generated
         return (
             token in self._eos
             or sequence.generated >= sequence.job.max_new_tokens
@@ -712,17 +783,13 @@ class ModelLoop:
         except torch.OutOfMemoryError as error:
             # still out of memory after a trim: the newest sequence alone fails
             newest = max(running, key=lambda s: s.started)
-            self._sequences.pop(newest.key)
-            self._release(newest.key)
-            self._fail(newest.job, newest.info, error)
+            self._fail_sequence(newest, error)
             return
         except Exception as error:
             log.error("decode_step_failed", batch=len(running), error_type=type(error).__name__,
                       error=_brief(error), exc_info=error)
             for sequence in running:
-                self._sequences.pop(sequence.key)
-                self._release(sequence.key)
-                self._fail(sequence.job, sequence.info, error)
+                self._fail_sequence(sequence, error)
             return
         for sequence in running:
             sequence.length += 1
@@ -752,31 +819,71 @@ class ModelLoop:
     # ---- finishing -----------------------------------------------------------------------
 
     def _finish(self, sequence: Sequence) -> None:
+        """A choice ends (with n > 1 its end is streamed); the request ends with the last."""
         self._sequences.pop(sequence.key, None)
+        choices, request_id = sequence.choices, sequence.job.request.request_id
+        if choices.over:  # its request failed: what is left of it is let go
+            self._release(sequence.key)
+            self._settle(request_id)
+            return
         try:
             sequence.streamer.end()
-            finished = self._conclude(sequence.job, sequence.streamer, sequence.text,
-                                      sequence.reuse, sequence.started,
-                                      keep=lambda: self._keep(sequence))
+            reason = end_reason(sequence.job, sequence.streamer, self.model.eos_token_ids)
+            if reason is FinishReason.CANCELLED:
+                self._release(sequence.key)
+            else:
+                self._keep(sequence)
         except Exception as error:
-            self._release(sequence.key)
-            self._fail(sequence.job, sequence.info, error)
+            self._fail_sequence(sequence, error)
             return
+        end = choice_end(sequence.index, sequence.streamer, sequence.text, reason)
+        choices.ends[sequence.index] = end
+        if choices.n > 1:
+            sequence.job.handle.push(end)
+        if len(choices.ends) < choices.n:
+            self._settle(request_id)
+            return
+        self._choices.pop(request_id, None)
+        finished = self._request_final(sequence.job, choices)
+        choices.sequences.clear()  # no cycle keeps the ended request (and its media) alive
         # retire first: a client that reads the account after its final message must
         # not see its KV twice (as running and as the idle cache it became)
-        self._retire(sequence.info)
+        self._retire(request_id)
         sequence.job.handle.push(finished)
 
+    def _request_final(self, job: Job, choices: Choices) -> Finished:
+        first = choices.sequences[0]
+        cached = first.reuse.tokens if first.reuse else 0
+        if choices.n == 1:
+            finished = final_event(job, first.streamer, first.text, choices.ends[0].reason,
+                                   cached)
+        else:
+            finished = choices_final(job, list(choices.ends.values()), cached)
+        self._log_finished(job, finished, first.reuse, first.started)
+        return finished
+
+    def _settle(self, request_id: str) -> None:
+        """A request none of whose choices is in the batch (the rest wait, preempted)
+        leaves the running set, so that admission can let them back in."""
+        if any(s.job.request.request_id == request_id for s in self._sequences.values()):
+            return
+        if any(p.job.request.request_id == request_id for p in self._prefilling):
+            return
+        with self.lock:
+            self.running.pop(request_id, None)
+            self._jobs.pop(request_id, None)
+
     def _keep(self, sequence: Sequence) -> None:
-        """A finished sequence's blocks go to its session, or stay cached by content."""
+        """A finished sequence's blocks go to its session (choice 0's), or stay cached by
+        content."""
         key = sequence.key
         if sequence.swapped:
             self.ledger.release(key)
             return
         if not self.ledger.all_finite(key):  # never hand poisoned KV to anyone
             raise NonFiniteScores()
-        self.sessions.put(sequence.job.request.session_id, key, sequence.content,
-                          sequence.length)
+        session = sequence.job.request.session_id if sequence.index == 0 else ""
+        self.sessions.put(session, key, sequence.content, sequence.length)
 
     def _conclude(self, job: Job, streamer: DeltaStreamer, text: TextStream,
                   reuse: Reuse | None, started: float, *, keep: Callable[[], None]) -> Finished:
@@ -788,16 +895,44 @@ class ModelLoop:
         else:
             keep()
         finished = final_event(job, streamer, text, reason, reuse.tokens if reuse else 0)
-        log.info("generation_finished", request_id=request.request_id,
-                 finish_reason=reason.value, prompt_tokens=finished.usage.prompt_tokens,
+        self._log_finished(job, finished, reuse, started)
+        return finished
+
+    @staticmethod
+    def _log_finished(job: Job, finished: Finished, reuse: Reuse | None,
+                      started: float) -> None:
+        extra = {"choices": job.request.n} if job.request.n > 1 else {}
+        log.info("generation_finished", request_id=job.request.request_id,
+                 finish_reason=finished.reason.value,
+                 prompt_tokens=finished.usage.prompt_tokens,
                  completion_tokens=finished.usage.completion_tokens,
                  cached_prompt_tokens=finished.usage.cached_prompt_tokens,
                  reuse=reuse.source if reuse else None,
-                 seconds=round(time.monotonic() - started, 4))
-        return finished
+                 seconds=round(time.monotonic() - started, 4), **extra)
+
+    def _fail_sequence(self, sequence: Sequence, error: BaseException) -> None:
+        """A choice failed: it leaves the batch and its request fails (once)."""
+        self._sequences.pop(sequence.key, None)
+        self._release(sequence.key)
+        if not sequence.choices.over:
+            self._fail(sequence.job, sequence.info, error)
 
     def _fail(self, job: Job, info: RunningInfo | None, error: BaseException) -> None:
-        self._release(job.request.request_id)
+        request_id = job.request.request_id
+        choices = self._choices.pop(request_id, None)
+        if choices is not None:  # its other choices stop; queued ones end when dequeued
+            choices.over = True
+            for sequence in choices.sequences:
+                self._sequences.pop(sequence.key, None)
+                self._release(sequence.key)
+            choices.sequences.clear()  # no cycle keeps the failed request alive
+            for prefill in [p for p in self._prefilling if p.job.request.request_id
+                            == request_id]:
+                self._prefilling.remove(prefill)
+                self._release(prefill.key)
+            if choices.n > 1:
+                job.handle.cancel()
+        self._release(request_id)
         if isinstance(error, torch.OutOfMemoryError):
             log.warning("out_of_memory", request_id=job.request.request_id)
             error = ResourceExhausted("out of memory while generating; retry later",
@@ -809,13 +944,13 @@ class ModelLoop:
             log.error("generation_failed", request_id=job.request.request_id,
                       error_type=type(error).__name__, error=_brief(error), exc_info=error)
         job.handle.push(Failed(error))
-        if info is not None:
-            self._retire(info)
+        if info is not None or choices is not None:
+            self._retire(request_id)
 
-    def _retire(self, info: RunningInfo) -> None:
+    def _retire(self, request_id: str) -> None:
         with self.lock:
-            self.running.pop(info.request_id, None)
-            self._jobs.pop(info.request_id, None)
+            self.running.pop(request_id, None)
+            self._jobs.pop(request_id, None)
             self.completed += 1
         with self._admission_changed:
             self._admission_changed.notify_all()
@@ -853,8 +988,13 @@ class ModelLoop:
         except Exception as error:  # one request's failure must not stop the loop
             self._fail(job, info, error)
             return
-        self._retire(info)
+        self._retire(info.request_id)
         job.handle.push(finished)
+
+
+def choice_key(request_id: str, index: int) -> str:
+    """The ledger owner of a request's choice: the request id itself for choice 0."""
+    return request_id if index == 0 else f"{request_id}#{index}"
 
 
 def _victim_order(sequence: Sequence) -> tuple[int, float]:

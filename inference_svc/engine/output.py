@@ -12,11 +12,19 @@ import os
 from inference_svc.engine.generation import DeltaStreamer, finish_reason
 from inference_svc.engine.jobs import Job
 from inference_svc.engine.text_stream import THINK_OPEN, TextStream
-from inference_svc.types import Finished, FinishReason, GenerationRequest, ImageSize, Usage
+from inference_svc.types import (
+    ChoiceEnd,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ImageSize,
+    Usage,
+)
 
 
-def open_stream(tokenizer, job: Job) -> tuple[TextStream, DeltaStreamer]:
-    """The request's text pipeline and the streamer that feeds its client."""
+def open_stream(tokenizer, job: Job, index: int = 0) -> tuple[TextStream, DeltaStreamer]:
+    """The text pipeline of the request's choice `index` and the streamer that feeds its
+    client."""
     request = job.request
     # Structured output must reach the client exactly as the grammar made it.
     answer_tags = job.plan.answer_tags and request.sampling.response_format is None
@@ -26,7 +34,8 @@ def open_stream(tokenizer, job: Job) -> tuple[TextStream, DeltaStreamer]:
     # the handle's own push, not a closure over the streamer: a streamer <-> closure
     # cycle kept each finished Job (its decoded images and audio) alive until a full
     # garbage collection, and RSS grew ~25 MB/min under mixed traffic
-    streamer = DeltaStreamer(text, job.handle.push, reasoning=request.return_reasoning)
+    streamer = DeltaStreamer(text, job.handle.push, reasoning=request.return_reasoning,
+                             index=index)
     return text, streamer
 
 
@@ -51,6 +60,34 @@ def final_event(job: Job, streamer: DeltaStreamer, text: TextStream, reason: Fin
     images = [ImageSize(i.image.width, i.image.height, *i.original_size)
               for i in job.media.images]
     return Finished(reason, used, text.matched_stop, images=images)
+
+
+def choice_end(index: int, streamer: DeltaStreamer, text: TextStream,
+               reason: FinishReason) -> ChoiceEnd:
+    return ChoiceEnd(index, reason, len(streamer.token_ids), streamer.reasoning_tokens,
+                     text.matched_stop)
+
+
+def choices_final(job: Job, ends: list[ChoiceEnd], cached_tokens: int) -> Finished:
+    """The end of a request with several choices: the prompt counted once, every choice's
+    tokens; CANCELLED when any choice was, otherwise choice 0's reason."""
+    ends = sorted(ends, key=lambda e: e.index)
+    used = usage(job, sum(e.completion_tokens for e in ends))
+    used.reasoning_tokens = sum(e.reasoning_tokens for e in ends)
+    used.cached_prompt_tokens = cached_tokens
+    cancelled = any(e.reason is FinishReason.CANCELLED for e in ends)
+    reason = FinishReason.CANCELLED if cancelled else ends[0].reason
+    images = [ImageSize(i.image.width, i.image.height, *i.original_size)
+              for i in job.media.images]
+    return Finished(reason, used, ends[0].matched_stop_sequence, images=images,
+                    choices=tuple(ends))
+
+
+def choice_seed(request: GenerationRequest, index: int) -> int:
+    """Choice i samples with seed + i (so it says what a single request with that seed
+    says); unseeded choices each get a fresh random seed."""
+    seed = request.sampling.seed
+    return (seed + index) % 2**64 if seed is not None else seed_of(request)
 
 
 def usage(job: Job, completion_tokens: int) -> Usage:

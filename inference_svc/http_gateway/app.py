@@ -139,6 +139,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             include_usage=include_usage,
             default_retry_after_s=config.default_retry_after_s,
             structured=structured,
+            n=generate_request.n or 1,
         )
         return StreamingResponse(
             events,

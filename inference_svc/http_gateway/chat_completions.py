@@ -96,8 +96,10 @@ async def stream(
     include_usage: bool,
     default_retry_after_s: int,
     structured: StructuredPlan | None = None,
+    n: int = 1,
 ) -> AsyncIterator[bytes]:
-    """SSE byte chunks: role, deltas, finish, optional usage, [DONE].
+    """SSE byte chunks: role, deltas, finish, optional usage, [DONE]. With n > 1 each
+    choice's chunks carry its index, and each choice's finish chunk comes as it ends.
 
     Failures after the first byte cannot change the HTTP status any more; they are sent
     as an OpenAI error event, which OpenAI clients raise as an APIError.
@@ -109,14 +111,19 @@ async def stream(
         include_usage=include_usage,
         wants_logprobs=bool(structured and structured.logprobs is not None),
         tool=structured.tool if structured else None,
+        n=n,
     )
     try:
-        yield sse_event(chunks.role_chunk())
+        for role in chunks.role_chunks():
+            yield sse_event(role)
         response = first
         while response is not None:
             delta = chunks.delta_chunk(response)
             if delta is not None:
                 yield sse_event(delta)
+            end = response.choice_end if response.HasField("choice_end") else None
+            if end is not None and end.finish_reason != pb.FINISH_REASON_CANCELLED:
+                yield sse_event(chunks.finish_chunk(end.finish_reason, end.index))
             if response.HasField("final"):
                 async for event in _final_events(chunks, response.final):
                     yield event
@@ -138,7 +145,8 @@ async def _final_events(chunks: ChunkBuilder, final: pb.FinalMessage) -> AsyncIt
     if final.finish_reason == pb.FINISH_REASON_CANCELLED:
         yield sse_event(_CancelledUpstream().to_body())
         return
-    yield sse_event(chunks.finish_chunk(final))
+    if not final.choices:  # n = 1: the final carries the only finish reason
+        yield sse_event(chunks.finish_chunk(final.finish_reason))
     if chunks.include_usage:
         yield sse_event(chunks.usage_chunk(final))
     yield SSE_DONE

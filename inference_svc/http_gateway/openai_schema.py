@@ -1,8 +1,8 @@
 """The chat-completions request body, as pydantic models.
 
 Only what the gateway can honour is declared; other OpenAI fields are ignored, except
-those whose silent loss would change the answer's meaning (n > 1, legacy functions, an
-unforced tool choice), which are rejected in `request_mapping` and `structured`. Fields
+those whose silent loss would change the answer's meaning (legacy functions, an
+unforced tool choice; n above 8), which are rejected in `request_mapping` and `structured`. Fields
 that OpenAI clients send in ``extra_body`` (``enable_thinking``, ``session_id``, ...)
 arrive as top-level keys.
 """

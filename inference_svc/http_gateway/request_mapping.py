@@ -28,6 +28,8 @@ _IMAGE_MIME_TYPES = {
     "image/webp": "image/webp",
 }
 _AUDIO_FORMATS = {"wav"}
+# Most choices a request may ask for (the service's own limit, GenerateRequest.n).
+MAX_CHOICES = 8
 _DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<payload>.*)", re.DOTALL)
 
 
@@ -58,12 +60,15 @@ def to_generate_request(body: ChatCompletionRequest,
         request.session_id = body.session_id
     if body.priority is not None:
         request.priority = body.priority
+    if body.n is not None and body.n > 1:
+        request.n = body.n
     return request
 
 
 def _reject_unsupported(body: ChatCompletionRequest) -> None:
-    if body.n is not None and body.n != 1:
-        raise BadRequest("only n=1 is supported", param="n", code="unsupported_value")
+    if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+        raise BadRequest(f"n must be between 1 and {MAX_CHOICES}", param="n",
+                         code="invalid_value")
 
 
 def _to_sampling(body: ChatCompletionRequest) -> pb.SamplingParams:

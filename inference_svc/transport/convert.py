@@ -8,6 +8,7 @@ from inference_svc.ids import check_session_id
 from inference_svc.types import (
     AudioPart,
     ChatMessage,
+    ChoiceEnd,
     Finished,
     FinishReason,
     GenerationRequest,
@@ -135,7 +136,15 @@ def request_from_pb(
         return_reasoning=request.return_reasoning,
         priority=request.priority,
         deadline=deadline,
+        n=request.n or 1,
     )
+
+
+def choice_end_to_pb(end: ChoiceEnd) -> pb.ChoiceEnd:
+    return pb.ChoiceEnd(index=end.index, finish_reason=FINISH_REASONS[end.reason],
+                        completion_tokens=end.completion_tokens,
+                        reasoning_tokens=end.reasoning_tokens,
+                        matched_stop_sequence=end.matched_stop_sequence)
 
 
 def final_to_pb(finished: Finished, request_id: str) -> pb.GenerateResponse:
@@ -156,5 +165,6 @@ def final_to_pb(finished: Finished, request_id: str) -> pb.GenerateResponse:
                              original_height=i.original_height)
                 for i in finished.images
             ],
+            choices=[choice_end_to_pb(end) for end in finished.choices],
         ),
     )

@@ -15,13 +15,14 @@ from inference_svc.errors import DeadlineExceeded, NotReady, UnknownSession
 from inference_svc.ids import check_session_id
 from inference_svc.service_state import ServiceState
 from inference_svc.transport.convert import (
+    choice_end_to_pb,
     final_to_pb,
     logprobs_to_pb,
     messages_from_pb,
     request_from_pb,
     sampling_to_pb,
 )
-from inference_svc.types import Delta, Finished, FinishReason
+from inference_svc.types import ChoiceEnd, Delta, Finished, FinishReason
 
 TIER_OF = {"cpu": pb.TIER_CPU, "disk": pb.TIER_DISK}
 
@@ -53,7 +54,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         timer.delta()
                     yield pb.GenerateResponse(request_id=request_id, text_delta=event.text,
                                               reasoning_delta=event.reasoning,
-                                              logprobs=logprobs_to_pb(event.logprobs))
+                                              logprobs=logprobs_to_pb(event.logprobs),
+                                              index=event.index)
+                elif isinstance(event, ChoiceEnd):
+                    yield pb.GenerateResponse(request_id=request_id, index=event.index,
+                                              choice_end=choice_end_to_pb(event))
                 elif isinstance(event, Finished):
                     if event.reason is FinishReason.CANCELLED and handle.cancellation.expired:
                         ended = True

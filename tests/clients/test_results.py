@@ -1,7 +1,15 @@
 """Sampling parameters and stream events: proto <-> Python values."""
 
 import pytest
-from autoglm_client import Final, FinishReason, ProtocolError, ReasoningDelta, Sampling, TextDelta
+from autoglm_client import (
+    ChoiceEnd,
+    Final,
+    FinishReason,
+    ProtocolError,
+    ReasoningDelta,
+    Sampling,
+    TextDelta,
+)
 from autoglm_client.results import CompletionAccumulator, events_from_response
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
@@ -46,3 +54,31 @@ def test_accumulator_joins_deltas_and_requires_final() -> None:
     completion = accumulator.completion()
     assert (completion.text, completion.reasoning) == ("你好", "hm")
     assert completion.finish_reason is FinishReason.STOP
+
+
+def test_accumulator_keeps_each_choice_apart() -> None:
+    responses = [
+        pb.GenerateResponse(text_delta="a", index=0),
+        pb.GenerateResponse(text_delta="b", index=1),
+        pb.GenerateResponse(text_delta="c", index=0),
+        pb.GenerateResponse(index=1, choice_end=pb.ChoiceEnd(
+            index=1, finish_reason=pb.FINISH_REASON_STOP, completion_tokens=1)),
+        pb.GenerateResponse(index=0, choice_end=pb.ChoiceEnd(
+            index=0, finish_reason=pb.FINISH_REASON_LENGTH, completion_tokens=2)),
+        pb.GenerateResponse(final=pb.FinalMessage(
+            finish_reason=pb.FINISH_REASON_LENGTH, usage=pb.Usage(completion_tokens=3),
+            choices=[pb.ChoiceEnd(index=0, finish_reason=pb.FINISH_REASON_LENGTH,
+                                  completion_tokens=2),
+                     pb.ChoiceEnd(index=1, finish_reason=pb.FINISH_REASON_STOP,
+                                  completion_tokens=1)])),
+    ]
+    accumulator = CompletionAccumulator()
+    events = [e for r in responses for e in events_from_response(r)]
+    assert next(e for e in events if isinstance(e, ChoiceEnd)).index == 1
+    for event in events:
+        accumulator.add(event)
+    completion = accumulator.completion()
+    assert completion.text == "ac"
+    assert [(c.index, c.text, c.finish_reason) for c in completion.choices] == [
+        (0, "ac", FinishReason.LENGTH), (1, "b", FinishReason.STOP)]
+    assert [c.completion_tokens for c in completion.final.choices] == [2, 1]

@@ -172,3 +172,19 @@ def test_example_script_runs_against_the_real_server(inference_server):
     assert '"final": {' in result.stdout
     assert '"imageTokens"' in result.stdout
     assert '"requestId": "grpcurl-demo-1"' in result.stdout
+
+
+def test_n_choices_from_the_json_form_stream_their_index_and_end_each(inference_server):
+    request = {"messages": [{"role": "ROLE_USER", "parts": [{"text": "Pick one."}]}], "n": 2,
+               "sampling": {"maxNewTokens": 5, "minNewTokens": 5, "temperature": 1.0,
+                            "seed": 3}}
+    result = call(inference_server, f"{SERVICE}/Generate", request)
+    assert result.returncode == 0, result.stderr
+    *messages, last = json_stream(result.stdout)
+    # the JSON form leaves out zero values: choice 0's messages carry no "index"
+    assert {m.get("index", 0) for m in messages} == {0, 1}
+    ends = [m["choiceEnd"] for m in messages if "choiceEnd" in m]
+    assert sorted(e.get("index", 0) for e in ends) == [0, 1]
+    assert all(e["completionTokens"] == 5 for e in ends)
+    assert last["final"]["usage"]["completionTokens"] == 10
+    assert len(last["final"]["choices"]) == 2

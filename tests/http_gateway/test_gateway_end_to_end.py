@@ -220,3 +220,49 @@ def wait_for_finish_line(server: Any, request_id: str, timeout_s: float = 60.0) 
                 return line
         time.sleep(0.1)
     raise AssertionError(f"the service logged no generation_finished for {request_id}")
+
+
+def test_n_choices_come_back_whole_with_their_indexes_and_usage_counting_each(
+    client: openai.OpenAI,
+) -> None:
+    params: dict[str, Any] = {"model": MODEL, "messages": user("Name a fruit."),
+                              "max_tokens": 10, "temperature": 1.0, "seed": 3}
+    single = client.chat.completions.create(**params)
+    reply = client.chat.completions.create(**params, n=3, logprobs=True)
+
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.finish_reason in {"stop", "length"} for c in reply.choices)
+    assert reply.choices[0].message.content == single.choices[0].message.content
+    assert len({c.message.content for c in reply.choices}) > 1  # sampled: they differ
+    per_choice = [len(c.logprobs.content) for c in reply.choices]  # one entry per token
+    assert reply.usage is not None and single.usage is not None
+    assert reply.usage.completion_tokens == sum(per_choice)
+    assert reply.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt once
+
+
+def test_n_choices_stream_with_their_indexes_and_each_finishes(client: openai.OpenAI) -> None:
+    params: dict[str, Any] = {"model": MODEL, "messages": user("Name a city."),
+                              "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 3}
+    whole = client.chat.completions.create(**params)
+    chunks = list(client.chat.completions.create(
+        **params, stream=True, stream_options={"include_usage": True}))
+
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            assert choice.index not in finished  # nothing after a choice's finish
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason is not None:
+                finished[choice.index] = choice.finish_reason
+    assert sorted(finished) == [0, 1, 2]
+    assert [texts[i] for i in range(3)] == [c.message.content for c in whole.choices]
+    assert [finished[i] for i in range(3)] == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].usage is not None and whole.usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_above_the_limit_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=user("hi"), n=9)
+    assert info.value.body["param"] == "n"

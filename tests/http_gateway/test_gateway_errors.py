@@ -35,7 +35,8 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("changes", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
         ({"temperature": 5}, "temperature"),
         ({"messages": []}, "messages"),
         ({"top_logprobs": 3}, "top_logprobs"),

@@ -230,3 +230,49 @@ def test_media_needing_more_encoder_activations_than_allowed_are_refused(tiny_bu
             assert final.usage.completion_tokens == 8
     finally:
         server.terminate()
+
+
+def test_n_choices_share_the_prompts_blocks_and_each_samples_as_seed_plus_i(server):
+    """The account shows blocks shared while the choices decode; choice i says what a
+    single request with seed + i says (through the Python client's `choices`)."""
+    from autoglm_client import InferenceClient, Sampling
+    from autoglm_client import user as client_user
+
+    conversation = [client_user(HISTORY + " Describe the screen.")]
+    sampling = Sampling(max_new_tokens=12, min_new_tokens=12, temperature=1.0, top_p=1.0,
+                        seed=21)
+    with InferenceClient(server.target, timeout=120) as client:
+        singles = [client.generate(conversation, Sampling(**{**_fields(sampling),
+                                                              "seed": 21 + i}))
+                   for i in range(3)]
+        together = client.generate(conversation, sampling, n=3)
+    assert [c.text for c in together.choices] == [s.text for s in singles]
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert together.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert together.usage.prompt_tokens == singles[0].usage.prompt_tokens
+
+    public, ctl, stub, control = channels(server)
+    with public, ctl:
+        call = stub.Generate(pb.GenerateRequest(
+            messages=[user(HISTORY + " Go on.")], n=3,
+            sampling=pb.SamplingParams(max_new_tokens=300, min_new_tokens=300,
+                                       temperature=0)))
+        shared, indexes, ends, final = 0, set(), [], None
+        for response in call:
+            if response.HasField("final"):
+                final = response.final
+                break
+            indexes.add(response.index)
+            if response.HasField("choice_end"):
+                ends.append(response.choice_end.index)
+            elif not shared:
+                shared = status(control).shared_kv_bytes
+        assert shared > 0  # the prompt's blocks, read by all three choices
+        assert indexes == {0, 1, 2} and sorted(ends) == [0, 1, 2]
+        assert [c.completion_tokens for c in final.choices] == [300, 300, 300]
+        assert final.usage.completion_tokens == 900
+        assert not status(control).requests
+
+
+def _fields(sampling) -> dict:
+    return {name: getattr(sampling, name) for name in sampling.__slots__}

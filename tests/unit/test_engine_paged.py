@@ -9,10 +9,13 @@ import pytest
 
 from inference_svc.engine.engine import Admission, Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
+from inference_svc.errors import InvalidRequest
 from inference_svc.types import (
     ChatMessage,
+    ChoiceEnd,
     Delta,
     Finished,
+    FinishReason,
     GenerationRequest,
     SamplingParams,
     TextPart,
@@ -159,8 +162,145 @@ def test_a_preempted_request_never_times_out_in_the_queue(model):
         return sum(-(-final.usage.prompt_tokens // BLOCK) for _, final in expected) + 1
 
     runs = preemption_runs(model, 8, budget_blocks=all_prompts_and_a_little,
-                           queue_timeout_s=0.001)
+                           queue_timeout_s=0.5)
     assert runs.tight.preemptions > 0
     assert all(isinstance(final, Finished) and final.usage.completion_tokens == 48
                for _, final in runs.got)
     assert [text for text, _ in runs.got] == [text for text, _ in runs.expected]
+
+
+def run_choices(engine: Engine, requests: list[GenerationRequest]
+                ) -> list[tuple[list[str], Finished]]:
+    """Each request's text per choice (by the index its deltas carry) and final event;
+    every ChoiceEnd arrives before the final and names a choice once."""
+    async def read(handle, n: int) -> tuple[list[str], Finished]:
+        texts, ended, final = [""] * n, [], None
+        async for event in handle.events():
+            if isinstance(event, Delta):
+                assert event.index not in ended
+                texts[event.index] += event.text
+            elif isinstance(event, ChoiceEnd):
+                ended.append(event.index)
+            else:
+                final = event
+        assert sorted(ended) == (list(range(n)) if n > 1 else [])
+        return texts, final
+
+    async def main():
+        engine.set_admission(Admission(mode="paused"))
+        handles = [await engine.submit(r) for r in requests]
+        engine.set_admission(Admission())
+        return await asyncio.gather(*(read(h, r.n) for h, r in zip(handles, requests,
+                                                                   strict=True)))
+
+    return asyncio.run(main())
+
+
+def exact_account(engine: Engine):
+    """The ledger read on the model thread (the published account may be a step old)."""
+    return engine.on_model_thread(engine.ledger.account)
+
+
+def sampled(name: str, text: str, tokens: int, seed: int, **fields) -> GenerationRequest:
+    sampling = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=1.0,
+                              top_p=1.0, repetition_penalty=1.0, seed=seed)
+    return GenerationRequest(name, [ChatMessage("user", [TextPart(text)])], sampling, **fields)
+
+
+def test_seeded_choices_say_what_single_requests_with_seed_plus_i_say(model):
+    engine = started(model)
+    try:
+        singles = run_choices(engine, [sampled(f"s{i}", "Pick a colour", 24, 40 + i)
+                                       for i in range(3)])
+        [(texts, final)] = run_choices(engine, [sampled("c", "Pick a colour", 24, 40, n=3)])
+        account = exact_account(engine)
+    finally:
+        engine.stop()
+    assert texts == [t[0] for t, _ in singles]
+    assert len(set(texts)) > 1  # sampling: the choices differ
+    assert [e.index for e in final.choices] == [0, 1, 2]
+    assert final.usage.completion_tokens == 3 * 24
+    assert final.usage.prompt_tokens == singles[0][1].usage.prompt_tokens
+    assert account.held_blocks == 0
+
+
+@pytest.mark.parametrize("chunk", [8, 4096], ids=["long-ones-swap", "all-recompute"])
+def test_choices_preempted_one_by_one_lose_nothing(model, chunk):
+    """A budget that fits about two sequences: the choices of two greedy requests (each
+    choice the same text) are preempted and resume on their own, and all finish with
+    what an unpreempted run says."""
+    requests = [greedy(f"g{i}", f"Describe place {i} " + "in detail " * (i * 5), 48, n=3)
+                for i in range(2)]
+    large = started(model)
+    try:
+        expected = run_choices(large, requests)
+        per_block = large.ledger.bytes_per_block
+    finally:
+        large.stop()
+    longest = max(final.usage.prompt_tokens for _, final in expected) + 48
+    budget = 2 * -(-longest // BLOCK) + 2
+    tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk)
+    try:
+        got = run_choices(tight, requests)
+        preemptions, account = tight.preemptions, exact_account(tight)
+    finally:
+        tight.stop()
+    for (texts, final), (want, _) in zip(got, expected, strict=True):
+        assert texts == want and len(set(texts)) == 1  # greedy choices are identical
+        assert final.usage.completion_tokens == 3 * 48
+        assert [e.completion_tokens for e in final.choices] == [48, 48, 48]
+    assert preemptions > 0
+    assert account.held_blocks == 0 and account.swapped_bytes == 0
+
+
+def test_choices_share_the_prompts_blocks_while_they_decode(model):
+    """Mid-generation the ledger holds the prompt once for all choices."""
+    engine = started(model)
+    seen: list = []
+    prompt = "Shared prompt " * 20
+
+    async def main():
+        handle = await engine.submit(greedy("shared", prompt, 40, n=4))
+        async for event in handle.events():
+            if isinstance(event, Delta):
+                seen.append(engine.kv_account())  # published after each step
+            if isinstance(event, Finished):
+                return event
+
+    try:
+        final = asyncio.run(main())
+    finally:
+        engine.stop()
+    account = max(seen, key=lambda a: a.shared_blocks)
+    full_prompt_blocks = final.usage.prompt_tokens // BLOCK
+    assert account.shared_blocks >= full_prompt_blocks
+    assert account.held_blocks < 4 * full_prompt_blocks
+
+
+def test_a_cancel_ends_every_choice_and_n_outside_its_range_is_refused(model):
+    engine = started(model)
+
+    async def main():
+        handle = await engine.submit(greedy("cancelled", "Go on", 400, n=3))
+        async for event in handle.events():
+            if isinstance(event, Delta):
+                handle.cancel()
+            if isinstance(event, Finished):
+                final = event
+        errors = []
+        for n in (0, 9):
+            try:
+                await engine.submit(greedy(f"bad{n}", "x", 4, n=n))
+            except InvalidRequest as error:
+                errors.append(error.field)
+        return final, errors
+
+    try:
+        final, errors = asyncio.run(main())
+        account = exact_account(engine)
+    finally:
+        engine.stop()
+    assert final.reason is FinishReason.CANCELLED
+    assert {e.reason for e in final.choices} == {FinishReason.CANCELLED}
+    assert errors == ["n", "n"]
+    assert account.held_blocks == 0

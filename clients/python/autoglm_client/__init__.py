@@ -32,6 +32,8 @@ from autoglm_client.errors import (
 from autoglm_client.inference import InferenceClient
 from autoglm_client.request_builders import ResponseFormat, Sampling
 from autoglm_client.results import (
+    Choice,
+    ChoiceEnd,
     Completion,
     Final,
     FinishReason,
@@ -51,6 +53,8 @@ __all__ = [
     "AuthError",
     "AutoglmError",
     "CancelledError",
+    "Choice",
+    "ChoiceEnd",
     "Completion",
     "ControlClient",
     "DeadlineExceededError",

@@ -58,8 +58,11 @@ class AsyncInferenceClient:
         priority: int = 0,
         timeout: float | None = None,
         request_id: str | None = None,
+        n: int = 1,
     ) -> AsyncIterator[StreamEvent]:
         """Yield `TextDelta` / `ReasoningDelta` events as they arrive, then one `Final`.
+        With `n` > 1 each event names its choice (`index`) and each choice ends with a
+        `ChoiceEnd`.
 
         Leaving the loop early (or cancelling the task) cancels the call.
         """
@@ -70,6 +73,7 @@ class AsyncInferenceClient:
             enable_thinking=enable_thinking,
             return_reasoning=return_reasoning,
             priority=priority,
+            n=n,
         )
         call = self._stub.Generate(
             request, **self._defaults.call_kwargs(timeout, request_id, session_id)
@@ -97,8 +101,9 @@ class AsyncInferenceClient:
         priority: int = 0,
         timeout: float | None = None,
         request_id: str | None = None,
+        n: int = 1,
     ) -> Completion:
-        """Run a Generate call to its end and return the whole reply."""
+        """Run a Generate call to its end and return the whole reply (`choices`: all n)."""
         accumulator = CompletionAccumulator()
         async for event in self.stream(
             conversation,
@@ -109,6 +114,7 @@ class AsyncInferenceClient:
             priority=priority,
             timeout=timeout,
             request_id=request_id,
+            n=n,
         ):
             accumulator.add(event)
         return accumulator.completion()

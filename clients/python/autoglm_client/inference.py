@@ -54,8 +54,11 @@ class InferenceClient:
         priority: int = 0,
         timeout: float | None = None,
         request_id: str | None = None,
+        n: int = 1,
     ) -> Iterator[StreamEvent]:
         """Yield `TextDelta` / `ReasoningDelta` events as they arrive, then one `Final`.
+        With `n` > 1 each event names its choice (`index`) and each choice ends with a
+        `ChoiceEnd`.
 
         Leaving the loop early cancels the call, which frees its memory on the server.
         """
@@ -66,6 +69,7 @@ class InferenceClient:
             enable_thinking=enable_thinking,
             return_reasoning=return_reasoning,
             priority=priority,
+            n=n,
         )
         call = self._stub.Generate(
             request, **self._defaults.call_kwargs(timeout, request_id, session_id)
@@ -93,8 +97,9 @@ class InferenceClient:
         priority: int = 0,
         timeout: float | None = None,
         request_id: str | None = None,
+        n: int = 1,
     ) -> Completion:
-        """Run a Generate call to its end and return the whole reply."""
+        """Run a Generate call to its end and return the whole reply (`choices`: all n)."""
         accumulator = CompletionAccumulator()
         for event in self.stream(
             conversation,
@@ -105,6 +110,7 @@ class InferenceClient:
             priority=priority,
             timeout=timeout,
             request_id=request_id,
+            n=n,
         ):
             accumulator.add(event)
         return accumulator.completion()

@@ -82,8 +82,9 @@ def generate_request(
     enable_thinking: bool = False,
     return_reasoning: bool = False,
     priority: int = 0,
+    n: int = 1,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest for a conversation (see `content.to_messages`)."""
+    """A GenerateRequest for a conversation (see `content.to_messages`); `n` choices."""
     return pb.GenerateRequest(
         messages=to_messages(conversation),
         sampling=(sampling or Sampling()).to_pb(),
@@ -91,6 +92,7 @@ def generate_request(
         enable_thinking=enable_thinking,
         return_reasoning=return_reasoning,
         priority=priority,
+        n=n if n != 1 else 0,
     )
 
 

@@ -30,9 +30,10 @@ class FinishReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """Newly generated answer text."""
+    """Newly generated answer text (of choice `index`)."""
 
     text: str
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,23 @@ class ReasoningDelta:
     """Newly generated reasoning text (only when reasoning is requested)."""
 
     text: str
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceEnd:
+    """How one choice ended (streamed when it ends, with n > 1; listed in `Final`)."""
+
+    index: int
+    finish_reason: FinishReason
+    completion_tokens: int
+    reasoning_tokens: int = 0
+    matched_stop_sequence: str = ""
+
+    @classmethod
+    def from_pb(cls, end: pb.ChoiceEnd) -> ChoiceEnd:
+        return cls(end.index, FinishReason.from_pb(end.finish_reason), end.completion_tokens,
+                   end.reasoning_tokens, end.matched_stop_sequence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +102,7 @@ class Final:
     matched_stop_sequence: str = ""
     images: tuple[ImageSize, ...] = ()
     request_id: str = ""
+    choices: tuple[ChoiceEnd, ...] = ()  # each choice's end, with n > 1
 
     @classmethod
     def from_pb(cls, final: pb.FinalMessage, request_id: str) -> Final:
@@ -96,6 +115,7 @@ class Final:
                 for i in final.images
             ),
             request_id=request_id,
+            choices=tuple(ChoiceEnd.from_pb(c) for c in final.choices),
         )
 
 
@@ -131,19 +151,33 @@ class Logprobs:
     """Log probabilities of tokens generated since the previous event (when requested)."""
 
     tokens: tuple[TokenLogprob, ...]
+    index: int = 0
 
 
-StreamEvent = TextDelta | ReasoningDelta | Logprobs | Final
+StreamEvent = TextDelta | ReasoningDelta | Logprobs | ChoiceEnd | Final
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One choice of a reply: its text, reasoning, log probabilities and finish reason."""
+
+    index: int
+    text: str
+    reasoning: str
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A whole reply: the joined text and reasoning, and the final message."""
+    """A whole reply: the joined text and reasoning (of choice 0), the final message and,
+    every choice (one unless n > 1 was asked for)."""
 
     text: str
     reasoning: str
     final: Final
     logprobs: tuple[TokenLogprob, ...] = ()
+    choices: tuple[Choice, ...] = ()
 
     @property
     def usage(self) -> Usage:
@@ -157,39 +191,59 @@ class Completion:
 def events_from_response(response: pb.GenerateResponse) -> list[StreamEvent]:
     """The events one stream message carries, in order: reasoning, text, logprobs, final."""
     events: list[StreamEvent] = []
+    index = response.index
     if response.reasoning_delta:
-        events.append(ReasoningDelta(response.reasoning_delta))
+        events.append(ReasoningDelta(response.reasoning_delta, index))
     if response.text_delta:
-        events.append(TextDelta(response.text_delta))
+        events.append(TextDelta(response.text_delta, index))
     if response.logprobs:
-        events.append(Logprobs(tuple(TokenLogprob.from_pb(e) for e in response.logprobs)))
+        events.append(Logprobs(tuple(TokenLogprob.from_pb(e) for e in response.logprobs),
+                               index))
+    if response.HasField("choice_end"):
+        events.append(ChoiceEnd.from_pb(response.choice_end))
     if response.HasField("final"):
         events.append(Final.from_pb(response.final, response.request_id))
     return events
 
 
 @dataclass(slots=True)
-class CompletionAccumulator:
-    """Joins stream events into a `Completion`."""
-
-    text_parts: list[str] = field(default_factory=list)
-    reasoning_parts: list[str] = field(default_factory=list)
+class _ChoiceParts:
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CompletionAccumulator:
+    """Joins stream events into a `Completion`, choice by choice."""
+
+    parts: dict[int, _ChoiceParts] = field(default_factory=dict)
     final: Final | None = None
+
+    def _of(self, index: int) -> _ChoiceParts:
+        return self.parts.setdefault(index, _ChoiceParts())
 
     def add(self, event: StreamEvent) -> None:
         match event:
-            case TextDelta(text=text):
-                self.text_parts.append(text)
-            case ReasoningDelta(text=text):
-                self.reasoning_parts.append(text)
-            case Logprobs(tokens=tokens):
-                self.logprobs.extend(tokens)
+            case TextDelta(text=text, index=index):
+                self._of(index).text.append(text)
+            case ReasoningDelta(text=text, index=index):
+                self._of(index).reasoning.append(text)
+            case Logprobs(tokens=tokens, index=index):
+                self._of(index).logprobs.extend(tokens)
             case Final():
                 self.final = event
 
     def completion(self) -> Completion:
-        if self.final is None:
+        final = self.final
+        if final is None:
             raise ProtocolError("Generate stream ended without a final message")
-        return Completion("".join(self.text_parts), "".join(self.reasoning_parts), self.final,
-                          tuple(self.logprobs))
+        reasons = {c.index: c.finish_reason for c in final.choices} or {0: final.finish_reason}
+        choices = tuple(self._choice(index, reasons[index]) for index in sorted(reasons))
+        first = choices[0]
+        return Completion(first.text, first.reasoning, final, first.logprobs, choices)
+
+    def _choice(self, index: int, reason: FinishReason) -> Choice:
+        parts = self.parts.get(index) or _ChoiceParts()
+        return Choice(index, "".join(parts.text), "".join(parts.reasoning), reason,
+                      tuple(parts.logprobs))
