@@ -160,6 +160,7 @@ class ModelLoop:
         self._admission_changed = threading.Condition()
         self._sequence = itertools.count()
         self._prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
+        self._long_passed_over = False  # the last prefill pass left a long prompt out
         self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._sequences: dict[str, Sequence] = {}
         self._choices: dict[str, Choices] = {}  # requests decoding, by request id
@@ -611,21 +612,14 @@ class ModelLoop:
         self._prefilling.append(Prefill(job, plan, embeds[0], cached, cached, reuse, resumed))
 
     def _prefill_step(self) -> None:
-        """One pass over queued prompts under a token budget of one chunk: prompts that
-        fit complete (oldest first), and the oldest longer one advances by what is left
-        of the budget, so a long prompt delays the rest by at most one chunk. Cancelled
-        ones stop here, before their next chunk; completed ones start decoding."""
+        """One pass over queued prompts under a token budget of one chunk, all packed into
+        one forward (see `_pick_prefill_work`), so a long prompt delays the rest by at
+        most one chunk. Cancelled ones stop here, before their next chunk; completed ones
+        start decoding."""
         for prefill in [p for p in self._prefilling if p.job.handle.cancellation.requested]:
             self._prefilling.remove(prefill)
             self._stop_prefill(prefill)
-        budget = self._chunk_tokens
-        work: list[tuple[Prefill, int]] = []
-        for prefill in sorted(self._prefilling, key=lambda p: p.remaining > budget):
-            take = min(prefill.remaining, budget)
-            work.append((prefill, prefill.done + take))
-            budget -= take
-            if budget <= 0:
-                break
+        work = self._pick_prefill_work()
         if not work:
             return
         try:
@@ -653,6 +647,31 @@ class ModelLoop:
             else:
                 started.extend(self._new_sequences(prefill, row_logits))
         self._start(started)
+
+    def _pick_prefill_work(self) -> list[tuple[Prefill, int]]:
+        """Prompts that fit the pass whole go first (oldest first) and, when any do, get
+        the pass to themselves, so their first token waits for no part of a long prompt;
+        the long prompt then has the next pass (it is never passed over twice running)."""
+        budget = self._chunk_tokens
+        whole = [p for p in self._prefilling if p.remaining <= budget]
+        longer = [p for p in self._prefilling if p.remaining > budget]
+        work: list[tuple[Prefill, int]] = []
+        if whole and not self._long_passed_over:
+            for prefill in whole:
+                if prefill.remaining > budget:
+                    break
+                work.append((prefill, prefill.done + prefill.remaining))
+                budget -= prefill.remaining
+            self._long_passed_over = bool(longer)
+            return work
+        self._long_passed_over = False
+        for prefill in longer + whole:
+            take = min(prefill.remaining, budget)
+            work.append((prefill, prefill.done + take))
+            budget -= take
+            if budget <= 0:
+                break
+        return work
 
     def _feed(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor]:
         packed = [RowSlots(self.ledger.slots(p.key, p.done, end),
