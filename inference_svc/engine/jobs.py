@@ -12,7 +12,7 @@ from typing import Any
 from inference_svc.engine.generation import Cancellation
 from inference_svc.model.modular import DecodedMedia
 from inference_svc.model.prompt import PromptPlan
-from inference_svc.types import Event, Finished, GenerationRequest
+from inference_svc.types import Delta, Event, Finished, GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,20 @@ class RequestHandle:
         self.cancellation.cancel()
 
     async def events(self) -> AsyncIterator[Event]:
+        """The request's events; text deltas of one choice that are already waiting are
+        merged into one, so a reader that falls behind (many streams, one event loop)
+        catches up with fewer, larger messages instead of one per token."""
+        held: Event | Failed | None = None
         while True:
-            item = await self._events.get()
+            item = held if held is not None else await self._events.get()
+            held = None
+            while isinstance(item, Delta) and not self._events.empty():
+                following = self._events.get_nowait()
+                if not (isinstance(following, Delta) and following.index == item.index):
+                    held = following
+                    break
+                item = Delta(item.text + following.text, item.reasoning + following.reasoning,
+                             item.logprobs + following.logprobs, item.index)
             if isinstance(item, Failed):
                 raise item.error
             yield item
