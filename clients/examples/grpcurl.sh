@@ -87,10 +87,21 @@ grpcurl -plaintext -max-msg-sz 67108864 -H 'x-request-id: grpcurl-demo-1' \
 step "end the session"
 grpcurl -plaintext -d '{"sessionId": "grpcurl-demo"}' "$TARGET" "$SERVICE/EndSession"
 
-cat >&2 <<'NOTE'
+# The control API: a Unix socket (0600, the service's user), reflected like the public
+# port, so grpcurl needs no .proto files there either. Set AUTOGLM_CONTROL_SOCKET to run it.
+CONTROL_SOCKET="${AUTOGLM_CONTROL_SOCKET:-}"
+if [[ -n "$CONTROL_SOCKET" ]]; then
+  step "control socket: services exposed by reflection, then the memory account"
+  grpcurl -plaintext -unix "$CONTROL_SOCKET" list
+  grpcurl -plaintext -unix -d '{}' "$CONTROL_SOCKET" \
+    autoglm.control.v1.ControlService/GetMemoryStatus
+else
+  cat >&2 <<'NOTE'
 
-The control API listens on a Unix socket and is not reflected; point grpcurl at the .proto:
-  grpcurl -plaintext -unix -import-path protos \
-    -proto autoglm/control/v1/control_service.proto \
-    -d '{}' /tmp/autoglm-control.sock autoglm.control.v1.ControlService/GetMemoryStatus
+The control API listens on a Unix socket and serves reflection too (every RPC: the
+grpcurl recipes in docs/operations.md); set AUTOGLM_CONTROL_SOCKET to include it here:
+  grpcurl -plaintext -unix /tmp/autoglm-control.sock list
+  grpcurl -plaintext -unix -d '{}' /tmp/autoglm-control.sock \
+    autoglm.control.v1.ControlService/GetMemoryStatus
 NOTE
+fi

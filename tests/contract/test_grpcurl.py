@@ -145,7 +145,7 @@ def test_corrupt_image_is_invalid_argument_naming_the_part(inference_server):
 
 
 def test_control_api_through_its_proto_on_the_unix_socket(inference_server):
-    """The control API is not reflected: grpcurl reads protos/ instead (as the script says)."""
+    """grpcurl can also take the control API from protos/ instead of reflection."""
     result = grpcurl(
         "-plaintext", "-unix", "-import-path", str(REPO / "protos"),
         "-proto", "autoglm/control/v1/control_service.proto", "-d", "{}",
@@ -159,6 +159,7 @@ def test_control_api_through_its_proto_on_the_unix_socket(inference_server):
 
 def test_example_script_runs_against_the_real_server(inference_server):
     env = {**os.environ, "AUTOGLM_TARGET": inference_server.target,
+           "AUTOGLM_CONTROL_SOCKET": str(inference_server.control_socket),
            "PATH": f"{GRPCURL.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run(
         ["bash", str(REPO / "clients" / "examples" / "grpcurl.sh")],
@@ -172,6 +173,9 @@ def test_example_script_runs_against_the_real_server(inference_server):
     assert '"final": {' in result.stdout
     assert '"imageTokens"' in result.stdout
     assert '"requestId": "grpcurl-demo-1"' in result.stdout
+    # the control socket's part, through its own reflection
+    assert "autoglm.control.v1.ControlService" in result.stdout.splitlines()
+    assert '"modules": [' in result.stdout
 
 
 def test_n_choices_from_the_json_form_stream_their_index_and_end_each(inference_server):
