@@ -49,6 +49,12 @@ class IncrementalDetokenizer:
         return text[len(prefix) :].rstrip(REPLACEMENT) if len(text) > len(prefix) else ""
 
 
+def _release(buffer: str, patterns) -> tuple[str, str]:
+    """What of `buffer` can go out now, and the tail that may begin one of `patterns`."""
+    cut = len(buffer) - _longest_partial(buffer, patterns)
+    return buffer[:cut], buffer[cut:]
+
+
 def _longest_partial(buffer: str, needles: tuple[str, ...]) -> int:
     """Length of the longest suffix of buffer that is a proper prefix of a needle."""
     best = 0
@@ -78,9 +84,7 @@ class StopSequenceMatcher:
             self.matched = stop
             emitted, self._buffer = self._buffer[:index], ""
             return emitted
-        hold = _longest_partial(self._buffer, self._stops)
-        cut = len(self._buffer) - hold
-        emitted, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        emitted, self._buffer = _release(self._buffer, self._stops)
         return emitted
 
     def flush(self) -> str:
@@ -146,9 +150,7 @@ class TagRemover:
         self._buffer += text
         for tag in self._tags:
             self._buffer = self._buffer.replace(tag, "")
-        hold = _longest_partial(self._buffer, self._tags)
-        cut = len(self._buffer) - hold
-        emitted, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        emitted, self._buffer = _release(self._buffer, self._tags)
         return emitted
 
     def flush(self) -> str:

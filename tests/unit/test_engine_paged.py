@@ -118,6 +118,12 @@ class PreemptionRuns:
     tight: Engine  # the stopped engine of the tight run
 
 
+def room_for_two(expected) -> int:
+    """Blocks for about two of the requests at full length (48 tokens each)."""
+    longest = max(final.usage.prompt_tokens for _, final in expected) + 48
+    return 2 * -(-longest // BLOCK) + 2
+
+
 def preemption_runs(model, chunk: int, *, budget_blocks=None, **config) -> PreemptionRuns:
     """Six greedy requests of 48 tokens, with room for all, then through a KV budget that
     fits about two of them at full length (or `budget_blocks(expected)` blocks)."""
@@ -129,8 +135,7 @@ def preemption_runs(model, chunk: int, *, budget_blocks=None, **config) -> Preem
         per_block = large.ledger.bytes_per_block
     finally:
         large.stop()
-    longest = max(final.usage.prompt_tokens for _, final in expected) + 48
-    budget = budget_blocks(expected) if budget_blocks else 2 * -(-longest // BLOCK) + 2
+    budget = (budget_blocks or room_for_two)(expected)
     tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk,
                     **config)
     try:
@@ -237,9 +242,8 @@ def test_choices_preempted_one_by_one_lose_nothing(model, chunk):
         per_block = large.ledger.bytes_per_block
     finally:
         large.stop()
-    longest = max(final.usage.prompt_tokens for _, final in expected) + 48
-    budget = 2 * -(-longest // BLOCK) + 2
-    tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk)
+    tight = started(model, kv_budget_bytes=room_for_two(expected) * per_block,
+                    prefill_chunk_tokens=chunk)
     try:
         got = run_choices(tight, requests)
         preemptions, account = tight.preemptions, exact_account(tight)
