@@ -8,7 +8,8 @@ owner lets go it stays as a cached block, found again by content and reused with
 recomputation until the space is needed (least recently used first). A block about to
 be written while someone else can read it is copied first (copy on write).
 
-The pool starts small and grows (doubling) up to the KV budget; `shrink` moves the live
+The pool starts small and grows up to the KV budget (on a GPU by doubling; on the host
+at once, its pages committed only as blocks are written); `shrink` moves the live
 blocks down and gives the rest back, so freeing KV frees memory. Swapped-out blocks
 (a preempted sequence, an offloaded session) live in host memory, outside the budget.
 
@@ -133,8 +134,14 @@ class BlockLedger:
         return block
 
     def _grow(self) -> None:
+        """More blocks: on the host, the whole budget at once (its pages are committed
+        only as blocks are written, so growing in steps would only add copies); on a
+        GPU, double (device memory is committed when allocated)."""
         old = self.pool.capacity
-        new = min(self.budget_blocks, max(old * GROWTH_FACTOR, self.min_blocks))
+        if self.pool.on_host:
+            new = self.budget_blocks
+        else:
+            new = min(self.budget_blocks, max(old * GROWTH_FACTOR, self.min_blocks))
         self.pool.resize(new)
         self._refs.extend([0] * (new - old))
         self._free = list(range(new - 1, old - 1, -1)) + self._free

@@ -40,8 +40,17 @@ class KVPool:
         self.capacity = blocks
 
     def _empty(self, blocks: int, device: str) -> torch.Tensor:
-        return torch.zeros((blocks * self.block_size, self.kv_heads, self.head_dim),
-                           dtype=self.dtype, device=device)
+        """Storage for `blocks`; only the zero block is written. Uninitialized host memory
+        is committed page by page as blocks are first written, so a pool sized for the
+        whole budget costs what its tokens use (slots are always written before read)."""
+        tensor = torch.empty((blocks * self.block_size, self.kv_heads, self.head_dim),
+                             dtype=self.dtype, device=device)
+        tensor[NULL_BLOCK * self.block_size:(NULL_BLOCK + 1) * self.block_size] = 0
+        return tensor
+
+    @property
+    def on_host(self) -> bool:
+        return all(device == "cpu" for device in self.layer_devices)
 
     @property
     def bytes_per_block(self) -> int:

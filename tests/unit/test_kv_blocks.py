@@ -20,7 +20,7 @@ def ledger(budget_blocks: int = 16, min_blocks: int = 4) -> BlockLedger:
 
 def fill(kv: BlockLedger, owner: str, value: float) -> None:
     """Write `value` into every slot of the owner's blocks, in every layer."""
-    slots = kv.slots(owner, 0, len(kv.table(owner)) * SIZE)
+    slots = kv.slots(owner, 0, len(kv.table(owner)) * kv.block_size)
     for store in (kv.pool.keys, kv.pool.values):
         for tensor in store:
             tensor[slots] = value
@@ -143,3 +143,16 @@ def test_the_pool_grows_on_demand_and_shrinks_when_blocks_are_let_go():
     assert torch.equal(content_of(kv, "a"), kept)
     kv.extend("c", 10 * SIZE)  # it grows again
     assert kv.account().held_blocks == 12
+
+
+def test_a_host_pool_sized_for_the_whole_budget_costs_only_the_blocks_written():
+    from inference_svc.process_memory import rss_bytes
+
+    pool = KVPool(layer_devices=["cpu"] * 4, kv_heads=4, head_dim=64, dtype=torch.float32,
+                  block_size=16, blocks=1)
+    kv = BlockLedger(pool, budget_blocks=1024**3 // pool.bytes_per_block)
+    before = rss_bytes()
+    kv.extend("small", 16 * 16)  # 16 blocks of a 1 GiB pool
+    fill(kv, "small", 1.0)
+    assert kv.pool.capacity == kv.budget_blocks
+    assert rss_bytes() - before < 200 * 1024**2
