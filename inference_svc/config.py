@@ -48,6 +48,7 @@ class ServerConfig:
     grace_period_s: float = 10.0
     prefill_chunk_tokens: int | None = None  # None: by device (see engine)
     kv_block_tokens: int = 16
+    queue_timeout_s: float = 30.0
     watchdog_timeout_s: float = 120.0
     control_socket: str = "/tmp/autoglm-control.sock"
     control_tcp: str = ""
@@ -95,6 +96,8 @@ class ServerConfig:
             raise ValueError("prefill chunk tokens must not be negative")
         if not 1 <= self.kv_block_tokens <= 1024:
             raise ValueError("KV block tokens must be in [1, 1024]")
+        if self.queue_timeout_s <= 0:
+            raise ValueError("queue timeout must be positive")
         if self.watchdog_timeout_s < 0:
             raise ValueError("watchdog timeout must not be negative")
         self._check_connection_limits()
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(_env("REPETITION_PENALTY", 1.2)))
     p.add_argument("--max-message-mb", type=float, default=float(_env("MAX_MESSAGE_MB", 32)))
     p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", 64)))
+    p.add_argument("--queue-timeout", type=float, default=float(_env("QUEUE_TIMEOUT", 30)),
+                   help="seconds a new request may wait for admission before "
+                        "RESOURCE_EXHAUSTED (preempted requests wait as long as it takes)")
     p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", 1_003_520)))
     p.add_argument("--pressure-max-pixels", type=int,
                    default=int(_env("PRESSURE_MAX_PIXELS", 200_704)),
@@ -307,7 +313,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         activation_budget_bytes=int(args.activation_budget_mb * 1024 * 1024),
         prefix_caching=not args.no_prefix_caching, session_idle_ttl_s=args.session_idle_ttl,
         grace_period_s=args.grace_period, prefill_chunk_tokens=args.prefill_chunk_tokens,
-        kv_block_tokens=args.kv_block_tokens,
+        kv_block_tokens=args.kv_block_tokens, queue_timeout_s=args.queue_timeout,
         watchdog_timeout_s=args.watchdog_timeout, control_socket=args.control_socket,
         control_tcp=args.control_tcp, control_token=args.control_token,
         control_insecure=args.control_insecure,

@@ -151,7 +151,7 @@ class Service:
             prefill_chunk_tokens=(default_prefill_chunk(model.device)
                                   if config.prefill_chunk_tokens is None
                                   else config.prefill_chunk_tokens),
-            kv_block_tokens=config.kv_block_tokens,
+            kv_block_tokens=config.kv_block_tokens, queue_timeout_s=config.queue_timeout_s,
         ), observer=self.metrics)
         engine.start()
         self.state.engine = engine

@@ -202,7 +202,7 @@ def test_preemption_through_a_budget_for_four(default_bundle, tmp_path):
             budget_mb = 4 * (results["roomy"][0][-1].final.usage.prompt_tokens + 512) \
                 * per_token / MB
         server = start_server(tmp_path / name, None, "--kv-budget-mb", f"{budget_mb:.2f}",
-                              "--max-batch", "32", timeout=600)
+                              "--max-batch", "32", "--queue-timeout", "3600", timeout=600)
         try:
             public, private, stub, _ = stubs(server)
             with public, private:

@@ -20,6 +20,7 @@ def test_flags_and_environment_set_the_config(monkeypatch):
     monkeypatch.setenv("AUTOGLM_KV_BLOCK_TOKENS", "32")
     config = config_from_args(["--max-new-tokens", "64", "--kv-budget-mb", "10"])
     assert config.kv_block_tokens == 32
+    assert config_from_args(["--queue-timeout", "90"]).queue_timeout_s == 90
     assert config.port == 6000
     assert config.defaults.temperature == pytest.approx(0.3)
     assert config.defaults.max_new_tokens == 64
@@ -41,6 +42,7 @@ def test_flags_and_environment_set_the_config(monkeypatch):
         (["--max-concurrent-streams", "0"], "max concurrent streams"),
         (["--prefill-chunk-tokens", "-1"], "prefill chunk tokens"),
         (["--kv-block-tokens", "0"], "KV block tokens"),
+        (["--queue-timeout", "0"], "queue timeout"),
         (["--watchdog-timeout", "-5"], "watchdog timeout"),
         (["--max-connection-age", "-1"], "max connection age"),
     ],
