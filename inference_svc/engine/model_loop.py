@@ -755,6 +755,7 @@ class ModelLoop:
             return
         for sequence in started:
             self._sequences[sequence.key] = sequence
+        self._publish()  # a client that reads the account after its first token sees its KV
         choices = choose_tokens([s.sampler for s in started], [s.history for s in started],
                                 torch.stack([s.pending_logits for s in started]))
         self._advance(started, choices)

@@ -94,7 +94,7 @@ def test_metrics_count_tokens_rpcs_lengths_and_latencies(metered):
                   (("device", "cpu"), *MODEL, ("module", "vision"), ("tier", "cpu")))] > 0
     assert after[("autoglm_num_requests_running", MODEL)] == 0
     assert after[("autoglm_admission_open", MODEL)] == 1
-    # hooks the engine does not call yet: present, at zero
+    # reported by the engine as it schedules: present from the start
     assert ("autoglm_num_preemptions_total", MODEL) in after
     assert ("autoglm_request_queue_time_seconds_count", MODEL) in after
 
