@@ -73,8 +73,7 @@ class BlockSessionStore:
             return None
         ledger.adopt(owner, blocks)
         ledger.writable_from(owner, tokens)
-        entry_used = entry is not None and source == "session"
-        if entry_used:
+        if source == "session":  # the session's own blocks were used
             entry.last_used = time.monotonic()
         return Reuse(None, tokens, source)
 

@@ -124,14 +124,18 @@ def room_for_two(expected) -> int:
     return 2 * -(-longest // BLOCK) + 2
 
 
-def preemption_runs(model, chunk: int, *, budget_blocks=None, **config) -> PreemptionRuns:
-    """Six greedy requests of 48 tokens, with room for all, then through a KV budget that
-    fits about two of them at full length (or `budget_blocks(expected)` blocks)."""
-    requests = [greedy(f"r{i}", f"Tell me about topic {i} " + "and more " * (i * 6), 48)
-                for i in range(6)]
+def preemption_runs(model, chunk: int, *, budget_blocks=None, requests=None, reader=None,
+                    **config) -> PreemptionRuns:
+    """Greedy requests of 48 tokens (by default six), with room for all, then through a
+    KV budget that fits about two of them at full length (or `budget_blocks(expected)`
+    blocks); `reader` (default `run`) submits them and reads what they say."""
+    requests = requests or [
+        greedy(f"r{i}", f"Tell me about topic {i} " + "and more " * (i * 6), 48)
+        for i in range(6)]
+    reader = reader or run
     large = started(model)
     try:
-        expected = run(large, requests)
+        expected = reader(large, requests)
         per_block = large.ledger.bytes_per_block
     finally:
         large.stop()
@@ -139,7 +143,7 @@ def preemption_runs(model, chunk: int, *, budget_blocks=None, **config) -> Preem
     tight = started(model, kv_budget_bytes=budget * per_block, prefill_chunk_tokens=chunk,
                     **config)
     try:
-        got = run(tight, requests)
+        got = reader(tight, requests)
     finally:
         tight.stop()
     return PreemptionRuns(expected, got, tight)
@@ -236,19 +240,9 @@ def test_choices_preempted_one_by_one_lose_nothing(model, chunk):
     what an unpreempted run says."""
     requests = [greedy(f"g{i}", f"Describe place {i} " + "in detail " * (i * 5), 48, n=3)
                 for i in range(2)]
-    large = started(model)
-    try:
-        expected = run_choices(large, requests)
-        per_block = large.ledger.bytes_per_block
-    finally:
-        large.stop()
-    tight = started(model, kv_budget_bytes=room_for_two(expected) * per_block,
-                    prefill_chunk_tokens=chunk)
-    try:
-        got = run_choices(tight, requests)
-        preemptions, account = tight.preemptions, exact_account(tight)
-    finally:
-        tight.stop()
+    runs = preemption_runs(model, chunk, requests=requests, reader=run_choices)
+    got, expected, preemptions = runs.got, runs.expected, runs.tight.preemptions
+    account = exact_account(runs.tight)  # the loop has stopped: read directly
     for (texts, final), (want, _) in zip(got, expected, strict=True):
         assert texts == want and len(set(texts)) == 1  # greedy choices are identical
         assert final.usage.completion_tokens == 3 * 48
