@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from inference_svc.engine.block_sessions import BlockSessionStore
 from inference_svc.engine.constraints import GrammarCompiler
 from inference_svc.engine.jobs import Admission, Failed, Job, RequestHandle, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
@@ -74,16 +73,14 @@ class Engine:
     def __init__(self, model, config: EngineConfig, observer=None) -> None:
         self.model = model
         self.config = config
-        self.ledger: BlockLedger | None = None
-        if isinstance(model, PagedDecoder):
-            pool = model.new_kv_pool(block_size=config.kv_block_tokens, blocks=1)
-            self.ledger = BlockLedger(pool, budget_blocks=max(
-                2, config.kv_budget_bytes // pool.bytes_per_block))
-            self.sessions = BlockSessionStore(
-                self.ledger, idle_ttl_s=config.session_idle_ttl_s, device=model.device,
-                prefix_caching=config.prefix_caching)
-        else:
-            self.sessions = SessionStore(idle_ttl_s=config.session_idle_ttl_s)
+        if not isinstance(model, PagedDecoder):
+            raise TypeError(f"{type(model).__name__} does not run on paged KV")
+        pool = model.new_kv_pool(block_size=config.kv_block_tokens, blocks=1)
+        self.ledger = BlockLedger(pool, budget_blocks=max(
+            2, config.kv_budget_bytes // pool.bytes_per_block))
+        self.sessions = SessionStore(
+            self.ledger, idle_ttl_s=config.session_idle_ttl_s, device=model.device,
+            prefix_caching=config.prefix_caching)
         self._loop = ModelLoop(model, config, self.sessions, self.ledger, observer)
         self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
         self.closed = False
@@ -165,15 +162,6 @@ class Engine:
         """Compile the request's response format here, off the model thread (cached by
         content, so a repeated schema costs a lookup)."""
         sampling = request.sampling
-        if request.n > 1 and self.ledger is None:
-            raise InvalidRequest("n > 1 is not supported by this model (it runs one request "
-                                 "at a time, without paged KV)", field="n")
-        wants_sampler = sampling.response_format is not None or sampling.logprobs is not None
-        if wants_sampler and self.ledger is None:  # the one-at-a-time generate() path
-            field = ("sampling.response_format" if sampling.response_format is not None
-                     else "sampling.logprobs")
-            raise InvalidRequest(f"{field} is not supported by this model (it runs without the "
-                                 "batched sampler)", field=field)
         if sampling.response_format is None:
             return request
         grammar = await asyncio.to_thread(self.grammars.compile, sampling.response_format)
@@ -216,8 +204,7 @@ class Engine:
 
     def _shrunk(self, result):
         """Give back the pool's free tail after KV was let go."""
-        if self.ledger is not None:
-            self.ledger.shrink()
+        self.ledger.shrink()
         return result
 
     def trim_kv(self, policy: str, target_bytes: int, max_tokens: int):

@@ -16,9 +16,9 @@ choice is preempted and resumes on its own; a cancel ends them all; the request 
 when its last choice does.
 
 Each sequence keeps its own sampling state (transformers' logits processors, its own
-seeded generator), so batching does not change what a seeded request generates. Models
-that are not paged decoders (native GLM-4.1V) run one request at a time through
-transformers' generate().
+seeded generator), so batching does not change what a seeded request generates. A
+model whose rope has several axes (GLM-4.1V) gives a prompt's positions with its inputs
+and the offset of what follows; a sequence keeps that offset.
 
 Containment: no exception ends the loop. A failure is attributed to the request it
 belongs to (a row whose scores are not finite, a prefill, a stream), which fails alone;
@@ -41,8 +41,6 @@ import torch
 
 from inference_svc.bounds import clip
 from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
-from inference_svc.engine.block_sessions import BlockSessionStore
-from inference_svc.engine.dense_runner import generate_alone
 from inference_svc.engine.generation import DeltaStreamer
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount, KVExhausted
@@ -58,6 +56,7 @@ from inference_svc.engine.output import (
 from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.engine.text_stream import TextStream
 from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
+from inference_svc.model.base import PromptInputs
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.prompt import PromptPlan
 from inference_svc.process_memory import release_freed_memory
@@ -97,6 +96,7 @@ class Sequence:
     reuse: Reuse | None
     started: float
     length: int  # positions whose KV is in its blocks
+    position_offset: int  # rope position of a token = its index + this (see PromptInputs)
     next_token: int = 0  # chosen, not yet fed
     pending_logits: torch.Tensor | None = None  # from prefill, until the first token
     swapped: bool = False  # preempted with its blocks copied to host memory
@@ -123,7 +123,7 @@ class Prefill:
 
     job: Job
     plan: PromptPlan
-    embeds: torch.Tensor  # decoder inputs of the positions from `cached` on
+    inputs: PromptInputs  # decoder inputs of the positions from `cached` on
     cached: int  # positions that came from reused blocks
     done: int  # positions whose KV is in the owner's blocks
     reuse: Reuse | None = None
@@ -139,13 +139,13 @@ class Prefill:
 
 
 class ModelLoop:
-    def __init__(self, model, config, sessions: BlockSessionStore | SessionStore,
-                 ledger: BlockLedger | None = None, observer=None) -> None:
+    def __init__(self, model, config, sessions: SessionStore, ledger: BlockLedger,
+                 observer=None) -> None:
         self.model = model
         self.observer = observer  # told of admissions and preemptions (metrics)
         self.config = config
         self.sessions = sessions
-        self.ledger = ledger  # None: one request at a time, dense KV (not paged)
+        self.ledger = ledger
         self.queue: queue.PriorityQueue[Job] = queue.PriorityQueue()
         self.lock = threading.Lock()
         self.running: dict[str, RunningInfo] = {}
@@ -229,7 +229,7 @@ class ModelLoop:
             log.warning("admission_lease_lapsed", mode=admission.mode)
             self.set_admission(Admission())
             admission = self.admission
-        most = self.config.max_batch if self.ledger is not None else 1
+        most = self.config.max_batch
         if admission.mode == "paused":
             return 0
         if admission.mode == "limited":
@@ -285,15 +285,7 @@ class ModelLoop:
         self.kv_account = self._account()
 
     def _account(self) -> KVAccount:
-        if self.ledger is not None:
-            return self.ledger.account()
-        per_token = self.model.kv_bytes_per_token()
-        with self.lock:
-            owners = {r.request_id: r.prompt_tokens + r.generated_tokens
-                      for r in self.running.values()}
-        idle = sum(e.bytes for e in self.sessions.entries()) // max(per_token, 1)
-        return KVAccount(1, per_token, self.config.kv_budget_bytes // max(per_token, 1),
-                         0, sum(owners.values()) + idle, 0, 0, 0, owners)
+        return self.ledger.account()
 
     def _contain(self, error: Exception) -> None:
         """An error outside any one request's work: every request in flight fails (their
@@ -342,8 +334,7 @@ class ModelLoop:
         job.handle.push(Finished(FinishReason.CANCELLED, usage(job, 0)))
 
     def _release(self, key: str) -> None:
-        if self.ledger is not None:
-            self.ledger.release(key, keep_cached=False)
+        self.ledger.release(key, keep_cached=False)
 
     def _next_job(self, *, block: bool) -> Job | None:
         while True:
@@ -406,9 +397,6 @@ class ModelLoop:
         """Take the job's prompt blocks (less what is already computed) if they fit beside
         a watermark for the running rows to grow into, after evicting idle sessions or,
         for a higher-priority job, preempting lower-priority sequences."""
-        if self.ledger is None:
-            self._register(job)
-            return True
         ledger, resume = self.ledger, job.resume
         key = resume.key if resume is not None else job.request.request_id
         if resume is not None and resume.swapped:
@@ -572,8 +560,6 @@ class ModelLoop:
                     self._finish(job.resume)
                 else:
                     self._end_unstarted(job)
-            elif self.ledger is None:
-                self._run_alone(job)
             elif job.resume is not None and job.resume.swapped:
                 sequence = job.resume
                 sequence.info, sequence.swapped = job.info, False
@@ -604,12 +590,12 @@ class ModelLoop:
         """Queue a prompt for chunked prefill (its media are encoded now)."""
         cached = reuse.tokens if reuse else 0
         try:
-            embeds = self._with_one_retry(
-                lambda: self.model.prompt_embeddings(plan, job.media, cached=cached))
+            inputs = self._with_one_retry(
+                lambda: self.model.prompt_inputs(plan, job.media, cached=cached))
         except Exception as error:
             self._fail(job, job.info, error)
             return
-        self._prefilling.append(Prefill(job, plan, embeds[0], cached, cached, reuse, resumed))
+        self._prefilling.append(Prefill(job, plan, inputs, cached, cached, reuse, resumed))
 
     def _prefill_step(self) -> None:
         """One pass over queued prompts under a token budget of one chunk, all packed into
@@ -676,8 +662,13 @@ class ModelLoop:
     def _feed(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor]:
         packed = [RowSlots(self.ledger.slots(p.key, p.done, end),
                            self.ledger.slots(p.key, 0, end)) for p, end in work]
-        inputs = [p.embeds[p.done - p.cached:end - p.cached] for p, end in work]
-        return list(self.model.forward_paged(self.ledger.pool, [packed], [inputs]))
+        spans = [(p.inputs, p.done - p.cached, end - p.cached) for p, end in work]
+        embeds = [inputs.embeds[start:stop] for inputs, start, stop in spans]
+        positions = None
+        if any(inputs.positions is not None for inputs, _, _ in spans):
+            positions = [[None if inputs.positions is None else inputs.positions[:, start:stop]
+                          for inputs, start, stop in spans]]
+        return list(self.model.forward_paged(self.ledger.pool, [packed], [embeds], positions))
 
     def _feed_each(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor | None]:
         """The prompts one by one, so that only the culprit fails."""
@@ -743,7 +734,8 @@ class ModelLoop:
         return Sequence(
             job=job, info=info, sampler=sampler, history=torch.tensor([plan.input_ids]),
             streamer=streamer, text=text, reuse=prefill.reuse if index == 0 else None,
-            started=started, length=prefill.done, pending_logits=logits, index=index,
+            started=started, length=prefill.done,
+            position_offset=prefill.inputs.position_offset, pending_logits=logits, index=index,
             choices=choices,
         )
 
@@ -823,7 +815,8 @@ class ModelLoop:
         were: the next one writes the same slots again)."""
         tables = [self.ledger.table(s.key) for s in running]
         return self.model.decode_paged(self.ledger.pool, tables, [s.length for s in running],
-                                       [s.next_token for s in running])
+                                       [s.next_token for s in running],
+                                       [s.position_offset for s in running])
 
     def _with_one_retry(self, work):
         """Run `work`; on out-of-memory, drop every idle cache, release memory, try once more."""
@@ -905,19 +898,6 @@ class ModelLoop:
         session = sequence.job.request.session_id if sequence.index == 0 else ""
         self.sessions.put(session, key, sequence.content, sequence.length)
 
-    def _conclude(self, job: Job, streamer: DeltaStreamer, text: TextStream,
-                  reuse: Reuse | None, started: float, *, keep: Callable[[], None]) -> Finished:
-        """Why it ended, keep its KV for reuse unless cancelled, account and log it."""
-        request = job.request
-        reason = end_reason(job, streamer, self.model.eos_token_ids)
-        if reason is FinishReason.CANCELLED:
-            self._release(request.request_id)
-        else:
-            keep()
-        finished = final_event(job, streamer, text, reason, reuse.tokens if reuse else 0)
-        self._log_finished(job, finished, reuse, started)
-        return finished
-
     @staticmethod
     def _log_finished(job: Job, finished: Finished, reuse: Reuse | None,
                       started: float) -> None:
@@ -984,33 +964,7 @@ class ModelLoop:
 
     def kv_estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """KV a request holds at its longest: prompt plus every token it may generate."""
-        tokens = prompt_tokens + max_new_tokens
-        if self.ledger is not None:
-            return self.ledger.blocks_for(tokens) * self.ledger.bytes_per_block
-        return tokens * self.model.kv_bytes_per_token()
-
-    # ---- one request at a time, for models that are not paged decoders ----------------
-
-    def _run_alone(self, job: Job) -> None:
-        started, info = time.monotonic(), job.info
-
-        def progress(tokens: int) -> None:
-            self.heartbeat = time.monotonic()
-            info.generated_tokens = tokens
-
-        try:
-            run = generate_alone(self.model, job, self.sessions,
-                                 prefix_caching=self.config.prefix_caching,
-                                 kv_budget_bytes=self.config.kv_budget_bytes,
-                                 on_progress=progress)
-            finished = self._conclude(job, run.streamer, run.text, run.reuse, started,
-                                      keep=run.keep)
-        except Exception as error:  # one request's failure must not stop the loop
-            self._fail(job, info, error)
-            return
-        self._retire(info.request_id)
-        job.handle.push(finished)
-
+        return self.ledger.blocks_for(prompt_tokens + max_new_tokens) * self.ledger.bytes_per_block
 
 def choice_key(request_id: str, index: int) -> str:
     """The ledger owner of a request's choice: the request id itself for choice 0."""

@@ -1,8 +1,11 @@
-"""Idle KV caches kept for reuse: per session id, and by prompt content (prefix cache).
+"""Sessions over the KV ledger: a session is a reference to blocks, not a copy of KV.
 
-Entries are keyed by a content sequence (token ids, with media positions replaced by
-ids derived from the media's bytes), so a cache is only reused for the same content.
-All bytes are measured from the tensors. Eviction is least-recently-used.
+When a request of a session finishes, the session takes over its block table (the
+previous turn's table is let go; blocks both share stay). The next turn finds its
+prefix in the session's table, and any request finds full blocks of any earlier prompt
+by content (automatic prefix caching: blocks nobody holds stay cached until their space
+is needed). The block where the new tokens start is copied first if anyone else can
+read it. All byte counts come from the ledger; only the model thread calls in here.
 """
 
 from __future__ import annotations
@@ -12,34 +15,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from transformers import DynamicCache
+from inference_svc.engine.kv_blocks import BlockLedger, KVExhausted
 
-from inference_svc.engine import kv_cache
-
-ANONYMOUS_PREFIX = "~prefix:"  # entries kept for automatic prefix caching, not for a session
-
-
-@dataclass
-class CachedPrefix:
-    key: str
-    session_id: str  # "" for an anonymous prefix entry
-    content: list[int]  # content ids of the cached tokens (len == cache length)
-    cache: DynamicCache
-    bytes: int
-    last_used: float
-
-    @property
-    def tokens(self) -> int:
-        return len(self.content)
-
-    @property
-    def device(self) -> str | None:
-        return kv_cache.device_of(self.cache)
+SESSION = "session:"
 
 
 @dataclass(frozen=True)
 class Reuse:
-    cache: DynamicCache | None  # None: the reused KV is in the owner's blocks
+    """Positions a new owner starts with, already computed (in its blocks)."""
+
     tokens: int
     source: str  # "session", "prefix"
 
@@ -58,55 +42,96 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+@dataclass
+class SessionEntry:
+    key: str  # the session id
+    content: list[int]  # content ids of the positions its blocks hold
+    bytes: int
+    last_used: float
+    device: str
+
+    @property
+    def session_id(self) -> str:
+        return self.key
+
+    @property
+    def tokens(self) -> int:
+        return len(self.content)
+
+
 class SessionStore:
-    def __init__(self, *, idle_ttl_s: float, min_reuse_tokens: int = 16) -> None:
+    def __init__(self, ledger: BlockLedger, *, idle_ttl_s: float, device: str,
+                 prefix_caching: bool = True, min_reuse_tokens: int = 16) -> None:
+        self.ledger = ledger
         self.idle_ttl_s = idle_ttl_s
+        self.device = device
+        self.prefix_caching = prefix_caching
         self.min_reuse_tokens = min_reuse_tokens
-        self._entries: OrderedDict[str, CachedPrefix] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
+        self._lock = threading.Lock()  # guards _entries for readers on other threads
 
     # ---- reuse ------------------------------------------------------------------
 
-    def take(self, session_id: str, content: list[int]) -> Reuse | None:
-        """Best cached prefix of `content` (at least one token is left to compute).
-
-        The session's own entry is handed over (it will be extended and stored back);
-        another entry's prefix is copied so that entry stays intact.
-        """
+    def take(self, session_id: str, content: list[int], owner: str) -> Reuse | None:
+        """Give `owner` a table holding the longest known prefix of `content` (one token
+        at least is left to compute); None when less than `min_reuse_tokens` is known."""
         limit = len(content) - 1
-        with self._lock:
-            own = self._entries.get(session_id) if session_id else None
-            best, best_len = None, 0
-            for entry in self._entries.values():
-                length = min(common_prefix(entry.content, content), limit)
-                if length > best_len or (length == best_len and entry is own and length):
-                    best, best_len = entry, length
-            if best is None or best_len < self.min_reuse_tokens:
-                return None
-            if best is own or best.key.startswith(ANONYMOUS_PREFIX):
-                del self._entries[best.key]
-                if best_len < best.tokens:
-                    kv_cache.truncate(best.cache, best_len)
-                return Reuse(best.cache, best_len, "session" if best is own else "prefix")
-            best.last_used = time.monotonic()
-            return Reuse(kv_cache.prefix_copy(best.cache, best_len), best_len, "prefix")
+        ledger = self.ledger
+        entry = self._entries.get(session_id) if session_id else None
+        own = 0
+        if entry is not None and self._resident(entry):
+            own = min(common_prefix(entry.content, content), limit)
+        found = ledger.match(content[:limit]) if self.prefix_caching else []
+        if own > len(found) * ledger.block_size:
+            ledger.let_go(found)
+            blocks = ledger.hold(ledger.table(SESSION + session_id)[:ledger.blocks_for(own)])
+            tokens, source = own, "session"
+        else:
+            blocks, tokens = found, len(found) * ledger.block_size
+            source = "session" if own and own >= tokens else "prefix"
+        if tokens < self.min_reuse_tokens:
+            ledger.let_go(blocks)
+            return None
+        ledger.adopt(owner, blocks)
+        ledger.writable_from(owner, tokens)
+        if source == "session":  # the session's own blocks were used
+            entry.last_used = time.monotonic()
+        return Reuse(tokens, source)
 
-    def put(self, session_id: str, request_id: str, content: list[int],
-            cache: DynamicCache) -> int:
-        """Keep `cache` (covering `content[:len]`) for reuse; returns its bytes."""
-        length = kv_cache.cache_length(cache)
-        key = session_id or f"{ANONYMOUS_PREFIX}{request_id}"
-        entry = CachedPrefix(key, session_id, content[:length], cache,
-                             kv_cache.cache_bytes(cache), time.monotonic())
+    def _resident(self, entry: SessionEntry) -> bool:
+        """The session's blocks are in the pool (brought back if they were offloaded)."""
+        if entry.device == self.device:
+            return True
+        try:
+            self.ledger.swap_in(SESSION + entry.key)
+        except KVExhausted:
+            return False
+        entry.device = self.device
+        return True
+
+    def put(self, session_id: str, owner: str, content: list[int], length: int) -> None:
+        """`owner` (a finished request) hands its blocks, holding `content[:length]`, to
+        its session; without a session they stay cached by content (or are freed)."""
+        ledger = self.ledger
+        if self.prefix_caching:
+            ledger.seal(owner, content, length)
+        if not session_id:
+            ledger.release(owner, keep_cached=self.prefix_caching)
+            return
+        key = SESSION + session_id
+        ledger.release(key, keep_cached=self.prefix_caching)
+        ledger.rename(owner, key)
+        ledger.truncate(key, length)
+        entry = SessionEntry(session_id, content[:length],
+                             len(ledger.table(key)) * ledger.bytes_per_block,
+                             time.monotonic(), self.device)
         with self._lock:
-            old = self._entries.pop(key, None)
-            self._entries[key] = entry
-        del old
-        return entry.bytes
+            self._entries.pop(session_id, None)
+            self._entries[session_id] = entry
 
     # ---- accounting and trimming ------------------------------------------------
 
-    def entries(self) -> list[CachedPrefix]:
+    def entries(self) -> list[SessionEntry]:
         with self._lock:
             return list(self._entries.values())
 
@@ -114,51 +139,64 @@ class SessionStore:
         with self._lock:
             return sum(e.bytes for e in self._entries.values())
 
-    def end(self, session_id: str) -> int | None:
+    def _drop(self, session_id: str) -> int:
         with self._lock:
             entry = self._entries.pop(session_id, None)
-        return None if entry is None else entry.bytes
+        if entry is None:
+            return -1
+        freed = self.ledger.release(SESSION + session_id, keep_cached=False)
+        return freed * self.ledger.bytes_per_block if entry.device == self.device else entry.bytes
+
+    def end(self, session_id: str) -> int | None:
+        with self._lock:
+            entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        self._drop(session_id)
+        return entry.bytes
 
     def evict_lru(self, target_bytes: int) -> TrimResult:
-        """Evict least recently used entries until `target_bytes` are freed (0: all)."""
-        freed, keys = 0, []
-        with self._lock:
-            while self._entries and (target_bytes <= 0 or freed < target_bytes):
-                key, entry = self._entries.popitem(last=False)
-                freed += entry.bytes
-                keys.append(key)
+        """Free at least `target_bytes` (0: everything idle): cached blocks first, then
+        sessions, least recently used first."""
+        ledger, per_block = self.ledger, self.ledger.bytes_per_block
+        wanted = -(-target_bytes // per_block) if target_bytes > 0 else 0
+        freed = ledger.evict_cached(wanted) * per_block
+        keys: list[str] = []
+        while target_bytes <= 0 or freed < target_bytes:
+            with self._lock:
+                if not self._entries:
+                    break
+                oldest = next(iter(self._entries))
+            freed += max(self._drop(oldest), 0)
+            keys.append(oldest)
         return TrimResult(freed, keys)
 
     def expire_idle(self, now: float | None = None) -> TrimResult:
         now = time.monotonic() if now is None else now
-        freed, keys = 0, []
         with self._lock:
-            for key in [k for k, e in self._entries.items()
-                        if now - e.last_used > self.idle_ttl_s]:
-                freed += self._entries.pop(key).bytes
-                keys.append(key)
-        return TrimResult(freed, keys)
+            stale = [k for k, e in self._entries.items() if now - e.last_used > self.idle_ttl_s]
+        freed = sum(max(self._drop(key), 0) for key in stale)
+        return TrimResult(freed, stale)
 
     def truncate_all(self, max_tokens: int) -> TrimResult:
         freed, keys = 0, []
-        with self._lock:
-            for entry in self._entries.values():
-                if entry.tokens > max_tokens:
-                    kv_cache.truncate(entry.cache, max_tokens)
-                    entry.content = entry.content[:max_tokens]
-                    new_bytes = kv_cache.cache_bytes(entry.cache)
-                    freed += entry.bytes - new_bytes
-                    entry.bytes = new_bytes
-                    keys.append(entry.key)
+        for entry in self.entries():
+            if entry.tokens > max_tokens and entry.device == self.device:
+                blocks = self.ledger.truncate(SESSION + entry.key, max_tokens)
+                entry.content = entry.content[:max_tokens]
+                entry.bytes -= blocks * self.ledger.bytes_per_block
+                freed += blocks * self.ledger.bytes_per_block
+                keys.append(entry.key)
         return TrimResult(freed, keys)
 
     def offload_to(self, device: str) -> TrimResult:
-        """Move idle caches living elsewhere (a GPU) to `device`; bytes moved."""
+        """Copy idle sessions' blocks out of the pool to `device` (host memory)."""
         moved, keys = 0, []
-        with self._lock:
-            for entry in self._entries.values():
-                if kv_cache.device_of(entry.cache) not in (None, device):
-                    kv_cache.move(entry.cache, device)
-                    moved += entry.bytes
-                    keys.append(entry.key)
+        if device == self.device:
+            return TrimResult(0, [])
+        for entry in self.entries():
+            if entry.device == self.device:
+                moved += self.ledger.swap_out(SESSION + entry.key, device)
+                entry.device = device
+                keys.append(entry.key)
         return TrimResult(moved, keys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -31,16 +32,27 @@ class UnitModel:
         return ["text", *self.encoders]
 
 
+@dataclass(frozen=True)
+class PromptInputs:
+    """What the decoder is fed for a prompt's positions from `cached` on."""
+
+    embeds: torch.Tensor  # [n, hidden], media features in their slots
+    positions: torch.Tensor | None = None  # [axes, n] rope positions; None: the index
+    position_offset: int = 0  # a generated token at index i has position i + offset
+
+
 @runtime_checkable
 class PagedDecoder(Protocol):
-    """A model whose decoder runs on block-paged KV (engine batches it step by step)."""
+    """A model whose decoder runs on block-paged KV (the engine batches it step by step)."""
 
     def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool: ...
 
-    def prompt_embeddings(self, plan: PromptPlan, media, *, cached: int = 0) -> torch.Tensor: ...
+    def prompt_inputs(self, plan: PromptPlan, media, *, cached: int = 0) -> PromptInputs: ...
 
     def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
-                      inputs: list[list[torch.Tensor]]) -> torch.Tensor: ...
+                      inputs: list[list[torch.Tensor]],
+                      positions: list[list[torch.Tensor | None]] | None = None,
+                      ) -> torch.Tensor: ...
 
     def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
-                     tokens: list[int]) -> torch.Tensor: ...
+                     tokens: list[int], offsets: list[int] | None = None) -> torch.Tensor: ...

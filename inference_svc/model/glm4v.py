@@ -6,11 +6,14 @@ Two units: the decoder (the whole model minus its vision tower) and the vision t
 (`model.visual`), which can be offloaded on its own and is reloaded from the
 checkpoint's safetensors (only the tower's keys).
 
-Images are encoded by the vision unit before generation and reach the decoder as
-`mm_encoder_outputs`, holding only the rows of image tokens the KV cache does not
-already cover; 3D rope positions are computed over the whole prompt. This keeps prefix
-and session KV reuse exact for prompts with images, and the decoder never runs the
-tower itself, so the two units never need each other resident.
+Images are encoded by the vision unit when a prompt is admitted and reach the decoder
+as input embeddings, only for the image tokens the KV cache does not already hold; the
+decoder runs on the engine's paged KV like any other (model/paged_forward.py). GLM-4.1V's
+rope has three axes (time, height, width): a prompt's positions are computed over the
+whole prompt from its image grids, and a generated token's position is its index plus
+the prompt's offset (images take fewer positions than tokens). This keeps prefix and
+session KV reuse exact for prompts with images, and the decoder never runs the tower
+itself, so the two units never need each other resident.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ from transformers import (
     Glm4vVisionModel,
 )
 from transformers.initialization import no_init_weights
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from inference_svc.errors import ModalityUnavailable
-from inference_svc.model.base import UnitModel
+from inference_svc.model.base import PromptInputs, UnitModel
 from inference_svc.model.bundle import Manifest, ModuleEntry
 from inference_svc.model.glm4v_vision import TowerShape, VisionGeometry, activation_bytes
 from inference_svc.model.media import DecodedImage, decode_image
+from inference_svc.model.paged_forward import PagedForward
 from inference_svc.model.prompt import (
     MediaSpan,
     PromptPlan,
@@ -90,7 +93,7 @@ def _first_then(first: nn.Module, loader: Callable[[], nn.Module]) -> Callable[[
     return load
 
 
-class Glm4vModel(UnitModel):
+class Glm4vModel(PagedForward, UnitModel):
     """The engine's model interface over a native GLM-4.1V checkpoint directory."""
 
     def __init__(self, checkpoint: Path, *, device: str = "cpu",
@@ -221,15 +224,6 @@ class Glm4vModel(UnitModel):
                 return int(candidate)
         return 0
 
-    def kv_bytes_per_token(self) -> int:
-        config = self.config
-        heads = config.num_key_value_heads or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * config.num_hidden_layers * heads * head_dim * element
-
     # ---- requests -----------------------------------------------------------------
 
     def decode_media(self, messages: list[ChatMessage], *, max_pixels: int) -> Glm4vMedia:
@@ -306,38 +300,48 @@ class Glm4vModel(UnitModel):
         return PromptPlan(input_ids=ids, spans=spans, content=content_ids,
                           answer_tags=True)
 
-    def generation_inputs(self, plan: PromptPlan, media: Glm4vMedia, *,
-                          cached: int = 0) -> dict:
-        """Keyword arguments for the decoder's generate(): ids, mask, 3D positions, features.
-
-        Image features are given only for the image tokens after the first `cached`
-        positions (those before come from the KV cache); positions cover the whole prompt.
-        """
-        ids = torch.tensor([plan.input_ids], device=self.device)
-        inputs = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "position_ids": self._position_ids(ids, media),
-        }
+    def prompt_inputs(self, plan: PromptPlan, media: Glm4vMedia, *,
+                      cached: int = 0) -> PromptInputs:
+        """Decoder inputs of the positions from `cached` on: token embeddings with the
+        tower's features in the image slots (only the images not wholly cached are
+        encoded), and their rope positions."""
+        ids = torch.tensor(plan.input_ids[cached:], device=self.device)
         features = self._uncached_image_features(plan, media, cached)
-        if features is not None:
-            inputs["mm_encoder_outputs"] = {
-                "image": BaseModelOutputWithPooling(pooler_output=(features,))
-            }
-        return inputs
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            embeds = decoder.get_input_embeddings()(ids)
+            if features is not None:
+                slots = self._image_slots(plan, len(plan.input_ids))[cached:]
+                embeds[slots.to(embeds.device)] = features.to(embeds.device, embeds.dtype)
+        positions, offset = self._rope_positions(plan, media)
+        return PromptInputs(embeds, None if positions is None else positions[:, cached:],
+                            offset)
 
-    def _position_ids(self, ids: torch.Tensor, media: Glm4vMedia) -> torch.Tensor:
-        """[text; temporal; height; width] positions, as the model's generate() builds them."""
-        text_positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)
-        if not media.grids:
-            return text_positions.expand(4, 1, -1).clone()
-        token_types = (ids == self.image_token_id).int()
-        grids = torch.tensor(media.grids, device=ids.device)
+    @staticmethod
+    def _image_slots(plan: PromptPlan, length: int) -> torch.Tensor:
+        """Which of the first `length` positions hold image features (by the plan's spans,
+        not by token id: a generated token may equal the image token)."""
+        slots = torch.zeros(length, dtype=torch.bool)
+        for span in plan.spans:
+            slots[span.start:span.start + span.length] = True
+        return slots
+
+    def _rope_positions(self, plan: PromptPlan,
+                        media: Glm4vMedia) -> tuple[torch.Tensor | None, int]:
+        """The prompt's (time, height, width) positions [3, n] as the model computes them,
+        and the offset of the tokens after it; None and 0 for text alone (index = position)."""
+        if not plan.spans:
+            return None, 0
+        ids = torch.tensor([plan.input_ids])
+        token_types = self._image_slots(plan, len(plan.input_ids)).int()[None]
+        grids = torch.tensor([media.grids[s.index] for s in plan.spans])
         with self.decoder_unit.use() as decoder:
-            rope_positions, _ = decoder.model.get_rope_index(
-                ids, mm_token_type_ids=token_types, image_grid_thw=grids
-            )
-        return torch.cat([text_positions, rope_positions], dim=0)
+            positions, offsets = decoder.model.get_rope_index(
+                ids, mm_token_type_ids=token_types, image_grid_thw=grids)
+        return positions[:, 0], int(offsets[0, 0])
+
+    @staticmethod
+    def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
+        return list(decoder.model.language_model.layers)
 
     def _uncached_image_features(self, plan: PromptPlan, media: Glm4vMedia,
                                  cached: int) -> torch.Tensor | None:

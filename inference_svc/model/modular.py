@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference_svc.errors import InvalidRequest, ModalityUnavailable
-from inference_svc.model.base import UnitModel
+from inference_svc.model.base import PromptInputs, UnitModel
 from inference_svc.model.bundle import Manifest
 from inference_svc.model.encoders import (
     AUDIO_MERGE,
@@ -25,7 +26,7 @@ from inference_svc.model.media import (
     decode_pcm,
     decode_wav,
 )
-from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
+from inference_svc.model.paged_forward import PagedForward
 from inference_svc.model.placement import Placement
 from inference_svc.model.prompt import PromptPlan, media_digest, media_parts, render_prompt
 from inference_svc.model.units import ModuleUnit
@@ -40,7 +41,7 @@ class DecodedMedia:
     audios: list[DecodedAudio]
 
 
-class ModularModel(UnitModel):
+class ModularModel(PagedForward, UnitModel):
     """Loads a modular bundle; exposes prompt planning, encoding and the decoder."""
 
     def __init__(self, bundle: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -149,15 +150,6 @@ class ModularModel(UnitModel):
             frames = (frames - kernel) // stride + 1
         return max(1, -(-max(frames, 1) // AUDIO_MERGE))
 
-    def kv_bytes_per_token(self) -> int:
-        config = self.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * config.num_hidden_layers * heads * head_dim * element
-
     def decode_media(self, messages, *, max_pixels: int) -> DecodedMedia:
         images, audios = [], []
         for part in media_parts(messages):
@@ -198,63 +190,14 @@ class ModularModel(UnitModel):
                              media_lengths=lengths, media_digests=digests,
                              placeholder_id=self.placeholder_id)
 
-    def prompt_embeddings(self, plan: PromptPlan, media: DecodedMedia, *,
-                          cached: int = 0) -> torch.Tensor:
-        """Decoder inputs for the prompt positions after `cached` [1, n, hidden]."""
-        return self.embed(plan, media, cached=cached)[:, cached:]
-
-    def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool:
-        """Block storage for this decoder's KV, each layer's on that layer's device."""
-        config = self.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads)
-        with self.decoder_unit.use() as decoder:
-            devices = [str(layer.self_attn.k_proj.weight.device)
-                       for layer in decoder.model.layers]
-        return KVPool(layer_devices=devices, kv_heads=heads, head_dim=head_dim,
-                      dtype=self.dtype, block_size=block_size, blocks=blocks)
-
-    def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
-                      inputs: list[list[torch.Tensor]]) -> torch.Tensor:
-        """One decoder pass over new tokens of several sequences, KV in `pool`.
-
-        `rows[b]` lists the sequences packed into row b and `inputs[b]` their new
-        tokens: token ids [n], or decoder input embeddings [n, hidden] (a prompt with
-        media). Returns the logits after each sequence's last token [sequences, vocab],
-        in row-major order.
-        """
-        step = PagedStep(pool, rows, self.dtype)
-        with self.decoder_unit.use() as decoder, torch.inference_mode():
-            table = decoder.get_input_embeddings()
-            device = table.weight.device
-            embeds = torch.zeros((len(rows), step.queries, self.config.hidden_size),
-                                 dtype=table.weight.dtype, device=device)
-            for b, row_inputs in enumerate(inputs):
-                parts = [table(x.to(device)) if x.dtype == torch.long else x.to(device)
-                         for x in row_inputs]
-                row = torch.cat(parts) if len(parts) > 1 else parts[0]
-                embeds[b, step.queries - row.shape[0]:] = row
-            return self._run_decoder(decoder, step, embeds)
-
-    def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
-                     tokens: list[int]) -> torch.Tensor:
-        """One decode step: sequence b feeds `tokens[b]` at position `lengths[b]` of its
-        blocks `tables[b]`. Returns next-token logits [sequences, vocab]."""
-        step = PagedStep.decode(pool, tables, lengths, self.dtype)
-        with self.decoder_unit.use() as decoder, torch.inference_mode():
-            table = decoder.get_input_embeddings()
-            ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
-            return self._run_decoder(decoder, step, table(ids)[:, None])
+    def prompt_inputs(self, plan: PromptPlan, media: DecodedMedia, *,
+                      cached: int = 0) -> PromptInputs:
+        """Decoder inputs for the prompt positions after `cached` (1D rope: no positions)."""
+        return PromptInputs(self.embed(plan, media, cached=cached)[0, cached:])
 
     @staticmethod
-    def _run_decoder(decoder, step: PagedStep, embeds: torch.Tensor) -> torch.Tensor:
-        device = embeds.device
-        single = embeds.shape[0] == 1
-        out = decoder(inputs_embeds=embeds, position_ids=step.positions.to(device),
-                      attention_mask=step.mask.to(device), cache=step, use_cache=False,
-                      logits_to_keep=torch.tensor(step.last, device=device) if single else 1)
-        return out.logits[0] if single else out.logits[:, -1]
+    def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
+        return list(decoder.model.layers)
 
     def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
         """Decoder input embeddings with encoder outputs in the media slots.

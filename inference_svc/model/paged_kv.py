@@ -143,7 +143,10 @@ class PagedStep:
     are left-padded to the longest, so each row's last token is last.
     """
 
-    def __init__(self, pool: KVPool, rows: list[list[RowSlots]], dtype: torch.dtype) -> None:
+    def __init__(self, pool: KVPool, rows: list[list[RowSlots]], dtype: torch.dtype,
+                 given: list[list[torch.Tensor | None]] | None = None) -> None:
+        """`given[b][i]`, when set, holds segment i of row b's positions on each rotary
+        axis [axes, new tokens] (a multimodal rope); otherwise a position is its index."""
         self.pool = pool
         self.queries = max(sum(len(s.write) for s in row) for row in rows)
         self.keys = max(sum(len(s.read) for s in row) for row in rows)
@@ -169,7 +172,8 @@ class PagedStep:
                 self.last.append(b * q + query - 1)
             if key < k:
                 read.append(torch.full((k - key,), NULL_BLOCK * pool.block_size))
-        self.positions = positions
+        self.positions = positions if given is None else self._given_positions(
+            positions, rows, given)
         self._write_rows = torch.cat(write_rows)
         self._write_slots = torch.cat(write_slots)
         self._read = torch.cat(read)
@@ -178,10 +182,25 @@ class PagedStep:
         self.mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         self._on: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
+    def _given_positions(self, indices: torch.Tensor, rows: list[list[RowSlots]],
+                         given: list[list[torch.Tensor | None]]) -> torch.Tensor:
+        """Positions [axes, rows, queries]: a segment's given ones, else its indices."""
+        axes = next(p.shape[0] for row in given for p in row if p is not None)
+        positions = indices[None].repeat(axes, 1, 1)
+        for b, (row, row_given) in enumerate(zip(rows, given, strict=True)):
+            query = self.queries - sum(len(s.write) for s in row)
+            for segment, segment_positions in zip(row, row_given, strict=True):
+                n = len(segment.write)
+                if segment_positions is not None:
+                    positions[:, b, query:query + n] = segment_positions
+                query += n
+        return positions
+
     @classmethod
     def decode(cls, pool: KVPool, tables: list[list[int]], lengths: list[int],
-               dtype: torch.dtype) -> PagedStep:
-        """One new token per sequence, at position `lengths[b]` of `tables[b]`'s blocks:
+               dtype: torch.dtype, offsets: list[int] | None = None) -> PagedStep:
+        """One new token per sequence, at slot `lengths[b]` of `tables[b]`'s blocks and
+        position `lengths[b] + offsets[b]` (a multimodal rope's offset after its media):
         built with a few tensor operations whatever the batch size."""
         step = cls.__new__(cls)
         size, rows = pool.block_size, len(tables)
@@ -199,7 +218,8 @@ class PagedStep:
         step._write_slots = read.gather(1, length[:, None]).reshape(-1)
         step._read = read.reshape(-1)
         step._padded = False
-        step.positions = length[:, None]
+        step.positions = length[:, None] if offsets is None else (
+            length + torch.tensor(offsets, dtype=torch.long))[:, None]
         step.last = list(range(rows))
         mask = torch.zeros((rows, 1, 1, step.keys), dtype=dtype)
         step.mask = mask.masked_fill(~allowed[:, None, None, :], torch.finfo(dtype).min)

@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, DynamicCache, Glm4vForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import AutoImageProcessor, Glm4vForConditionalGeneration
 
 from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.builders import write_tiny_glm4v_checkpoint
 from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
+from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.placement import bytes_by_device
 from inference_svc.model.units import DISK
-from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
+from inference_svc.types import (
+    AudioPart,
+    ChatMessage,
+    Delta,
+    Finished,
+    GenerationRequest,
+    ImagePart,
+    SamplingParams,
+    TextPart,
+)
 from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
+from tests.unit.engine_runs import run_all
 
 MAX_PIXELS = 1_003_520
 
@@ -94,44 +107,48 @@ def test_audio_part_is_refused_naming_the_part(model):
         model.decode_media(messages, max_pixels=MAX_PIXELS)
 
 
-def _logits(decoder, inputs: dict, *, start: int = 0, stop: int | None = None,
-            cache: DynamicCache | None = None) -> torch.Tensor:
-    """Logits of positions [start, stop) of `inputs`, the first `start` being in `cache`."""
-    ids = inputs["input_ids"][:, start:stop]
-    kwargs = {}
-    if "mm_encoder_outputs" in inputs:
-        rows = inputs["mm_encoder_outputs"]["image"].pooler_output[0]
-        image_rows = int((inputs["input_ids"][:, :stop] == decoder.config.image_token_id).sum())
-        kwargs["mm_encoder_outputs"] = {
-            "image": BaseModelOutputWithPooling(pooler_output=(rows[:image_rows],))
-        }
-    with torch.inference_mode():
-        return decoder(input_ids=ids, attention_mask=inputs["attention_mask"][:, :stop],
-                       position_ids=inputs["position_ids"][..., start:stop], cache=cache,
-                       **kwargs).logits
-
-
-def test_inputs_match_the_models_own_pixel_path(model, checkpoint):
-    messages = two_image_messages()
-    media = model.decode_media(messages, max_pixels=MAX_PIXELS)
-    plan = model.plan(messages, media, enable_thinking=False)
+def reference_logits(checkpoint: Path, model: Glm4vModel, plan, media) -> torch.Tensor:
+    """The checkpoint's own forward over the prompt, pixels in (its rope, its tower)."""
     reference = Glm4vForConditionalGeneration.from_pretrained(checkpoint).eval()
     ids = torch.tensor([plan.input_ids])
     with torch.inference_mode():
-        expected = reference(
+        return reference(
             input_ids=ids, attention_mask=torch.ones_like(ids),
             pixel_values=torch.cat(media.pixel_values), image_grid_thw=torch.tensor(media.grids),
             mm_token_type_ids=(ids == model.image_token_id).int(),
-        ).logits
-    with model.decoder_unit.use() as decoder:
-        actual = _logits(decoder, model.generation_inputs(plan, media))
-    torch.testing.assert_close(actual, expected)
+        ).logits[0]
+
+
+def contiguous(start: int, stop: int, *, first_block: int = 1, size: int = 16) -> RowSlots:
+    """Positions [start, stop) of a sequence whose blocks are first_block, first_block+1..."""
+    def slots(a: int, b: int) -> torch.Tensor:
+        return torch.arange(a, b) + first_block * size
+    return RowSlots(slots(start, stop), slots(0, stop))
+
+
+def paged_prefill(model: Glm4vModel, pool, plan, media, *, cached: int = 0) -> torch.Tensor:
+    """Last-token logits of feeding the prompt from `cached` on, in one pass."""
+    inputs = model.prompt_inputs(plan, media, cached=cached)
+    positions = None if inputs.positions is None else [[inputs.positions]]
+    [logits] = model.forward_paged(pool, [[contiguous(cached, len(plan.input_ids))]],
+                                   [[inputs.embeds]], positions)
+    return logits
+
+
+def test_paged_prefill_matches_the_models_own_pixel_path(model, checkpoint):
+    messages = two_image_messages()
+    media = model.decode_media(messages, max_pixels=MAX_PIXELS)
+    plan = model.plan(messages, media, enable_thinking=False)
+    expected = reference_logits(checkpoint, model, plan, media)[-1]
+    pool = model.new_kv_pool(block_size=16, blocks=len(plan.input_ids) // 16 + 2)
+    torch.testing.assert_close(paged_prefill(model, pool, plan, media), expected)
 
 
 @pytest.mark.parametrize("where", ["text_before_images", "inside_first_image",
                                    "between_images", "after_images"])
 def test_cached_prefix_gives_the_same_logits(model, where):
-    """A KV cache of any prefix, even one ending inside an image, continues exactly."""
+    """KV of any prefix, even one ending inside an image, continues exactly: the rest's
+    embeddings and rope positions are those of the whole prompt from there on."""
     messages = two_image_messages()
     media = model.decode_media(messages, max_pixels=MAX_PIXELS)
     plan = model.plan(messages, media, enable_thinking=False)
@@ -139,15 +156,68 @@ def test_cached_prefix_gives_the_same_logits(model, where):
     cached = {"text_before_images": 3, "inside_first_image": first.start + first.length // 2,
               "between_images": second.start - 1,
               "after_images": second.start + second.length + 1}[where]
-    with model.decoder_unit.use() as decoder:
-        full_inputs = model.generation_inputs(plan, media)
-        full = _logits(decoder, full_inputs)
-        cache = DynamicCache(config=decoder.config)
-        _logits(decoder, full_inputs, stop=cached, cache=cache)
-        assert cache.get_seq_length() == cached
-        rest = _logits(decoder, model.generation_inputs(plan, media, cached=cached),
-                       start=cached, cache=cache)
-    torch.testing.assert_close(rest, full[:, cached:], rtol=1e-4, atol=1e-4)
+    blocks = len(plan.input_ids) // 16 + 2
+    whole = paged_prefill(model, model.new_kv_pool(block_size=16, blocks=blocks), plan, media)
+    pool = model.new_kv_pool(block_size=16, blocks=blocks)
+    prefix = replace(plan, input_ids=plan.input_ids[:cached],
+                     spans=[s for s in plan.spans if s.start < cached])
+    inputs = model.prompt_inputs(plan, media)
+    model.forward_paged(pool, [[contiguous(0, cached)]], [[inputs.embeds[:cached]]],
+                        [[inputs.positions[:, :cached]]])
+    assert prefix.input_ids == plan.input_ids[:cached]
+    rest = paged_prefill(model, pool, plan, media, cached=cached)
+    torch.testing.assert_close(rest, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_generated_tokens_continue_the_rope_after_the_images(model, checkpoint):
+    """The engine's greedy tokens for an image prompt are the checkpoint's own generate()'s:
+    decode positions are index + the prompt's offset (images take fewer positions)."""
+    messages = two_image_messages()
+    media = model.decode_media(messages, max_pixels=MAX_PIXELS)
+    plan = model.plan(messages, media, enable_thinking=False)
+    assert model.prompt_inputs(plan, media).position_offset < 0
+    reference = Glm4vForConditionalGeneration.from_pretrained(checkpoint).eval()
+    ids = torch.tensor([plan.input_ids])
+    with torch.inference_mode():
+        expected = reference.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids),
+            pixel_values=torch.cat(media.pixel_values), image_grid_thw=torch.tensor(media.grids),
+            mm_token_type_ids=(ids == model.image_token_id).int(), do_sample=False,
+            max_new_tokens=12, min_new_tokens=12)[0, ids.shape[1]:].tolist()
+    request = GenerationRequest("image", messages, SamplingParams(
+        max_new_tokens=12, min_new_tokens=12, temperature=0.0, repetition_penalty=1.0,
+        logprobs=0))
+    engine = Engine(model, EngineConfig())
+    engine.start()
+
+    async def tokens() -> list[int]:
+        handle = await engine.submit(request)
+        return [t.token_id async for event in handle.events() if isinstance(event, Delta)
+                for t in event.logprobs]
+
+    try:
+        assert asyncio.run(tokens()) == expected
+    finally:
+        engine.stop()
+
+
+def test_concurrent_image_requests_decode_in_one_batch(model, monkeypatch):
+    """Four image requests at once share decode steps (GLM-4.1V runs in the batch)."""
+    batch_sizes: list[int] = []
+    decode = model.decode_paged
+
+    def recorded(pool, tables, lengths, tokens, offsets=None):
+        batch_sizes.append(len(tokens))
+        return decode(pool, tables, lengths, tokens, offsets)
+
+    monkeypatch.setattr(model, "decode_paged", recorded)
+    requests = [GenerationRequest(f"r{i}", [ChatMessage("user", [
+        ImagePart(png_bytes(color=(60 * i, 0, 0)), "image/png", "messages[0].parts[0].image"),
+        TextPart(f"request {i}")])], SamplingParams(max_new_tokens=8, min_new_tokens=8,
+                                                    temperature=0.0)) for i in range(4)]
+    results, _ = run_all(model, requests)
+    assert all(isinstance(r, Finished) and r.usage.completion_tokens == 8 for r in results)
+    assert max(batch_sizes) == 4
 
 
 def test_disk_offload_releases_the_tower_and_reload_restores_it(checkpoint):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 import pytest
 import torch
 
+from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.placement import plan_placement
 
@@ -69,20 +73,26 @@ def test_auto_placement_spreads_the_decoder_and_pins_encoders_to_the_last_card(t
 
 
 def test_idle_session_kv_offloads_to_the_host_and_returns_on_reuse(tiny_bundle):
-    from transformers import DynamicCache
+    """An offload trim copies an idle session's blocks to host memory (the account shows
+    them swapped); its next turn swaps them back in and reuses them."""
+    from tests.unit.engine_runs import outcome, request
 
-    from inference_svc.engine import kv_cache
-    from inference_svc.engine.sessions import SessionStore
-
-    store = SessionStore(idle_ttl_s=60, min_reuse_tokens=2)
-    cache = DynamicCache()
-    cache.update(torch.randn(1, 2, 8, 4, device="cuda"), torch.randn(1, 2, 8, 4, device="cuda"), 0)
-    store.put("s", "r", list(range(8)), cache)
-    before = torch.cuda.memory_allocated(0)
-    result = store.offload_to("cpu")
-    assert result.sessions == ["s"] and torch.cuda.memory_allocated(0) < before
-    reuse = store.take("s", [*range(8), 99])
-    assert kv_cache.device_of(reuse.cache) == "cpu"  # the engine moves it back on reuse
+    model = ModularModel(tiny_bundle, dtype=torch.float32, placement=plan_placement("cuda:0"))
+    engine = Engine(model, EngineConfig())
+    engine.start()
+    first = replace(request("a session's first turn, long enough to fill blocks " * 3, 6),
+                    session_id="s")
+    try:
+        asyncio.run(outcome(engine, first))
+        result = engine.trim_kv("offload", 0, 0)
+        assert result.sessions == ["s"] and result.freed_bytes > 0
+        assert engine.kv_account().swapped_bytes > 0
+        second = replace(first, request_id="turn-2")
+        finished = asyncio.run(outcome(engine, second))
+        assert finished.usage.cached_prompt_tokens > 0
+        assert engine.kv_account().swapped_bytes == 0
+    finally:
+        engine.stop()
 
 
 def test_the_paged_engine_preempts_through_pinned_host_memory_and_loses_nothing(tiny_bundle):

@@ -115,9 +115,9 @@ def test_a_long_prefill_yields_to_decoding_and_stops_between_chunks(model, monke
     work stops at a chunk."""
     forward = model.forward_paged
 
-    def slow_forward(pool, rows, inputs):
+    def slow_forward(pool, rows, inputs, positions=None):
         time.sleep(0.005)  # the tiny model is too fast to be overtaken otherwise
-        return forward(pool, rows, inputs)
+        return forward(pool, rows, inputs, positions)
 
     monkeypatch.setattr(model, "forward_paged", slow_forward)
     engine = Engine(model, EngineConfig(prefill_chunk_tokens=16))
@@ -178,7 +178,7 @@ def test_chunked_prefill_matches_one_pass(model):
     media = model.decode_media([], max_pixels=1 << 20)
     plan = model.plan([ChatMessage("user", [TextPart("one two three four " * 20)])], media,
                       enable_thinking=False)
-    embeds = model.prompt_embeddings(plan, media)
+    embeds = model.prompt_inputs(plan, media).embeds[None]
     length = len(plan.input_ids)
     whole = _paged_prefill(model, embeds, length, chunk=length)
     chunked = _paged_prefill(model, embeds, length, chunk=16, first_block=3)

@@ -16,7 +16,7 @@ from tests.unit.engine_runs import request, run_all
 
 def fail_prefills(monkeypatch, model, *, times: int) -> None:
     """Prompts containing BOOM run out of memory `times` times when their inputs are made."""
-    alone = model.prompt_embeddings
+    alone = model.prompt_inputs
     budget = {"left": times}
 
     def boom(plans) -> None:
@@ -25,11 +25,11 @@ def fail_prefills(monkeypatch, model, *, times: int) -> None:
             budget["left"] -= 1
             raise torch.OutOfMemoryError("simulated")
 
-    def prompt_embeddings(plan, media, **options):
+    def prompt_inputs(plan, media, **options):
         boom([plan])
         return alone(plan, media, **options)
 
-    monkeypatch.setattr(model, "prompt_embeddings", prompt_embeddings)
+    monkeypatch.setattr(model, "prompt_inputs", prompt_inputs)
 
 
 def test_a_transient_oom_in_prefill_is_retried_after_a_trim(model, monkeypatch):
@@ -81,7 +81,7 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(model):
     empty = DecodedMedia([], [])
     plans = [model.plan([ChatMessage("user", [TextPart(text)])], empty, enable_thinking=False)
              for text in ("short", "a somewhat longer prompt", "the longest prompt of all three")]
-    embeds = [model.prompt_embeddings(plan, empty)[0] for plan in plans]
+    embeds = [model.prompt_inputs(plan, empty).embeds for plan in plans]
     size, pool = 16, model.new_kv_pool(block_size=16, blocks=16)
 
     def segment(first_block: int, length: int) -> RowSlots:

@@ -1,0 +1,91 @@
+"""The decoder side of paged KV, shared by every model: pool geometry and the forwards.
+
+A model using it has a `decoder_unit` holding a transformers model for causal LM (the
+whole multimodal model is fine: it takes `inputs_embeds` and rope `position_ids` and
+never runs an encoder itself), its text `config`, a `dtype`, and names the attention
+layers in `_decoder_layers`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
+from inference_svc.model.units import ModuleUnit
+
+
+class PagedForward:
+    decoder_unit: ModuleUnit
+    dtype: torch.dtype
+    config: object  # the decoder's (text) config
+
+    @staticmethod
+    def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def _kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or (
+            self.config.num_attention_heads)
+
+    @property
+    def _head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or (
+            self.config.hidden_size // self.config.num_attention_heads)
+
+    def kv_bytes_per_token(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.config.num_hidden_layers * self._kv_heads * self._head_dim * element
+
+    def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool:
+        """Block storage for this decoder's KV, each layer's on that layer's device."""
+        with self.decoder_unit.use() as decoder:
+            devices = [str(layer.self_attn.k_proj.weight.device)
+                       for layer in self._decoder_layers(decoder)]
+        return KVPool(layer_devices=devices, kv_heads=self._kv_heads, head_dim=self._head_dim,
+                      dtype=self.dtype, block_size=block_size, blocks=blocks)
+
+    def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
+                      inputs: list[list[torch.Tensor]],
+                      positions: list[list[torch.Tensor | None]] | None = None) -> torch.Tensor:
+        """One decoder pass over new tokens of several sequences, KV in `pool`.
+
+        `rows[b]` lists the sequences packed into row b and `inputs[b]` their new
+        tokens: token ids [n], or decoder input embeddings [n, hidden] (a prompt with
+        media); `positions[b]`, where given, their rope positions [axes, n] (see
+        PagedStep). Returns the logits after each sequence's last token
+        [sequences, vocab], in row-major order.
+        """
+        step = PagedStep(pool, rows, self.dtype, positions)
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            table = decoder.get_input_embeddings()
+            device = table.weight.device
+            embeds = torch.zeros((len(rows), step.queries, self.config.hidden_size),
+                                 dtype=table.weight.dtype, device=device)
+            for b, row_inputs in enumerate(inputs):
+                parts = [table(x.to(device)) if x.dtype == torch.long else x.to(device)
+                         for x in row_inputs]
+                row = torch.cat(parts) if len(parts) > 1 else parts[0]
+                embeds[b, step.queries - row.shape[0]:] = row
+            return self._run_decoder(decoder, step, embeds)
+
+    def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
+                     tokens: list[int], offsets: list[int] | None = None) -> torch.Tensor:
+        """One decode step: sequence b feeds `tokens[b]` at slot `lengths[b]` of its
+        blocks `tables[b]`, at rope position `lengths[b] + offsets[b]`. Returns
+        next-token logits [sequences, vocab]."""
+        step = PagedStep.decode(pool, tables, lengths, self.dtype, offsets)
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            table = decoder.get_input_embeddings()
+            ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
+            return self._run_decoder(decoder, step, table(ids)[:, None])
+
+    @staticmethod
+    def _run_decoder(decoder: nn.Module, step: PagedStep, embeds: torch.Tensor) -> torch.Tensor:
+        device = embeds.device
+        single = embeds.shape[0] == 1
+        out = decoder(inputs_embeds=embeds, position_ids=step.positions.to(device),
+                      attention_mask=step.mask.to(device), cache=step, use_cache=False,
+                      logits_to_keep=torch.tensor(step.last, device=device) if single else 1)
+        return out.logits[0] if single else out.logits[:, -1]
