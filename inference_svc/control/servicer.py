@@ -10,11 +10,11 @@ import time
 
 import grpc
 import torch
+from autoglm_client.bounds import quote
 from google.protobuf import timestamp_pb2
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
-from inference_svc.bounds import quote
 from inference_svc.engine.engine import Admission, Engine
 from inference_svc.errors import InvalidRequest, NotReady
 from inference_svc.memory import actions

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import structlog
 import torch
+from autoglm_client.bounds import clip
 
-from inference_svc.bounds import clip
 from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.generation import DeltaStreamer
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo

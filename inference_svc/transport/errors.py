@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
+from autoglm_client.bounds import clip
+from autoglm_client.ids import is_request_id
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from inference_svc.bounds import clip
 from inference_svc.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -23,7 +24,6 @@ from inference_svc.errors import (
     ServiceError,
     UnknownSession,
 )
-from inference_svc.ids import is_request_id
 
 log = structlog.get_logger("rpc")
 ERROR_DOMAIN = "autoglm.dev"

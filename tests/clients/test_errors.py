@@ -97,3 +97,43 @@ def test_garbage_status_details_do_not_hide_the_error() -> None:
     )
     assert error.message == "oops"
     assert error.field_violations == ()
+
+
+def test_error_info_gives_reason_and_field_when_no_field_violation_names_one() -> None:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="UNKNOWN_SESSION", domain="autoglm.dev",
+                                          metadata={"field": "session_id"}))
+    details = status_pb2.Status(code=5, details=[info]).SerializeToString()
+    error = error_from_status(
+        grpc.StatusCode.NOT_FOUND, "no such session", [("grpc-status-details-bin", details)]
+    )
+    assert (error.reason, error.field) == ("UNKNOWN_SESSION", "session_id")
+
+
+def test_a_field_violation_names_the_field_before_error_info() -> None:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="INVALID", metadata={"field": "sampling"}))
+    bad_request = any_pb2.Any()
+    bad_request.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field="sampling.top_p", description="x")]))
+    details = status_pb2.Status(code=3, details=[info, bad_request]).SerializeToString()
+    error = error_from_status(
+        grpc.StatusCode.INVALID_ARGUMENT, "bad", [("grpc-status-details-bin", details)]
+    )
+    assert error.field == "sampling.top_p"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "seconds"),
+    [
+        ([("retry-after", "7")], 7.0),  # a proxy's hint, in whole seconds
+        ([("retry-after-ms", "0")], 0.0),
+        ([("retry-after-ms", "-5"), ("retry-after", "2")], 2.0),
+        ([("retry-after-ms", "nan")], None),
+    ],
+)
+def test_retry_hints_in_either_unit_and_unusable_ones_skipped(
+    metadata: list[tuple[str, str]], seconds: float | None
+) -> None:
+    error = error_from_status(grpc.StatusCode.UNAVAILABLE, "down", metadata)
+    assert error.retry_after_s == seconds

@@ -165,7 +165,7 @@ def test_the_gateway_forwards_the_session_id_to_the_proxy(replicas, proxy, prefi
     port = free_port()
     log = (tmp_path / "gateway.log").open("w")
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "inference_svc.http_gateway", "--host", "127.0.0.1",
+        [sys.executable, "-m", "gateway", "--host", "127.0.0.1",
          "--port", str(port), "--grpc-target", proxy],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:

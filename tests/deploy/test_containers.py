@@ -86,7 +86,7 @@ def test_every_copied_path_exists_and_survives_dockerignore(dockerfile):
         assert (REPO / source).exists(), source
         assert not ignored(source), source
     # the packages setup.py builds all reach the image
-    for package in ("inference_svc", "memory_daemon", "clients/python", "protos"):
+    for package in ("inference_svc", "memory_daemon", "gateway", "clients/python", "protos"):
         assert package in sources
 
 

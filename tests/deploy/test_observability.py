@@ -81,7 +81,7 @@ def scrapes(tiny_bundle, tmp_path_factory) -> Iterator[dict[str, str]]:
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         with (workdir / "gateway.log").open("w") as log:
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "inference_svc.http_gateway", "--port", str(gateway_port),
+                [sys.executable, "-m", "gateway", "--port", str(gateway_port),
                  "--grpc-target", server.target], stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         urls = {"service": f"http://127.0.0.1:{service_port}/metrics",
                 "memd": f"http://127.0.0.1:{memd_port}/metrics",

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.http_gateway.config import GatewayConfig
-from inference_svc.http_gateway.upstream import InferenceUpstream
+from gateway.config import GatewayConfig
+from gateway.upstream import InferenceUpstream
 from memory_daemon.actuator import ControlClient as DaemonControlClient
 from memory_daemon.config import ControlSection
 from tests.conftest import health_status, start_server

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import structlog
-
-from inference_svc.logging_setup import configure_logging
+from autoglm_client.logging_setup import configure_logging
 
 # Built at run time, so that the source lines a console traceback shows do not hold them.
 SECRET = "".join(["patient ", "record ", "4711-"]) * 3

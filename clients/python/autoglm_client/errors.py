@@ -1,23 +1,30 @@
 """Client-side exceptions: gRPC failures mapped to one class per status code.
 
-The server may attach a retry hint two ways: a `retry-after-ms` trailing metadata entry,
-or a `google.rpc.RetryInfo` in the rich status details (`grpc-status-details-bin`).
-Both are read; the metadata entry wins when both are present.
+The server may attach a retry hint two ways: a `retry-after-ms` trailing metadata entry
+(or a proxy's `retry-after` in whole seconds), or a `google.rpc.RetryInfo` in the rich
+status details (`grpc-status-details-bin`). Both are read; the metadata entry wins when
+both are present. The rich details also name the error's reason (`ErrorInfo`) and the
+request field it is about (`BadRequest`, else the `ErrorInfo`'s "field").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 RETRY_AFTER_KEY = "retry-after-ms"
+RETRY_AFTER_SECONDS_KEY = "retry-after"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REQUEST_ID_KEY = "x-request-id"
 
 Metadata = Iterable[tuple[str, str | bytes]]
+_Detail = TypeVar("_Detail", bound=Message)
 
 
 class AutoglmError(Exception):
@@ -39,6 +46,8 @@ class RpcError(AutoglmError):
         retry_after_s: float | None = None,
         request_id: str | None = None,
         field_violations: tuple[tuple[str, str], ...] = (),
+        reason: str | None = None,
+        field: str | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
@@ -46,6 +55,8 @@ class RpcError(AutoglmError):
         self.retry_after_s = retry_after_s
         self.request_id = request_id
         self.field_violations = field_violations
+        self.reason = reason  # the server's ErrorInfo reason, e.g. KV_BUDGET_EXHAUSTED
+        self.field = field  # the request field the error is about
 
 
 class InvalidArgumentError(RpcError):
@@ -99,14 +110,17 @@ def error_from_status(
 ) -> RpcError:
     """Build the exception for a finished call from its status and trailers."""
     metadata = list(trailing_metadata or ())
-    details = _rich_details(metadata)
+    details = _RichDetails.from_metadata(metadata)
+    retry_after_s = _retry_after_from_metadata(metadata)
     error_class = _ERROR_CLASS_BY_CODE.get(code, RpcError)
     return error_class(
         code,
         message,
-        retry_after_s=_retry_after_from_metadata(metadata) or _retry_after_from(details),
+        retry_after_s=details.retry_delay_s if retry_after_s is None else retry_after_s,
         request_id=_text_value(metadata, REQUEST_ID_KEY),
-        field_violations=_field_violations_from(details),
+        field_violations=details.field_violations,
+        reason=details.reason,
+        field=details.field,
     )
 
 
@@ -123,38 +137,62 @@ def _text_value(metadata: list[tuple[str, str | bytes]], key: str) -> str | None
 
 
 def _retry_after_from_metadata(metadata: list[tuple[str, str | bytes]]) -> float | None:
-    raw = _text_value(metadata, RETRY_AFTER_KEY)
-    if raw is None:
-        return None
-    try:
-        return max(int(raw), 0) / 1000
-    except ValueError:
-        return None
-
-
-def _rich_details(metadata: list[tuple[str, str | bytes]]) -> list:
-    for key, value in metadata:
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status()
-            try:
-                status.ParseFromString(value)
-            except DecodeError:  # a malformed trailer must not hide the real error
-                return []
-            return list(status.details)
-    return []
-
-
-def _retry_after_from(details: list) -> float | None:
-    for detail in details:
-        retry_info = error_details_pb2.RetryInfo()
-        if detail.Unpack(retry_info):
-            return retry_info.retry_delay.ToTimedelta().total_seconds()
+    for key, scale in ((RETRY_AFTER_KEY, 1000.0), (RETRY_AFTER_SECONDS_KEY, 1.0)):
+        raw = _text_value(metadata, key)
+        if raw is None:
+            continue
+        try:
+            seconds = float(raw) / scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
     return None
 
 
-def _field_violations_from(details: list) -> tuple[tuple[str, str], ...]:
-    for detail in details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            return tuple((v.field, v.description) for v in bad_request.field_violations)
-    return ()
+@dataclass(frozen=True, slots=True)
+class _RichDetails:
+    """What the `google.rpc.Status` details of a failed call say."""
+
+    retry_delay_s: float | None = None
+    field_violations: tuple[tuple[str, str], ...] = ()
+    reason: str | None = None
+    info_field: str | None = None
+
+    @property
+    def field(self) -> str | None:
+        if self.field_violations and self.field_violations[0][0]:
+            return self.field_violations[0][0]
+        return self.info_field
+
+    @classmethod
+    def from_metadata(cls, metadata: list[tuple[str, str | bytes]]) -> _RichDetails:
+        raw = next((value for key, value in metadata if key == STATUS_DETAILS_KEY), None)
+        if not isinstance(raw, bytes):
+            return cls()
+        try:
+            return cls._parse(status_pb2.Status.FromString(raw))
+        except DecodeError:  # a malformed trailer must not hide the real error
+            return cls()
+
+    @classmethod
+    def _parse(cls, status: status_pb2.Status) -> _RichDetails:
+        retry_info = _detail(status, error_details_pb2.RetryInfo)
+        bad_request = _detail(status, error_details_pb2.BadRequest)
+        error_info = _detail(status, error_details_pb2.ErrorInfo)
+        return cls(
+            retry_delay_s=(retry_info.retry_delay.ToTimedelta().total_seconds()
+                           if retry_info.HasField("retry_delay") else None),
+            field_violations=tuple((v.field, v.description) for v in bad_request.field_violations),
+            reason=error_info.reason or None,
+            info_field=error_info.metadata.get("field") or None,
+        )
+
+
+def _detail(status: status_pb2.Status, message_type: type[_Detail]) -> _Detail:
+    """The status's first detail of `message_type`; an empty one when it has none."""
+    message = message_type()
+    for detail in status.details:
+        if detail.Unpack(message):
+            break
+    return message

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from autoglm_client.channel import CallDefaults, open_aio_channel, tls_credentials
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
@@ -21,15 +21,8 @@ _Stub = TypeVar("_Stub")
 def _credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
     if not config.upstream_tls:
         return None
-
-    def read(path: Path | None) -> bytes | None:
-        return path.read_bytes() if path else None
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=read(config.upstream_tls_ca),
-        private_key=read(config.upstream_tls_key),
-        certificate_chain=read(config.upstream_tls_cert),
-    )
+    return tls_credentials(config.upstream_tls_ca, config.upstream_tls_cert,
+                           config.upstream_tls_key)
 
 
 class UpstreamNotOpen(RuntimeError):
@@ -41,17 +34,14 @@ class InferenceUpstream:
 
     def __init__(self, config: GatewayConfig) -> None:
         self._config = config
+        self._call_defaults = CallDefaults(timeout=config.request_timeout_s)
         self._channel: grpc.aio.Channel | None = None
         self._inference: pb_grpc.InferenceServiceStub | None = None
         self._health: health_pb2_grpc.HealthStub | None = None
 
     async def open(self) -> None:
-        target = self._config.upstream_target
-        credentials = _credentials(self._config)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials)
+        self._channel = open_aio_channel(self._config.upstream_target,
+                                         _credentials(self._config))
         self._inference = pb_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -61,14 +51,12 @@ class InferenceUpstream:
             self._channel = None
 
     def generate(self, request: pb.GenerateRequest, *, request_id: str) -> grpc.aio.UnaryStreamCall:
-        """Start a Generate call; the caller reads it and must cancel it when abandoned."""
-        metadata = [("x-request-id", request_id)]
-        if request.session_id:  # for a proxy's session affinity (deploy/nginx)
-            metadata.append(("x-session-id", request.session_id))
+        """Start a Generate call; the caller reads it and must cancel it when abandoned.
+
+        A session id also travels as metadata, for a proxy's session affinity (deploy/nginx).
+        """
         return self._require(self._inference).Generate(
-            request,
-            metadata=tuple(metadata),
-            timeout=self._config.request_timeout_s,
+            request, **self._call_defaults.call_kwargs(None, request_id, request.session_id)
         )
 
     async def serving_status(self) -> str:

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import grpc
 import pytest
 
-from inference_svc.http_gateway.cli import parse_args
-from inference_svc.http_gateway.errors import (
+from gateway.errors import (
     BadRequest,
     PayloadTooLarge,
     RateLimited,
     UpstreamUnavailable,
     error_from_rpc,
 )
-from inference_svc.http_gateway.openai_schema import ChatCompletionRequest
-from inference_svc.http_gateway.request_mapping import to_generate_request
+from gateway.openai_schema import ChatCompletionRequest
+from gateway.request_mapping import to_generate_request
 
 
 def chat(**fields: object) -> ChatCompletionRequest:
@@ -148,42 +143,3 @@ def test_retry_hint_is_rounded_up_to_whole_seconds() -> None:
     )
 
     assert error.headers() == {"Retry-After": "1"}
-
-
-def test_cli_reads_environment_defaults_and_flags_override_them() -> None:
-    environ = {
-        "AUTOGLM_GATEWAY_PORT": "9001",
-        "AUTOGLM_GRPC_TARGET": "10.0.0.5:50051",
-        "AUTOGLM_SERVED_MODEL_NAME": "phone",
-    }
-
-    from_env = parse_args([], environ)
-    from_flags = parse_args(["--port", "9002"], environ)
-
-    assert (from_env.port, from_env.grpc_target, from_env.served_model_name) == (
-        9001,
-        "10.0.0.5:50051",
-        "phone",
-    )
-    assert from_env.host == "127.0.0.1"
-    assert from_flags.port == 9002
-
-
-def test_gateway_never_imports_torch_or_the_engine() -> None:
-    probe = (
-        "import sys, inference_svc.http_gateway.cli, inference_svc.http_gateway.app\n"
-        "heavy = [m for m in sys.modules if m == 'torch' or m.startswith("
-        "('inference_svc.engine', 'inference_svc.model', 'transformers'))]\n"
-        "print(heavy)\n"
-    )
-
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-
-    assert result.stdout.strip() == "[]"

@@ -7,10 +7,12 @@ gRPC contract (``autoglm.inference.v1.InferenceService``).
 Why a separate process that talks gRPC rather than a second transport inside the
 service:
 
-- it never imports torch, the engine or the model, so it starts in a fraction of a
-  second, stays small, and can be scaled out or restarted without touching the weights;
-- it uses only the public contract, so it exercises exactly what every other client
-  gets (status codes, retry hints, health) and cannot reach into engine internals;
+- it never imports torch or anything of ``inference_svc``, so it starts in a fraction of
+  a second, stays small, installs without torch (``pip install autoglm-serve``), and can
+  be scaled out or restarted without touching the weights;
+- it uses only the public contract, through the Python client library
+  (``autoglm_client``: channel, TLS, status and retry-hint parsing, request ids), so it
+  gets exactly what every other client gets and cannot reach into engine internals;
 - an HTTP client that goes away becomes a gRPC cancellation of the upstream call, which
   the engine already handles by freeing the request's KV cache at once.
 

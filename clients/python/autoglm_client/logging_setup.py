@@ -1,5 +1,7 @@
 """structlog configuration: JSON lines in production, a console renderer on a terminal.
 
+The inference service and the HTTP gateway log through it, so both write one format.
+
 Exceptions are logged as type, message and frames (file, line, function) only: never
 frame locals, which hold prompts, media bytes and tensors. Messages and every string
 field are clipped, so one log line stays small whatever a request carried.
@@ -15,7 +17,7 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, ExcInfo, WrappedLogger
 
-from inference_svc.bounds import clip
+from autoglm_client.bounds import clip
 
 EXCEPTION_MESSAGE_BYTES = 500
 FIELD_BYTES = 2000

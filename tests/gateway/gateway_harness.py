@@ -9,8 +9,8 @@ from contextlib import AbstractContextManager, contextmanager
 
 import uvicorn
 
-from inference_svc.http_gateway.app import create_app
-from inference_svc.http_gateway.config import GatewayConfig
+from gateway.app import create_app
+from gateway.config import GatewayConfig
 
 GatewayFactory = Callable[..., AbstractContextManager[str]]
 

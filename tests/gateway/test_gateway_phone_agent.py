@@ -21,7 +21,7 @@ import pytest
 from gateway_harness import running_gateway
 from PIL import Image
 
-from inference_svc.http_gateway.config import GatewayConfig
+from gateway.config import GatewayConfig
 from tests.conftest import ServerProcess, start_server
 from tests.scripted_glm4v import ACTION, THOUGHT, write_scripted_glm4v_checkpoint
 

@@ -2,7 +2,8 @@
 
 Error messages quote client input through `quote`; whatever builds a status, an HTTP
 error body or a log line caps its text with `clip`, so no client string can make an
-error larger than a client's metadata limit or a log line larger than a screen.
+error larger than a client's metadata limit or a log line larger than a screen. The
+inference service and the HTTP gateway both bound their answers with it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.http_gateway.upstream import INFERENCE_SERVICE_NAME
+from gateway.upstream import INFERENCE_SERVICE_NAME
 
 Script = Callable[[pb.GenerateRequest, grpc.ServicerContext, str], Iterator[pb.GenerateResponse]]
 

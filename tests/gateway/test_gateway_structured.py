@@ -15,7 +15,7 @@ from gateway_harness import running_gateway
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-from inference_svc.http_gateway.config import GatewayConfig
+from gateway.config import GatewayConfig
 
 MODEL = "autoglm-phone-9b"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -10,7 +10,7 @@ import pytest
 from fake_inference_service import FakeInferenceService, FakeUpstream, start_fake_upstream
 from gateway_harness import GatewayFactory, running_gateway
 
-from inference_svc.http_gateway.config import GatewayConfig
+from gateway.config import GatewayConfig
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def gateway(inference_server: Any, tmp_path_factory) -> Iterator[GatewayProcess]
     log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "inference_svc.http_gateway", "--host", "127.0.0.1",
+            [sys.executable, "-m", "gateway", "--host", "127.0.0.1",
              "--port", str(port), "--grpc-target", inference_server.target],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
