@@ -42,33 +42,39 @@ def _non_negative(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be >= 0, got {value}")
 
 
+def _cooldown(seconds: float, actions: str) -> Any:
+    return setting(seconds, help=f"least seconds between two {actions} on one device")
+
+
 @dataclass(frozen=True, slots=True)
 class CooldownConfig:
     """Least seconds between two actions of the same kind on the same device."""
 
-    collect_garbage: float = setting(10.0, help="least seconds between two garbage "
-                                                "collections on one device")
-    trim_kv: float = setting(15.0, help="least seconds between two KV trims")
-    offload_encoders: float = setting(60.0, help="least seconds between two encoder offloads")
-    limit_admission: float = setting(15.0, help="least seconds between two admission limits")
-    pause_admission: float = setting(15.0, help="least seconds between two admission pauses")
-    set_admission: float = setting(5.0, help="least seconds between re-sending the admission "
-                                             "mode when the service disagrees")
+    collect_garbage: float = _cooldown(10.0, "garbage collections")
+    trim_kv: float = _cooldown(15.0, "KV trims")
+    offload_encoders: float = _cooldown(60.0, "encoder offloads")
+    limit_admission: float = _cooldown(15.0, "admission limits")
+    pause_admission: float = _cooldown(15.0, "admission pauses")
+    # re-sent when the service disagrees (for example after it restarted)
+    set_admission: float = _cooldown(5.0, "admission mode sends")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _non_negative(f"policy.cooldown_seconds.{f.name}", getattr(self, f.name))
 
 
+def _mark(share: float, meaning: str) -> Any:
+    return setting(share, help=f"share of a device's memory in use {meaning}")
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """Marks are fractions of a device's total memory that is not free."""
 
-    soft_enter: float = setting(0.80, help="used share of a device's memory that enters "
-                                           "soft pressure")
-    soft_exit: float = setting(0.70, help="used share below which soft pressure is left")
-    hard_enter: float = setting(0.92, help="used share that enters hard pressure (acts at once)")
-    hard_exit: float = setting(0.85, help="used share below which hard pressure is left")
+    soft_enter: float = _mark(0.80, "at which soft pressure begins")
+    soft_exit: float = _mark(0.70, "below which soft pressure ends")
+    hard_enter: float = _mark(0.92, "at which hard pressure begins (it acts at once)")
+    hard_exit: float = _mark(0.85, "below which hard pressure ends")
     min_samples_above_soft: int = setting(3, help="fresh readings above soft_enter before "
                                                   "soft pressure acts")
     min_seconds_above_soft: float = setting(2.0, help="seconds above soft_enter before soft "
