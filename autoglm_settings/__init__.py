@@ -6,20 +6,27 @@ table (`markdown_table`), and the validated value (`build` over the merged sourc
 Standard library only, so every process of the project can use it.
 """
 
-from autoglm_settings.declare import MIB, Setting, Unit, section, setting, settings
+from autoglm_settings.declare import (
+    MIB,
+    Setting,
+    SettingError,
+    Unit,
+    check_choices,
+    section,
+    setting,
+    settings,
+)
 from autoglm_settings.docs import markdown_table, replace_block
 from autoglm_settings.sources import (
-    SettingError,
     add_arguments,
     build,
-    coerce,
     from_environment,
     from_flags,
     merge,
 )
 
 __all__ = [
-    "MIB", "Setting", "SettingError", "Unit", "add_arguments", "build", "coerce",
+    "MIB", "Setting", "SettingError", "Unit", "add_arguments", "build", "check_choices",
     "from_environment", "from_flags", "markdown_table", "merge", "replace_block", "section",
     "setting", "settings",
 ]

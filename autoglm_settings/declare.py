@@ -90,6 +90,21 @@ class Setting:
         return str(value)
 
 
+class SettingError(ValueError):
+    """A value does not fit its setting, or a name matches no setting."""
+
+
+def check_choices(instance: Any, section: str = "",
+                  error: type[Exception] = SettingError) -> None:
+    """For a dataclass's `__post_init__`: each setting with choices holds one of them."""
+    for f in dataclasses.fields(instance):
+        meta = f.metadata.get(SETTING)
+        value = getattr(instance, f.name)
+        if meta is not None and meta.choices and value not in meta.choices:
+            key = f"{section}.{f.name}" if section else f.name
+            raise error(f"{key} must be one of {meta.choices}, got {value!r}")
+
+
 def settings(cls: type) -> list[Setting]:
     """Every setting of `cls`, depth first, in declaration order."""
     return list(_walk(cls, (), (), ""))

@@ -16,14 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from autoglm_settings.declare import Setting, settings
+from autoglm_settings.declare import Setting, SettingError, settings
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
-
-
-class SettingError(ValueError):
-    """A value does not fit its setting, or a name matches no setting."""
 
 
 def coerce(setting: Setting, value: Any) -> Any:

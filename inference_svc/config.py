@@ -13,6 +13,7 @@ from autoglm_settings import (
     MIB,
     add_arguments,
     build,
+    check_choices,
     from_environment,
     from_flags,
     merge,
@@ -121,11 +122,7 @@ class ServerConfig:
         if self.model_dir is not None and not self.model_dir.is_dir():
             raise ValueError(f"--model-dir {self.model_dir} is not a directory")
         self._check_tls()
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log format {self.log_format!r} is not one of "
-                             f"{', '.join(LOG_FORMATS)}")
+        check_choices(self)
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log level {self.log_level!r} is not one of "
                              f"{', '.join(LOG_LEVELS)}")

@@ -10,12 +10,12 @@ aliases) and the README's table (see autoglm_settings).
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_settings import SettingError, build, from_environment, merge, setting
+from autoglm_settings import SettingError, build, check_choices, from_environment, merge, setting
 from memory_daemon.errors import ConfigError
 
 ENV_PREFIX = "AUTOGLM_MEMD_"
@@ -42,8 +42,13 @@ def _non_negative(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be >= 0, got {value}")
 
 
-def _cooldown(seconds: float, actions: str) -> Any:
-    return setting(seconds, help=f"least seconds between two {actions} on one device")
+def _phrased(template: str) -> Callable[[float, str], Any]:
+    """A declarer of settings whose help differs in one phrase."""
+    return lambda default, phrase: setting(default, help=template.format(phrase))
+
+
+_cooldown = _phrased("least seconds between two {} on one device")
+_mark = _phrased("share of a device's memory in use {}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +68,10 @@ class CooldownConfig:
             _non_negative(f"policy.cooldown_seconds.{f.name}", getattr(self, f.name))
 
 
-def _mark(share: float, meaning: str) -> Any:
-    return setting(share, help=f"share of a device's memory in use {meaning}")
-
-
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """Marks are fractions of a device's total memory that is not free."""
+    """Marks are fractions of a device's total memory that is not free; each level has an
+    enter mark and a lower exit mark (hysteresis)."""
 
     soft_enter: float = _mark(0.80, "at which soft pressure begins")
     soft_exit: float = _mark(0.70, "below which soft pressure ends")
@@ -170,8 +172,7 @@ class DaemonSection:
         "append every reading to this JSON-lines trace (replayable)"))
 
     def __post_init__(self) -> None:
-        if self.probe not in PROBES:
-            raise ConfigError(f"daemon.probe must be one of {PROBES}, got {self.probe!r}")
+        check_choices(self, "daemon", ConfigError)
         _positive("daemon.poll_interval_min_seconds", self.poll_interval_min_seconds)
         _positive("daemon.poll_interval_max_seconds", self.poll_interval_max_seconds)
         if self.poll_interval_max_seconds < self.poll_interval_min_seconds:
@@ -179,14 +180,6 @@ class DaemonSection:
                 "daemon.poll_interval_max_seconds must be >= daemon.poll_interval_min_seconds"
             )
         _fraction("daemon.poll_safety_factor", self.poll_safety_factor)
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(
-                f"daemon.log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"
-            )
-        if self.log_format not in LOG_FORMATS:
-            raise ConfigError(
-                f"daemon.log_format must be one of {LOG_FORMATS}, got {self.log_format!r}"
-            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"daemon.metrics_port must be in [0, 65535], got {self.metrics_port}")
         if not self.metrics_host:
@@ -231,14 +224,7 @@ class ControlSection:
             raise ConfigError(
                 "control.backoff_max_seconds must be >= control.backoff_initial_seconds"
             )
-        if self.offload_tier not in OFFLOAD_TIERS:
-            raise ConfigError(
-                f"control.offload_tier must be one of {OFFLOAD_TIERS}, got {self.offload_tier!r}"
-            )
-        if self.status_source not in STATUS_SOURCES:
-            raise ConfigError(
-                f"control.status_source must be one of {STATUS_SOURCES}, got {self.status_source!r}"
-            )
+        check_choices(self, "control", ConfigError)
         _positive("control.watch_interval_seconds", self.watch_interval_seconds)
         if not self.is_unix and not self.token:
             raise ConfigError(

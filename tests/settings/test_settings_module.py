@@ -14,6 +14,7 @@ from autoglm_settings import (
     SettingError,
     add_arguments,
     build,
+    check_choices,
     from_environment,
     from_flags,
     markdown_table,
@@ -39,6 +40,7 @@ class Network:
     mode: str = setting("fast", choices=("fast", "safe"), help="mode")
 
     def __post_init__(self) -> None:
+        check_choices(self, "network")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"network.port {self.port} is out of range")
 
@@ -89,6 +91,7 @@ def test_lists_come_from_repeated_flags_commas_or_the_environment():
         ({"TEST_BUDGET_MB": "lots"}, "budget_bytes must be a number of MiB, got 'lots'"),
         ({"TEST_CACHE": "perhaps"}, "cache must be a boolean"),
         ({"TEST_NETWORK_PORT": "70000"}, "network.port 70000 is out of range"),
+        ({"TEST_NETWORK_MODE": "slow"}, r"network.mode must be one of \('fast', 'safe'\)"),
     ],
 )
 def test_bad_environment_values_name_the_key(environ, message):
