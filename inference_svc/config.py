@@ -41,6 +41,9 @@ class TlsFiles:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """The service's whole configuration: the engine's settings and the sampling defaults
+    are nested as they are passed on, their flags unprefixed."""
+
     host: str = setting("0.0.0.0", help="public gRPC address to bind")
     port: int = setting(50051, help="public gRPC port (0 picks a free one; see --port-file)")
     model_dir: Path | None = setting(None, shown="embedded default", help=(
