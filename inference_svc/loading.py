@@ -62,7 +62,7 @@ def weights_by_device(model) -> dict[str, int]:
 def kv_budget_bytes(config: ServerConfig, model) -> int:
     """The KV budget: fixed bytes, or a fraction of the decoder device's memory."""
     if config.kv_budget_fraction <= 0:
-        return config.kv_budget_bytes
+        return config.engine.kv_budget_bytes
     device = str(model.device)
     if device.startswith("cuda"):
         total = torch.cuda.mem_get_info(torch.device(device))[1]

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+from dataclasses import replace
 
 import grpc
 import structlog
@@ -23,7 +24,7 @@ from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.config import ServerConfig, TlsFiles
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
-from inference_svc.engine.engine import Engine, EngineConfig, default_prefill_chunk
+from inference_svc.engine.engine import Engine
 from inference_svc.loading import kv_budget_bytes, load_model
 from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.metrics import ServiceMetrics
@@ -142,17 +143,9 @@ class Service:
                  control_tcp_tls=_tls_mode(config.control_tls) if config.control_tcp else None)
         self._write_port_file(serving=False)
         model = await asyncio.to_thread(load_model, config)
-        engine = Engine(model, EngineConfig(
-            max_queued=config.max_queued, max_pixels=config.max_pixels,
-            pressure_max_pixels=config.pressure_max_pixels,
-            max_batch=config.max_batch, kv_budget_bytes=kv_budget_bytes(config, model),
-            activation_budget_bytes=config.activation_budget_bytes,
-            prefix_caching=config.prefix_caching, session_idle_ttl_s=config.session_idle_ttl_s,
-            prefill_chunk_tokens=(default_prefill_chunk(model.device)
-                                  if config.prefill_chunk_tokens is None
-                                  else config.prefill_chunk_tokens),
-            kv_block_tokens=config.kv_block_tokens, queue_timeout_s=config.queue_timeout_s,
-        ), observer=self.metrics)
+        engine = Engine(model, replace(config.engine,
+                                       kv_budget_bytes=kv_budget_bytes(config, model)),
+                        observer=self.metrics)
         engine.start()
         self.state.engine = engine
         if config.watchdog_timeout_s > 0:

@@ -7,6 +7,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from autoglm_settings import setting
+
 if TYPE_CHECKING:
     from inference_svc.engine.constraints import Grammar
 
@@ -61,14 +63,18 @@ class ResponseFormat:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 256
-    min_new_tokens: int = 32
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.2
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    """How to sample. The service's defaults for what a request leaves out are settings;
+    the fields below them exist only per request."""
+
+    max_new_tokens: int = setting(256, help="default most tokens a reply may have")
+    min_new_tokens: int = setting(32, help="default least tokens before end of text may "
+                                           "be sampled")
+    temperature: float = setting(0.7, help="default sampling temperature (0: greedy)")
+    top_p: float = setting(0.9, help="default nucleus sampling mass")
+    top_k: int = setting(0, help="default most candidate tokens (0: no limit)")
+    repetition_penalty: float = setting(1.2, help="default repetition penalty (1: none)")
+    frequency_penalty: float = setting(0.0, help="default frequency penalty")
+    presence_penalty: float = setting(0.0, help="default presence penalty")
     seed: int | None = None
     stop_sequences: tuple[str, ...] = ()
     response_format: ResponseFormat | None = None

@@ -15,8 +15,9 @@ from typing import Any
 
 import structlog
 
+from autoglm_settings import add_arguments, from_flags, merge
 from memory_daemon.actuator import ControlClient
-from memory_daemon.config import LOG_FORMATS, LOG_LEVELS, PROBES, DaemonConfig, load_config
+from memory_daemon.config import ENV_PREFIX, DaemonConfig, load_config
 from memory_daemon.daemon import Clock, Daemon, MonotonicClock, VirtualClock
 from memory_daemon.errors import ExitCode, MemdError
 from memory_daemon.logs import configure_logging
@@ -40,89 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autoglm-memd",
         description="Watch GPU/host memory and ask autoglm-serve to free memory before OOM.",
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad configuration, 3 probe unavailable. "
-        "Every config key can also be set as AUTOGLM_MEMD_<SECTION>_<KEY>.",
+        "Every config key SECTION.KEY is also the flag --section-key and the environment "
+        f"variable {ENV_PREFIX}SECTION_KEY.",
     )
-    add = parser.add_argument
-    add("--config", help="TOML config file (default: $AUTOGLM_MEMD_CONFIG)")
-    add("--probe", choices=PROBES, help="where readings come from")
-    add("--trace", help="JSON-lines trace for --probe replay")
-    add("--replay-speed", type=float, help="trace time per clock second; 0 = as fast as possible")
-    add("--record", help="append every reading to this JSON-lines trace")
-    add("--control", help="ControlService target, e.g. unix:///tmp/autoglm-control.sock")
-    add("--token", help="bearer token for a TCP control target")
-    add("--tls-ca", help="PEM CA of the control listener's certificate (turns TLS on)")
-    add("--tls-cert", help="client certificate for a control listener that wants mTLS")
-    add("--tls-key", help="key of --tls-cert")
+    parser.add_argument("--config", help=f"TOML config file (default: ${ENV_PREFIX}CONFIG)")
+    parser.add_argument("--poll-interval", type=float,
+                        help="fixed poll interval (sets min and max)")
+    add_arguments(parser, DaemonConfig, ENV_PREFIX)
     status = parser.add_mutually_exclusive_group()
-    status.add_argument(
-        "--watch",
-        dest="status_source",
-        action="store_const",
-        const="watch",
-        help="take the service's status from its WatchMemory pushes (default)",
-    )
-    status.add_argument(
-        "--poll-status",
-        dest="status_source",
-        action="store_const",
-        const="poll",
-        help="read the service's status with GetMemoryStatus every tick",
-    )
-    add("--poll-interval", type=float, help="fixed poll interval (sets min and max)")
-    add("--poll-min", type=float, help="shortest adaptive poll interval, seconds")
-    add("--poll-max", type=float, help="longest adaptive poll interval, seconds")
-    add("--gpu", action="append", help="GPU UUID to watch (repeatable; default all)")
-    add(
-        "--pid",
-        type=int,
-        help="service pid for --probe host, followed while it lives; then (and by default) "
-        "the pid in --pid-file, else the one the service reports",
-    )
-    add("--pid-file", help='file holding the service pid (a number, or JSON with "pid")')
-    add("--host-budget-bytes", type=int, help="host memory budget for --probe host")
-    add("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    add("--metrics-host", help="address the metrics listen on (default 127.0.0.1)")
-    add("--log-level", choices=LOG_LEVELS)
-    add("--log-format", choices=LOG_FORMATS)
-    add("--dry-run", action="store_true", default=None, help="log decisions, do not act")
-    add("--once", action="store_true", default=None, help="one tick, then exit")
+    for flag, source, meaning in (
+        ("--watch", "watch", "take the service's status from its WatchMemory pushes (default)"),
+        ("--poll-status", "poll", "read the service's status with GetMemoryStatus every tick"),
+    ):
+        status.add_argument(flag, dest="control.status_source", action="store_const",
+                            const=source, default=argparse.SUPPRESS, help=meaning)
     return parser
 
 
 def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     """Flags that were given, as a nested config mapping."""
-    flags = {
-        ("daemon", "probe"): args.probe,
-        ("daemon", "record_path"): args.record,
-        ("daemon", "poll_interval_min_seconds"): args.poll_min,
-        ("daemon", "poll_interval_max_seconds"): args.poll_max,
-        ("daemon", "metrics_port"): args.metrics_port,
-        ("daemon", "metrics_host"): args.metrics_host,
-        ("daemon", "log_level"): args.log_level,
-        ("daemon", "log_format"): args.log_format,
-        ("daemon", "dry_run"): args.dry_run,
-        ("daemon", "once"): args.once,
-        ("replay", "trace"): args.trace,
-        ("replay", "speed"): args.replay_speed,
-        ("control", "target"): args.control,
-        ("control", "token"): args.token,
-        ("control", "tls_ca"): args.tls_ca,
-        ("control", "tls_cert"): args.tls_cert,
-        ("control", "tls_key"): args.tls_key,
-        ("control", "status_source"): args.status_source,
-        ("nvml", "devices"): args.gpu,
-        ("host", "pid"): args.pid,
-        ("host", "pid_file"): args.pid_file,
-        ("host", "budget_bytes"): args.host_budget_bytes,
-    }
-    if args.poll_interval is not None:
-        flags[("daemon", "poll_interval_min_seconds")] = args.poll_interval
-        flags[("daemon", "poll_interval_max_seconds")] = args.poll_interval
-    nested: dict[str, Any] = {}
-    for (section, key), value in flags.items():
-        if value is not None:
-            nested.setdefault(section, {})[key] = value
-    return nested
+    given = from_flags(DaemonConfig, args)
+    if args.poll_interval is None:
+        return given
+    fixed = {"poll_interval_min_seconds": args.poll_interval,
+             "poll_interval_max_seconds": args.poll_interval}
+    return merge(given, {"daemon": fixed})
 
 
 def build_probe(config: DaemonConfig, clock: Clock) -> Probe:

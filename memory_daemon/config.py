@@ -1,18 +1,21 @@
 """Configuration: defaults < TOML file < AUTOGLM_MEMD_* environment < CLI flags.
 
 Everything is validated here, once, into one frozen `DaemonConfig`; the rest of the
-daemon trusts it. Every problem raises `ConfigError` with the offending key in it.
+daemon trusts it. Every problem raises `ConfigError` with the offending key in it. The
+dataclasses are the one source of the file keys, the environment variables
+(AUTOGLM_MEMD_<SECTION>_<KEY>), the flags (--<section>-<key>, and the short ones named as
+aliases) and the README's table (see autoglm_settings).
 """
 
 import dataclasses
-import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
+from autoglm_settings import SettingError, build, check_choices, from_environment, merge, setting
 from memory_daemon.errors import ConfigError
 
 ENV_PREFIX = "AUTOGLM_MEMD_"
@@ -39,16 +42,26 @@ def _non_negative(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be >= 0, got {value}")
 
 
+def _phrased(template: str) -> Callable[[float, str], Any]:
+    """A declarer of settings whose help differs in one phrase."""
+    return lambda default, phrase: setting(default, help=template.format(phrase))
+
+
+_cooldown = _phrased("least seconds between two {} on one device")
+_mark = _phrased("share of a device's memory in use {}")
+
+
 @dataclass(frozen=True, slots=True)
 class CooldownConfig:
     """Least seconds between two actions of the same kind on the same device."""
 
-    collect_garbage: float = 10.0
-    trim_kv: float = 15.0
-    offload_encoders: float = 60.0
-    limit_admission: float = 15.0
-    pause_admission: float = 15.0
-    set_admission: float = 5.0
+    collect_garbage: float = _cooldown(10.0, "garbage collections")
+    trim_kv: float = _cooldown(15.0, "KV trims")
+    offload_encoders: float = _cooldown(60.0, "encoder offloads")
+    limit_admission: float = _cooldown(15.0, "admission limits")
+    pause_admission: float = _cooldown(15.0, "admission pauses")
+    # re-sent when the service disagrees (for example after it restarted)
+    set_admission: float = _cooldown(5.0, "admission mode sends")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -57,24 +70,31 @@ class CooldownConfig:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """Marks are fractions of a device's total memory that is not free."""
+    """Marks are fractions of a device's total memory that is not free; each level has an
+    enter mark and a lower exit mark (hysteresis)."""
 
-    soft_enter: float = 0.80
-    soft_exit: float = 0.70
-    hard_enter: float = 0.92
-    hard_exit: float = 0.85
-    min_samples_above_soft: int = 3
-    min_seconds_above_soft: float = 2.0
-    transition_seconds: float = 30.0
-    stale_after_seconds: float = 10.0
-    trend_window_seconds: float = 10.0
-    trend_min_samples: int = 3
-    trend_horizon_seconds: float = 15.0
-    min_reclaim_bytes: int = 0
-    admission_limit: int = 2
-    prefetch_free_fraction: float = 0.5
-    gc_every_requests: int = 0
-    gc_every_seconds: float = 300.0
+    soft_enter: float = _mark(0.80, "at which soft pressure begins")
+    soft_exit: float = _mark(0.70, "below which soft pressure ends")
+    hard_enter: float = _mark(0.92, "at which hard pressure begins (it acts at once)")
+    hard_exit: float = _mark(0.85, "below which hard pressure ends")
+    min_samples_above_soft: int = setting(3, help="fresh readings above soft_enter before "
+                                                  "soft pressure acts")
+    min_seconds_above_soft: float = setting(2.0, help="seconds above soft_enter before soft "
+                                                      "pressure acts")
+    transition_seconds: float = setting(30.0, help=(
+        "seconds below the exit mark before stepping a level down, and between undo steps"))
+    stale_after_seconds: float = setting(10.0, help=(
+        "readings (and pushed service statuses) older than this are not used"))
+    trend_window_seconds: float = setting(10.0, help="window of the least-squares usage trend")
+    trend_min_samples: int = setting(3, help="readings the trend needs")
+    trend_horizon_seconds: float = setting(15.0, help=(
+        "act early when the trend reaches the hard mark within this many seconds"))
+    min_reclaim_bytes: int = setting(0, help="least bytes asked of TrimKvCache")
+    admission_limit: int = setting(2, help="max_running of SetAdmission(LIMITED)")
+    prefetch_free_fraction: float = setting(0.5, help=(
+        "prefetch offloaded encoders once this share of the device is free (0: never)"))
+    gc_every_requests: int = setting(0, help="periodic gc every N completed requests (0: off)")
+    gc_every_seconds: float = setting(300.0, help="periodic gc every T seconds (0: off)")
     cooldown_seconds: CooldownConfig = field(default_factory=CooldownConfig)
 
     def __post_init__(self) -> None:
@@ -129,21 +149,30 @@ class PolicyConfig:
 class DaemonSection:
     """How the loop runs."""
 
-    probe: str = "nvml"
-    poll_interval_min_seconds: float = 0.5
-    poll_interval_max_seconds: float = 5.0
-    poll_safety_factor: float = 0.25
-    dry_run: bool = False
-    once: bool = False
-    log_level: str = "info"
-    log_format: str = "json"
-    metrics_port: int = 0
-    metrics_host: str = "127.0.0.1"
-    record_path: str = ""
+    probe: str = setting("nvml", aliases=("--probe",), choices=PROBES, help=(
+        "where readings come from: every GPU by UUID, the service process against a "
+        "budget, or a recorded trace"))
+    poll_interval_min_seconds: float = setting(0.5, aliases=("--poll-min",), help=(
+        "shortest adaptive poll interval (used while under pressure)"))
+    poll_interval_max_seconds: float = setting(5.0, aliases=("--poll-max",), help=(
+        "longest adaptive poll interval"))
+    poll_safety_factor: float = setting(0.25, help=(
+        "poll interval = headroom to the hard mark / peak fill rate * this, clamped"))
+    dry_run: bool = setting(False, aliases=("--dry-run",), help="log decisions, do not act")
+    once: bool = setting(False, aliases=("--once",), help="one tick, then exit")
+    log_level: str = setting("info", aliases=("--log-level",), choices=LOG_LEVELS,
+                             help="least level logged")
+    log_format: str = setting("json", aliases=("--log-format",), choices=LOG_FORMATS,
+                              help="JSON lines on stdout, or a console renderer")
+    metrics_port: int = setting(0, aliases=("--metrics-port",), shown="0 (off)",
+                                help="serve Prometheus metrics on this port")
+    metrics_host: str = setting("127.0.0.1", aliases=("--metrics-host",),
+                                help="address the metrics listen on")
+    record_path: str = setting("", aliases=("--record",), help=(
+        "append every reading to this JSON-lines trace (replayable)"))
 
     def __post_init__(self) -> None:
-        if self.probe not in PROBES:
-            raise ConfigError(f"daemon.probe must be one of {PROBES}, got {self.probe!r}")
+        check_choices(self, "daemon", ConfigError)
         _positive("daemon.poll_interval_min_seconds", self.poll_interval_min_seconds)
         _positive("daemon.poll_interval_max_seconds", self.poll_interval_max_seconds)
         if self.poll_interval_max_seconds < self.poll_interval_min_seconds:
@@ -151,14 +180,6 @@ class DaemonSection:
                 "daemon.poll_interval_max_seconds must be >= daemon.poll_interval_min_seconds"
             )
         _fraction("daemon.poll_safety_factor", self.poll_safety_factor)
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(
-                f"daemon.log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"
-            )
-        if self.log_format not in LOG_FORMATS:
-            raise ConfigError(
-                f"daemon.log_format must be one of {LOG_FORMATS}, got {self.log_format!r}"
-            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"daemon.metrics_port must be in [0, 65535], got {self.metrics_port}")
         if not self.metrics_host:
@@ -169,20 +190,29 @@ class DaemonSection:
 class ControlSection:
     """How to reach the service's ControlService."""
 
-    target: str = DEFAULT_CONTROL_TARGET
-    token: str = ""
+    target: str = setting(DEFAULT_CONTROL_TARGET, aliases=("--control",), help=(
+        "the service's ControlService: a Unix socket, or HOST:PORT with a token"))
+    token: str = setting("", aliases=("--token",), help="bearer token for a TCP target")
     # TLS to a TCP target: the CA of the service's certificate; a client certificate and
     # key for mTLS. Either one turns TLS on.
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    deadline_seconds: float = 5.0
-    retries: int = 3
-    backoff_initial_seconds: float = 0.2
-    backoff_max_seconds: float = 2.0
-    offload_tier: str = "auto"
-    status_source: str = "watch"
-    watch_interval_seconds: float = 5.0
+    tls_ca: str = setting("", aliases=("--tls-ca",), help=(
+        "PEM CA of the control listener's certificate (turns TLS on)"))
+    tls_cert: str = setting("", aliases=("--tls-cert",), help=(
+        "client certificate for a control listener that wants mTLS"))
+    tls_key: str = setting("", aliases=("--tls-key",), help="key of --tls-cert")
+    deadline_seconds: float = setting(5.0, help="deadline of each control RPC")
+    retries: int = setting(3, help="retries of a control RPC (UNAVAILABLE, "
+                                   "DEADLINE_EXCEEDED, ABORTED)")
+    backoff_initial_seconds: float = setting(0.2, help="first retry backoff")
+    backoff_max_seconds: float = setting(2.0, help="longest retry backoff")
+    offload_tier: str = setting("auto", choices=OFFLOAD_TIERS, help=(
+        "where offloaded encoders go (auto: one tier down)"))
+    status_source: str = setting("watch", choices=STATUS_SOURCES, help=(
+        "the service's status from WatchMemory pushes, or GetMemoryStatus every tick "
+        "(--watch, --poll-status)"))
+    watch_interval_seconds: float = setting(5.0, help=(
+        "longest gap between pushes asked of the service (below "
+        "policy.stale_after_seconds)"))
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -194,14 +224,7 @@ class ControlSection:
             raise ConfigError(
                 "control.backoff_max_seconds must be >= control.backoff_initial_seconds"
             )
-        if self.offload_tier not in OFFLOAD_TIERS:
-            raise ConfigError(
-                f"control.offload_tier must be one of {OFFLOAD_TIERS}, got {self.offload_tier!r}"
-            )
-        if self.status_source not in STATUS_SOURCES:
-            raise ConfigError(
-                f"control.status_source must be one of {STATUS_SOURCES}, got {self.status_source!r}"
-            )
+        check_choices(self, "control", ConfigError)
         _positive("control.watch_interval_seconds", self.watch_interval_seconds)
         if not self.is_unix and not self.token:
             raise ConfigError(
@@ -233,17 +256,22 @@ class ControlSection:
 class NvmlSection:
     """Which GPUs to watch: UUIDs; empty means every GPU of the node."""
 
-    devices: tuple[str, ...] = ()
+    devices: tuple[str, ...] = setting((), aliases=("--gpu",), shown="every GPU", help=(
+        "GPU UUIDs to watch (repeatable, or comma-separated)"))
 
 
 @dataclass(frozen=True, slots=True)
 class HostSection:
     """The service process's memory against a budget."""
 
-    pid: int = 0
-    pid_file: str = ""
-    budget_bytes: int = 0
-    cgroup_root: str = "/sys/fs/cgroup"
+    pid: int = setting(0, aliases=("--pid",), help=(
+        "service pid, followed while it lives; then the pid in pid_file, else the one the "
+        "service reports"))
+    pid_file: str = setting("", aliases=("--pid-file",), help=(
+        'file holding the service pid (a number, or JSON with "pid")'))
+    budget_bytes: int = setting(0, shown="0 (physical memory)", help=(
+        "host memory budget of the service (the tighter of it and a cgroup limit)"))
+    cgroup_root: str = setting("/sys/fs/cgroup", help="where cgroup memory files are read")
 
     def __post_init__(self) -> None:
         _non_negative("host.pid", self.pid)
@@ -254,8 +282,8 @@ class HostSection:
 class ReplaySection:
     """A recorded or scripted trace played back as readings."""
 
-    trace: str = ""
-    speed: float = 1.0
+    trace: str = setting("", aliases=("--trace",), help="JSON-lines trace for probe replay")
+    speed: float = setting(1.0, help="trace seconds per clock second (0: as fast as possible)")
 
     def __post_init__(self) -> None:
         _non_negative("replay.speed", self.speed)
@@ -286,85 +314,6 @@ class DaemonConfig:
             )
 
 
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Convert a TOML value or an environment string to the field's type, strictly."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key} must be a boolean, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if isinstance(value, int | float):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        else:
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(number):
-            raise ConfigError(f"{key} must be finite, got {value!r}")
-        return number
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    if kind == tuple[str, ...]:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        if isinstance(value, list) and all(isinstance(item, str) for item in value):
-            return tuple(value)
-        raise ConfigError(f"{key} must be a list of strings, got {value!r}")
-    raise AssertionError(f"unsupported config type {kind} for {key}")
-
-
-def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"[{prefix}] must be a table, got {raw!r}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = f"[{prefix}]" if prefix else "the top level"
-        raise ConfigError(f"unknown config key(s) in {where}: {', '.join(unknown)}")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value, key)
-        else:
-            values[name] = _coerce(key, value, kind)
-    return cls(**values)
-
-
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
@@ -373,36 +322,6 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-
-
-def _env_paths(cls: type, prefix: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Map AUTOGLM_MEMD_SECTION_KEY names to their key paths."""
-    paths: dict[str, tuple[str, ...]] = {}
-    for f in dataclasses.fields(cls):
-        kind = get_type_hints(cls)[f.name]
-        path = (*prefix, f.name)
-        if dataclasses.is_dataclass(kind):
-            paths.update(_env_paths(kind, path))
-        else:
-            paths[ENV_PREFIX + "_".join(path).upper()] = path
-    return paths
-
-
-def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The AUTOGLM_MEMD_* variables as a nested mapping; unknown ones are errors."""
-    known = _env_paths(DaemonConfig, ())
-    nested: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
-        path = known.get(name)
-        if path is None:
-            raise ConfigError(f"unknown environment variable {name}")
-        node = nested
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return nested
 
 
 def load_config(
@@ -414,10 +333,13 @@ def load_config(
     environ = os.environ if environ is None else environ
     if path is None and environ.get(ENV_PREFIX + "CONFIG"):
         path = environ[ENV_PREFIX + "CONFIG"]
-    raw: dict[str, Any] = read_toml(path) if path else {}
-    raw = _merge(raw, read_env(environ))
-    raw = _merge(raw, overrides or {})
     try:
-        return _build(DaemonConfig, raw, "")
+        raw = merge(read_toml(path) if path else {},
+                    from_environment(DaemonConfig, environ, ENV_PREFIX, strict=True,
+                                     ignore=(ENV_PREFIX + "CONFIG",)),
+                    overrides or {})
+        return build(DaemonConfig, raw)
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from exc
     except TypeError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc

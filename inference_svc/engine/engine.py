@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import structlog
 
+from inference_svc.engine.config import EngineConfig, default_prefill_chunk
 from inference_svc.engine.constraints import GrammarCompiler
 from inference_svc.engine.jobs import Admission, Failed, Job, RequestHandle, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
@@ -28,49 +29,14 @@ from inference_svc.types import GenerationRequest, SamplingParams
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Admission", "Engine", "EngineConfig", "RequestHandle", "RunningInfo"]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_queued: int = 64
-    max_batch: int = 16
-    max_pixels: int = 1_003_520  # the reference deployment's max_pixels (1280*28*28)
-    pressure_max_pixels: int = 200_704  # applied while under memory pressure (256*28*28)
-    pressure_fraction: float = 0.9  # KV budget use above which the service is under pressure
-    queue_timeout_s: float = 30.0
-    kv_budget_bytes: int = 2 * 1024**3
-    activation_budget_bytes: int = 1024**3
-    session_idle_ttl_s: float = 600.0
-    prefix_caching: bool = True
-    prefill_chunk_tokens: int = 128  # prompt positions per prefill pass; 0: whole prompt
-    kv_block_tokens: int = 16  # token positions per KV block
-
-    def __post_init__(self) -> None:
-        if self.max_queued < 1:
-            raise ValueError("max_queued must be at least 1")
-        if self.max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        if self.max_pixels < 64 * 64:
-            raise ValueError("max_pixels must be at least 4096")
-        if self.prefill_chunk_tokens < 0:
-            raise ValueError("prefill_chunk_tokens must not be negative")
-        if self.kv_budget_bytes < 64 * 1024:
-            raise ValueError("kv_budget_bytes must be at least 64 KiB")
-        if not 1 <= self.kv_block_tokens <= 1024:
-            raise ValueError("kv_block_tokens must be in [1, 1024]")
-
-
-def default_prefill_chunk(device: str) -> int:
-    """Prompt positions per prefill pass when not configured: small enough that a cancel
-    or deadline stops the work within a fraction of a second (measured on the embedded
-    default, 2 CPU cores: a 128-position chunk takes up to 0.2 s early in a 7,000-token
-    prompt, 256 up to 0.5 s), large enough that a GPU keeps its throughput."""
-    return 2048 if device.startswith("cuda") else 128
+__all__ = ["Admission", "Engine", "EngineConfig", "RequestHandle", "RunningInfo",
+           "default_prefill_chunk"]
 
 
 class Engine:
     def __init__(self, model, config: EngineConfig, observer=None) -> None:
+        if config.prefill_chunk_tokens is None:
+            config = replace(config, prefill_chunk_tokens=default_prefill_chunk(model.device))
         self.model = model
         self.config = config
         if not isinstance(model, PagedDecoder):

@@ -19,19 +19,33 @@ def test_flags_and_environment_set_the_config(monkeypatch):
     monkeypatch.setenv("AUTOGLM_TEMPERATURE", "0.3")
     monkeypatch.setenv("AUTOGLM_KV_BLOCK_TOKENS", "32")
     config = config_from_args(["--max-new-tokens", "64", "--kv-budget-mb", "10"])
-    assert config.kv_block_tokens == 32
-    assert config_from_args(["--queue-timeout", "90"]).queue_timeout_s == 90
+    assert config.engine.kv_block_tokens == 32
+    assert config_from_args(["--queue-timeout", "90"]).engine.queue_timeout_s == 90
     assert config.port == 6000
     assert config.defaults.temperature == pytest.approx(0.3)
     assert config.defaults.max_new_tokens == 64
     assert config.defaults.min_new_tokens == 32
-    assert config.kv_budget_bytes == 10 * 1024 * 1024
+    assert config.engine.kv_budget_bytes == 10 * 1024 * 1024
+
+
+def test_every_engine_knob_has_a_flag_and_a_variable(monkeypatch):
+    monkeypatch.setenv("AUTOGLM_PRESSURE_FRACTION", "0.5")
+    monkeypatch.setenv("AUTOGLM_NO_PREFIX_CACHING", "1")
+    monkeypatch.setenv("AUTOGLM_TOP_K", "40")
+    config = config_from_args(["--max-batch", "3"])
+    assert (config.engine.pressure_fraction, config.engine.prefix_caching) == (0.5, False)
+    assert (config.engine.max_batch, config.defaults.top_k) == (3, 40)
+    flags = config_from_args(["--pressure-fraction", "0.75", "--prefix-caching"])
+    assert (flags.engine.pressure_fraction, flags.engine.prefix_caching) == (0.75, True)
 
 
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
         (["--port", "70000"], "port"),
+        (["--model-dir", "/nonexistent/model"], "--model-dir /nonexistent/model is not a"),
+        (["--pressure-fraction", "0"], "pressure fraction"),
+        (["--log-level", "loud"], "log level"),
         (["--control-tcp", "127.0.0.1:1"], "control-token"),
         (["--dtype", "int3"], "dtype"),
         (["--kv-budget-fraction", "1.5"], "kv budget fraction"),
@@ -57,13 +71,13 @@ def test_bad_configuration_exits_2_with_a_clear_message(argv, fragment):
 def test_prefill_chunk_follows_the_device_unless_set(monkeypatch):
     from inference_svc.engine.engine import default_prefill_chunk
 
-    assert config_from_args([]).prefill_chunk_tokens is None
+    assert config_from_args([]).engine.prefill_chunk_tokens is None
     assert default_prefill_chunk("cpu") < default_prefill_chunk("cuda:0")
-    assert config_from_args(["--prefill-chunk-tokens", "0"]).prefill_chunk_tokens == 0
+    assert config_from_args(["--prefill-chunk-tokens", "0"]).engine.prefill_chunk_tokens == 0
     monkeypatch.setenv("AUTOGLM_PREFILL_CHUNK_TOKENS", "64")
     monkeypatch.setenv("AUTOGLM_WATCHDOG_TIMEOUT", "7.5")
     config = config_from_args([])
-    assert (config.prefill_chunk_tokens, config.watchdog_timeout_s) == (64, 7.5)
+    assert (config.engine.prefill_chunk_tokens, config.watchdog_timeout_s) == (64, 7.5)
 
 
 def test_kv_budget_can_be_a_fraction_of_the_decoders_device():
