@@ -39,6 +39,7 @@ from inference_svc.types import (
 )
 from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
 from tests.unit.engine_runs import run_all
+from tests.unit.test_engine_paged import preemption_runs
 
 MAX_PIXELS = 1_003_520
 
@@ -354,3 +355,20 @@ def test_audio_part_is_invalid_argument_naming_the_part(stub):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "messages[0].parts[1].audio" in info.value.details()
     assert "audio" in info.value.details()
+
+
+@pytest.mark.parametrize("chunk", [8, 4096], ids=["long-ones-swap", "all-recompute"])
+def test_preempted_image_requests_finish_with_the_output_of_an_unpreempted_run(model, chunk):
+    """Image prompts through a budget for about two: swapped out and in, or recomputed
+    (the image encoded again and its rope positions rebuilt for what remains), each ends
+    with the greedy output of a run with room for all."""
+    requests = [GenerationRequest(f"p{i}", [ChatMessage("user", [
+        ImagePart(png_bytes(color=(50 * i, 90, 20)), "image/png", "messages[0].parts[0].image"),
+        TextPart(f"screen {i}")])], SamplingParams(max_new_tokens=48, min_new_tokens=48,
+                                                   temperature=0.0, repetition_penalty=1.0))
+                for i in range(5)]
+    runs = preemption_runs(model, chunk, requests=requests)
+    assert all(text for text, _ in runs.expected)
+    assert [text for text, _ in runs.got] == [text for text, _ in runs.expected]
+    assert runs.tight.preemptions > 0
+    assert (runs.tight.swaps > 0) if chunk == 8 else (runs.tight.swaps == 0)
