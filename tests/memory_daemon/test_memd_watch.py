@@ -303,7 +303,7 @@ async def test_pushes_from_a_draining_service_are_not_used(tmp_path):
         await wait_until_async(lambda: source.pushes == 1, what="the first push")
         # A graceful stop refuses new calls but lets the open stream go on pushing.
         stopping = asyncio.create_task(server.stop(grace=30))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the stop's first step runs: new calls are refused from now on
         await servicer.push()
         await wait_until_async(lambda: source.pushes == 2, what="a push while draining")
         source.acted()  # say an action just failed: the next read must poll
@@ -313,8 +313,12 @@ async def test_pushes_from_a_draining_service_are_not_used(tmp_path):
                 outcomes.append((await source.read()).origin)
             except ControlCallError as exc:
                 outcomes.append(exc.code)
-            await servicer.push()  # the old stream would still deliver it
-            await asyncio.sleep(0.05)
+            delivered = source.pushes + 1
+            await servicer.push()  # a stream still open would deliver it before the next read
+            await wait_until_async(
+                lambda n=delivered: source.pushes == n or servicer.open_streams == 0,
+                what="the push delivered, or no stream left to deliver it",
+            )
     finally:
         await source.close()
         await control.close()
