@@ -171,24 +171,12 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
             modalities=["text", "image", "audio"],
             default_sampling=pb.SamplingParams(max_new_tokens=256, temperature=0.7),
             modules=[
-                pb.ModuleInfo(
-                    name="decoder",
-                    architecture="LlamaForCausalLM",
-                    parameters=134_515_008,
-                    trained=True,
-                    tier=pb.TIER_CPU,
-                    device="cpu",
-                    weight_bytes=269_030_016,
-                    note="SmolLM2-135M-Instruct",
-                ),
-                pb.ModuleInfo(
-                    name="vision",
-                    architecture="ViTModel",
-                    parameters=5_717_416,
-                    trained=False,
-                    tier=pb.TIER_DISK,
-                    note="seeded random weights",
-                ),
+                pb.ModuleInfo(name="decoder", architecture="LlamaForCausalLM",
+                              parameters=134_515_008, trained=True, tier=pb.TIER_CPU,
+                              device="cpu", weight_bytes=269_030_016,
+                              note="SmolLM2-135M-Instruct"),
+                pb.ModuleInfo(name="vision", architecture="ViTModel", parameters=5_717_416,
+                              trained=False, tier=pb.TIER_DISK, note="seeded random weights"),
             ],
         )
 
