@@ -10,8 +10,8 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from autoglm.control.v1 import control_service_pb2_grpc as cpb_grpc
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.support.polling import wait_until
+
 REPO = Path(__file__).resolve().parent.parent
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def pytest_collection_modifyitems(config, items):
@@ -75,6 +81,16 @@ class ServerProcess:
                     continue
         return lines
 
+    def wait_for_log(self, event: str, request_id: str, timeout: float = 60.0) -> dict:
+        """The first log line of `event` for `request_id`, once the server has written it."""
+
+        def logged() -> dict | None:
+            return next((line for line in self.log_lines()
+                         if line.get("event") == event and line.get("request_id") == request_id),
+                        None)
+
+        return wait_until(logged, timeout, f"a {event} log line for {request_id}")
+
     def terminate(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -114,21 +130,31 @@ def start_server(
 
 
 def wait_until_serving(server: ServerProcess, port_file: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def serving() -> bool:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log_path.read_text()[-4000:]}")
-        if port_file.exists() and port_file.stat().st_size:
-            server.port = json.loads(port_file.read_text())["port"]
-            with open_channel(server.target, server.credentials) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        time.sleep(0.1)
-    server.terminate()
-    tail = server.log_path.read_text()[-4000:]
-    raise TimeoutError(f"server not SERVING after {timeout}s:\n{tail}")
+        if not (port_file.exists() and port_file.stat().st_size):
+            return False
+        server.port = json.loads(port_file.read_text())["port"]
+        return health_status(server.target, credentials=server.credentials) == SERVING
+
+    try:
+        wait_until(serving, timeout, "the server SERVING", interval=0.1)
+    except AssertionError:
+        server.terminate()
+        raise TimeoutError(f"server not SERVING after {timeout}s:\n"
+                           f"{server.log_path.read_text()[-4000:]}") from None
+
+
+@contextmanager
+def running_server(workdir: Path, model_dir: Path | None, *extra: str,
+                   **options) -> Iterator[ServerProcess]:
+    """`start_server` for the length of a `with` block; the server is stopped after it."""
+    server = start_server(workdir, model_dir, *extra, **options)
+    try:
+        yield server
+    finally:
+        server.terminate()
 
 
 def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
@@ -140,17 +166,57 @@ def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None
 @pytest.fixture(scope="session")
 def inference_server(tiny_bundle, tmp_path_factory) -> Iterator[ServerProcess]:
     """One real server on the tiny random bundle, shared by the whole session."""
-    server = start_server(tmp_path_factory.mktemp("server"), tiny_bundle)
-    yield server
-    server.terminate()
+    with running_server(tmp_path_factory.mktemp("server"), tiny_bundle) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def default_model_server(tmp_path_factory) -> Iterator[ServerProcess]:
     """One real server on the embedded default model (slow to start: shared)."""
-    server = start_server(tmp_path_factory.mktemp("default-server"), None, timeout=600)
-    yield server
-    server.terminate()
+    with running_server(tmp_path_factory.mktemp("default-server"), None, timeout=600) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def own_server(tiny_bundle, tmp_path_factory) -> Iterator[ServerProcess]:
+    """A tiny-model server of the requesting module's own, so that the module's traffic
+    (fuzzing, hostile clients, admission changes) disturbs no other test."""
+    with running_server(tmp_path_factory.mktemp("own-server"), tiny_bundle) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(inference_server) -> ServerProcess:
+    """The server a module's tests talk to: the shared one, unless the module overrides
+    this fixture (with `own_server`, or a server started with its own flags)."""
+    return inference_server
+
+
+@pytest.fixture(scope="module")
+def channel(server) -> Iterator[grpc.Channel]:
+    """A channel to `server`'s public port."""
+    with open_channel(server.target, server.credentials) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def stub(channel) -> pb_grpc.InferenceServiceStub:
+    return pb_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def control(server) -> Iterator[cpb_grpc.ControlServiceStub]:
+    """A client stub of `server`'s control API (its Unix socket)."""
+    with grpc.insecure_channel(server.control_target) as channel:
+        yield cpb_grpc.ControlServiceStub(channel)
+
+
+def text_request(text: str, **sampling) -> pb.GenerateRequest:
+    """A Generate request of one user turn of text, with these sampling fields."""
+    return pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text=text)])],
+        sampling=pb.SamplingParams(**sampling),
+    )
 
 
 def png_bytes(size: tuple[int, int] = (96, 64), color=(200, 30, 30)) -> bytes:

@@ -60,11 +60,14 @@ def test_walkthrough_lists_describes_and_calls_every_rpc(recorded_calls):
 
 
 def test_every_request_body_matches_its_message(recorded_calls):
+    checked = set()
     for args, body in recorded_calls:
         if "-d" not in args:
             continue
         data = body if body is not None else args[args.index("-d") + 1]
         json_format.Parse(data, REQUEST_TYPES[args[-1]]())  # raises on unknown fields
+        checked.add(args[-1])
+    assert checked == set(REQUEST_TYPES)  # a body of every method was recorded and parsed
 
 
 def test_generate_sends_a_png_built_on_the_fly(recorded_calls):

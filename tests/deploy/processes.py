@@ -1,15 +1,10 @@
-"""Helpers for tests that run deploy artefacts as real processes: ports, polling, HTTP."""
+"""Helpers for tests that run deploy artefacts as real processes: ports and HTTP."""
 
 from __future__ import annotations
 
 import socket
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -18,20 +13,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def poll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Call `check` until it returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = check()
-        except Exception as error:  # not up yet: refused, unavailable, half-written file
-            result, last_error = None, error
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout}s: {what} (last error: {last_error!r})")
-        time.sleep(interval)
+# what a process that is still starting answers a check with: refused, unavailable, a
+# half-written file
+NOT_UP_YET: tuple[type[Exception], ...] = (Exception,)
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

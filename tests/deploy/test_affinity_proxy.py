@@ -24,7 +24,8 @@ from autoglm_client import InferenceClient, Sampling, assistant, user
 from autoglm_client.results import Final, TextDelta
 
 from tests.conftest import REPO, ServerProcess, health_status, start_server, wait_until_serving
-from tests.deploy.processes import free_port, http_get, poll
+from tests.deploy.processes import NOT_UP_YET, free_port, http_get
+from tests.support.polling import wait_until
 
 TEMPLATE = REPO / "deploy" / "nginx" / "autoglm-affinity.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -78,7 +79,8 @@ def generate_entries(prefix: Path, count: int) -> list[list[str]]:
     def entries() -> list[list[str]]:
         return [e for e in access_log(prefix) if e[2].endswith("/Generate")]
 
-    poll(lambda: len(entries()) >= count, 30, f"{count} Generate lines in nginx's access log")
+    wait_until(lambda: len(entries()) >= count, 30, f"{count} Generate lines in nginx's access log",
+               ignoring=NOT_UP_YET)
     return entries()
 
 
@@ -95,7 +97,8 @@ def proxy(replicas, prefix) -> Iterator[str]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
     try:
-        poll(lambda: process.poll() is None and health_status(target) == 1, 30, "nginx up")
+        wait_until(lambda: process.poll() is None and health_status(target) == 1, 30, "nginx up",
+                   ignoring=NOT_UP_YET)
         yield target
     finally:
         process.terminate()
@@ -170,7 +173,8 @@ def test_the_gateway_forwards_the_session_id_to_the_proxy(replicas, proxy, prefi
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        poll(lambda: http_get(f"{base}/health")[0] == 200, 60, "gateway /health 200")
+        wait_until(lambda: http_get(f"{base}/health")[0] == 200, 60, "gateway /health 200",
+                   ignoring=NOT_UP_YET)
         body = {"model": "autoglm-phone-9b", "max_tokens": 2, "session_id": "via-gateway",
                 "messages": [{"role": "user", "content": "hello"}]}
         for _ in range(2):

@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.conftest import start_server
-from tests.deploy.processes import free_port, poll
+from tests.deploy.processes import NOT_UP_YET, free_port
+from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = REPO / "deploy" / "prometheus"
@@ -87,14 +88,14 @@ def scrapes(tiny_bundle, tmp_path_factory) -> Iterator[dict[str, str]]:
                 "memd": f"http://127.0.0.1:{memd_port}/metrics",
                 "gateway": f"http://127.0.0.1:{gateway_port}/metrics"}
         gateway_url = f"http://127.0.0.1:{gateway_port}"
-        poll(lambda: httpx.get(f"{gateway_url}/health", timeout=2).status_code == 200, 60,
-             "gateway /health 200")
+        wait_until(lambda: httpx.get(f"{gateway_url}/health", timeout=2).status_code == 200, 60,
+                   "gateway /health 200", ignoring=NOT_UP_YET)
         mixed_load(server.target, gateway_url)
-        poll(lambda: "memd_device_used_bytes{" in httpx.get(urls["memd"], timeout=5).text, 60,
-             "the daemon took a reading")
+        wait_until(lambda: "memd_device_used_bytes{" in httpx.get(urls["memd"], timeout=5).text,
+                   60, "the daemon took a reading", ignoring=NOT_UP_YET)
         # the cancelled stream is counted once the service has seen the cancel
-        poll(lambda: 'code="CANCELLED"' in httpx.get(urls["service"], timeout=5).text, 60,
-             "the cancelled RPC is counted")
+        wait_until(lambda: 'code="CANCELLED"' in httpx.get(urls["service"], timeout=5).text, 60,
+                   "the cancelled RPC is counted", ignoring=NOT_UP_YET)
         yield {name: httpx.get(url, timeout=10).text for name, url in urls.items()}
     finally:
         for process in processes:

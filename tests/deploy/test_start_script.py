@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import REPO, health_status
-from tests.deploy.processes import free_port, http_get, poll
+from tests.deploy.processes import NOT_UP_YET, free_port, http_get
+from tests.support.polling import wait_until
 
 SCRIPT = REPO / "deploy" / "run_autoglm_server.sh"
 SERVING = 1  # grpc.health.v1.HealthCheckResponse.SERVING
@@ -48,17 +49,18 @@ def test_starts_all_three_and_stops_them_cleanly_on_sigterm(tiny_bundle, tmp_pat
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         port_file = tmp_path / "autoglm-port.json"
-        port = poll(lambda: json.loads(port_file.read_text())["serving"] and
-                    json.loads(port_file.read_text())["port"], 180, "port file serving: true")
+        port = wait_until(lambda: json.loads(port_file.read_text())["serving"] and
+                          json.loads(port_file.read_text())["port"], 180,
+                          "port file serving: true", ignoring=NOT_UP_YET)
         target = f"127.0.0.1:{port}"
         assert health_status(target) == SERVING
         assert (tmp_path / "autoglm-control.sock").is_socket()
-        assert poll(lambda: http_get(f"http://127.0.0.1:{gateway_port}/health")[0] == 200,
-                    60, "gateway /health 200")
+        wait_until(lambda: http_get(f"http://127.0.0.1:{gateway_port}/health")[0] == 200,
+                   60, "gateway /health 200", ignoring=NOT_UP_YET)
         # the daemon measured the service and read its status through the control socket
         memd_metrics = f"http://127.0.0.1:{memd_metrics_port}/metrics"
-        poll(lambda: metric_total(http_get(memd_metrics)[1], "memd_status_reads_total") > 0,
-             60, "memd read the service status")
+        wait_until(lambda: metric_total(http_get(memd_metrics)[1], "memd_status_reads_total") > 0,
+                   60, "memd read the service status", ignoring=NOT_UP_YET)
         assert metric_total(http_get(memd_metrics)[1], "memd_device_used_bytes") > 0
 
         children = psutil.Process(script.pid).children(recursive=True)

@@ -7,10 +7,10 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
-from fake_inference_service import FakeInferenceService, FakeUpstream, start_fake_upstream
 from gateway_harness import GatewayFactory, running_gateway
 
 from gateway.config import GatewayConfig
+from tests.support.fake_inference import FakeInferenceService, FakeUpstream, start_fake_upstream
 
 
 @pytest.fixture(scope="session")

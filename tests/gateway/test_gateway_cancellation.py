@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import httpx
-from fake_inference_service import FakeInferenceService
+
+from tests.support.fake_inference import FakeInferenceService
 
 BODY = {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -7,11 +7,11 @@ import base64
 import httpx
 import openai
 import pytest
-from fake_inference_service import REPLY_USAGE, FakeInferenceService, reply
 from langchain_openai import ChatOpenAI
 from media_samples import png_bytes, png_data_uri, wav_bytes
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
+from tests.support.fake_inference import REPLY_USAGE, FakeInferenceService, reply
 
 MODEL = "autoglm-phone-9b"
 

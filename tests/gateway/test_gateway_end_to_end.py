@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from typing import Any
 
@@ -207,19 +206,9 @@ def test_disconnect_mid_stream_cancels_the_generation_in_the_service(
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
 
-    finished = wait_for_finish_line(inference_server, request_id)
+    finished = inference_server.wait_for_log("generation_finished", request_id)
     assert finished["finish_reason"] == "cancelled"
     assert finished["completion_tokens"] < long_generation
-
-
-def wait_for_finish_line(server: Any, request_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in server.log_lines():
-            if line.get("event") == "generation_finished" and line.get("request_id") == request_id:
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"the service logged no generation_finished for {request_id}")
 
 
 def test_n_choices_come_back_whole_with_their_indexes_and_usage_counting_each(

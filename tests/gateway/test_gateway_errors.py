@@ -9,12 +9,12 @@ import grpc
 import httpx
 import openai
 import pytest
-from fake_inference_service import FakeInferenceService, FakeUpstream, fail, reply
 from gateway_harness import GatewayFactory
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
+from tests.support.fake_inference import FakeInferenceService, FakeUpstream, fail, reply
 
 MODEL = "autoglm-phone-9b"
 BODY: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}

@@ -8,9 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "autoglm-phone-9b"
@@ -30,16 +30,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def eventually(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 class GatewayProcess:
@@ -75,7 +65,7 @@ def gateway(inference_server: Any, tmp_path_factory) -> Iterator[GatewayProcess]
         except httpx.TransportError:
             return False
 
-    eventually(up)
+    wait_until(up, 60, "gateway /health 200")
     yield GatewayProcess(process, url, log_path)
     process.terminate()
     process.wait(30)
@@ -109,12 +99,12 @@ def test_every_line_is_json_with_one_access_line_per_request(gateway: GatewayPro
         assert unknown.status_code == 404
         generated_id = unknown.headers["x-request-id"]
 
-    ok = eventually(lambda: gateway.access_line(ok_id))
+    ok = wait_until(lambda: gateway.access_line(ok_id))
     assert ok["method"] == "POST" and ok["path"] == "/v1/chat/completions"
     assert ok["route"] == "/v1/chat/completions" and ok["status"] == 200
     assert ok["duration_s"] >= 0 and ok["level"] == "info" and "timestamp" in ok
-    assert eventually(lambda: gateway.access_line(bad_id))["status"] == 400
-    missing = eventually(lambda: gateway.access_line(generated_id))
+    assert wait_until(lambda: gateway.access_line(bad_id))["status"] == 400
+    missing = wait_until(lambda: gateway.access_line(generated_id))
     assert (missing["status"], missing["route"], missing["path"]) == (404, "unmatched",
                                                                        "/no/such/route")
     lines = gateway.raw_lines()
@@ -140,7 +130,7 @@ def test_a_client_that_leaves_mid_stream_is_a_499_and_a_cancelled_rpc(
         assert response.status_code == 200
         assert next(response.iter_lines()).startswith("data: ")
 
-    line = eventually(lambda: gateway.access_line(request_id))
+    line = wait_until(lambda: gateway.access_line(request_id))
     assert line["status"] == 499 and line["response_status"] == 200
     after = scrape(gateway.url)
     route = "/v1/chat/completions"
@@ -150,7 +140,7 @@ def test_a_client_that_leaves_mid_stream_is_a_499_and_a_cancelled_rpc(
         return next((e for e in inference_server.log_lines() if e.get("event") == "rpc_finished"
                      and e.get("request_id") == request_id), None)
 
-    assert eventually(service_finished)["status"] == "CANCELLED"
+    assert wait_until(service_finished)["status"] == "CANCELLED"
 
 
 def test_metrics_count_requests_by_route_and_status(gateway: GatewayProcess) -> None:

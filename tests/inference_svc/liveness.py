@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 from grpc_health.v1 import health_pb2
 
@@ -12,6 +10,7 @@ from autoglm.control.v1 import control_service_pb2_grpc as cpb_grpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, health_status
+from tests.support.polling import wait_until
 
 
 def memory_status(server: ServerProcess) -> cpb.MemoryStatus:
@@ -28,10 +27,7 @@ def running_kv(server: ServerProcess) -> tuple[int, int]:
 
 def wait_for_no_running_kv(server: ServerProcess, timeout: float = 30.0) -> None:
     """Poll until no request runs and none holds KV; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while (state := running_kv(server)) != (0, 0):
-        assert time.monotonic() < deadline, f"running requests/KV still {state} after {timeout}s"
-        time.sleep(0.05)
+    wait_until(lambda: running_kv(server) == (0, 0), timeout, "no request running or holding KV")
 
 
 def small_generate(channel: grpc.Channel, timeout: float = 60.0) -> pb.FinalMessage:

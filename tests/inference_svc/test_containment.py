@@ -8,20 +8,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-
-
-@pytest.fixture(scope="module")
-def stub(inference_server):
-    with grpc.insecure_channel(inference_server.target) as channel:
-        yield pb_grpc.InferenceServiceStub(channel)
-
-
-def request(text: str, **sampling) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text=text)])],
-        sampling=pb.SamplingParams(**sampling),
-    )
+from tests.conftest import text_request
 
 
 def generate(stub, req) -> tuple[str, pb.FinalMessage]:
@@ -40,23 +27,23 @@ def bad_request_field(error: grpc.RpcError) -> str:
 
 
 def test_a_near_zero_temperature_is_greedy_and_everyone_keeps_being_served(stub):
-    tiny, final = generate(stub, request("Sunny day", temperature=1e-38, max_new_tokens=12,
-                                         min_new_tokens=12))
-    greedy, _ = generate(stub, request("Sunny day", temperature=0, max_new_tokens=12,
-                                       min_new_tokens=12))
+    tiny, final = generate(stub, text_request("Sunny day", temperature=1e-38, max_new_tokens=12,
+                                              min_new_tokens=12))
+    greedy, _ = generate(stub, text_request("Sunny day", temperature=0, max_new_tokens=12,
+                                            min_new_tokens=12))
     assert final.finish_reason == pb.FINISH_REASON_LENGTH
     assert tiny == greedy
-    _, after = generate(stub, request("still there?", max_new_tokens=4, min_new_tokens=4,
-                                      seed=3))
+    _, after = generate(stub, text_request("still there?", max_new_tokens=4, min_new_tokens=4,
+                                           seed=3))
     assert after.usage.completion_tokens == 4
 
 
 def test_a_vanishing_repetition_penalty_is_invalid(stub):
     with pytest.raises(grpc.RpcError) as info:
-        generate(stub, request("hi", temperature=1, repetition_penalty=1e-38))
+        generate(stub, text_request("hi", temperature=1, repetition_penalty=1e-38))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_field(info.value) == "sampling.repetition_penalty"
-    _, after = generate(stub, request("and now?", max_new_tokens=3, min_new_tokens=3))
+    _, after = generate(stub, text_request("and now?", max_new_tokens=3, min_new_tokens=3))
     assert after.usage.completion_tokens == 3
 
 
@@ -65,6 +52,6 @@ def test_a_vanishing_repetition_penalty_is_invalid(stub):
                                          ("frequency_penalty", float("-inf"))])
 def test_non_finite_sampling_values_are_invalid(stub, field, value):
     with pytest.raises(grpc.RpcError) as info:
-        generate(stub, request("hi", **{field: value}))
+        generate(stub, text_request("hi", **{field: value}))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_field(info.value) == f"sampling.{field}"

@@ -106,19 +106,9 @@ def test_a_long_prefill_past_its_deadline_stops_between_passes_and_frees_the_loo
     worker.join(120)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert short["completion_tokens"] == 4
-    stopped = wait_for_log(default_model_server, "prefill_stopped", "long-prefill-deadline")
+    stopped = default_model_server.wait_for_log("prefill_stopped", "long-prefill-deadline")
     assert stopped["prompt_tokens"] == prompt_tokens
     assert 0 < stopped["computed_tokens"] < prompt_tokens
     print(f"\nlong prefill: {stopped['computed_tokens']} of {prompt_tokens} tokens computed, "
           f"stopped {stopped['past_deadline_s']} s past its deadline; short request's first "
           f"token after {short['first_token_s']:.2f} s")
-
-
-def wait_for_log(server, event: str, request_id: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in server.log_lines():
-            if line.get("event") == event and line.get("request_id") == request_id:
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"no {event} logged for {request_id}")

@@ -127,12 +127,17 @@ def test_a_request_larger_than_the_whole_budget_is_resource_exhausted(server):
 
 
 def test_requests_joining_a_running_batch_generate_what_they_would_alone(server):
-    public, ctl, stub, _ = channels(server)
+    """Five requests sent while another one decodes join its batch: they all finish while
+    it still runs (the model loop decodes every running sequence in each step), and each
+    says what it says alone."""
+    public, ctl, stub, control = channels(server)
     with public, ctl:
         prompts = [[user(f"prompt number {i} " * (i + 1))] for i in range(5)]
         alone = [generate(stub, p, tokens=24, seed=7)[0] for p in prompts]
-        control_stub = cgrpc.ControlServiceStub(ctl)
-        control_stub.TrimKvCache(cpb.TrimKvCacheRequest(policy=cpb.TRIM_POLICY_ALL_IDLE))
+        control.TrimKvCache(cpb.TrimKvCacheRequest(policy=cpb.TRIM_POLICY_ALL_IDLE))
+        running = stub.Generate(long_greedy(0, 400, "already running"),
+                                metadata=[("x-request-id", "already-running")])
+        next(running)  # it is decoding now
         together: dict[int, str] = {}
 
         def run(i: int) -> None:
@@ -143,7 +148,12 @@ def test_requests_joining_a_running_batch_generate_what_they_would_alone(server)
             t.start()
         for t in threads:
             t.join()
+        still_running = [r.request_id for r in status(control).requests]
+        running.cancel()
+        assert still_running == ["already-running"]  # the batch they joined goes on
         assert [together[i] for i in range(5)] == alone
+    preempted = [e["request_id"] for e in server.log_lines() if e.get("event") == "preempted"]
+    assert "already-running" not in preempted  # it ran beside them throughout
 
 
 def test_cancelled_and_finished_requests_leave_no_request_kv(server):

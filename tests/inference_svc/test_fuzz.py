@@ -24,7 +24,7 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -35,7 +35,7 @@ from PIL import Image
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
+from tests.conftest import ServerProcess, png_bytes, wav_bytes
 from tests.inference_svc.liveness import assert_still_serving, memory_status
 
 Code = grpc.StatusCode
@@ -54,17 +54,9 @@ def examples_of(total: int, share: float) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory) -> Iterator[ServerProcess]:
+def server(own_server: ServerProcess) -> ServerProcess:
     """A server of this module's own, so fuzz traffic disturbs no other test."""
-    server = start_server(tmp_path_factory.mktemp("fuzz"), tiny_bundle)
-    yield server
-    server.terminate()
-
-
-@pytest.fixture(scope="module")
-def channel(server) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield channel
+    return own_server
 
 
 # ---- media seeds -------------------------------------------------------------------------

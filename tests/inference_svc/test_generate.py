@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import png_bytes, wav_bytes
-
-
-@pytest.fixture(scope="module")
-def stub(inference_server):
-    with grpc.insecure_channel(inference_server.target) as channel:
-        yield pb_grpc.InferenceServiceStub(channel)
-
-
-def text_request(text: str, **sampling) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text=text)])],
-        sampling=pb.SamplingParams(**sampling),
-    )
+from tests.conftest import png_bytes, text_request, wav_bytes
+from tests.support.polling import wait_until
 
 
 def collect(stub, request, **kwargs) -> tuple[str, pb.FinalMessage, list[pb.GenerateResponse]]:
@@ -197,34 +184,29 @@ def test_deadline_exceeded_ends_the_call(stub):
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_cancel_mid_stream_stops_generation(stub, inference_server):
-    from autoglm.control.v1 import control_service_pb2 as cpb
-    from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
-
+def test_cancel_mid_stream_stops_generation(stub, control, inference_server):
     call = stub.Generate(text_request("go on", max_new_tokens=20000, min_new_tokens=20000),
                          metadata=[("x-request-id", "to-cancel")])
     first = next(call)
     assert first.text_delta or first.request_id
-    with grpc.insecure_channel(inference_server.control_target) as channel:
-        control = cgrpc.ControlServiceStub(channel)
-        running = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
-        assert [r.request_id for r in running.requests] == ["to-cancel"]
-        assert running.kv_bytes > 0
-        call.cancel()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            status = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
-            if not status.requests:
-                break
-            time.sleep(0.05)
+    running = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+    assert [r.request_id for r in running.requests] == ["to-cancel"]
+    assert running.kv_bytes > 0
+    call.cancel()
+    status = wait_until(lambda: none_running(control), 30, "the cancelled request gone")
     assert status.running_requests == 0
     # what KV is left belongs to sessions and cached blocks of earlier, finished requests
     assert status.kv_bytes == status.cached_kv_bytes + sum(s.bytes for s in status.sessions)
     assert not [s for s in status.sessions if "to-cancel" in s.session_id]
-    finished = [e for e in inference_server.log_lines()
-                if e.get("event") == "generation_finished" and e.get("request_id") == "to-cancel"]
-    assert finished and finished[0]["finish_reason"] == "cancelled"
-    assert finished[0]["completion_tokens"] < 20000
+    finished = inference_server.wait_for_log("generation_finished", "to-cancel")
+    assert finished["finish_reason"] == "cancelled"
+    assert finished["completion_tokens"] < 20000
+
+
+def none_running(control) -> cpb.MemoryStatus | None:
+    """The memory account once no request holds KV, else None."""
+    status = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+    return None if status.requests else status
 
 
 def test_concurrent_streams_all_complete(stub):

@@ -17,9 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, Glm4vForConditionalGeneration
 
 from autoglm.control.v1 import control_service_pb2 as cpb
-from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.builders import write_tiny_glm4v_checkpoint
@@ -37,7 +35,7 @@ from inference_svc.types import (
     SamplingParams,
     TextPart,
 )
-from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
+from tests.conftest import ServerProcess, png_bytes, running_server, wav_bytes
 from tests.unit.engine_runs import run_all
 from tests.unit.test_engine_paged import preemption_runs
 
@@ -250,21 +248,8 @@ def test_disk_offload_releases_the_tower_and_reload_restores_it(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
-    process = start_server(tmp_path_factory.mktemp("glm4v-server"), checkpoint)
-    yield process
-    process.terminate()
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.target) as channel:
-        yield pb_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def control(server):
-    with grpc.insecure_channel(server.control_target) as channel:
-        yield cgrpc.ControlServiceStub(channel)
+    with running_server(tmp_path_factory.mktemp("glm4v-server"), checkpoint) as server:
+        yield server
 
 
 def image_request(image: bytes, **sampling) -> pb.GenerateRequest:

@@ -19,9 +19,7 @@ from PIL import Image
 from transformers import Glm4vImageProcessorPil, Glm4vVisionConfig
 
 from autoglm.control.v1 import control_service_pb2 as cpb
-from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.glm4v_vision import (
@@ -32,7 +30,7 @@ from inference_svc.model.glm4v_vision import (
     activation_bytes,
 )
 from inference_svc.types import ChatMessage, ImagePart, TextPart
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, running_server
 
 SCREEN = (1080, 2400)
 AGENT_MAX_PIXELS = 5_000_000  # Open-AutoGLM's vLLM command: mm_processor_kwargs max_pixels
@@ -106,24 +104,12 @@ def test_activation_estimate_of_the_real_tower():
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
-    process = start_server(
+    with running_server(
         tmp_path_factory.mktemp("phone-server"), checkpoint,
         "--max-pixels", str(AGENT_MAX_PIXELS), "--pressure-max-pixels", str(PRESSURE_MAX_PIXELS),
-        "--activation-budget-mb", str(ACTIVATION_BUDGET_MB))
-    yield process
-    process.terminate()
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.target) as channel:
-        yield pb_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def control(server):
-    with grpc.insecure_channel(server.control_target) as channel:
-        yield cgrpc.ControlServiceStub(channel)
+        "--activation-budget-mb", str(ACTIVATION_BUDGET_MB),
+    ) as server:
+        yield server
 
 
 def request(image: bytes) -> pb.GenerateRequest:

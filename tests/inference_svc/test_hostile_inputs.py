@@ -26,7 +26,7 @@ from PIL import Image
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
+from tests.conftest import ServerProcess, png_bytes, wav_bytes
 from tests.inference_svc.liveness import assert_still_serving
 from tests.inference_svc.raw_http2 import call_unary_stream
 
@@ -38,17 +38,9 @@ NEVER = {Code.UNKNOWN, Code.INTERNAL}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory) -> Iterator[ServerProcess]:
+def server(own_server: ServerProcess) -> ServerProcess:
     """A server of this module's own, so hostile traffic disturbs no other test."""
-    server = start_server(tmp_path_factory.mktemp("hostile"), tiny_bundle)
-    yield server
-    server.terminate()
-
-
-@pytest.fixture(scope="module")
-def channel(server) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield channel
+    return own_server
 
 
 # ---- request builders --------------------------------------------------------------------

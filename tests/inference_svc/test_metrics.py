@@ -6,9 +6,8 @@ import contextlib
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, start_server
+from tests.support.polling import wait_until
 
 GENERATE = "/autoglm.inference.v1.InferenceService/Generate"
 MODEL = (("model_name", "autoglm-phone-9b"),)
@@ -40,13 +40,6 @@ def scrape(port: int) -> Samples:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def text_request(text: str, session_id: str = "", **sampling: int) -> pb.GenerateRequest:
@@ -116,7 +109,7 @@ def test_running_kv_shows_in_usage_and_a_cancelled_stream_counts_as_cancelled(me
             return scrape(port).get(("autoglm_rpcs_total", cancelled), 0) > before.get(
                 ("autoglm_rpcs_total", cancelled), 0)
 
-        eventually(counted)
+        wait_until(counted, 30, "the cancelled RPC counted")
     assert during[("autoglm_num_requests_running", MODEL)] == 1
     running = during[("autoglm_kv_cache_used_bytes", (("kind", "running"), *MODEL))]
     cached = during[("autoglm_kv_cache_used_bytes", (("kind", "cached"), *MODEL))]
@@ -128,9 +121,7 @@ def test_running_kv_shows_in_usage_and_a_cancelled_stream_counts_as_cancelled(me
     key = ("autoglm_e2e_request_latency_seconds_count",
            (("finished_reason", "cancelled"), *MODEL))
     assert after[key] == before[key] + 1
-    eventually(lambda: any(
-        line.get("event") == "rpc_finished" and line.get("request_id") == "rid-metrics-cancel"
-        for line in server.log_lines()))
+    server.wait_for_log("rpc_finished", "rid-metrics-cancel")
     [finished] = [line for line in server.log_lines() if line.get("event") == "rpc_finished"
                   and line.get("request_id") == "rid-metrics-cancel"]
     assert finished["status"] == "CANCELLED"

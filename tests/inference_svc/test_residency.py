@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.conftest import png_bytes, start_server
+from tests.support.polling import wait_until
 
 
 def request(text: str, image: bytes | None = None, tokens: int = 6) -> pb.GenerateRequest:
@@ -94,10 +94,8 @@ def test_idle_encoders_are_demoted_and_come_back_on_demand(tiny_bundle, tmp_path
         with grpc.insecure_channel(server.target) as public, \
                 grpc.insecure_channel(server.control_target) as private:
             stub, control = pb_grpc.InferenceServiceStub(public), cgrpc.ControlServiceStub(private)
-            deadline = time.monotonic() + 15
-            while tier_of(control, "audio") != cpb.TIER_DISK:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_until(lambda: tier_of(control, "audio") == cpb.TIER_DISK, 30,
+                       "the idle audio encoder demoted to disk")
             _, final = run(stub, request("look", png_bytes()))
             assert final.usage.image_tokens > 0
             # just used: back home; audio stays demoted, the decoder is never demoted

@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import threading
-import time
 
 import grpc
 import pytest
@@ -17,25 +16,25 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import start_server
+from tests.conftest import start_server, text_request
+from tests.support.polling import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def long_request() -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text="go")])],
-        sampling=pb.SamplingParams(max_new_tokens=30000, min_new_tokens=30000),
-    )
+    return text_request("go", max_new_tokens=30000, min_new_tokens=30000)
+
+
+def short_request() -> pb.GenerateRequest:
+    return text_request("go", max_new_tokens=1)
 
 
 def test_health_goes_serving_after_load_and_not_serving_on_sigterm(tiny_bundle, tmp_path):
     server = start_server(tmp_path / "s", tiny_bundle, wait=False)
     port_file = tmp_path / "s" / "port.json"
-    deadline = time.monotonic() + 120
-    while not port_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(port_file.exists, 120, "the port file", interval=0.01)
     server.port = json.loads(port_file.read_text())["port"]
     seen: list[int] = []
     with grpc.insecure_channel(server.target) as channel:
@@ -83,7 +82,17 @@ def test_new_calls_are_refused_once_shutting_down(tiny_bundle, tmp_path):
         running = stub.Generate(long_request())
         next(running)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+
+        def refusal() -> grpc.StatusCode | None:
+            """How a new (short) call ends: None while it is still served."""
+            try:
+                list(stub.Generate(short_request(), timeout=5))
+            except grpc.RpcError as error:
+                return error.code()
+            return None
+
+        # until SIGTERM is handled new calls are still served; then every one is refused
+        assert wait_until(refusal, 30, "a new call refused") == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Generate(long_request(), timeout=5))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from autoglm.control.v1 import control_service_pb2 as control_pb
 from autoglm.control.v1 import control_service_pb2_grpc as control_grpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
@@ -60,13 +60,19 @@ class DaemonProcess:
         return self.named("memd.action")
 
     def wait_for(self, predicate: Callable[[], object], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.process.poll() is not None and not predicate():
-                raise AssertionError(f"daemon exited {self.process.returncode}: {self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met in {timeout}s: {self.tail()}")
-            time.sleep(0.02)
+        """Wait until `predicate` holds; fail at once if the daemon exits first."""
+
+        def holds() -> bool:
+            if predicate():
+                return True
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited {self.process.returncode}")
+            return False
+
+        try:
+            wait_until(holds, timeout, "the awaited daemon condition", interval=0.02)
+        except AssertionError as error:
+            raise AssertionError(f"{error}: {self.tail()}") from None
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         code = self.process.wait(timeout)
@@ -160,11 +166,3 @@ class Service:
 
 def session_ids(status: control_pb.MemoryStatus) -> set[str]:
     return {session.session_id for session in status.sessions}
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout}s: {what}")
-        time.sleep(0.02)

@@ -14,7 +14,6 @@ from memd_harness import (
     DaemonProcess,
     Service,
     session_ids,
-    wait_until,
     write_policy,
     write_trace,
 )
@@ -22,6 +21,7 @@ from memd_harness import (
 from autoglm.control.v1 import control_service_pb2 as control_pb
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from tests.conftest import png_bytes, start_server
+from tests.support.polling import wait_until
 
 POLL = "0.2"
 ENCODERS = ("vision", "audio")

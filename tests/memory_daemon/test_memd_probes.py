@@ -4,7 +4,6 @@ import io
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 
 import psutil
@@ -15,6 +14,7 @@ from memory_daemon.errors import ProbeUnavailableError
 from memory_daemon.probes.host import HOST_DEVICE, HostProbe, read_pid_file
 from memory_daemon.probes.replay import ReplayProbe, TraceRecorder, load_trace
 from memory_daemon.readings import DeviceReading
+from tests.support.polling import wait_until
 
 GIB = 1 << 30
 
@@ -56,10 +56,8 @@ def spawn(children: list[psutil.Popen]) -> psutil.Popen:
 
 
 def wait_until_zombie(child: psutil.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while child.status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, f"{child.pid} is not a zombie in {timeout}s"
-        time.sleep(0.01)
+    wait_until(lambda: child.status() == psutil.STATUS_ZOMBIE, timeout,
+               f"{child.pid} a zombie", interval=0.01)
 
 
 def pid_events(logs: list[dict]) -> list[tuple[str, int, str]]:

@@ -18,6 +18,7 @@ from memory_daemon.errors import ControlCallError
 from memory_daemon.probes.host import HostProbe
 from memory_daemon.readings import DeviceReading
 from memory_daemon.status import PolledStatus, WatchedStatus
+from tests.support.polling import wait_until_async
 
 # The servers run in the session loop; the tests must run in the same loop.
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -79,13 +80,6 @@ def watched(config: DaemonConfig, control: ControlClient, now: FakeTime) -> Watc
     )
 
 
-async def eventually(condition, what: str, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
-    assert condition(), what
-
-
 def reads(daemon: Daemon, origin: str) -> float:
     value = daemon.metrics.registry.get_sample_value(
         "memd_status_reads_total", {"origin": origin}
@@ -106,10 +100,10 @@ async def test_ticks_take_the_pushed_status_instead_of_polling(tmp_path):
     try:
         await daemon.tick()  # before the first push arrives: one GetMemoryStatus
         assert probe.pid == 1
-        await eventually(lambda: source.pushes == 1, "the first push")
+        await wait_until_async(lambda: source.pushes == 1, what="the first push")
         servicer.pid = os.getpid()
         await servicer.push()
-        await eventually(lambda: source.pushes == 2, "the second push")
+        await wait_until_async(lambda: source.pushes == 2, what="the second push")
         for _ in range(5):
             await daemon.tick()
         assert probe.pid == os.getpid()  # learned from the push
@@ -136,7 +130,7 @@ async def test_a_stale_push_is_never_acted_on(tmp_path):
     try:
         assert (await source.read()).origin == "poll"  # before the first push
         servicer.calls.clear()
-        await eventually(lambda: source.pushes == 1, "the first push")
+        await wait_until_async(lambda: source.pushes == 1, what="the first push")
         servicer.fail_next = 1000  # every unary call from now on is UNAVAILABLE
         now.now = STALE_AFTER + 0.1  # the one push has aged past stale_after_seconds
         for _ in range(3):
@@ -163,13 +157,13 @@ async def test_a_push_from_before_an_action_is_superseded(tmp_path):
     source = watched(config, control, FakeTime())
     try:
         assert (await source.read()).origin == "poll"
-        await eventually(lambda: source.pushes == 1, "the first push")
+        await wait_until_async(lambda: source.pushes == 1, what="the first push")
         assert (await source.read()).status.admission_mode == pb.ADMISSION_MODE_OPEN
         servicer.admission = pb.ADMISSION_MODE_PAUSED  # what the daemon's action did
         source.acted()
         after_action = await source.read()
         await servicer.push()
-        await eventually(lambda: source.pushes == 2, "the push after the action")
+        await wait_until_async(lambda: source.pushes == 2, what="the push after the action")
         next_push = await source.read()
     finally:
         await source.close()
@@ -199,7 +193,7 @@ async def test_without_watch_memory_every_tick_polls_and_still_acts(tmp_path):
     try:
         with capture_logs() as logs:
             await daemon.tick()
-            await eventually(lambda: source.unsupported, "the stream refused")
+            await wait_until_async(lambda: source.unsupported, what="the stream refused")
             for _ in range(4):
                 await clock.sleep(1.0, asyncio.Event())
                 await daemon.tick()
@@ -250,16 +244,16 @@ async def test_the_stream_is_resubscribed_after_the_service_restarts(tmp_path):
     source = watched(config, control, FakeTime())
     try:
         await source.read()
-        await eventually(lambda: source.pushes == 1, "the first push")
+        await wait_until_async(lambda: source.pushes == 1, what="the first push")
         with capture_logs() as logs:
             await server.stop(None)
-            await eventually(lambda: not source.connected, "the stream lost")
+            await wait_until_async(lambda: not source.connected, what="the stream lost")
             with pytest.raises(ControlCallError, match="UNAVAILABLE"):
                 await source.read()  # the pushed status went with the stream; no poll either
             second = WatchingControl(pid=2)
             server, _ = await start_control(second, f"unix:{socket}")
             await asyncio.wait_for(second.subscribed.wait(), 10)
-            await eventually(lambda: source.pushes == 2, "the first push after the restart")
+            await wait_until_async(lambda: source.pushes == 2, what="the push after the restart")
             back = await source.read()
     finally:
         await source.close()
@@ -289,7 +283,7 @@ async def test_a_silent_stream_is_resubscribed(tmp_path):
     try:
         await source.read()
         # The double pushes once per subscription: a second push needs a second one.
-        await eventually(lambda: source.pushes >= 2, "a push from a second subscription")
+        await wait_until_async(lambda: source.pushes >= 2, what="a push from a second subscription")
     finally:
         await source.close()
         await control.close()
@@ -306,12 +300,12 @@ async def test_pushes_from_a_draining_service_are_not_used(tmp_path):
     source = watched(config, control, FakeTime())
     try:
         await source.read()
-        await eventually(lambda: source.pushes == 1, "the first push")
+        await wait_until_async(lambda: source.pushes == 1, what="the first push")
         # A graceful stop refuses new calls but lets the open stream go on pushing.
         stopping = asyncio.create_task(server.stop(grace=30))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the stop's first step runs: new calls are refused from now on
         await servicer.push()
-        await eventually(lambda: source.pushes == 2, "a push while draining")
+        await wait_until_async(lambda: source.pushes == 2, what="a push while draining")
         source.acted()  # say an action just failed: the next read must poll
         outcomes = []
         for _ in range(3):
@@ -319,8 +313,12 @@ async def test_pushes_from_a_draining_service_are_not_used(tmp_path):
                 outcomes.append((await source.read()).origin)
             except ControlCallError as exc:
                 outcomes.append(exc.code)
-            await servicer.push()  # the old stream would still deliver it
-            await asyncio.sleep(0.05)
+            delivered = source.pushes + 1
+            await servicer.push()  # a stream still open would deliver it before the next read
+            await wait_until_async(
+                lambda n=delivered: source.pushes == n or servicer.open_streams == 0,
+                what="the push delivered, or no stream left to deliver it",
+            )
     finally:
         await source.close()
         await control.close()
@@ -341,13 +339,13 @@ async def test_the_stream_lets_go_when_the_service_shuts_down_gracefully(tmp_pat
     source = watched(config, control, FakeTime())
     try:
         await source.read()
-        await eventually(lambda: source.connected, "subscribed")
+        await wait_until_async(lambda: source.connected, what="subscribed")
         await health_servicer.enter_graceful_shutdown()
         stopping = asyncio.create_task(server.stop(grace=60))
         # Else the service would wait out its whole grace period for our stream (or until
         # the daemon finds the stream silent for stale_after_seconds).
-        await eventually(
-            lambda: servicer.open_streams == 0, "the daemon closed its stream", STALE_AFTER / 2
+        await wait_until_async(
+            lambda: servicer.open_streams == 0, STALE_AFTER / 2, "the daemon closed its stream"
         )
         await stopping
         with pytest.raises(ControlCallError):

@@ -14,15 +14,16 @@ from inference_svc.types import (
 from tests.unit.engine_runs import request, run_all
 
 
-def fail_prefills(monkeypatch, model, *, times: int) -> None:
-    """Prompts containing BOOM run out of memory `times` times when their inputs are made."""
+def fail_prefills(monkeypatch, model, *, times: int) -> list[str]:
+    """Prompts containing BOOM run out of memory `times` times when their inputs are made;
+    the returned list records each injected error (monkeypatch undoes the patch)."""
     alone = model.prompt_inputs
-    budget = {"left": times}
+    injected: list[str] = []
 
     def boom(plans) -> None:
         boom_in_prompt = any("BOOM" in model.tokenizer.decode(p.input_ids) for p in plans)
-        if boom_in_prompt and budget["left"] > 0:
-            budget["left"] -= 1
+        if boom_in_prompt and len(injected) < times:
+            injected.append("prefill")
             raise torch.OutOfMemoryError("simulated")
 
     def prompt_inputs(plan, media, **options):
@@ -30,17 +31,20 @@ def fail_prefills(monkeypatch, model, *, times: int) -> None:
         return alone(plan, media, **options)
 
     monkeypatch.setattr(model, "prompt_inputs", prompt_inputs)
+    return injected
 
 
 def test_a_transient_oom_in_prefill_is_retried_after_a_trim(model, monkeypatch):
-    fail_prefills(monkeypatch, model, times=1)
+    injected = fail_prefills(monkeypatch, model, times=1)
     [result], _ = run_all(model, [request("BOOM once")])
+    assert injected == ["prefill"]
     assert isinstance(result, Finished) and result.usage.completion_tokens == 6
 
 
 def test_a_persistent_oom_fails_that_request_alone(model, monkeypatch):
-    fail_prefills(monkeypatch, model, times=10)
+    injected = fail_prefills(monkeypatch, model, times=10)
     results, _ = run_all(model, [request("fine a"), request("BOOM always"), request("fine b")])
+    assert len(injected) == 2  # the first try and the one retry after a trim
     assert isinstance(results[1], ResourceExhausted) and results[1].resource == "memory"
     assert [r.usage.completion_tokens for r in (results[0], results[2])] == [6, 6]
 

@@ -2,171 +2,69 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from types import TracebackType
-
-import grpc
+from typing import Unpack
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from autoglm_client.channel import (
-    DEFAULT_TARGET,
-    MAX_MESSAGE_BYTES,
-    CallDefaults,
-    open_aio_channel,
-)
-from autoglm_client.content import BinarySource, Conversation, prompt_conversation
-from autoglm_client.request_builders import Sampling, count_tokens_request, generate_request
-from autoglm_client.results import (
-    Completion,
-    CompletionAccumulator,
-    Final,
-    ProtocolError,
-    StreamEvent,
-    events_from_response,
-)
+from autoglm_client import calls
+from autoglm_client.channel import open_aio_channel
+from autoglm_client.content import Conversation
+from autoglm_client.request_builders import Sampling
+from autoglm_client.results import Completion, CompletionAccumulator, StreamEvent
 from autoglm_client.translate import rpc_errors_translated
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(calls.InferenceClientBase):
     """Asyncio client of `autoglm.inference.v1.InferenceService`; same calls as the sync one.
 
     Create it inside a running event loop; use `async with` or `await close()`.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        metadata: Iterable[tuple[str, str]] = (),
-        credentials: grpc.ChannelCredentials | None = None,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
-    ) -> None:
-        self._channel = open_aio_channel(target, credentials, max_message_bytes)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._defaults = CallDefaults.of(timeout, metadata)
+    _open_channel = staticmethod(open_aio_channel)
 
     async def stream(
         self,
         conversation: Conversation,
         sampling: Sampling | None = None,
-        *,
-        session_id: str | None = None,
-        enable_thinking: bool = False,
-        return_reasoning: bool = False,
-        priority: int = 0,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        n: int = 1,
+        **options: Unpack[calls.GenerateOptions],
     ) -> AsyncIterator[StreamEvent]:
-        """Yield `TextDelta` / `ReasoningDelta` events as they arrive, then one `Final`.
-        With `n` > 1 each event names its choice (`index`) and each choice ends with a
-        `ChoiceEnd`.
-
-        Leaving the loop early (or cancelling the task) cancels the call.
-        """
-        request = generate_request(
-            conversation,
-            sampling,
-            session_id=session_id,
-            enable_thinking=enable_thinking,
-            return_reasoning=return_reasoning,
-            priority=priority,
-            n=n,
-        )
-        call = self._stub.Generate(
-            request, **self._defaults.call_kwargs(timeout, request_id, session_id)
-        )
-        finished = False
-        try:
-            with rpc_errors_translated():
-                async for response in call:
-                    for event in events_from_response(response):
-                        finished = finished or isinstance(event, Final)
-                        yield event
-        finally:
-            call.cancel()
-        if not finished:
-            raise ProtocolError("Generate stream ended without a final message")
+        """The events of `InferenceClient.stream`, as they arrive. Leaving the loop early (or
+        cancelling the task) cancels the call."""
+        async for event in self._events(self._calls.generate(conversation, sampling, **options)):
+            yield event
 
     async def generate(
         self,
         conversation: Conversation,
         sampling: Sampling | None = None,
-        *,
-        session_id: str | None = None,
-        enable_thinking: bool = False,
-        return_reasoning: bool = False,
-        priority: int = 0,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        n: int = 1,
+        **options: Unpack[calls.GenerateOptions],
     ) -> Completion:
         """Run a Generate call to its end and return the whole reply (`choices`: all n)."""
-        accumulator = CompletionAccumulator()
-        async for event in self.stream(
-            conversation,
-            sampling,
-            session_id=session_id,
-            enable_thinking=enable_thinking,
-            return_reasoning=return_reasoning,
-            priority=priority,
-            timeout=timeout,
-            request_id=request_id,
-            n=n,
-        ):
-            accumulator.add(event)
-        return accumulator.completion()
+        return await self._completion(self._calls.generate(conversation, sampling, **options))
 
-    async def chat(
-        self,
-        prompt: str,
-        *,
-        images: Iterable[BinarySource] = (),
-        audio_clips: Iterable[BinarySource] = (),
-        system_prompt: str | None = None,
-        sampling: Sampling | None = None,
-        session_id: str | None = None,
-        timeout: float | None = None,
-    ) -> str:
+    async def chat(self, prompt: str, **options: Unpack[calls.ChatOptions]) -> str:
         """Send one user turn (text plus optional images and WAV clips); return the answer."""
-        conversation = prompt_conversation(
-            prompt, images=images, audio_clips=audio_clips, system_prompt=system_prompt
-        )
-        completion = await self.generate(
-            conversation, sampling, session_id=session_id, timeout=timeout
-        )
-        return completion.text
+        return (await self._completion(self._calls.chat(prompt, **options))).text
 
     async def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """Describe the served model and its modules."""
         with rpc_errors_translated():
-            return await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), **self._defaults.call_kwargs(timeout, None)
-            )
+            return await self._calls.model_info(timeout).send(self._stub.GetModelInfo)
 
     async def count_tokens(
-        self,
-        conversation: Conversation,
-        *,
-        enable_thinking: bool = False,
-        timeout: float | None = None,
+        self, conversation: Conversation, **options: Unpack[calls.CountTokensOptions]
     ) -> pb.CountTokensResponse:
         """Count the prompt tokens of a conversation without generating."""
-        request = count_tokens_request(conversation, enable_thinking=enable_thinking)
+        call = self._calls.count_tokens(conversation, **options)
         with rpc_errors_translated():
-            return await self._stub.CountTokens(
-                request, **self._defaults.call_kwargs(timeout, None)
-            )
+            return await call.send(self._stub.CountTokens)
 
     async def end_session(self, session_id: str, *, timeout: float | None = None) -> int:
         """Drop a session's cached state; return the bytes the server released."""
-        request = pb.EndSessionRequest(session_id=session_id)
+        call = self._calls.end_session(session_id, timeout)
         with rpc_errors_translated():
-            response = await self._stub.EndSession(
-                request, **self._defaults.call_kwargs(timeout, None, session_id)
-            )
+            response = await call.send(self._stub.EndSession)
         return response.freed_bytes
 
     async def close(self) -> None:
@@ -182,3 +80,21 @@ class AsyncInferenceClient:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def _events(self, generate: calls.Call[pb.GenerateRequest]) -> AsyncIterator[StreamEvent]:
+        call = generate.send(self._stub.Generate)
+        replies = calls.GenerateReplies()
+        try:
+            with rpc_errors_translated():
+                async for response in call:
+                    for event in replies.events(response):
+                        yield event
+        finally:
+            call.cancel()
+        replies.check_ended()
+
+    async def _completion(self, generate: calls.Call[pb.GenerateRequest]) -> Completion:
+        accumulator = CompletionAccumulator()
+        async for event in self._events(generate):
+            accumulator.add(event)
+        return accumulator.completion()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 
@@ -102,3 +103,18 @@ class CallDefaults:
             "timeout": self.timeout if timeout is None else timeout,
             "metadata": metadata or None,
         }
+
+
+class ClosesChannel:
+    """A blocking client that owns its channel: `close()` or a `with` block closes it."""
+
+    _channel: grpc.Channel
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -8,14 +8,13 @@ sent as `authorization: Bearer <token>` metadata, and normally TLS: pass
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from types import TracebackType
 from typing import Literal
 
 import grpc
 
 from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.control.v1 import control_service_pb2_grpc as cpb_grpc
-from autoglm_client.channel import CallDefaults, open_channel
+from autoglm_client.channel import CallDefaults, ClosesChannel, open_channel
 from autoglm_client.errors import InputError
 from autoglm_client.translate import rpc_errors_translated
 
@@ -43,7 +42,7 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-class ControlClient:
+class ControlClient(ClosesChannel):
     """Blocking client of `autoglm.control.v1.ControlService`."""
 
     def __init__(
@@ -122,20 +121,6 @@ class ControlClient:
         )
         with rpc_errors_translated():
             return self._stub.SetAdmission(request, **self._kwargs())
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _kwargs(self) -> dict[str, object]:
         return self._defaults.call_kwargs(None, None)

@@ -2,175 +2,86 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from types import TracebackType
-
-import grpc
+from collections.abc import Iterator
+from typing import Unpack
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from autoglm_client.channel import DEFAULT_TARGET, MAX_MESSAGE_BYTES, CallDefaults, open_channel
-from autoglm_client.content import BinarySource, Conversation, prompt_conversation
-from autoglm_client.request_builders import Sampling, count_tokens_request, generate_request
-from autoglm_client.results import (
-    Completion,
-    CompletionAccumulator,
-    Final,
-    ProtocolError,
-    StreamEvent,
-    events_from_response,
-)
+from autoglm_client import calls
+from autoglm_client.channel import ClosesChannel, open_channel
+from autoglm_client.content import Conversation
+from autoglm_client.request_builders import Sampling
+from autoglm_client.results import Completion, CompletionAccumulator, StreamEvent
 from autoglm_client.translate import rpc_errors_translated
 
 
-class InferenceClient:
+class InferenceClient(calls.InferenceClientBase, ClosesChannel):
     """Blocking client of `autoglm.inference.v1.InferenceService`.
 
-    `timeout` (seconds) and `metadata` apply to every call unless a call overrides them.
-    For a TLS port pass `credentials=tls_credentials(ca_file)`.
+    Constructor: see `calls.InferenceClientBase` (target, default timeout and metadata,
+    credentials); `with` closes the channel.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        metadata: Iterable[tuple[str, str]] = (),
-        credentials: grpc.ChannelCredentials | None = None,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
-    ) -> None:
-        self._channel = open_channel(target, credentials, max_message_bytes)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._defaults = CallDefaults.of(timeout, metadata)
+    _open_channel = staticmethod(open_channel)
 
     def stream(
         self,
         conversation: Conversation,
         sampling: Sampling | None = None,
-        *,
-        session_id: str | None = None,
-        enable_thinking: bool = False,
-        return_reasoning: bool = False,
-        priority: int = 0,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        n: int = 1,
+        **options: Unpack[calls.GenerateOptions],
     ) -> Iterator[StreamEvent]:
         """Yield `TextDelta` / `ReasoningDelta` events as they arrive, then one `Final`.
         With `n` > 1 each event names its choice (`index`) and each choice ends with a
-        `ChoiceEnd`.
+        `ChoiceEnd`. `options`: see `calls.GenerateOptions`.
 
         Leaving the loop early cancels the call, which frees its memory on the server.
         """
-        request = generate_request(
-            conversation,
-            sampling,
-            session_id=session_id,
-            enable_thinking=enable_thinking,
-            return_reasoning=return_reasoning,
-            priority=priority,
-            n=n,
-        )
-        call = self._stub.Generate(
-            request, **self._defaults.call_kwargs(timeout, request_id, session_id)
-        )
-        finished = False
-        try:
-            with rpc_errors_translated():
-                for response in call:
-                    for event in events_from_response(response):
-                        finished = finished or isinstance(event, Final)
-                        yield event
-        finally:
-            call.cancel()
-        if not finished:
-            raise ProtocolError("Generate stream ended without a final message")
+        yield from self._events(self._calls.generate(conversation, sampling, **options))
 
     def generate(
         self,
         conversation: Conversation,
         sampling: Sampling | None = None,
-        *,
-        session_id: str | None = None,
-        enable_thinking: bool = False,
-        return_reasoning: bool = False,
-        priority: int = 0,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        n: int = 1,
+        **options: Unpack[calls.GenerateOptions],
     ) -> Completion:
         """Run a Generate call to its end and return the whole reply (`choices`: all n)."""
-        accumulator = CompletionAccumulator()
-        for event in self.stream(
-            conversation,
-            sampling,
-            session_id=session_id,
-            enable_thinking=enable_thinking,
-            return_reasoning=return_reasoning,
-            priority=priority,
-            timeout=timeout,
-            request_id=request_id,
-            n=n,
-        ):
-            accumulator.add(event)
-        return accumulator.completion()
+        return self._completion(self._calls.generate(conversation, sampling, **options))
 
-    def chat(
-        self,
-        prompt: str,
-        *,
-        images: Iterable[BinarySource] = (),
-        audio_clips: Iterable[BinarySource] = (),
-        system_prompt: str | None = None,
-        sampling: Sampling | None = None,
-        session_id: str | None = None,
-        timeout: float | None = None,
-    ) -> str:
+    def chat(self, prompt: str, **options: Unpack[calls.ChatOptions]) -> str:
         """Send one user turn (text plus optional images and WAV clips); return the answer."""
-        conversation = prompt_conversation(
-            prompt, images=images, audio_clips=audio_clips, system_prompt=system_prompt
-        )
-        completion = self.generate(conversation, sampling, session_id=session_id, timeout=timeout)
-        return completion.text
+        return self._completion(self._calls.chat(prompt, **options)).text
 
     def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """Describe the served model and its modules."""
         with rpc_errors_translated():
-            return self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), **self._defaults.call_kwargs(timeout, None)
-            )
+            return self._calls.model_info(timeout).send(self._stub.GetModelInfo)
 
     def count_tokens(
-        self,
-        conversation: Conversation,
-        *,
-        enable_thinking: bool = False,
-        timeout: float | None = None,
+        self, conversation: Conversation, **options: Unpack[calls.CountTokensOptions]
     ) -> pb.CountTokensResponse:
         """Count the prompt tokens of a conversation without generating."""
-        request = count_tokens_request(conversation, enable_thinking=enable_thinking)
+        call = self._calls.count_tokens(conversation, **options)
         with rpc_errors_translated():
-            return self._stub.CountTokens(request, **self._defaults.call_kwargs(timeout, None))
+            return call.send(self._stub.CountTokens)
 
     def end_session(self, session_id: str, *, timeout: float | None = None) -> int:
         """Drop a session's cached state; return the bytes the server released."""
-        request = pb.EndSessionRequest(session_id=session_id)
         with rpc_errors_translated():
-            response = self._stub.EndSession(
-                request, **self._defaults.call_kwargs(timeout, None, session_id)
-            )
+            response = self._calls.end_session(session_id, timeout).send(self._stub.EndSession)
         return response.freed_bytes
 
-    def close(self) -> None:
-        self._channel.close()
+    def _events(self, generate: calls.Call[pb.GenerateRequest]) -> Iterator[StreamEvent]:
+        call = generate.send(self._stub.Generate)
+        replies = calls.GenerateReplies()
+        try:
+            with rpc_errors_translated():
+                for response in call:
+                    yield from replies.events(response)
+        finally:
+            call.cancel()
+        replies.check_ended()
 
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _completion(self, generate: calls.Call[pb.GenerateRequest]) -> Completion:
+        accumulator = CompletionAccumulator()
+        for event in self._events(generate):
+            accumulator.add(event)
+        return accumulator.completion()
