@@ -288,8 +288,9 @@ class BlockLedger:
     def rename(self, owner: str, new_owner: str) -> None:
         self.tables[new_owner] = self.tables.pop(owner)
 
-    def all_finite(self, owner: str) -> bool:
-        return self.pool.all_finite(self.tables[owner])
+    def all_finite(self, owner: str, length: int) -> bool:
+        """Whether `owner`'s first `length` positions hold finite KV."""
+        return self.pool.all_finite(self.slots(owner, 0, length))
 
     # ---- memory --------------------------------------------------------------------------
 

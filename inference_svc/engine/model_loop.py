@@ -893,7 +893,7 @@ class ModelLoop:
         if sequence.swapped:
             self.ledger.release(key)
             return
-        if not self.ledger.all_finite(key):  # never hand poisoned KV to anyone
+        if not self.ledger.all_finite(key, sequence.length):  # never hand on poisoned KV
             raise NonFiniteScores()
         session = sequence.job.request.session_id if sequence.index == 0 else ""
         self.sessions.put(session, key, sequence.content, sequence.length)

@@ -98,10 +98,12 @@ class KVPool:
                 device = self.layer_devices[layer]
                 tensor[self._slots(blocks, device)] = parts[layer].to(device)
 
-    def all_finite(self, blocks: list[int]) -> bool:
+    def all_finite(self, slots: torch.Tensor) -> bool:
+        """Whether the KV in `slots` is finite (check written slots only: the rest of a
+        block is uninitialized memory and may hold anything)."""
         for store in (self.keys, self.values):
             for layer, tensor in enumerate(store):
-                part = tensor[self._slots(blocks, self.layer_devices[layer])]
+                part = tensor[slots.to(self.layer_devices[layer])]
                 if not bool(torch.isfinite(part).all()):
                     return False
         return True

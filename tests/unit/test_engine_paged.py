@@ -6,10 +6,12 @@ import asyncio
 from dataclasses import dataclass, replace
 
 import pytest
+import torch
 
 from inference_svc.engine.engine import Admission, Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.errors import InvalidRequest
+from inference_svc.model.paged_kv import KVPool
 from inference_svc.types import (
     ChatMessage,
     ChoiceEnd,
@@ -302,3 +304,26 @@ def test_a_cancel_ends_every_choice_and_n_outside_its_range_is_refused(model):
     assert {e.reason for e in final.choices} == {FinishReason.CANCELLED}
     assert errors == ["n", "n"]
     assert account.held_blocks == 0
+
+
+def test_unwritten_pool_memory_never_fails_a_request(model, monkeypatch):
+    """The host pool is uninitialized memory: whatever its unwritten slots hold (here NaN,
+    as a recycled page might), requests finish and keep their KV for reuse; only the
+    positions a sequence wrote are checked for poison."""
+    empty = KVPool._empty
+
+    def garbage(pool: KVPool, blocks: int, device: str) -> torch.Tensor:
+        tensor = empty(pool, blocks, device)
+        tensor[pool.block_size:] = float("nan")
+        return tensor
+
+    monkeypatch.setattr(KVPool, "_empty", garbage)
+    engine = started(model)
+    try:
+        results = run(engine, [greedy("a", "Tell me about the sea", 5),
+                               greedy("b", "and about the mountains too", 7)])
+        assert [final.usage.completion_tokens for _, final in results] == [5, 7]
+        assert torch.isnan(engine.ledger.pool.keys[0][-1]).all()  # garbage was there
+        assert engine.kv_account().cached_blocks > 0
+    finally:
+        engine.stop()
