@@ -10,8 +10,8 @@ import torch
 
 from inference_svc.config import ServerConfig
 from inference_svc.model.builders import default_cache_dir, ensure_default_bundle
-from inference_svc.model.bundle import is_bundle
-from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
+from inference_svc.model.glm4v import Glm4vModel
+from inference_svc.model.model_dir import ModelKind, model_kind
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.placement import plan_placement
 
@@ -36,15 +36,10 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
     placement = plan_placement(config.device, encoder_device=config.encoder_device,
                                kv_reserve_fraction=config.kv_reserve_fraction)
     dtype = resolve_dtype(config.dtype, placement.encoder_device)
-    if is_bundle(bundle):
+    if model_kind(bundle) is ModelKind.MODULAR:
         model = ModularModel(bundle, dtype=dtype, placement=placement)
-    elif is_glm4v_checkpoint(bundle):
-        model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype)
     else:
-        raise FileNotFoundError(
-            f"{bundle} is neither a modular bundle (manifest.json) nor a native GLM-4.1V "
-            f"checkpoint (config.json with architectures [\"Glm4vForConditionalGeneration\"])"
-        )
+        model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype)
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
              dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2),
              weight_bytes_by_device=weights_by_device(model))

@@ -22,8 +22,8 @@ from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.errors import ModalityUnavailable
-from inference_svc.model.builders import write_tiny_glm4v_checkpoint
-from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
+from inference_svc.model.glm4v import Glm4vModel
+from inference_svc.model.glm4v_checkpoint import is_glm4v_checkpoint
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.placement import bytes_by_device
 from inference_svc.model.units import DISK
@@ -38,6 +38,7 @@ from inference_svc.types import (
     TextPart,
 )
 from tests.conftest import ServerProcess, png_bytes, start_server, wav_bytes
+from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
 from tests.unit.engine_runs import run_all
 
 MAX_PIXELS = 1_003_520

@@ -22,7 +22,6 @@ from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.control.v1 import control_service_pb2_grpc as cgrpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.glm4v_vision import (
     GLM4V_MAX_PIXELS,
@@ -33,6 +32,7 @@ from inference_svc.model.glm4v_vision import (
 )
 from inference_svc.types import ChatMessage, ImagePart, TextPart
 from tests.conftest import ServerProcess, start_server
+from tests.fixtures.tiny_models import write_tiny_phone_glm4v_checkpoint
 
 SCREEN = (1080, 2400)
 AGENT_MAX_PIXELS = 5_000_000  # Open-AutoGLM's vLLM command: mm_processor_kwargs max_pixels
