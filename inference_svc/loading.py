@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import structlog
@@ -10,10 +9,12 @@ import torch
 
 from inference_svc.config import ServerConfig
 from inference_svc.model.builders import default_cache_dir, ensure_default_bundle
-from inference_svc.model.bundle import is_bundle
-from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
+from inference_svc.model.glm4v import Glm4vModel
+from inference_svc.model.model_dir import ModelKind, model_kind
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.placement import plan_placement
+from inference_svc.model.units import weights_by_device
+from inference_svc.process_memory import host_memory_bytes
 
 log = structlog.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,27 +37,14 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
     placement = plan_placement(config.device, encoder_device=config.encoder_device,
                                kv_reserve_fraction=config.kv_reserve_fraction)
     dtype = resolve_dtype(config.dtype, placement.encoder_device)
-    if is_bundle(bundle):
+    if model_kind(bundle) is ModelKind.MODULAR:
         model = ModularModel(bundle, dtype=dtype, placement=placement)
-    elif is_glm4v_checkpoint(bundle):
-        model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype)
     else:
-        raise FileNotFoundError(
-            f"{bundle} is neither a modular bundle (manifest.json) nor a native GLM-4.1V "
-            f"checkpoint (config.json with architectures [\"Glm4vForConditionalGeneration\"])"
-        )
+        model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype)
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
              dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2),
-             weight_bytes_by_device=weights_by_device(model))
+             weight_bytes_by_device=weights_by_device(u.state() for u in model.units))
     return model
-
-
-def weights_by_device(model) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for unit in model.units:
-        for device, size in unit.state().bytes_by_device.items():
-            totals[device] = totals.get(device, 0) + size
-    return totals
 
 
 def kv_budget_bytes(config: ServerConfig, model) -> int:
@@ -67,7 +55,7 @@ def kv_budget_bytes(config: ServerConfig, model) -> int:
     if device.startswith("cuda"):
         total = torch.cuda.mem_get_info(torch.device(device))[1]
     else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = host_memory_bytes()
     budget = int(total * config.kv_budget_fraction)
     log.info("kv_budget", device=device, fraction=config.kv_budget_fraction, bytes=budget)
     return budget

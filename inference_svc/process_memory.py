@@ -20,6 +20,11 @@ def rss_bytes(pid: int | None = None) -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
+def host_memory_bytes() -> int:
+    """Physical memory of the host."""
+    return _PAGE * os.sysconf("SC_PHYS_PAGES")
+
+
 def release_freed_memory() -> None:
     """Collect garbage and hand freed memory back: CUDA caches, and glibc's heap."""
     gc.collect()

@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from inference_svc.model.builders import write_tiny_bundle
+    from tests.fixtures.tiny_models import write_tiny_bundle
 
     return write_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
 

@@ -17,7 +17,7 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, Glm4vForConditionalGeneration
 
-from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
+from tests.fixtures.tiny_models import write_tiny_phone_glm4v_checkpoint
 
 THOUGHT = "The home screen is showing; the Settings app is the next step."
 ACTION = 'do(action="Launch", app="Settings")'

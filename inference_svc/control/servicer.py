@@ -5,39 +5,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import os
 import time
 
 import grpc
-import torch
 from autoglm_client.bounds import quote
-from google.protobuf import timestamp_pb2
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
+from inference_svc.control.convert import (
+    ADMISSION_FROM_PB,
+    account_to_pb,
+    modules_to_pb,
+    result_to_pb,
+)
 from inference_svc.engine.engine import Admission, Engine
 from inference_svc.errors import InvalidRequest, NotReady
 from inference_svc.memory import actions
-from inference_svc.memory.actions import Freed
-from inference_svc.model.units import DISK
-from inference_svc.process_memory import cuda_devices, rss_bytes
+from inference_svc.memory.account import memory_account, module_states
 from inference_svc.service_state import ServiceState
-
-TIER_NAMES = {pb.TIER_CPU: "cpu", pb.TIER_DISK: DISK}
-ADMISSION_TO_PB = {"open": pb.ADMISSION_MODE_OPEN, "limited": pb.ADMISSION_MODE_LIMITED,
-                   "paused": pb.ADMISSION_MODE_PAUSED}
-ADMISSION_FROM_PB = {v: k for k, v in ADMISSION_TO_PB.items()}
-
-
-def _tier_pb(tier: str) -> int:
-    if tier.startswith("cuda"):
-        return pb.TIER_GPU
-    return pb.TIER_CPU if tier == "cpu" else pb.TIER_DISK
-
-
-def _result(freed: Freed) -> pb.ActionResult:
-    return pb.ActionResult(freed_bytes=freed.total, freed_bytes_by_device=freed.bytes_by_device,
-                           duration_seconds=freed.seconds, detail=freed.detail)
+from inference_svc.transport.tiers import TIER_NAMES
 
 
 class ControlServicer(pb_grpc.ControlServiceServicer):
@@ -54,53 +40,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise NotReady("the model is still loading")
         return self.state.engine
 
-    def _modules(self, engine: Engine) -> list[pb.ModuleResidency]:
-        out = []
-        for unit in engine.model.units:
-            s = unit.state()
-            out.append(pb.ModuleResidency(
-                name=s.name, modality=s.modality, tier=_tier_pb(s.tier),
-                device="" if s.tier == DISK else s.tier, weight_bytes=s.weight_bytes,
-                active_requests=s.active_requests, idle_seconds=s.idle_seconds,
-            ))
-        return out
-
     def status(self) -> pb.MemoryStatus:
-        engine = self._engine()
-        taken = timestamp_pb2.Timestamp()
-        taken.GetCurrentTime()
-        account = engine.kv_account()
-        running = engine.running()
-        requests = [
-            pb.RequestKv(request_id=r.request_id, session_id=r.session_id,
-                         tokens=r.prompt_tokens + r.generated_tokens,
-                         bytes=account.blocks_by_owner.get(r.request_id, 0)
-                         * account.bytes_per_block)
-            for r in running
-        ]
-        now = time.monotonic()
-        sessions = [
-            pb.SessionKv(session_id=e.key, tokens=e.tokens, bytes=e.bytes,
-                         idle_seconds=now - e.last_used, device=e.device or engine.model.device)
-            for e in engine.sessions.entries()
-        ]
-        # blocks several requests or sessions share count once here
-        kv_bytes = account.held_bytes + account.cached_bytes
-        rss = rss_bytes()
-        devices = device_accounts(engine, kv_bytes)
-        admission = engine.admission
-        return pb.MemoryStatus(
-            taken_at=taken, devices=devices, modules=self._modules(engine), requests=requests,
-            sessions=sessions, kv_bytes=kv_bytes, kv_budget_bytes=engine.config.kv_budget_bytes,
-            process_rss_bytes=rss, running_requests=len(running),
-            queued_requests=engine.queued,
-            modalities_in_use=sorted(engine.modalities_in_use()),
-            admission_mode=ADMISSION_TO_PB[admission.mode], admission_limit=admission.max_running,
-            completed_requests=engine.completed, pid=os.getpid(),
-            recent_actions=list(self._recent), cached_kv_bytes=account.cached_bytes,
-            shared_kv_bytes=account.shared_bytes, swapped_kv_bytes=account.swapped_bytes,
-            kv_block_tokens=account.block_size,
-        )
+        return account_to_pb(memory_account(self._engine()), self._recent)
 
     async def GetMemoryStatus(self, request, context) -> pb.GetMemoryStatusResponse:
         return pb.GetMemoryStatusResponse(status=await asyncio.to_thread(self.status))
@@ -143,20 +84,22 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 raise InvalidRequest("tier must be TIER_CPU or TIER_DISK to offload",
                                      field="tier")
             freed = await asyncio.to_thread(actions.offload_encoders, engine, modalities, tier)
-        result = _result(freed)
+        result = result_to_pb(freed)
         self._acted("OffloadModules", result)
-        return pb.OffloadModulesResponse(result=result, modules=self._modules(engine))
+        return pb.OffloadModulesResponse(result=result,
+                                         modules=modules_to_pb(module_states(engine)))
 
     async def ReloadModules(self, request: pb.ReloadModulesRequest, context):
         engine = self._engine()
         modalities = self._modalities(engine, request.modalities)
         async with self._action_lock:
             freed = await asyncio.to_thread(actions.reload_encoders, engine, modalities)
-        result = _result(freed)
+        result = result_to_pb(freed)
         result.freed_bytes = 0
         result.freed_bytes_by_device.clear()
         self._acted("ReloadModules", result)
-        return pb.ReloadModulesResponse(result=result, modules=self._modules(engine))
+        return pb.ReloadModulesResponse(result=result,
+                                        modules=modules_to_pb(module_states(engine)))
 
     async def TrimKvCache(self, request: pb.TrimKvCacheRequest, context):
         engine = self._engine()
@@ -167,14 +110,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         async with self._action_lock:
             freed, sessions = await asyncio.to_thread(
                 actions.trim_kv, engine, policy, request.target_bytes, request.max_tokens)
-        result = _result(freed)
+        result = result_to_pb(freed)
         self._acted("TrimKvCache", result)
         return pb.TrimKvCacheResponse(result=result, sessions=sessions)
 
     async def CollectGarbage(self, request, context) -> pb.CollectGarbageResponse:
         async with self._action_lock:
             freed = await asyncio.to_thread(actions.collect_garbage)
-        result = _result(freed)
+        result = result_to_pb(freed)
         self._acted("CollectGarbage", result)
         return pb.CollectGarbageResponse(result=result)
 
@@ -206,10 +149,6 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                                      field="modalities")
             chosen.append(aliases[name])
         return [m for m in chosen if m in engine.model.encoders]
-
-
-def _host_total() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -245,24 +184,3 @@ def _deny(handler):
         unary, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
 
-
-def device_accounts(engine: Engine, kv_bytes: int) -> list[pb.DeviceMemory]:
-    """Per device: weights of every resident module, KV, allocator and total bytes."""
-    weights: dict[str, int] = {}
-    for unit in engine.model.units:
-        for device, size in unit.state().bytes_by_device.items():
-            weights[device] = weights.get(device, 0) + size
-    kv_device = str(engine.model.device)
-    accounts = [pb.DeviceMemory(device="cpu", weight_bytes=weights.get("cpu", 0),
-                                kv_bytes=kv_bytes if kv_device == "cpu" else 0,
-                                total_bytes=_host_total())]
-    for device in cuda_devices():
-        _, total = torch.cuda.mem_get_info(device)
-        uuid = f"GPU-{torch.cuda.get_device_properties(device).uuid}"  # NVML's spelling
-        accounts.append(pb.DeviceMemory(
-            device=device, uuid=uuid,
-            weight_bytes=weights.get(device, 0), kv_bytes=kv_bytes if kv_device == device else 0,
-            allocated_bytes=torch.cuda.memory_allocated(device),
-            reserved_bytes=torch.cuda.memory_reserved(device), total_bytes=total,
-        ))
-    return accounts

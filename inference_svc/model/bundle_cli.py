@@ -1,8 +1,9 @@
 """autoglm-bundle: write a model directory the server can load, or show what one holds.
 
-    autoglm-bundle write --kind default|tiny|tiny-glm4v|tiny-glm4v-phone [--force] OUT
+    autoglm-bundle write [--kind default] [--force] OUT
     autoglm-bundle show [--json] DIR
 
+`write` builds the embedded default (SmolLM2-135M-Instruct with untrained encoders);
 `show` reads only the safetensors headers, never the weights themselves.
 """
 
@@ -20,13 +21,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from inference_svc.model.bundle import MANIFEST, Manifest, ModuleEntry, is_bundle
-from inference_svc.model.glm4v import (
-    ARCHITECTURE,
-    PROVENANCE,
-    VISION_PREFIXES,
-    is_glm4v_checkpoint,
-)
+from inference_svc.model.bundle import Manifest, ModuleEntry
+from inference_svc.model.glm4v_checkpoint import ARCHITECTURE, VISION_PREFIXES, glm4v_manifest
+from inference_svc.model.model_dir import ModelKind, NotAModelDirectory, model_kind
 
 PROG = "autoglm-bundle"
 
@@ -35,36 +32,16 @@ class BundleCliError(Exception):
     """A problem with the command's arguments or directories, reported without a traceback."""
 
 
+Writer = Callable[[Path], None]
+
+
 def _write_default(out: Path) -> None:
-    from inference_svc.model.builders import write_default_bundle
+    from inference_svc.model.builders import write_default_bundle  # torch only when writing
 
     write_default_bundle(out)
 
 
-def _write_tiny(out: Path) -> None:
-    from inference_svc.model.builders import write_tiny_bundle
-
-    write_tiny_bundle(out)
-
-
-def _write_tiny_glm4v(out: Path) -> None:
-    from inference_svc.model.builders import write_tiny_glm4v_checkpoint
-
-    write_tiny_glm4v_checkpoint(out)
-
-
-def _write_tiny_phone_glm4v(out: Path) -> None:
-    from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
-
-    write_tiny_phone_glm4v_checkpoint(out)
-
-
-WRITERS: dict[str, Callable[[Path], None]] = {
-    "default": _write_default,
-    "tiny": _write_tiny,
-    "tiny-glm4v": _write_tiny_glm4v,
-    "tiny-glm4v-phone": _write_tiny_phone_glm4v,
-}
+WRITERS: dict[str, Writer] = {"default": _write_default}
 
 
 @dataclass(frozen=True)
@@ -132,30 +109,20 @@ def summarise_bundle(directory: Path) -> BundleSummary:
 
 
 def summarise_glm4v(directory: Path) -> BundleSummary:
-    provenance_file = directory / PROVENANCE
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-    entry = ModuleEntry(
-        ".", bool(provenance.get("trained", True)),
-        provenance.get("note", f"native {ARCHITECTURE} checkpoint (no {PROVENANCE})"),
-    )
+    manifest = glm4v_manifest(directory)
     tensors = tensor_table(sorted(directory.glob("*.safetensors")))
     vision = {k: v for k, v in tensors.items() if k.startswith(VISION_PREFIXES)}
     decoder = {k: v for k, v in tensors.items() if k not in vision}
-    return BundleSummary(
-        provenance.get("name", directory.name), ARCHITECTURE, str(directory),
-        [module_summary("decoder", entry, decoder), module_summary("vision", entry, vision)],
-    )
+    return BundleSummary(manifest.name, ARCHITECTURE, str(directory), [
+        module_summary("decoder", manifest.modules["decoder"], decoder),
+        module_summary("vision", manifest.modules["vision"], vision),
+    ])
 
 
 def summarise(directory: Path) -> BundleSummary:
-    if is_bundle(directory):
+    if model_kind(directory) is ModelKind.MODULAR:
         return summarise_bundle(directory)
-    if is_glm4v_checkpoint(directory):
-        return summarise_glm4v(directory)
-    raise BundleCliError(
-        f"{directory} is neither a modular bundle (no {MANIFEST}) "
-        f"nor a native {ARCHITECTURE} checkpoint"
-    )
+    return summarise_glm4v(directory)
 
 
 def human_bytes(count: int) -> str:
@@ -198,17 +165,19 @@ def prepare_output(out: Path, force: bool) -> None:
         return
     if not force:
         raise BundleCliError(f"{out} exists and is not empty (use --force to replace it)")
-    if not (is_bundle(out) or is_glm4v_checkpoint(out)):
-        raise BundleCliError(f"refusing to replace {out}: it does not hold a bundle")
+    try:
+        model_kind(out)
+    except NotAModelDirectory:
+        raise BundleCliError(f"refusing to replace {out}: it does not hold a bundle") from None
 
 
-def write(kind: str, out: Path, force: bool) -> None:
+def write(writer: Writer, out: Path, force: bool) -> None:
     prepare_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside OUT and swap it in, so a failure never leaves a half-written bundle.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build-") as tmp:
         staging = Path(tmp) / out.name
-        WRITERS[kind](staging)
+        writer(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -220,8 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     write_parser = commands.add_parser("write", help="write a model directory")
     write_parser.add_argument(
         "--kind", choices=sorted(WRITERS), default="default",
-        help="default: SmolLM2-135M from the embedded GGUF with untrained encoders; "
-             "tiny: a few-MB random bundle; tiny-glm4v: a tiny random GLM-4.1V checkpoint",
+        help="default: SmolLM2-135M from the embedded GGUF with untrained encoders",
     )
     write_parser.add_argument("--force", action="store_true",
                               help="replace an existing bundle at OUT")
@@ -246,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "write":
             quiet_transformers()
-            write(args.kind, args.out, args.force)
+            write(WRITERS[args.kind], args.out, args.force)
             print(render(summarise(args.out)))
         else:
             summary = summarise(args.directory)

@@ -37,7 +37,7 @@ from transformers.initialization import no_init_weights
 
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.base import PromptInputs, UnitModel
-from inference_svc.model.bundle import Manifest, ModuleEntry
+from inference_svc.model.glm4v_checkpoint import VISION_PREFIXES, glm4v_manifest
 from inference_svc.model.glm4v_vision import TowerShape, VisionGeometry, activation_bytes
 from inference_svc.model.media import DecodedImage, decode_image
 from inference_svc.model.paged_forward import PagedForward
@@ -51,19 +51,7 @@ from inference_svc.model.prompt import (
 from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
-ARCHITECTURE = "Glm4vForConditionalGeneration"
-# Optional sidecar beside config.json: {"name": str, "trained": bool, "note": str}.
-PROVENANCE = "autoglm_provenance.json"
-VISION_PREFIXES = ("model.visual.", "visual.")  # transformers 5 layout, then the older one
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-def is_glm4v_checkpoint(directory: Path) -> bool:
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return ARCHITECTURE in (config.get("architectures") or [])
 
 
 @dataclass(frozen=True)
@@ -123,7 +111,7 @@ class Glm4vModel(PagedForward, UnitModel):
         del model
         self.decoder_unit.load()
         vision.load()
-        self.manifest = self._manifest()
+        self.manifest = glm4v_manifest(checkpoint)
 
     # ---- loading ------------------------------------------------------------------
 
@@ -184,18 +172,6 @@ class Glm4vModel(PagedForward, UnitModel):
             names = {f for k, f in weight_map.items() if k.startswith(VISION_PREFIXES)}
             return [self.bundle / name for name in sorted(names)]
         return sorted(self.bundle.glob("*.safetensors"))
-
-    def _manifest(self) -> Manifest:
-        provenance_file = self.bundle / PROVENANCE
-        provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-        trained = bool(provenance.get("trained", True))
-        note = provenance.get("note", f"native {ARCHITECTURE} checkpoint")
-        entry = ModuleEntry(".", trained, note)
-        return Manifest(
-            name=provenance.get("name", self.bundle.name),
-            modules={"decoder": entry, "vision": entry},
-            details={"format": "glm4v", "architecture": ARCHITECTURE},
-        )
 
     # ---- what the engine and the transports read -------------------------------------
 

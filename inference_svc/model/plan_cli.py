@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from inference_svc.model.bundle import Manifest, is_bundle
+from inference_svc.model.bundle import Manifest
 from inference_svc.model.bundle_cli import BundleCliError, human_bytes, summarise
+from inference_svc.model.glm4v_checkpoint import VISION_PREFIXES
 from inference_svc.model.glm4v_vision import VisionGeometry
+from inference_svc.model.model_dir import ModelKind, model_kind
 
 PROG = "autoglm-plan"
 GIB = 1024**3
@@ -103,9 +105,9 @@ def meta_parameters(config_dir: Path, *, vision_prefixes: tuple[str, ...]) -> di
     return counts
 
 
-def image_geometry(directory: Path, kind: str) -> VisionGeometry | int:
+def image_geometry(directory: Path, kind: ModelKind) -> VisionGeometry | int:
     """GLM-4.1V: its processor's resize rule; a modular bundle: a fixed token count."""
-    if kind == "modular":
+    if kind is ModelKind.MODULAR:
         manifest = Manifest.read(directory)
         if "vision" not in manifest.modules:
             return 0
@@ -129,15 +131,15 @@ def image_geometry(directory: Path, kind: str) -> VisionGeometry | int:
     )
 
 
-def place(weights: dict[str, int], kind: str, gpus: int, per_gpu: int,
+def place(weights: dict[str, int], kind: ModelKind, gpus: int, per_gpu: int,
           reserve_fraction: float) -> tuple[dict[str, int], str]:
     """Bytes per device as the service places them, and the device that holds the KV."""
     if gpus == 0:
         return {"cpu": sum(weights.values())}, "cpu"
     last = f"cuda:{gpus - 1}"
     placed = {f"cuda:{i}": 0 for i in range(gpus)}
-    if kind != "modular" or gpus == 1:
-        device = last if kind != "modular" else "cuda:0"
+    if kind is not ModelKind.MODULAR or gpus == 1:
+        device = last if kind is not ModelKind.MODULAR else "cuda:0"
         placed[device] = sum(weights.values())
         return placed, device
     left, cap = weights.get("decoder", 0), int(per_gpu * (1 - reserve_fraction))
@@ -156,17 +158,15 @@ def plan(directory: Path, *, gpus: int, gpu_memory_bytes: int, dtype: str, conte
          kv_reserve_fraction: float = 0.3, screenshot: tuple[int, int] = (1080, 2400),
          max_pixels: int | None = None) -> MemoryPlan:
     summary = summarise(directory)
-    kind = "modular" if is_bundle(directory) else "glm4v"
+    kind = model_kind(directory)
     element = ELEMENT_BYTES[dtype]
     parameters = {m.name: m.parameters for m in summary.modules}
     source = "safetensors headers"
-    if kind == "modular":
+    if kind is ModelKind.MODULAR:
         decoder_dir = directory / Manifest.read(directory).modules["decoder"].path
     else:
         decoder_dir = directory
     if not any(parameters.values()):
-        from inference_svc.model.glm4v import VISION_PREFIXES
-
         parameters = meta_parameters(decoder_dir, vision_prefixes=VISION_PREFIXES)
         source = "config.json (meta-device model, no weight files)"
     weights = {name: count * element for name, count in parameters.items()}
@@ -174,7 +174,7 @@ def plan(directory: Path, *, gpus: int, gpu_memory_bytes: int, dtype: str, conte
     shape = decoder_shape(json.loads((decoder_dir / "config.json").read_text()))
     per_token = shape.kv_bytes_per_token(element)
     free = max(0, gpu_memory_bytes * max(gpus, 1) - sum(by_device.values())
-               - activation_budget_bytes) if kind == "modular" and gpus > 1 else max(
+               - activation_budget_bytes) if kind is ModelKind.MODULAR and gpus > 1 else max(
         0, gpu_memory_bytes - by_device[kv_device] - activation_budget_bytes)
     budget = free if kv_budget_bytes is None else min(kv_budget_bytes, free)
     capacity = budget // per_token

@@ -11,7 +11,7 @@ import contextlib
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,15 @@ class UnitState:
     idle_seconds: float
     parameters: int
     bytes_by_device: dict[str, int]
+
+
+def weights_by_device(states: Iterable[UnitState]) -> dict[str, int]:
+    """Resident weight bytes per device over the given units."""
+    totals: dict[str, int] = {}
+    for state in states:
+        for device, size in state.bytes_by_device.items():
+            totals[device] = totals.get(device, 0) + size
+    return totals
 
 
 class ModuleUnit:

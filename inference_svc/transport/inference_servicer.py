@@ -22,9 +22,8 @@ from inference_svc.transport.convert import (
     request_from_pb,
     sampling_to_pb,
 )
+from inference_svc.transport.tiers import tier_to_pb
 from inference_svc.types import ChoiceEnd, Delta, Finished, FinishReason
-
-TIER_OF = {"cpu": pb.TIER_CPU, "disk": pb.TIER_DISK}
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -86,10 +85,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         for unit in model.units:
             state = unit.state()
             entry = model.manifest.modules[unit.name]
-            tier = pb.TIER_GPU if state.tier.startswith("cuda") else TIER_OF[state.tier]
             modules.append(pb.ModuleInfo(
                 name=unit.name, architecture=unit.architecture, parameters=state.parameters,
-                trained=entry.trained, tier=tier, device="" if state.tier == "disk" else state.tier,
+                trained=entry.trained, tier=tier_to_pb(state.tier),
+                device="" if state.tier == "disk" else state.tier,
                 weight_bytes=state.weight_bytes, note=entry.note,
             ))
         details = struct_pb2.Struct()

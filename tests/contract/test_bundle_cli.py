@@ -1,4 +1,5 @@
-"""autoglm-bundle: writing the tiny kinds, showing them, refusing to clobber, serving one."""
+"""autoglm-bundle: writing a model directory (the embedded default, or a tiny test model
+through the same staging), showing it, refusing to clobber, serving one."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.model.bundle_cli import main
+from inference_svc.model.bundle_cli import main, write
 from tests.conftest import start_server
+from tests.fixtures.tiny_models import write_tiny_bundle, write_tiny_glm4v_checkpoint
 
 SCRIPT = Path(sys.executable).parent / "autoglm-bundle"
 
@@ -27,11 +29,11 @@ def show_json(directory: Path, capsys) -> dict:
 @pytest.fixture(scope="module")
 def written_tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "tiny"
-    assert main(["write", "--kind", "tiny", str(out)]) == 0
+    write(write_tiny_bundle, out, force=False)
     return out
 
 
-def test_write_tiny_then_show_lists_modules_with_their_bytes(written_tiny, capsys):
+def test_show_lists_modules_with_their_bytes(written_tiny, capsys):
     summary = show_json(written_tiny, capsys)
     assert summary["name"] == "tiny-random-glm"
     modules = {m["name"]: m for m in summary["modules"]}
@@ -50,9 +52,8 @@ def test_show_text_says_which_weights_are_untrained(written_tiny, capsys):
     assert "UNTRAINED: tiny random ViT for tests" in out
 
 
-def test_write_tiny_glm4v_shows_decoder_and_vision_tower(tmp_path, capsys):
-    out = tmp_path / "glm4v"
-    assert main(["write", "--kind", "tiny-glm4v", str(out)]) == 0
+def test_show_splits_a_glm4v_checkpoint_into_decoder_and_vision_tower(tmp_path, capsys):
+    out = write_tiny_glm4v_checkpoint(tmp_path / "glm4v")
     summary = show_json(out, capsys)
     assert summary["kind"] == "Glm4vForConditionalGeneration"
     modules = {m["name"]: m for m in summary["modules"]}
@@ -63,7 +64,7 @@ def test_write_tiny_glm4v_shows_decoder_and_vision_tower(tmp_path, capsys):
 
 def test_existing_non_empty_out_is_refused_without_force(written_tiny, capsys):
     manifest_before = (written_tiny / "manifest.json").read_bytes()
-    assert main(["write", "--kind", "tiny", str(written_tiny)]) == 1
+    assert main(["write", str(written_tiny)]) == 1
     err = capsys.readouterr().err
     assert "exists and is not empty" in err and "--force" in err
     assert (written_tiny / "manifest.json").read_bytes() == manifest_before
@@ -71,8 +72,8 @@ def test_existing_non_empty_out_is_refused_without_force(written_tiny, capsys):
 
 def test_force_replaces_a_bundle_with_another_kind(tmp_path, capsys):
     out = tmp_path / "model"
-    assert main(["write", "--kind", "tiny", str(out)]) == 0
-    assert main(["write", "--kind", "tiny-glm4v", "--force", str(out)]) == 0
+    write(write_tiny_bundle, out, force=False)
+    write(write_tiny_glm4v_checkpoint, out, force=True)
     assert not (out / "manifest.json").exists()
     assert show_json(out, capsys)["kind"] == "Glm4vForConditionalGeneration"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging dir left behind
@@ -81,16 +82,17 @@ def test_force_replaces_a_bundle_with_another_kind(tmp_path, capsys):
 def test_force_does_not_delete_a_directory_that_is_not_a_bundle(tmp_path, capsys):
     keep = tmp_path / "notes.txt"
     keep.write_text("mine")
-    assert main(["write", "--kind", "tiny", "--force", str(tmp_path)]) == 1
+    assert main(["write", "--force", str(tmp_path)]) == 1
     assert "does not hold a bundle" in capsys.readouterr().err
     assert keep.read_text() == "mine"
 
 
-def test_unknown_kind_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["huge", "tiny", "tiny-glm4v"])  # test models stay in tests/
+def test_a_kind_that_is_not_offered_is_a_usage_error(kind, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["write", "--kind", "huge", str(tmp_path / "x")])
+        main(["write", "--kind", kind, str(tmp_path / "x")])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    assert f"invalid choice: '{kind}'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -124,3 +126,14 @@ def test_written_tiny_bundle_serves_generate(written_tiny, tmp_path):
     assert replies[-1].HasField("final")
     assert 1 <= replies[-1].final.usage.completion_tokens <= 4
     assert info.details["model"] == "tiny-random-glm"
+
+
+@pytest.mark.slow
+def test_write_builds_the_embedded_default(tmp_path, capsys):
+    out = tmp_path / "default"
+    assert main(["write", str(out)]) == 0
+    summary = show_json(out, capsys)
+    assert summary["name"].endswith("(embedded default)")
+    assert {m["name"] for m in summary["modules"]} == {"decoder", "vision", "audio"}
+    assert summary["untrained"] == ["vision", "audio"]
+    assert [p.name for p in tmp_path.iterdir()] == ["default"]  # no staging dir left behind

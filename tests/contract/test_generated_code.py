@@ -49,7 +49,8 @@ def our_files(regenerated) -> list[descriptor_pb2.FileDescriptorProto]:
         (regenerated / "descriptor_set.binpb").read_bytes()
     )
     files = [f for f in descriptor_set.file if OUR_PACKAGE.match(f.package)]
-    assert {f.package for f in files} >= {"autoglm.inference.v1", "autoglm.control.v1"}
+    assert {f.package for f in files} >= {"autoglm.inference.v1", "autoglm.control.v1",
+                                          "autoglm.common.v1"}
     return files
 
 
@@ -67,6 +68,18 @@ def test_installed_package_is_what_protos_generate(regenerated):
     assert sorted(installed) == sorted(fresh), "generated file list differs: rebuild"
     stale = [name for name in fresh if installed[name] != fresh[name]]
     assert not stale, f"installed autoglm/ is stale relative to protos/ (pip install -e .): {stale}"
+
+
+def test_each_api_tier_is_the_common_tier_name_for_name_number_for_number():
+    from autoglm.common.v1 import tier_pb2
+    from autoglm.control.v1 import control_service_pb2
+    from autoglm.inference.v1 import inference_service_pb2
+
+    common = {value.name: value.number for value in tier_pb2.Tier.DESCRIPTOR.values}
+    assert common == {"TIER_UNSPECIFIED": 0, "TIER_GPU": 1, "TIER_CPU": 2, "TIER_DISK": 3}
+    for alias in (control_service_pb2.Tier, inference_service_pb2.Tier):
+        assert {value.name: value.number for value in alias.DESCRIPTOR.values} == common
+        assert alias.DESCRIPTOR.GetOptions().deprecated
 
 
 def upper_snake(name: str) -> str:

@@ -20,8 +20,8 @@ from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.errors import ModalityUnavailable
-from inference_svc.model.builders import write_tiny_glm4v_checkpoint
-from inference_svc.model.glm4v import Glm4vModel, is_glm4v_checkpoint
+from inference_svc.model.glm4v import Glm4vModel
+from inference_svc.model.glm4v_checkpoint import is_glm4v_checkpoint
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.placement import bytes_by_device
 from inference_svc.model.units import DISK
@@ -36,6 +36,7 @@ from inference_svc.types import (
     TextPart,
 )
 from tests.conftest import ServerProcess, png_bytes, running_server, wav_bytes
+from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
 from tests.unit.engine_runs import run_all
 from tests.unit.test_engine_paged import preemption_runs
 

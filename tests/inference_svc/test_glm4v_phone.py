@@ -20,7 +20,6 @@ from transformers import Glm4vImageProcessorPil, Glm4vVisionConfig
 
 from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.glm4v_vision import (
     GLM4V_MAX_PIXELS,
@@ -31,6 +30,7 @@ from inference_svc.model.glm4v_vision import (
 )
 from inference_svc.types import ChatMessage, ImagePart, TextPart
 from tests.conftest import ServerProcess, running_server
+from tests.fixtures.tiny_models import write_tiny_phone_glm4v_checkpoint
 
 SCREEN = (1080, 2400)
 AGENT_MAX_PIXELS = 5_000_000  # Open-AutoGLM's vLLM command: mm_processor_kwargs max_pixels

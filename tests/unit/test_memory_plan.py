@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from inference_svc.model.builders import (
+from inference_svc.model.plan_cli import main
+from tests.fixtures.tiny_models import (
     write_tiny_glm4v_checkpoint,
     write_tiny_phone_glm4v_checkpoint,
 )
-from inference_svc.model.plan_cli import main
 
 GIB = 1024**3
 

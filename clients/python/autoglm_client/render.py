@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from google.protobuf.json_format import MessageToDict
 
+from autoglm.common.v1 import tier_pb2
 from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm_client.results import Final
@@ -54,7 +55,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def _tier_name(tier: int) -> str:
-    return cpb.Tier.Name(tier).removeprefix("TIER_").lower()
+    return tier_pb2.Tier.Name(tier).removeprefix("TIER_").lower()
 
 
 def _sampling_summary(sampling: pb.SamplingParams) -> str:

@@ -1,0 +1,124 @@
+"""The memory account: what the service holds, per device, module, request and session.
+
+One snapshot, taken on demand (the control API's GetMemoryStatus and WatchMemory): the
+engine's KV ledger and session caches, each module's tier, process RSS, and per CUDA
+device the allocator's counters beside the device's total.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import torch
+
+from inference_svc.engine.engine import Engine
+from inference_svc.engine.jobs import Admission
+from inference_svc.model.units import UnitState, weights_by_device
+from inference_svc.process_memory import cuda_devices, host_memory_bytes, rss_bytes
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    device: str  # "cpu" or "cuda:N"
+    weight_bytes: int
+    kv_bytes: int
+    total_bytes: int
+    uuid: str = ""  # NVML's spelling, "GPU-..."; empty for the host
+    allocated_bytes: int = 0  # the CUDA caching allocator's; zero for the host
+    reserved_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class RequestKv:
+    request_id: str
+    session_id: str
+    tokens: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SessionKv:
+    session_id: str
+    tokens: int
+    bytes: int
+    idle_seconds: float
+    device: str
+
+
+@dataclass(frozen=True)
+class MemoryAccount:
+    taken_at: datetime
+    devices: list[DeviceMemory]
+    modules: list[UnitState]
+    requests: list[RequestKv]
+    sessions: list[SessionKv]
+    kv_bytes: int  # held plus cached; blocks several owners share count once
+    cached_kv_bytes: int
+    shared_kv_bytes: int
+    swapped_kv_bytes: int
+    kv_block_tokens: int
+    kv_budget_bytes: int
+    process_rss_bytes: int
+    running_requests: int
+    queued_requests: int
+    completed_requests: int
+    modalities_in_use: list[str]
+    admission: Admission
+    pid: int
+
+
+def module_states(engine: Engine) -> list[UnitState]:
+    return [unit.state() for unit in engine.model.units]
+
+
+def memory_account(engine: Engine) -> MemoryAccount:
+    taken_at = datetime.now(UTC)
+    kv = engine.kv_account()
+    running = engine.running()
+    requests = [
+        RequestKv(request_id=r.request_id, session_id=r.session_id,
+                  tokens=r.prompt_tokens + r.generated_tokens,
+                  bytes=kv.blocks_by_owner.get(r.request_id, 0) * kv.bytes_per_block)
+        for r in running
+    ]
+    now = time.monotonic()
+    sessions = [
+        SessionKv(session_id=e.key, tokens=e.tokens, bytes=e.bytes,
+                  idle_seconds=now - e.last_used, device=e.device or str(engine.model.device))
+        for e in engine.sessions.entries()
+    ]
+    modules = module_states(engine)
+    kv_bytes = kv.held_bytes + kv.cached_bytes
+    return MemoryAccount(
+        taken_at=taken_at,
+        devices=device_memory(modules, kv_bytes, kv_device=str(engine.model.device)),
+        modules=modules, requests=requests, sessions=sessions, kv_bytes=kv_bytes,
+        cached_kv_bytes=kv.cached_bytes, shared_kv_bytes=kv.shared_bytes,
+        swapped_kv_bytes=kv.swapped_bytes, kv_block_tokens=kv.block_size,
+        kv_budget_bytes=engine.config.kv_budget_bytes, process_rss_bytes=rss_bytes(),
+        running_requests=len(running), queued_requests=engine.queued,
+        completed_requests=engine.completed,
+        modalities_in_use=sorted(engine.modalities_in_use()), admission=engine.admission,
+        pid=os.getpid(),
+    )
+
+
+def device_memory(modules: list[UnitState], kv_bytes: int, *,
+                  kv_device: str) -> list[DeviceMemory]:
+    """Per device: weights of every resident module, KV, allocator and total bytes."""
+    weights = weights_by_device(modules)
+    accounts = [DeviceMemory(device="cpu", weight_bytes=weights.get("cpu", 0),
+                             kv_bytes=kv_bytes if kv_device == "cpu" else 0,
+                             total_bytes=host_memory_bytes())]
+    for device in cuda_devices():
+        _, total = torch.cuda.mem_get_info(device)
+        accounts.append(DeviceMemory(
+            device=device, uuid=f"GPU-{torch.cuda.get_device_properties(device).uuid}",
+            weight_bytes=weights.get(device, 0), kv_bytes=kv_bytes if kv_device == device else 0,
+            total_bytes=total, allocated_bytes=torch.cuda.memory_allocated(device),
+            reserved_bytes=torch.cuda.memory_reserved(device),
+        ))
+    return accounts
