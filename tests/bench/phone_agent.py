@@ -61,15 +61,20 @@ WARM_UP_SEED = 999_999  # no session's screenshot
 _APPS = ("System Home", "Calendar", "Messages", "Settings", "Contacts", "Clock")
 
 
+# The agent's own sampling (its ModelConfig); only max_tokens is lowered for a CPU.
+AGENT_SAMPLING = {"temperature": 0.0, "top_p": 0.85, "frequency_penalty": 0.2}
+
+
 @dataclass(frozen=True)
 class Replay:
     """What every session of one replay does."""
 
     steps: int
     max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 0.85
-    frequency_penalty: float = 0.2
+
+    @property
+    def sampling(self) -> dict[str, float]:
+        return {"max_tokens": self.max_tokens, **AGENT_SAMPLING}
 
 
 @dataclass
@@ -153,9 +158,7 @@ async def agent_step(client: openai.AsyncOpenAI, messages: list[dict], session_i
     usage = finish_reason = None
     stream = await client.chat.completions.create(
         model="autoglm-phone-9b", messages=messages, stream=True,
-        stream_options={"include_usage": True}, max_tokens=replay.max_tokens,
-        temperature=replay.temperature, top_p=replay.top_p,
-        frequency_penalty=replay.frequency_penalty,
+        stream_options={"include_usage": True}, **replay.sampling,
         extra_body={"session_id": session_id} if session_id else None)
     async for chunk in stream:
         usage = chunk.usage or usage

@@ -27,15 +27,14 @@ PER_STEP = ["model", "K", "step", "TTFT p50 ms", "prompt tok", "image tok", "cac
 def write_report(results: list[Measured], replay: Replay, *, max_pixels: int) -> Path:
     """Print both tables; write them with every step's numbers as JSON and markdown."""
     title = (f"phone agent replay: K sessions x {replay.steps} steps, streamed through the "
-             f"gateway; a 1080x2400 PNG per step at --max-pixels {max_pixels}; max_tokens "
-             f"{replay.max_tokens}, temperature {replay.temperature}, top_p {replay.top_p}, "
-             f"frequency_penalty {replay.frequency_penalty}")
+             f"gateway; a 1080x2400 PNG per step at --max-pixels {max_pixels}; "
+             + ", ".join(f"{k} {v}" for k, v in replay.sampling.items()))
     summary = [summary_row(r) for r in results]
     per_step = [step_row(r, n) for r in results for n in range(1, replay.steps + 1)]
     notes = ["", "per step (mean over the K sessions; reusable: prompt tokens before the "
              "previous user turn, whose image the agent removed)", render_table(PER_STEP, per_step)]
     path = report("phone_agent", title, SUMMARY, summary,
-                  {"replay": vars(replay), "max_pixels": max_pixels,
+                  {"steps": replay.steps, "sampling": replay.sampling, "max_pixels": max_pixels,
                    "configurations": [r.as_json() for r in results]}, notes)
     markdown = [f"# {title}", "", markdown_table(SUMMARY, summary), "", notes[1], "",
                 markdown_table(PER_STEP, per_step), ""]
