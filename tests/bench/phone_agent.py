@@ -41,6 +41,7 @@ from autoglm_client.control import ControlClient
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from gateway.config import DEFAULT_MODEL_NAME
 from gateway.openai_schema import ChatCompletionRequest
 from gateway.request_mapping import to_generate_request
 from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
@@ -124,14 +125,14 @@ class Measured:
 # ---- the agent ----------------------------------------------------------------------
 
 
-def user_turn(step: int, screenshot: bytes | None) -> dict:
+def user_turn(step: int, screenshot: bytes) -> dict:
     """The agent's user turn: the screenshot first, then the screen description."""
     screen_info = json.dumps({"current_app": _APPS[step % len(_APPS)]}, ensure_ascii=False)
     text = f"{TASK}\n\n{screen_info}" if step == 1 else f"** Screen Info **\n\n{screen_info}"
-    content: list[dict] = [{"type": "text", "text": text}]
-    if screenshot is not None:
-        content.insert(0, {"type": "image_url", "image_url": {"url": png_data_url(screenshot)}})
-    return {"role": "user", "content": content}
+    return {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(screenshot)}},
+        {"type": "text", "text": text},
+    ]}
 
 
 def assistant_turn(reply: str) -> dict:
@@ -157,7 +158,7 @@ async def agent_step(client: openai.AsyncOpenAI, messages: list[dict], session_i
     pieces: list[str] = []
     usage = finish_reason = None
     stream = await client.chat.completions.create(
-        model="autoglm-phone-9b", messages=messages, stream=True,
+        model=DEFAULT_MODEL_NAME, messages=messages, stream=True,
         stream_options={"include_usage": True}, **replay.sampling,
         extra_body={"session_id": session_id} if session_id else None)
     async for chunk in stream:
@@ -269,7 +270,7 @@ def count_tokens(server: ServerProcess, steps: list[Step]) -> None:
         stub = pb_grpc.InferenceServiceStub(channel)
 
         def count(messages: list[dict]) -> pb.CountTokensResponse:
-            body = ChatCompletionRequest(model="autoglm-phone-9b", messages=messages)
+            body = ChatCompletionRequest(model=DEFAULT_MODEL_NAME, messages=messages)
             request = pb.CountTokensRequest(messages=to_generate_request(body).messages)
             return stub.CountTokens(request, timeout=120)
 
