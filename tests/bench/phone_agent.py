@@ -44,13 +44,13 @@ from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from gateway.config import DEFAULT_MODEL_NAME
 from gateway.openai_schema import ChatCompletionRequest
 from gateway.request_mapping import to_generate_request
-from inference_svc.model.builders import write_tiny_phone_glm4v_checkpoint
 from tests.bench.harness import StreamResult, print_load
 from tests.bench.openai_server import start_gateway
 from tests.bench.phone_report import write_report
 from tests.bench.phone_screens import png_data_url, screenshot_png
 from tests.bench.prompts import PHONE_AGENT_SYSTEM
 from tests.conftest import ServerProcess, start_server
+from tests.fixtures.tiny_models import write_tiny_phone_glm4v_checkpoint
 
 MODELS = ("glm4v-phone", "default")
 AGENT_MAX_PIXELS = 5_000_000  # Open-AutoGLM's deployment: mm_processor_kwargs max_pixels
