@@ -13,7 +13,7 @@ TORCH_ARGS := $(foreach word,$(TORCH_SPEC),'$(word)') $(if $(TORCH_INDEX),--inde
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' "$(TORCH_SPEC) $(TORCH_INDEX)" | cksum | cut -d' ' -f1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench protos clean
+.PHONY: install run test lint bench bench-phone protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: install
 
 bench: install
 	$(BIN)/python -m pytest -m bench -s $(PYTEST_ARGS)
+
+# The phone agent's workload; PHONE_ARGS='--model glm4v-phone -k 4 --steps 5' picks a part.
+bench-phone: install
+	$(BIN)/python -m tests.bench.phone_agent $(PHONE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info autoglm

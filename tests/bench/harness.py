@@ -100,6 +100,15 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """The same table as GitHub markdown: the first column left-aligned, the rest right."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    rule = "|" + "|".join([":--", *["--:"] * (len(headers) - 1)]) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
 def bench_out_dir() -> Path:
     folder = Path(os.environ.get("BENCH_OUT") or Path(tempfile.gettempdir()) / "autoglm-bench")
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""transformers' own OpenAI-compatible server (`transformers serve`) as a subprocess."""
+"""OpenAI-compatible servers as subprocesses: `transformers serve`, and our gateway."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from gateway.config import DEFAULT_MODEL_NAME
+from tests.conftest import REPO
 
 
 @dataclass
@@ -52,16 +55,38 @@ def start_transformers_serve(decoder_dir: Path, workdir: Path, *, continuous_bat
     process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     server = OpenAIServer(process, f"http://127.0.0.1:{port}", str(decoder_dir), log_path)
+    wait_until_healthy(server, timeout)
+    return server
+
+
+def start_gateway(upstream_target: str, workdir: Path, *, timeout: float = 60.0
+                  ) -> OpenAIServer:
+    """Our OpenAI gateway (`python -m gateway`) in front of `upstream_target`, as its own
+    process; returns once /health answers, that is once the upstream is SERVING."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port),
+               "--grpc-target", upstream_target, "--log-level", "warning"]
+    log_path = workdir / "gateway.log"
+    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                               cwd=REPO)
+    server = OpenAIServer(process, f"http://127.0.0.1:{port}", DEFAULT_MODEL_NAME, log_path)
+    wait_until_healthy(server, timeout)
+    return server
+
+
+def wait_until_healthy(server: OpenAIServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"transformers serve exited:\n{log_path.read_text()[-4000:]}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.process.args[:3]} exited:\n"
+                               f"{server.log_path.read_text()[-4000:]}")
         try:
             if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
     server.terminate()
-    raise TimeoutError(f"transformers serve not healthy after {timeout}s:\n"
-                       f"{log_path.read_text()[-4000:]}")
+    raise TimeoutError(f"{server.process.args[:3]} not healthy after {timeout}s:\n"
+                       f"{server.log_path.read_text()[-4000:]}")

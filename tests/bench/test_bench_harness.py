@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from tests.bench.harness import StreamResult, percentile, render_table, report, unique_tag
+from tests.bench.harness import (
+    StreamResult,
+    markdown_table,
+    percentile,
+    render_table,
+    report,
+    unique_tag,
+)
 
 
 def test_table_columns_align():
@@ -31,3 +38,8 @@ def test_rates_and_percentiles():
     assert result.decode_tokens_per_s == 40 / 2.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
     assert unique_tag() != unique_tag()
+
+
+def test_markdown_table_aligns_numbers_right():
+    table = markdown_table(["system", "tok/s"], [["a", "1.5"]])
+    assert table.splitlines() == ["| system | tok/s |", "|:--|--:|", "| a | 1.5 |"]
