@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from tests.bench.harness import (
     bench_out_dir,
     markdown_table,
+    median,
     percentile,
     render_table,
     report,
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 SUMMARY = ["model", "K", "steps", "TTFT p50 ms", "TTFT p95 ms", "prompt tok/step",
            "image tok/step", "cached tok/step", "min cached/reusable", "KV MiB/session",
-           "peak RSS MiB", "tok/s"]
+           "peak RSS MiB", "tok/s", "decode tok/s"]
 PER_STEP = ["model", "K", "step", "TTFT p50 ms", "prompt tok", "image tok", "cached tok",
             "reusable tok", "min cached/reusable"]
 
@@ -51,7 +52,15 @@ def summary_row(result: Measured) -> list[str]:
             _mean(s.stream.prompt_tokens for s in steps), _mean(s.image_tokens for s in steps),
             _mean(s.stream.cached_prompt_tokens for s in steps), _least_reuse(steps),
             f"{sum(kv) / max(len(kv), 1) / MIB:.2f}", f"{result.peak_rss_bytes / MIB:.0f}",
-            f"{result.tokens_per_s:.1f}"]
+            f"{result.tokens_per_s:.1f}", f"{decode_rate(result):.1f}"]
+
+
+def decode_rate(result: Measured) -> float:
+    """Aggregate decode tokens/s: at each step number, the K sessions' rates after their
+    first token, summed (they decode side by side); the median over step numbers."""
+    numbers = sorted({s.step for s in result.steps})
+    return median([sum(s.stream.decode_tokens_per_s for s in result.steps if s.step == n)
+                   for n in numbers])
 
 
 def step_row(result: Measured, number: int) -> list[str]:

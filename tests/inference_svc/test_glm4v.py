@@ -29,7 +29,6 @@ from inference_svc.types import (
     AudioPart,
     ChatMessage,
     Delta,
-    Finished,
     GenerationRequest,
     ImagePart,
     SamplingParams,
@@ -37,8 +36,7 @@ from inference_svc.types import (
 )
 from tests.conftest import ServerProcess, png_bytes, running_server, wav_bytes
 from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
-from tests.unit.engine_runs import run_all
-from tests.unit.test_engine_paged import preemption_runs
+from tests.unit.test_engine_paged import preemption_runs, run, started
 
 MAX_PIXELS = 1_003_520
 
@@ -201,8 +199,9 @@ def test_generated_tokens_continue_the_rope_after_the_images(model, checkpoint):
         engine.stop()
 
 
-def test_concurrent_image_requests_decode_in_one_batch(model, monkeypatch):
-    """Four image requests at once share decode steps (GLM-4.1V runs in the batch)."""
+def test_concurrent_image_requests_decode_in_one_batch_as_they_would_alone(model, monkeypatch):
+    """Four image requests at once share decode steps (GLM-4.1V runs in the batch), and
+    each generates what it generates alone (greedy)."""
     batch_sizes: list[int] = []
     decode = model.decode_paged
 
@@ -210,14 +209,27 @@ def test_concurrent_image_requests_decode_in_one_batch(model, monkeypatch):
         batch_sizes.append(len(tokens))
         return decode(pool, tables, lengths, tokens, offsets)
 
-    monkeypatch.setattr(model, "decode_paged", recorded)
     requests = [GenerationRequest(f"r{i}", [ChatMessage("user", [
         ImagePart(png_bytes(color=(60 * i, 0, 0)), "image/png", "messages[0].parts[0].image"),
-        TextPart(f"request {i}")])], SamplingParams(max_new_tokens=8, min_new_tokens=8,
+        TextPart(f"request {i}")])], SamplingParams(max_new_tokens=16, min_new_tokens=16,
                                                     temperature=0.0)) for i in range(4)]
-    results, _ = run_all(model, requests)
-    assert all(isinstance(r, Finished) and r.usage.completion_tokens == 8 for r in results)
+    alone = []
+    for request in requests:
+        engine = started(model, prefix_caching=False)
+        try:
+            alone += run(engine, [request])
+        finally:
+            engine.stop()
+    monkeypatch.setattr(model, "decode_paged", recorded)
+    engine = started(model, prefix_caching=False)
+    try:
+        batched = run(engine, requests)
+    finally:
+        engine.stop()
     assert max(batch_sizes) == 4
+    assert all(final.usage.completion_tokens == 16 for _, final in batched)
+    assert [text for text, _ in batched] == [text for text, _ in alone]
+    assert len({text for text, _ in alone}) > 1  # the images make the outputs differ
 
 
 def test_disk_offload_releases_the_tower_and_reload_restores_it(checkpoint):
