@@ -23,11 +23,12 @@ from autoglm_settings.sources import (
     deprecated_names,
     from_environment,
     from_flags,
+    load,
     merge,
 )
 
 __all__ = [
     "MIB", "Setting", "SettingError", "Unit", "add_arguments", "build", "check_choices",
-    "deprecated_names", "from_environment", "from_flags", "markdown_table", "merge",
+    "deprecated_names", "from_environment", "from_flags", "load", "markdown_table", "merge",
     "replace_block", "section", "setting", "settings",
 ]

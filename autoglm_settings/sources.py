@@ -209,6 +209,13 @@ def from_flags(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
                   if ".".join(s.path) in given])
 
 
+def load(cls: type, prefix: str, namespace: argparse.Namespace,
+         environ: Mapping[str, str]) -> Any:
+    """`cls` from its defaults, the environment and the flags given (the later winning),
+    validated: a process's whole configuration without a file."""
+    return build(cls, merge(from_environment(cls, environ, prefix), from_flags(cls, namespace)))
+
+
 def build(cls: type, raw: Mapping[str, Any]) -> Any:
     """`cls` from a nested mapping by field path; the dataclasses validate themselves.
     A key that names no field is an error (a file's typo must not pass unseen)."""

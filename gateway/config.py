@@ -10,15 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoglm_settings import (
-    add_arguments,
-    build,
-    check_choices,
-    from_environment,
-    from_flags,
-    merge,
-    setting,
-)
+from autoglm_settings import add_arguments, check_choices, load, setting
 
 ENV_PREFIX = "AUTOGLM_GATEWAY_"
 LOG_FORMATS = ("auto", "json", "console")
@@ -123,6 +115,4 @@ def config_from_args(argv: list[str] | None = None,
     """Defaults < AUTOGLM_GATEWAY_* environment (deprecated names below the current
     ones) < flags, validated (ValueError) before the app is built."""
     args = build_parser().parse_args(argv)
-    environ = os.environ if environ is None else environ
-    return build(GatewayConfig, merge(from_environment(GatewayConfig, environ, ENV_PREFIX),
-                                      from_flags(GatewayConfig, args)))
+    return load(GatewayConfig, ENV_PREFIX, args, os.environ if environ is None else environ)

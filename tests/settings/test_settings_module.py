@@ -17,9 +17,8 @@ from autoglm_settings import (
     check_choices,
     deprecated_names,
     from_environment,
-    from_flags,
+    load,
     markdown_table,
-    merge,
     replace_block,
     section,
     setting,
@@ -56,8 +55,7 @@ class Example:
 def parse(argv: list[str], environ: dict[str, str] | None = None) -> Example:
     parser = argparse.ArgumentParser()
     add_arguments(parser, Example, PREFIX)
-    flags = from_flags(Example, parser.parse_args(argv))
-    return build(Example, merge(from_environment(Example, environ or {}, PREFIX), flags))
+    return load(Example, PREFIX, parser.parse_args(argv), environ or {})
 
 
 def test_defaults_environment_and_flags_layer_with_the_flag_winning():
