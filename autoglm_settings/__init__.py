@@ -20,13 +20,15 @@ from autoglm_settings.docs import markdown_table, replace_block
 from autoglm_settings.sources import (
     add_arguments,
     build,
+    deprecated_names,
     from_environment,
     from_flags,
+    load,
     merge,
 )
 
 __all__ = [
     "MIB", "Setting", "SettingError", "Unit", "add_arguments", "build", "check_choices",
-    "from_environment", "from_flags", "markdown_table", "merge", "replace_block", "section",
-    "setting", "settings",
+    "deprecated_names", "from_environment", "from_flags", "load", "markdown_table", "merge",
+    "replace_block", "section", "setting", "settings",
 ]

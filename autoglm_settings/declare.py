@@ -4,6 +4,8 @@ A setting's name is its field name, prefixed by the names of the sections above 
 (`policy_soft_enter`), unless the field says `name=`. Its flag is `--` + name with
 dashes, its environment variable the process's prefix + NAME; a boolean also has
 `--no-name` and PREFIX + NO_NAME. A section declared `named=False` adds no prefix.
+A secret can be `env_only` (no flag, so it never shows in `ps`); a renamed variable
+keeps working under its `deprecated_env` names, the current name winning.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ class Meta:
     choices: tuple[str, ...] | None = None
     unit: Unit | None = None
     shown: str | None = None  # the default as documented, where the value alone says too little
+    env_only: bool = False
+    deprecated_env: tuple[str, ...] = ()  # whole environment names, read when NAME is unset
 
 
 def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING,
             name: str | None = None, aliases: tuple[str, ...] = (),
             choices: tuple[str, ...] | None = None, unit: Unit | None = None,
-            shown: str | None = None) -> Any:
+            shown: str | None = None, env_only: bool = False,
+            deprecated_env: tuple[str, ...] = ()) -> Any:
     """A dataclass field that is a setting: reachable by flag and environment, documented."""
-    meta = Meta(help, name, aliases, choices, unit, shown)
+    meta = Meta(help, name, aliases, choices, unit, shown, env_only, deprecated_env)
     return field(default=default, default_factory=default_factory, metadata={SETTING: meta})
 
 
@@ -69,7 +74,7 @@ class Setting:
 
     @property
     def flags(self) -> tuple[str, ...]:
-        return (*self.meta.aliases, self.flag)
+        return () if self.meta.env_only else (*self.meta.aliases, self.flag)
 
     def env(self, prefix: str) -> str:
         return prefix + self.name.upper()

@@ -10,13 +10,21 @@ def markdown_table(cls: type, prefix: str, *, file_keys: bool = False) -> str:
     head = ["Flag", "Environment", *(["File key"] if file_keys else []), "Default", "Meaning"]
     rows = [head, ["---"] * len(head)]
     for s in settings(cls):
-        flags = ", ".join(f"`{flag}`" for flag in s.flags)
-        if s.kind is bool:
+        flags = ", ".join(f"`{flag}`" for flag in s.flags) or "(environment only)"
+        if s.kind is bool and s.flags:
             flags += f" / `--no-{s.flag[2:]}`"
         shown = s.shown_default
-        rows.append([flags, f"`{s.env(prefix)}`", *([f"`{s.label}`"] if file_keys else []),
+        rows.append([flags, _environment(s, prefix),
+                     *([f"`{s.label}`"] if file_keys else []),
                      shown.replace("|", "\\|") if shown else "", _meaning(s)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def _environment(s, prefix: str) -> str:
+    text = f"`{s.env(prefix)}`"
+    if s.meta.deprecated_env:
+        text += " (deprecated: " + ", ".join(f"`{old}`" for old in s.meta.deprecated_env) + ")"
+    return text
 
 
 def _meaning(s) -> str:

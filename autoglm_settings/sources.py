@@ -127,18 +127,19 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 def from_environment(cls: type, environ: Mapping[str, str], prefix: str, *,
                      strict: bool = False, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     """The settings of `cls` found in `environ`, as strings nested by field path. With
-    `strict`, every other variable under `prefix` (but those in `ignore`) is an error."""
+    `strict`, every other variable under `prefix` (but those in `ignore`) is an error.
+    A deprecated name is read only where the setting's current name is unset."""
     known: dict[str, tuple[Setting, bool]] = {}
     for s in settings(cls):
         known[s.env(prefix)] = (s, False)
         if s.kind is bool:
             known[prefix + "NO_" + s.name.upper()] = (s, True)
+    deprecated = deprecated_names(cls, prefix)
     pairs, seen = [], {}
     for name, value in environ.items():
-        if not name.startswith(prefix) or name in ignore:
-            continue
         if name not in known:
-            if strict:
+            if (strict and name.startswith(prefix) and name not in ignore
+                    and name not in deprecated):
                 raise SettingError(f"unknown environment variable {name}")
             continue
         s, negated = known[name]
@@ -146,13 +147,25 @@ def from_environment(cls: type, environ: Mapping[str, str], prefix: str, *,
             raise SettingError(f"{seen[s.path]} and {name} both set {s.label}")
         seen[s.path] = name
         pairs.append((s.path, not coerce(s, value) if negated else value))
+    for s in settings(cls):
+        old = next((name for name in s.meta.deprecated_env if name in environ), None)
+        if old is not None and s.path not in seen:
+            pairs.append((s.path, environ[old]))
     return _nest(pairs)
 
 
+def deprecated_names(cls: type, prefix: str) -> dict[str, str]:
+    """Each deprecated environment name of `cls`'s settings -> the name to use instead."""
+    return {old: s.env(prefix) for s in settings(cls) for old in s.meta.deprecated_env}
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
-    """One option per setting of `cls` (aliases first), its help naming the environment
-    variable and the default. An option not given leaves no attribute (see `from_flags`)."""
+    """One option per setting of `cls` (aliases first) but the `env_only`, its help naming
+    the environment variable and the default. An option not given leaves no attribute
+    (see `from_flags`)."""
     for s in settings(cls):
+        if not s.flags:
+            continue
         extra = f"{prefix}{s.name.upper()}"
         shown = s.shown_default
         note = f"[{extra}" + (f"; default {shown}]" if shown else "]")
@@ -194,6 +207,13 @@ def from_flags(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
     given = vars(namespace)
     return _nest([(s.path, given[".".join(s.path)]) for s in settings(cls)
                   if ".".join(s.path) in given])
+
+
+def load(cls: type, prefix: str, namespace: argparse.Namespace,
+         environ: Mapping[str, str]) -> Any:
+    """`cls` from its defaults, the environment and the flags given (the later winning),
+    validated: a process's whole configuration without a file."""
+    return build(cls, merge(from_environment(cls, environ, prefix), from_flags(cls, namespace)))
 
 
 def build(cls: type, raw: Mapping[str, Any]) -> Any:

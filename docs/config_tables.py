@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autoglm_settings import markdown_table, replace_block  # noqa: E402
+from gateway.config import ENV_PREFIX as GATEWAY_PREFIX  # noqa: E402
+from gateway.config import GatewayConfig  # noqa: E402
 from inference_svc.config import ENV_PREFIX as SERVER_PREFIX  # noqa: E402
 from inference_svc.config import ServerConfig  # noqa: E402
 from memory_daemon.config import ENV_PREFIX as MEMD_PREFIX  # noqa: E402
@@ -24,8 +26,9 @@ COMMAND = "python docs/config_tables.py"
 
 
 def with_tables(text: str) -> str:
-    """`text` (the README) with both generated tables as the dataclasses say."""
+    """`text` (the README) with every generated table as the dataclasses say."""
     text = replace_block(text, "autoglm-server", markdown_table(ServerConfig, SERVER_PREFIX))
+    text = replace_block(text, "autoglm-gateway", markdown_table(GatewayConfig, GATEWAY_PREFIX))
     return replace_block(text, "autoglm-memd",
                          markdown_table(DaemonConfig, MEMD_PREFIX, file_keys=True))
 

@@ -9,17 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoglm_settings import (
-    MIB,
-    add_arguments,
-    build,
-    check_choices,
-    from_environment,
-    from_flags,
-    merge,
-    section,
-    setting,
-)
+from autoglm_settings import MIB, add_arguments, check_choices, load, section, setting
 from inference_svc.engine.config import EngineConfig
 from inference_svc.types import SamplingParams
 
@@ -213,6 +203,4 @@ def config_from_args(argv: list[str] | None = None,
     """Defaults < AUTOGLM_* environment < flags, validated (ValueError) before anything
     is loaded."""
     args = build_parser().parse_args(argv)
-    environ = os.environ if environ is None else environ
-    return build(ServerConfig, merge(from_environment(ServerConfig, environ, ENV_PREFIX),
-                                     from_flags(ServerConfig, args)))
+    return load(ServerConfig, ENV_PREFIX, args, os.environ if environ is None else environ)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import env_value, parse_args
+from gateway.config import config_from_args
 from memory_daemon.config import load_config
 from tests.conftest import REPO
 
@@ -113,8 +113,9 @@ def test_the_control_socket_lives_in_the_servers_runtime_directory():
 def test_gateway_targets_the_services_default_port():
     gateway_env = environment(read_unit("autoglm-gateway"))
     assert gateway_env["AUTOGLM_GATEWAY_GRPC_TARGET"] == "127.0.0.1:50051"
-    args = parse_args([], gateway_env)  # the gateway's own reading of the unit
-    assert (args.grpc_target, args.host, args.port) == ("127.0.0.1:50051", "127.0.0.1", 8000)
+    config = config_from_args([], gateway_env)  # the gateway's own reading of the unit
+    assert (config.upstream_target, config.host, config.port) == (
+        "127.0.0.1:50051", "127.0.0.1", 8000)
 
 
 def test_the_environment_file_example_holds_keys_the_programs_accept():
@@ -125,5 +126,6 @@ def test_the_environment_file_example_holds_keys_the_programs_accept():
     assert memd
     load_config(environ=memd)  # unknown daemon keys would raise
     gateway = dict(line.split("=", 1) for line in settings if line.startswith("AUTOGLM_GATEWAY_"))
-    assert env_value(gateway, "API_KEY", "") == "change-me"
-    assert parse_args([], gateway).host == gateway["AUTOGLM_GATEWAY_HOST"]
+    config = config_from_args([], gateway)
+    assert config.api_key == "change-me"
+    assert config.host == gateway["AUTOGLM_GATEWAY_HOST"]

@@ -10,6 +10,7 @@ from typing import get_type_hints
 import pytest
 
 from autoglm_settings import settings
+from gateway.config import GatewayConfig
 from inference_svc.config import ServerConfig
 from memory_daemon.config import DaemonConfig
 
@@ -46,14 +47,15 @@ def leaf_paths(cls: type, path: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
 
 
 @pytest.mark.parametrize(("cls", "not_settings"), [(ServerConfig, PER_REQUEST),
-                                                   (DaemonConfig, set())])
+                                                   (DaemonConfig, set()),
+                                                   (GatewayConfig, set())])
 def test_every_field_is_a_setting(cls, not_settings):
     declared = {s.path for s in settings(cls)}
     assert declared == leaf_paths(cls) - not_settings
     assert not_settings <= leaf_paths(cls)
 
 
-@pytest.mark.parametrize("cls", [ServerConfig, DaemonConfig])
+@pytest.mark.parametrize("cls", [ServerConfig, DaemonConfig, GatewayConfig])
 def test_flags_and_environment_names_are_unique_within_a_process(cls):
     flags = [flag for s in settings(cls) for flag in s.flags]
     names = [s.name for s in settings(cls)]

@@ -15,10 +15,10 @@ from autoglm_settings import (
     add_arguments,
     build,
     check_choices,
+    deprecated_names,
     from_environment,
-    from_flags,
+    load,
     markdown_table,
-    merge,
     replace_block,
     section,
     setting,
@@ -55,8 +55,7 @@ class Example:
 def parse(argv: list[str], environ: dict[str, str] | None = None) -> Example:
     parser = argparse.ArgumentParser()
     add_arguments(parser, Example, PREFIX)
-    flags = from_flags(Example, parser.parse_args(argv))
-    return build(Example, merge(from_environment(Example, environ or {}, PREFIX), flags))
+    return load(Example, PREFIX, parser.parse_args(argv), environ or {})
 
 
 def test_defaults_environment_and_flags_layer_with_the_flag_winning():
@@ -145,3 +144,32 @@ def test_a_block_between_markers_is_replaced_and_missing_markers_are_an_error():
         "a\n<!-- generated: t -->\nnew\n<!-- end generated: t -->\nb\n")
     with pytest.raises(ValueError, match="markers for 'u' are missing"):
         replace_block(text, "u", "new\n")
+
+
+@dataclass(frozen=True)
+class Renamed:
+    target: str = setting("here", deprecated_env=("OLD_TARGET", "TEST_DESTINATION"),
+                          help="target")
+    token: str | None = setting(None, env_only=True, help="secret")
+
+
+def test_a_deprecated_name_is_read_where_the_current_one_is_unset():
+    assert from_environment(Renamed, {"OLD_TARGET": "old"}, PREFIX) == {"target": "old"}
+    assert from_environment(Renamed, {"OLD_TARGET": "old", "TEST_TARGET": "new"},
+                            PREFIX) == {"target": "new"}
+    assert deprecated_names(Renamed, PREFIX) == {"OLD_TARGET": "TEST_TARGET",
+                                                 "TEST_DESTINATION": "TEST_TARGET"}
+    # a deprecated name under the prefix is not an unknown one
+    assert from_environment(Renamed, {"TEST_DESTINATION": "old"}, PREFIX,
+                            strict=True) == {"target": "old"}
+
+
+def test_an_environment_only_setting_has_no_flag_and_says_so_in_the_table():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Renamed, PREFIX)
+    assert "--token" not in parser.format_help()
+    assert from_environment(Renamed, {"TEST_TOKEN": "s"}, PREFIX) == {"token": "s"}
+    table = markdown_table(Renamed, PREFIX)
+    assert "| (environment only) | `TEST_TOKEN` |  | secret |" in table
+    assert ("| `--target` | `TEST_TARGET` (deprecated: `OLD_TARGET`, `TEST_DESTINATION`) | here "
+            "| target |") in table
