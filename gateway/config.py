@@ -17,6 +17,9 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+DEFAULT_MODEL_NAME = "autoglm-phone-9b"
+
+
 @dataclass(slots=True, frozen=True)
 class GatewayConfig:
     """Everything the gateway needs to serve; validated on construction. The upstream
@@ -39,7 +42,7 @@ class GatewayConfig:
         None, name="grpc_tls_key", deprecated_env=("AUTOGLM_GRPC_TLS_KEY",),
         help="key of --grpc-tls-cert")
     served_model_name: str = setting(
-        "autoglm-phone-9b", deprecated_env=("AUTOGLM_SERVED_MODEL_NAME",),
+        DEFAULT_MODEL_NAME, deprecated_env=("AUTOGLM_SERVED_MODEL_NAME",),
         help="the model name clients must send")
     # No flag: a key on the command line would show in `ps`.
     api_key: str | None = setting(
