@@ -24,6 +24,9 @@ Containment: no exception ends the loop. A failure is attributed to the request 
 belongs to (a row whose scores are not finite, a prefill, a stream), which fails alone;
 an error in work the requests share fails those in flight, and the loop goes on.
 `heartbeat` tells the service's watchdog that the loop is alive and making progress.
+
+What it schedules (choices, sequences, prefills) and the orderings it decides by (which
+prompts a prefill pass takes, which sequence is preempted first) are in sequences.py.
 """
 
 from __future__ import annotations
@@ -34,14 +37,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import structlog
 import torch
 from autoglm_client.bounds import clip
 
 from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
-from inference_svc.engine.generation import DeltaStreamer
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount, KVExhausted
 from inference_svc.engine.output import (
@@ -53,89 +54,27 @@ from inference_svc.engine.output import (
     open_stream,
     usage,
 )
+from inference_svc.engine.sequences import (
+    Choices,
+    Prefill,
+    Sequence,
+    choice_key,
+    pick_prefill_work,
+    resume_plan,
+    victim_order,
+)
 from inference_svc.engine.sessions import Reuse, SessionStore
-from inference_svc.engine.text_stream import TextStream
 from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
-from inference_svc.model.base import PromptInputs
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.prompt import PromptPlan
 from inference_svc.process_memory import release_freed_memory
-from inference_svc.types import ChoiceEnd, Finished, FinishReason, GenerationRequest
+from inference_svc.types import Finished, FinishReason, GenerationRequest
 
 log = structlog.get_logger("engine")
 # Share of the KV budget kept free at admission for the running rows to grow into.
 ADMISSION_WATERMARK = 0.01
 RESUME_FIRST = -(2**61)  # queue position of preempted jobs: before every fresh one
 WAKE = -(2**62) + 1  # queue position of a wake-up for control tasks
-
-
-@dataclass
-class Choices:
-    """The sequences of one request (n of them, one per choice) and how those that ended
-    ended. `over`: the request has ended (failed); what is left of it is let go. The
-    list is emptied when the request ends (its sequences point back here)."""
-
-    n: int
-    sequences: list[Sequence] = field(default_factory=list)
-    ends: dict[int, ChoiceEnd] = field(default_factory=dict)
-    over: bool = False
-
-    @property
-    def generated(self) -> int:
-        return sum(s.generated for s in self.sequences)
-
-
-@dataclass
-class Sequence:
-    job: Job
-    info: RunningInfo
-    sampler: Sampler
-    history: torch.Tensor
-    streamer: DeltaStreamer
-    text: TextStream
-    reuse: Reuse | None
-    started: float
-    length: int  # positions whose KV is in its blocks
-    position_offset: int  # rope position of a token = its index + this (see PromptInputs)
-    next_token: int = 0  # chosen, not yet fed
-    pending_logits: torch.Tensor | None = None  # from prefill, until the first token
-    swapped: bool = False  # preempted with its blocks copied to host memory
-    index: int = 0  # which of the request's choices
-    choices: Choices | None = None  # its request's choices (itself among them)
-
-    @property
-    def key(self) -> str:
-        """Its owner name in the ledger: the request id, or `id#i` for choice i > 0."""
-        return choice_key(self.job.request.request_id, self.index)
-
-    @property
-    def generated(self) -> int:
-        return len(self.streamer.token_ids)
-
-    @property
-    def content(self) -> list[int]:
-        return self.job.plan.content + self.streamer.token_ids
-
-
-@dataclass
-class Prefill:
-    """A prompt fed through the decoder a chunk at a time, between decode steps."""
-
-    job: Job
-    plan: PromptPlan
-    inputs: PromptInputs  # decoder inputs of the positions from `cached` on
-    cached: int  # positions that came from reused blocks
-    done: int  # positions whose KV is in the owner's blocks
-    reuse: Reuse | None = None
-    resumed: Sequence | None = None  # a preempted sequence being recomputed
-
-    @property
-    def key(self) -> str:
-        return self.resumed.key if self.resumed is not None else self.job.request.request_id
-
-    @property
-    def remaining(self) -> int:
-        return len(self.plan.input_ids) - self.done
 
 
 class ModelLoop:
@@ -402,7 +341,7 @@ class ModelLoop:
         if resume is not None and resume.swapped:
             need = ledger.blocks_for(resume.length + 1)
         else:
-            plan = self._resume_plan(resume) if resume is not None else job.plan
+            plan = resume_plan(resume) if resume is not None else job.plan
             job.reuse = self._reuse(job.request, plan, key)
             held = len(ledger.tables.get(key, []))
             need = ledger.blocks_for(len(plan.input_ids)) - held
@@ -435,7 +374,7 @@ class ModelLoop:
             victims = [s for s in self._sequences.values() if s.job.request.priority < priority]
             if not victims:
                 return False
-            self._preempt(min(victims, key=_victim_order), reason="priority")
+            self._preempt(min(victims, key=victim_order), reason="priority")
         return True
 
     def _make_decode_room(self) -> None:
@@ -443,7 +382,7 @@ class ModelLoop:
         left, idle sessions are evicted, then the lowest-priority, newest sequence is
         preempted (it may be the one asking)."""
         ledger = self.ledger
-        for sequence in sorted(self._sequences.values(), key=_victim_order, reverse=True):
+        for sequence in sorted(self._sequences.values(), key=victim_order, reverse=True):
             while sequence.key in self._sequences:
                 try:
                     ledger.extend(sequence.key, sequence.length + 1)
@@ -453,7 +392,7 @@ class ModelLoop:
                 except KVExhausted:
                     if self.sessions.evict_lru(ledger.bytes_per_block).sessions:
                         continue
-                    victim = min(self._sequences.values(), key=_victim_order)
+                    victim = min(self._sequences.values(), key=victim_order)
                     if victim is sequence and len(self._sequences) == 1 and self._prefilling:
                         self._requeue_prefill(self._prefilling[-1])
                         continue
@@ -568,18 +507,10 @@ class ModelLoop:
                          swapped_in_tokens=sequence.length)
             elif job.resume is not None:
                 job.resume.info = job.info
-                self._begin_prefill(job, self._resume_plan(job.resume), job.reuse,
+                self._begin_prefill(job, resume_plan(job.resume), job.reuse,
                                     resumed=job.resume)
             else:
                 self._begin_prefill(job, job.plan, job.reuse)
-
-    @staticmethod
-    def _resume_plan(sequence: Sequence) -> PromptPlan:
-        """What a preempted sequence recomputes: all it had but its last, unfed token."""
-        job = sequence.job
-        fed = sequence.history[0, :-1].tolist()
-        return PromptPlan(input_ids=fed, spans=job.plan.spans,
-                          content=job.plan.content + fed[len(job.plan.input_ids):])
 
     @property
     def _chunk_tokens(self) -> int:
@@ -635,28 +566,8 @@ class ModelLoop:
         self._start(started)
 
     def _pick_prefill_work(self) -> list[tuple[Prefill, int]]:
-        """Prompts that fit the pass whole go first (oldest first) and, when any do, get
-        the pass to themselves, so their first token waits for no part of a long prompt;
-        the long prompt then has the next pass (it is never passed over twice running)."""
-        budget = self._chunk_tokens
-        whole = [p for p in self._prefilling if p.remaining <= budget]
-        longer = [p for p in self._prefilling if p.remaining > budget]
-        work: list[tuple[Prefill, int]] = []
-        if whole and not self._long_passed_over:
-            for prefill in whole:
-                if prefill.remaining > budget:
-                    break
-                work.append((prefill, prefill.done + prefill.remaining))
-                budget -= prefill.remaining
-            self._long_passed_over = bool(longer)
-            return work
-        self._long_passed_over = False
-        for prefill in longer + whole:
-            take = min(prefill.remaining, budget)
-            work.append((prefill, prefill.done + take))
-            budget -= take
-            if budget <= 0:
-                break
+        work, self._long_passed_over = pick_prefill_work(
+            self._prefilling, self._chunk_tokens, long_passed_over=self._long_passed_over)
         return work
 
     def _feed(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor]:
@@ -965,16 +876,6 @@ class ModelLoop:
     def kv_estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """KV a request holds at its longest: prompt plus every token it may generate."""
         return self.ledger.blocks_for(prompt_tokens + max_new_tokens) * self.ledger.bytes_per_block
-
-def choice_key(request_id: str, index: int) -> str:
-    """The ledger owner of a request's choice: the request id itself for choice 0."""
-    return request_id if index == 0 else f"{request_id}#{index}"
-
-
-def _victim_order(sequence: Sequence) -> tuple[int, float]:
-    """Preempted first: lowest priority, then the newest."""
-    return sequence.job.request.priority, -sequence.started
-
 
 def _brief(error: BaseException) -> str:
     """An exception for the log: its message, cut short (never request content)."""
