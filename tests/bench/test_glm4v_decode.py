@@ -35,11 +35,11 @@ TOKENS = 128
 PROMPT_PASS = 8192  # each agent's prompt prefilled in one pass, so decoding overlaps soon
 
 
-def agent_step(name: str, seed: int) -> GenerationRequest:
+def agent_step(name: str, seed: int, *, tokens: int = TOKENS) -> GenerationRequest:
     screen = ImagePart(screenshot_png(seed), "image/png", "messages[0].parts[0].image")
     return GenerationRequest(name, [ChatMessage("user", [
         screen, TextPart(f"Step 1 of agent {name}: tap the calendar.")])],
-        SamplingParams(max_new_tokens=TOKENS, min_new_tokens=TOKENS, temperature=0.0,
+        SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0,
                        top_p=0.85, frequency_penalty=0.2, repetition_penalty=1.0,
                        logprobs=0))  # logprobs mark each token in the stream
 

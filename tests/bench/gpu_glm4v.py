@@ -1,0 +1,128 @@
+"""GLM-4.1V at AutoGLM-Phone-9B's real size on one device: issue 11's GPU item.
+
+A random GLM-4.1V of GLM-4.1V-9B-Thinking's size (tests/fixtures/tiny_models.py
+`write_glm4v_9b_shape_checkpoint`: 40x4096 decoder, 24-block vision tower, bf16) is
+written as a checkpoint and loaded by the service's model class, then driven by the
+engine in-process (each prompt prefilled in one pass, so agents soon decode side by side)
+with the phone agent's step: a 1080x2400 PNG screenshot at
+max_pixels 5,000,000 (3,108 image tokens), the agent's sampling. Printed and written as
+JSON: load time; memory per module (decoder, vision tower; KV per 1,000 tokens); one
+agent step's time to first token and decode tokens/s; four agents' aggregate decode
+tokens/s; the device's peak allocation; beside the reference article's memory table
+(decoder ~6.8 GB, vision ~2.1 GB, KV ~3.0 GB at batch 1 and 512 tokens).
+
+Run from the repository root with PYTHONPATH=$PWD:$PWD/clients/python (after
+`python protos/generate.py`):
+  on a CUDA host:     python tests/bench/gpu_glm4v.py
+  CPU smoke run:      BENCH_DEVICE=cpu python tests/bench/gpu_glm4v.py   (tiny phone shape)
+Environment (optional): BENCH_DEVICE (cuda:0 when CUDA exists, else cpu), BENCH_NEW_TOKENS
+(64 on CUDA, 32 on CPU), BENCH_WORKDIR (where the checkpoint goes; default a temp dir),
+BENCH_OUT or OUT (folder for gpu_glm4v.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.model.glm4v import Glm4vModel
+from tests.bench.harness import bench_out_dir, render_table
+from tests.bench.phone_agent import AGENT_MAX_PIXELS
+from tests.bench.test_glm4v_decode import PROMPT_PASS, agent_step, decode_rate, token_times
+from tests.fixtures.tiny_models import (
+    write_glm4v_9b_shape_checkpoint,
+    write_tiny_phone_glm4v_checkpoint,
+)
+
+GIB = 1024**3
+ARTICLE_GB = {"decoder": 6.8, "vision": 2.1, "audio": 1.7, "kv_512_tokens": 3.0}
+
+
+def main() -> dict:
+    device = os.environ.get("BENCH_DEVICE") or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    tokens = int(os.environ.get("BENCH_NEW_TOKENS", "64" if on_gpu else "32"))
+    workdir = Path(os.environ.get("BENCH_WORKDIR") or tempfile.mkdtemp(prefix="glm4v-9b-"))
+    results: dict = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+                     "new_tokens": tokens}
+
+    started = time.perf_counter()
+    if on_gpu:
+        checkpoint = write_glm4v_9b_shape_checkpoint(workdir / "glm4v-9b", device=device)
+    else:
+        checkpoint = write_tiny_phone_glm4v_checkpoint(workdir / "glm4v-phone")
+    results["write_s"] = round(time.perf_counter() - started, 1)
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    started = time.perf_counter()
+    model = Glm4vModel(checkpoint, device=device,
+                       dtype=torch.bfloat16 if on_gpu else torch.float32)
+    results["load_s"] = round(time.perf_counter() - started, 1)
+    results["module_gib"] = {unit.name: round(unit.state().weight_bytes / GIB, 2)
+                             for unit in model.units}
+    results["kv_gib_per_1k_tokens"] = round(model.kv_bytes_per_token() * 1000 / GIB, 4)
+    results["kv_gib_512_tokens"] = round(model.kv_bytes_per_token() * 512 / GIB, 4)
+
+    engine = Engine(model, EngineConfig(max_pixels=AGENT_MAX_PIXELS, prefix_caching=False,
+                                        prefill_chunk_tokens=PROMPT_PASS,
+                                        kv_budget_bytes=8 * GIB if on_gpu else GIB))
+    engine.start()
+    seeds = iter(range(10_000))
+
+    def agents(count: int) -> list[list[float]]:
+        async def run() -> list[list[float]]:
+            requests = [agent_step(f"a{next(seeds)}", next(seeds), tokens=tokens)
+                        for _ in range(count)]
+            sent = time.perf_counter()
+            streams = await asyncio.gather(*(token_times(engine, r) for r in requests))
+            results.setdefault("ttft_s", {})[str(count)] = round(
+                min(s[0] for s in streams) - sent, 3)
+            return streams
+
+        return asyncio.run(run())
+
+    try:
+        agents(1)  # warm up: kernels, allocator
+        results["decode_tok_s"] = {str(k): round(decode_rate(agents(k)), 1) for k in (1, 4)}
+    finally:
+        engine.stop()
+    if on_gpu:
+        results["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
+    report(results)
+    return results
+
+
+def report(results: dict) -> None:
+    modules = results["module_gib"]
+    rows = [
+        ["decoder weights", f"{modules.get('decoder', 0):.2f}", f"~{ARTICLE_GB['decoder']}"],
+        ["vision tower weights", f"{modules.get('vision', 0):.2f}", f"~{ARTICLE_GB['vision']}"],
+        ["audio encoder", "- (GLM-4.1V has none)", f"~{ARTICLE_GB['audio']}"],
+        ["KV, 512 tokens (batch 1)", f"{results['kv_gib_512_tokens']:.3f}",
+         f"~{ARTICLE_GB['kv_512_tokens']}"],
+    ]
+    print(f"\nGLM-4.1V on {results['device']}: written in {results['write_s']} s, "
+          f"loaded in {results['load_s']} s")
+    print(render_table(["memory", "this run (GiB)", "reference article (GB)"], rows))
+    print(f"KV per 1,000 tokens: {results['kv_gib_per_1k_tokens']} GiB; one agent step "
+          f"(1080x2400 screenshot): time to first token {results['ttft_s']['1']} s; "
+          f"decode tokens/s, 1 agent {results['decode_tok_s']['1']}, "
+          f"4 agents {results['decode_tok_s']['4']}")
+    if "peak_allocated_gib" in results:
+        print(f"peak allocated: {results['peak_allocated_gib']} GiB")
+    path = bench_out_dir() / "gpu_glm4v.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"numbers written to {path}")
+
+
+if __name__ == "__main__":
+    main()
