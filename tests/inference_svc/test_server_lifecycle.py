@@ -75,6 +75,9 @@ def test_sigterm_ends_a_stream_past_the_grace_period_with_a_cancelled_final(tiny
     assert finished[-1]["finish_reason"] == "cancelled"
 
 
+SERVED_BUT_CUT = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def test_new_calls_are_refused_once_shutting_down(tiny_bundle, tmp_path):
     server = start_server(tmp_path / "s", tiny_bundle, "--grace-period", "3")
     with grpc.insecure_channel(server.target) as channel:
@@ -84,11 +87,14 @@ def test_new_calls_are_refused_once_shutting_down(tiny_bundle, tmp_path):
         server.process.send_signal(signal.SIGTERM)
 
         def refusal() -> grpc.StatusCode | None:
-            """How a new (short) call ends: None while it is still served."""
+            """How a new (short) call ends: None while it is still served. A call accepted
+            just before the shutdown began is served: on a loaded machine it may outlast
+            its deadline or the grace period (then it is cancelled with the other open
+            streams): None too."""
             try:
                 list(stub.Generate(short_request(), timeout=5))
             except grpc.RpcError as error:
-                return error.code()
+                return None if error.code() in SERVED_BUT_CUT else error.code()
             return None
 
         # until SIGTERM is handled new calls are still served; then every one is refused
