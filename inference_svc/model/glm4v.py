@@ -286,17 +286,17 @@ class Glm4vModel(PagedForward, UnitModel):
         with self.decoder_unit.use() as decoder, torch.inference_mode():
             embeds = decoder.get_input_embeddings()(ids)
             if features is not None:
-                slots = self._image_slots(plan, len(plan.input_ids))[cached:]
+                slots = self._image_slots(plan)[cached:]
                 embeds[slots.to(embeds.device)] = features.to(embeds.device, embeds.dtype)
         positions, offset = self._rope_positions(plan, media)
         return PromptInputs(embeds, None if positions is None else positions[:, cached:],
                             offset)
 
     @staticmethod
-    def _image_slots(plan: PromptPlan, length: int) -> torch.Tensor:
-        """Which of the first `length` positions hold image features (by the plan's spans,
-        not by token id: a generated token may equal the image token)."""
-        slots = torch.zeros(length, dtype=torch.bool)
+    def _image_slots(plan: PromptPlan) -> torch.Tensor:
+        """Which of the plan's positions hold image features (by its spans, not by token
+        id: a generated token may equal the image token)."""
+        slots = torch.zeros(len(plan.input_ids), dtype=torch.bool)
         for span in plan.spans:
             slots[span.start:span.start + span.length] = True
         return slots
@@ -308,7 +308,7 @@ class Glm4vModel(PagedForward, UnitModel):
         if not plan.spans:
             return None, 0
         ids = torch.tensor([plan.input_ids])
-        token_types = self._image_slots(plan, len(plan.input_ids)).int()[None]
+        token_types = self._image_slots(plan).int()[None]
         grids = torch.tensor([media.grids[s.index] for s in plan.spans])
         with self.decoder_unit.use() as decoder:
             positions, offsets = decoder.model.get_rope_index(

@@ -7,7 +7,6 @@ import gc
 import io
 import weakref
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -157,12 +156,9 @@ def test_cached_prefix_gives_the_same_logits(model, where):
     blocks = len(plan.input_ids) // 16 + 2
     whole = paged_prefill(model, model.new_kv_pool(block_size=16, blocks=blocks), plan, media)
     pool = model.new_kv_pool(block_size=16, blocks=blocks)
-    prefix = replace(plan, input_ids=plan.input_ids[:cached],
-                     spans=[s for s in plan.spans if s.start < cached])
     inputs = model.prompt_inputs(plan, media)
     model.forward_paged(pool, [[contiguous(0, cached)]], [[inputs.embeds[:cached]]],
                         [[inputs.positions[:, :cached]]])
-    assert prefix.input_ids == plan.input_ids[:cached]
     rest = paged_prefill(model, pool, plan, media, cached=cached)
     torch.testing.assert_close(rest, whole, rtol=1e-4, atol=1e-4)
 
