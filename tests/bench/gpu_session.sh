@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Every GPU check of the open issues in one device call, each part under its own time limit
+# so that a failure or a slow part leaves the others their share:
+#   1. issue 12: the daemon's NVML probe once, then the `gpu` tests (CUDA tiers, pinned host
+#      memory, paged preemption through the GPU pool, real NVML, the start script's GPU
+#      branch with the service placed on cuda:0);
+#   2. issue 11: GLM-4.1V at AutoGLM-Phone-9B's size (tests/bench/gpu_glm4v.py) and
+#      autoglm-plan on that checkpoint;
+#   3. issue 10: the throughput table against `transformers serve --continuous-batching`
+#      (tests/bench/gpu_throughput.py) in the time left.
+# On the device machine (see .library/device/README.md; .whl holds the wheels its image
+# lacks, .gpu/tokenizer a SmolLM2 tokenizer, autoglm the generated protobuf code):
+#   run(command="bash tests/bench/gpu_session.sh", carry=[".whl", ".gpu", "autoglm"],
+#       timeout_s=570)
+# Here, as a check of the script itself: GPU_SESSION_CPU=1 bash tests/bench/gpu_session.sh
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+OUT=${OUT:-/tmp/gpu-session-out}
+BUDGET_S=${GPU_SESSION_BUDGET_S:-530}
+mkdir -p "$OUT"
+began=$(date +%s)
+left() { echo $(( BUDGET_S - ($(date +%s) - began) )); }
+mark() { echo "[gpu_session] $* (after $(( $(date +%s) - began ))s)" | tee -a "$OUT/gpu.txt"; }
+
+if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
+  PY=$PWD/.venv/bin/python
+  export BENCH_DEVICE=cpu PYTHONPATH=$PWD:$PWD/clients/python
+  BIN=$PWD/.venv/bin
+else
+  PY=python3
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/clients/python
+  # console scripts for the start script, as pip would write them for this interpreter
+  BIN=/tmp/autoglm-bin
+  mkdir -p "$BIN"
+  for entry in autoglm-server=inference_svc.cli autoglm-memd=memory_daemon.cli \
+               autoglm-gateway=gateway.cli autoglm-plan=inference_svc.model.plan_cli; do
+    printf '#!%s\nimport sys\nfrom %s import main\nsys.exit(main())\n' \
+      "$(command -v $PY)" "${entry#*=}" > "$BIN/${entry%%=*}"
+    chmod +x "$BIN/${entry%%=*}"
+  done
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory \
+    --format=csv >> "$OUT/gpu.txt" 2>&1
+fi
+$PY -c "import torch, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+# ---- 1. issue 12 ---------------------------------------------------------------------
+mark "NVML probe, once"
+timeout 60 $PY -m memory_daemon --probe nvml --once >> "$OUT/gpu.txt" 2>&1
+echo "memory_daemon --probe nvml --once: exit $?" >> "$OUT/gpu.txt"
+mark "gpu tests"
+AUTOGLM_BIN=$BIN timeout 170 $PY -m pytest -p no:cacheprovider -o addopts= -m gpu -q -rs \
+  tests/inference_svc/test_gpu.py tests/memory_daemon/test_memd_nvml_probe.py \
+  tests/deploy/test_start_script.py > "$OUT/gpu_tests.log" 2>&1
+echo "pytest -m gpu: exit $?" >> "$OUT/gpu_tests.log"
+tail -25 "$OUT/gpu_tests.log"
+
+# ---- 2. issue 11 ---------------------------------------------------------------------
+mark "GLM-4.1V at 9B size"
+work=/tmp/glm4v-9b
+# in memory where tmpfs has room for the ~20 GB checkpoint: its write and load time is
+# the weights' own, not this machine's disk
+shm_free=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1)
+[ "${shm_free:-0}" -gt 26000000 ] && work=/dev/shm/glm4v-9b
+BENCH_WORKDIR=$work BENCH_OUT=$OUT timeout $(( $(left) > 330 ? 210 : $(left) / 2 )) \
+  $PY tests/bench/gpu_glm4v.py > "$OUT/glm4v.log" 2>&1
+echo "gpu_glm4v.py: exit $? (checkpoint in $work)" >> "$OUT/glm4v.log"
+checkpoint=$(ls -d "$work"/glm4v-* 2>/dev/null | head -1)
+if [ -n "$checkpoint" ]; then
+  for gpus in "1 --gpu-memory-gib 79" "2 --gpu-memory-gib 24"; do
+    # shellcheck disable=SC2086
+    timeout 60 $PY -m inference_svc.model.plan_cli --model-dir "$checkpoint" --gpus $gpus \
+      --context 25480 >> "$OUT/glm4v.log" 2>&1
+  done
+fi
+rm -rf "$work"
+tail -30 "$OUT/glm4v.log"
+
+# ---- 3. issue 10 ---------------------------------------------------------------------
+mark "throughput against transformers serve, $(left)s left"
+if [ "$(left)" -gt 90 ]; then
+  tp_work=/tmp/gpubench
+  rm -rf "$tp_work"
+  if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then levels=1,2; else levels=1,4,8,16,32; fi
+  BENCH_WORKDIR=$tp_work BENCH_OUT=$OUT BENCH_LEVELS=${BENCH_LEVELS:-$levels} \
+    BENCH_TOKENIZER_DIR=${BENCH_TOKENIZER_DIR:-$PWD/.gpu/tokenizer} \
+    BENCH_DEADLINE_S=$(( $(left) - 110 )) \
+    timeout -s INT -k 15 $(( $(left) - 10 )) $PY tests/bench/gpu_throughput.py \
+    > "$OUT/bench.log" 2>&1
+  echo "gpu_throughput.py: exit $?" >> "$OUT/bench.log"
+  tail -20 "$OUT/bench.log"
+  [ -f "$tp_work/ours/server.log" ] && tail -c 200000 "$tp_work/ours/server.log" > "$OUT/ours_server.log"
+  cat "$tp_work"/theirs/*.log 2>/dev/null | tail -c 200000 > "$OUT/tf_serve.log"
+fi
+mark "done"
