@@ -71,7 +71,7 @@ checkpoint=$(ls -d "$work"/glm4v-* 2>/dev/null | head -1)
 if [ -n "$checkpoint" ]; then
   for gpus in "1 --gpu-memory-gib 79" "2 --gpu-memory-gib 24"; do
     # shellcheck disable=SC2086
-    timeout 60 $PY -m inference_svc.model.plan_cli --model-dir "$checkpoint" --gpus $gpus \
+    timeout 30 $PY -m inference_svc.model.plan_cli --model-dir "$checkpoint" --gpus $gpus \
       --context 25480 >> "$OUT/glm4v.log" 2>&1
   done
 fi
