@@ -28,7 +28,7 @@ if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
   BIN=$PWD/.venv/bin
 else
   PY=python3
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 3
   export PYTHONPATH=/tmp/site:$PWD:$PWD/clients/python
   # console scripts for the start script, as pip would write them for this interpreter
@@ -37,21 +37,21 @@ else
   for entry in autoglm-server=inference_svc.cli autoglm-memd=memory_daemon.cli \
                autoglm-gateway=gateway.cli autoglm-plan=inference_svc.model.plan_cli; do
     printf '#!%s\nimport sys\nfrom %s import main\nsys.exit(main())\n' \
-      "$(command -v $PY)" "${entry#*=}" > "$BIN/${entry%%=*}"
+      "$(command -v "$PY")" "${entry#*=}" > "$BIN/${entry%%=*}"
     chmod +x "$BIN/${entry%%=*}"
   done
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory \
     --format=csv >> "$OUT/gpu.txt" 2>&1
 fi
-$PY -c "import torch, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
+"$PY" -c "import torch, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
 # ---- 1. issue 12 ---------------------------------------------------------------------
 mark "NVML probe, once"
-timeout 60 $PY -m memory_daemon --probe nvml --once >> "$OUT/gpu.txt" 2>&1
+timeout 60 "$PY" -m memory_daemon --probe nvml --once >> "$OUT/gpu.txt" 2>&1
 echo "memory_daemon --probe nvml --once: exit $?" >> "$OUT/gpu.txt"
 mark "gpu tests"
-AUTOGLM_BIN=$BIN timeout 170 $PY -m pytest -p no:cacheprovider -o addopts= -m gpu -q -rs \
+AUTOGLM_BIN=$BIN timeout 170 "$PY" -m pytest -p no:cacheprovider -o addopts= -m gpu -q -rs \
   tests/inference_svc/test_gpu.py tests/memory_daemon/test_memd_nvml_probe.py \
   tests/deploy/test_start_script.py > "$OUT/gpu_tests.log" 2>&1
 echo "pytest -m gpu: exit $?" >> "$OUT/gpu_tests.log"
@@ -65,13 +65,13 @@ work=/tmp/glm4v-9b
 shm_free=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1)
 [ "${shm_free:-0}" -gt 26000000 ] && work=/dev/shm/glm4v-9b
 BENCH_WORKDIR=$work BENCH_OUT=$OUT timeout $(( $(left) > 330 ? 210 : $(left) / 2 )) \
-  $PY tests/bench/gpu_glm4v.py > "$OUT/glm4v.log" 2>&1
+  "$PY" tests/bench/gpu_glm4v.py > "$OUT/glm4v.log" 2>&1
 echo "gpu_glm4v.py: exit $? (checkpoint in $work)" >> "$OUT/glm4v.log"
-checkpoint=$(ls -d "$work"/glm4v-* 2>/dev/null | head -1)
+checkpoint=$(find "$work" -maxdepth 1 -name "glm4v-*" 2>/dev/null | head -1)
 if [ -n "$checkpoint" ]; then
   for gpus in "1 --gpu-memory-gib 79" "2 --gpu-memory-gib 24"; do
     # shellcheck disable=SC2086
-    timeout 30 $PY -m inference_svc.model.plan_cli --model-dir "$checkpoint" --gpus $gpus \
+    timeout 30 "$PY" -m inference_svc.model.plan_cli --model-dir "$checkpoint" --gpus $gpus \
       --context 25480 >> "$OUT/glm4v.log" 2>&1
   done
 fi
@@ -87,7 +87,7 @@ if [ "$(left)" -gt 90 ]; then
   BENCH_WORKDIR=$tp_work BENCH_OUT=$OUT BENCH_LEVELS=${BENCH_LEVELS:-$levels} \
     BENCH_TOKENIZER_DIR=${BENCH_TOKENIZER_DIR:-$PWD/.gpu/tokenizer} \
     BENCH_DEADLINE_S=$(( $(left) - 110 )) \
-    timeout -s INT -k 15 $(( $(left) - 10 )) $PY tests/bench/gpu_throughput.py \
+    timeout -s INT -k 15 $(( $(left) - 10 )) "$PY" tests/bench/gpu_throughput.py \
     > "$OUT/bench.log" 2>&1
   echo "gpu_throughput.py: exit $?" >> "$OUT/bench.log"
   tail -20 "$OUT/bench.log"
