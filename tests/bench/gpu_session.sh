@@ -7,7 +7,11 @@
 #   2. issue 11: GLM-4.1V at AutoGLM-Phone-9B's size (tests/bench/gpu_glm4v.py) and
 #      autoglm-plan on that checkpoint;
 #   3. issue 10: the throughput table against `transformers serve --continuous-batching`
-#      (tests/bench/gpu_throughput.py) in the time left.
+#      (tests/bench/gpu_throughput.py) in the time left;
+#   and, where GPU_SESSION_PARTS names it, `overhead`: kernel launch time against one
+#      decode step of the throughput model, eager and as a CUDA graph
+#      (tests/bench/gpu_step_overhead.py), first of all.
+# GPU_SESSION_PARTS picks parts (default tests,glm4v,throughput).
 # On the device machine (see .library/device/README.md; .whl holds the wheels its image
 # lacks, .gpu/tokenizer a SmolLM2 tokenizer, autoglm the generated protobuf code):
 #   run(command="bash tests/bench/gpu_session.sh", carry=[".whl", ".gpu", "autoglm"],
@@ -46,7 +50,18 @@ fi
 "$PY" -c "import torch, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
+PARTS=",${GPU_SESSION_PARTS:-tests,glm4v,throughput},"
+wants() { case $PARTS in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+if wants overhead; then
+  mark "step overhead"
+  timeout 90 "$PY" tests/bench/gpu_step_overhead.py > "$OUT/overhead.log" 2>&1
+  echo "gpu_step_overhead.py: exit $?" >> "$OUT/overhead.log"
+  tail -20 "$OUT/overhead.log"
+fi
+
 # ---- 1. issue 12 ---------------------------------------------------------------------
+if wants tests; then
 mark "NVML probe, once"
 timeout 60 "$PY" -m memory_daemon --probe nvml --once >> "$OUT/gpu.txt" 2>&1
 echo "memory_daemon --probe nvml --once: exit $?" >> "$OUT/gpu.txt"
@@ -56,18 +71,22 @@ AUTOGLM_BIN=$BIN timeout 170 "$PY" -m pytest -p no:cacheprovider -o addopts= -m 
   tests/deploy/test_start_script.py > "$OUT/gpu_tests.log" 2>&1
 echo "pytest -m gpu: exit $?" >> "$OUT/gpu_tests.log"
 tail -25 "$OUT/gpu_tests.log"
+fi
 
 # ---- 2. issue 11 ---------------------------------------------------------------------
+if wants glm4v; then
 mark "GLM-4.1V at 9B size"
 work=/tmp/glm4v-9b
 # in memory where tmpfs has room for the ~20 GB checkpoint: its write and load time is
 # the weights' own, not this machine's disk
 shm_free=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1)
 [ "${shm_free:-0}" -gt 26000000 ] && work=/dev/shm/glm4v-9b
-BENCH_WORKDIR=$work BENCH_OUT=$OUT timeout $(( $(left) > 330 ? 210 : $(left) / 2 )) \
+# 210 s where the throughput table follows, else what is left but the plans' minute
+if wants throughput; then glm_s=$(( $(left) > 330 ? 210 : $(left) / 2 )); else glm_s=$(( $(left) - 60 )); fi
+BENCH_WORKDIR=$work BENCH_OUT=$OUT timeout "$glm_s" \
   "$PY" tests/bench/gpu_glm4v.py > "$OUT/glm4v.log" 2>&1
 echo "gpu_glm4v.py: exit $? (checkpoint in $work)" >> "$OUT/glm4v.log"
-checkpoint=$(find "$work" -maxdepth 1 -name "glm4v-*" 2>/dev/null | head -1)
+checkpoint=$(find "$work" -mindepth 1 -maxdepth 1 -name "glm4v-*" 2>/dev/null | head -1)
 if [ -n "$checkpoint" ]; then
   for gpus in "1 --gpu-memory-gib 79" "2 --gpu-memory-gib 24"; do
     # shellcheck disable=SC2086
@@ -77,10 +96,11 @@ if [ -n "$checkpoint" ]; then
 fi
 rm -rf "$work"
 tail -30 "$OUT/glm4v.log"
+fi
 
 # ---- 3. issue 10 ---------------------------------------------------------------------
-mark "throughput against transformers serve, $(left)s left"
-if [ "$(left)" -gt 90 ]; then
+wants throughput && mark "throughput against transformers serve, $(left)s left"
+if wants throughput && [ "$(left)" -gt 90 ]; then
   tp_work=/tmp/gpubench
   rm -rf "$tp_work"
   if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then levels=1,2; else levels=1,4,8,16,32; fi

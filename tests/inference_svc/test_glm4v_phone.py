@@ -99,6 +99,23 @@ def test_activation_estimate_of_the_real_tower():
     assert fused < eager / 10
 
 
+def test_the_9b_shape_config_is_glm41v_9bs_and_its_rope_takes_three_axes():
+    """The GPU benchmark's 9B-size model: GLM-4.1V-9B-Thinking's sizes, and rotary over
+    half of each 128-wide head, so the (t, h, w) split of its 32 frequencies fits
+    (transformers' defaults alone rotate the whole head and fail at the first forward)."""
+    from transformers.models.glm4v.modeling_glm4v import Glm4vTextRotaryEmbedding
+
+    from tests.fixtures.tiny_models import glm4v_9b_shape_config
+
+    text = glm4v_9b_shape_config().text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.vocab_size) == (4096, 40, 32, 2, 151552)
+    rope = Glm4vTextRotaryEmbedding(text)
+    positions = torch.arange(6).expand(3, 1, 6)
+    cos, sin = rope(torch.zeros(1, 6, text.hidden_size), positions)
+    assert cos.shape == sin.shape == (1, 6, 64)  # rotary dims: half of the 128-wide head
+
+
 # ---- through a real server ----------------------------------------------------------
 
 
