@@ -37,6 +37,11 @@ class EngineConfig:
         "between chunks (0: whole prompt at once)"))
     kv_block_tokens: int = setting(16, help="token positions per KV block (the unit of "
                                             "allocation, sharing and prefix caching)")
+    # None: ComputeThreads' rule (engine/compute_threads.py)
+    compute_threads: int | None = setting(None, shown="all cores, one fewer while streaming",
+                                          help=("CPU threads of the model's torch work; by "
+                                                "default a core is left to the server's "
+                                                "stream work while anything streams"))
 
     def __post_init__(self) -> None:
         if self.max_queued < 1:
@@ -57,6 +62,8 @@ class EngineConfig:
             raise ValueError("session idle TTL must not be negative")
         if not 1 <= self.kv_block_tokens <= 1024:
             raise ValueError("KV block tokens must be in [1, 1024]")
+        if self.compute_threads is not None and self.compute_threads < 1:
+            raise ValueError("compute threads must be at least 1")
 
 
 def default_prefill_chunk(device: str) -> int:
