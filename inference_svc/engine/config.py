@@ -33,8 +33,9 @@ class EngineConfig:
                                               "prefix (off: only within a session id)")
     # None: default_prefill_chunk(the model's device), resolved by the Engine
     prefill_chunk_tokens: int | None = setting(None, shown="128 CPU, 2048 CUDA", help=(
-        "prompt positions per prefill pass; a cancel or deadline stops the prefill "
-        "between chunks (0: whole prompt at once)"))
+        "prompt positions per prefill pass (a prompt's tail under half of it joins "
+        "the pass before); a cancel or deadline stops the prefill between chunks "
+        "(0: whole prompt at once)"))
     kv_block_tokens: int = setting(16, help="token positions per KV block (the unit of "
                                             "allocation, sharing and prefix caching)")
     # None: ComputeThreads' rule (engine/compute_threads.py)

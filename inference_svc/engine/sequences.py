@@ -107,22 +107,25 @@ def resume_plan(sequence: Sequence) -> PromptPlan:
 
 def pick_prefill_work(prefilling: list[Prefill], budget: int, *, long_passed_over: bool
                       ) -> tuple[list[tuple[Prefill, int]], bool]:
-    """One prefill pass of at most `budget` positions: (prompt, position it reaches).
+    """One prefill pass of about `budget` positions: (prompt, position it reaches).
 
     Prompts that fit the pass whole go first (oldest first) and, when any do, get the
     pass to themselves, so their first token waits for no part of a long prompt; the
-    long prompt then has the next pass (it is never passed over twice running). Also
-    returns whether this pass left a long prompt out.
+    long prompt then has the next pass (it is never passed over twice running). A tail
+    of under half a budget rides with the rest of its prompt: a 160-position prompt is
+    one pass, not 128 then 32 (every pass reads all the weights once more), so a pass
+    is at most 1.5 budgets. Also returns whether this pass left a long prompt out.
     """
-    whole = [p for p in prefilling if p.remaining <= budget]
-    longer = [p for p in prefilling if p.remaining > budget]
+    room = budget + budget // 2
+    whole = [p for p in prefilling if p.remaining <= room]
+    longer = [p for p in prefilling if p.remaining > room]
     work: list[tuple[Prefill, int]] = []
     if whole and not long_passed_over:
         for prefill in whole:
-            if prefill.remaining > budget:
+            if prefill.remaining > room:
                 break
             work.append((prefill, prefill.done + prefill.remaining))
-            budget -= prefill.remaining
+            room -= prefill.remaining
         return work, bool(longer)
     for prefill in longer + whole:
         take = min(prefill.remaining, budget)
