@@ -1,12 +1,12 @@
 """Where a small decoder's step goes on this device: kernel launches or the GPU's work.
 
 Prints (and writes gpu_step_overhead.json): the time of one tiny kernel launched back to
-back; the host's Python speed (a 2-million-term sum); one eager forward of one token through the throughput benchmark's random
-Qwen2.5-0.5B-shaped decoder (tests/bench/gpu_throughput.py SHAPES) with a KV cache of
-128 tokens, as seen by the host and as the GPU's own events time it; and that forward
-replayed as one captured CUDA graph. When the host time is far above the GPU's, decode
-speed is set by launches, not by memory bandwidth, for every server that runs the model
-eagerly.
+back; the host's Python speed (a 2-million-term sum); one eager forward of one token
+through the throughput benchmark's random Qwen2.5-0.5B-shaped decoder
+(tests/bench/gpu_throughput.py SHAPES) with a KV cache of 128 tokens, as seen by the host
+and as the GPU's own events time it; and its layers replayed as one captured CUDA graph.
+When the host time is far above the GPU's, decode speed is set by launches, not by memory
+bandwidth, for every server that runs the model eagerly.
 
 Run from the repository root with PYTHONPATH=$PWD:$PWD/clients/python on a CUDA host:
   python tests/bench/gpu_step_overhead.py
