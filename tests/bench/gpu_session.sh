@@ -13,7 +13,9 @@
 #      (tests/bench/gpu_step_overhead.py), first of all.
 # GPU_SESSION_PARTS picks parts (default tests,glm4v,throughput).
 # On the device machine (see .library/device/README.md; .whl holds the wheels its image
-# lacks, .gpu/tokenizer a SmolLM2 tokenizer, autoglm the generated protobuf code):
+# lacks, .gpu/tokenizer the embedded default's tokenizer files (tokenizer.json,
+# tokenizer_config.json, chat_template.jinja; the machine has no model of its own), autoglm
+# the generated protobuf code; all three git-ignored):
 #   run(command="bash tests/bench/gpu_session.sh", carry=[".whl", ".gpu", "autoglm"],
 #       timeout_s=570)
 # Here, as a check of the script itself: GPU_SESSION_CPU=1 bash tests/bench/gpu_session.sh
@@ -104,8 +106,8 @@ if wants throughput && [ "$(left)" -gt 90 ]; then
   tp_work=/tmp/gpubench
   rm -rf "$tp_work"
   if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then levels=1,2; else levels=1,4,8,16,32; fi
+  # its tokenizer: BENCH_TOKENIZER_DIR, else .gpu/tokenizer, else the embedded default's
   BENCH_WORKDIR=$tp_work BENCH_OUT=$OUT BENCH_LEVELS=${BENCH_LEVELS:-$levels} \
-    BENCH_TOKENIZER_DIR=${BENCH_TOKENIZER_DIR:-$PWD/.gpu/tokenizer} \
     BENCH_DEADLINE_S=$(( $(left) - 110 )) \
     timeout -s INT -k 15 $(( $(left) - 10 )) "$PY" tests/bench/gpu_throughput.py \
     > "$OUT/bench.log" 2>&1
