@@ -8,7 +8,8 @@ with the phone agent's step: a 1080x2400 PNG screenshot at
 max_pixels 5,000,000 (3,108 image tokens), the agent's sampling. Printed and written as
 JSON: load time; memory per module (decoder, vision tower; KV per 1,000 tokens); one
 agent step's time to first token and decode tokens/s; four agents' aggregate decode
-tokens/s; the device's peak allocation; beside the reference article's memory table
+tokens/s; where one decode step's time goes (model pass, choosing tokens, the rest) for
+one and four agents; the device's peak allocation; beside the reference article's memory table
 (decoder ~6.8 GB, vision ~2.1 GB, KV ~3.0 GB at batch 1 and 512 tokens).
 
 Run from the repository root with PYTHONPATH=$PWD:$PWD/clients/python (after
@@ -23,6 +24,7 @@ BENCH_OUT or OUT (folder for gpu_glm4v.json).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import tempfile
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from inference_svc.engine import model_loop
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.model.glm4v import Glm4vModel
 from tests.bench.harness import bench_out_dir, render_table
@@ -43,6 +46,53 @@ from tests.fixtures.tiny_models import (
 
 GIB = 1024**3
 ARTICLE_GB = {"decoder": 6.8, "vision": 2.1, "audio": 1.7, "kv_512_tokens": 3.0}
+
+
+class StepSplit:
+    """Where the loop's decode steps go: the model's pass (synchronized, so its GPU work is
+    in it), choosing the tokens, and the rest of the step (the start-to-start interval of
+    passes minus both), in ms per step. Wraps the model's `decode_paged` and the loop's
+    `choose_tokens` for the rest of the process."""
+
+    def __init__(self, model: Glm4vModel, device: str) -> None:
+        self.passes: list[tuple[float, float]] = []  # (start, seconds)
+        self.choosing: list[float] = []
+        decode, choose = model.decode_paged, model_loop.choose_tokens
+
+        def sync() -> None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+
+        def timed_decode(*args, **kwargs):
+            started = time.perf_counter()
+            out = decode(*args, **kwargs)
+            sync()
+            self.passes.append((started, time.perf_counter() - started))
+            return out
+
+        def timed_choose(*args, **kwargs):
+            started = time.perf_counter()
+            out = choose(*args, **kwargs)
+            self.choosing.append(time.perf_counter() - started)
+            return out
+
+        model.decode_paged = timed_decode
+        model_loop.choose_tokens = timed_choose
+
+    def reset(self) -> None:
+        self.passes.clear()
+        self.choosing.clear()
+
+    def summary(self) -> dict[str, float]:
+        def median(values: list[float]) -> float:
+            values = sorted(values)
+            return values[len(values) // 2] * 1000 if values else 0.0
+
+        starts = [start for start, _ in self.passes]
+        step = median([b - a for a, b in itertools.pairwise(starts)])
+        decode, choose = median([s for _, s in self.passes]), median(self.choosing)
+        return {"step": round(step, 2), "decode_pass": round(decode, 2),
+                "choose_tokens": round(choose, 2), "rest": round(step - decode - choose, 2)}
 
 
 def main() -> dict:
@@ -90,9 +140,17 @@ def main() -> dict:
 
         return asyncio.run(run())
 
+    split = StepSplit(model, device)
+
+    def measured(count: int) -> float:
+        split.reset()
+        rate = decode_rate(agents(count))
+        results.setdefault("step_split_ms", {})[str(count)] = split.summary()
+        return round(rate, 1)
+
     try:
         agents(1)  # warm up: kernels, allocator
-        results["decode_tok_s"] = {str(k): round(decode_rate(agents(k)), 1) for k in (1, 4)}
+        results["decode_tok_s"] = {str(k): measured(k) for k in (1, 4)}
     finally:
         engine.stop()
     if on_gpu:
@@ -117,6 +175,8 @@ def report(results: dict) -> None:
           f"(1080x2400 screenshot): time to first token {results['ttft_s']['1']} s; "
           f"decode tokens/s, 1 agent {results['decode_tok_s']['1']}, "
           f"4 agents {results['decode_tok_s']['4']}")
+    for count, split in results.get("step_split_ms", {}).items():
+        print(f"{count} agent(s), ms per decode step (median): {split}")
     if "peak_allocated_gib" in results:
         print(f"peak allocated: {results['peak_allocated_gib']} GiB")
     path = bench_out_dir() / "gpu_glm4v.json"
