@@ -36,7 +36,7 @@ import torch
 from inference_svc.engine import model_loop
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.model.glm4v import Glm4vModel
-from tests.bench.harness import bench_out_dir, render_table
+from tests.bench.harness import bench_out_dir, median, render_table
 from tests.bench.phone_agent import AGENT_MAX_PIXELS
 from tests.bench.test_glm4v_decode import PROMPT_PASS, agent_step, decode_rate, token_times
 from tests.fixtures.tiny_models import (
@@ -84,13 +84,12 @@ class StepSplit:
         self.choosing.clear()
 
     def summary(self) -> dict[str, float]:
-        def median(values: list[float]) -> float:
-            values = sorted(values)
-            return values[len(values) // 2] * 1000 if values else 0.0
+        def ms(values: list[float]) -> float:
+            return median(values) * 1000 if values else 0.0
 
         starts = [start for start, _ in self.passes]
-        step = median([b - a for a, b in itertools.pairwise(starts)])
-        decode, choose = median([s for _, s in self.passes]), median(self.choosing)
+        step = ms([b - a for a, b in itertools.pairwise(starts)])
+        decode, choose = ms([s for _, s in self.passes]), ms(self.choosing)
         return {"step": round(step, 2), "decode_pass": round(decode, 2),
                 "choose_tokens": round(choose, 2), "rest": round(step - decode - choose, 2)}
 
