@@ -15,7 +15,6 @@ from transformers.generation.logits_process import (
 
 from inference_svc.engine import constraints, logprobs
 from inference_svc.engine.constraints import Grammar, RowConstraint
-from inference_svc.engine.generation import FrequencyPresencePenalty
 from inference_svc.errors import GenerationFailed
 from inference_svc.types import SamplingParams
 
@@ -187,11 +186,9 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
         scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(
             _padded_with_own_tokens(histories), scores)
     if params.frequency_penalty or params.presence_penalty:
-        # each row counts its own generated tokens: prompt lengths differ per row
-        for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
-            penalty = FrequencyPresencePenalty(params.frequency_penalty,
-                                               params.presence_penalty, sampler.prompt_length)
-            scores[row : row + 1] = penalty(history.reshape(1, -1), scores[row : row + 1])
+        _penalize_generated(scores, [h.reshape(-1)[s.prompt_length:]
+                                     for s, h in zip(samplers, histories, strict=True)],
+                            params.frequency_penalty, params.presence_penalty)
     for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
         # a response format decides alone when the reply may end
         if (sampler.constraint is None
@@ -213,6 +210,21 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
     return [int(torch.multinomial(probs[row], 1, generator=sampler.generator)) if ok
             else NonFiniteScores()
             for row, (sampler, ok) in enumerate(zip(samplers, usable.tolist(), strict=True))]
+
+
+def _penalize_generated(scores: torch.Tensor, generated: list[torch.Tensor], frequency: float,
+                        presence: float) -> None:
+    """OpenAI's additive penalties, in place: each row's score of a token it generated
+    drops by `frequency` per occurrence plus `presence` once. One update over the
+    (row, token) pairs that occur, for every row at once."""
+    tokens = torch.cat(generated)
+    if tokens.numel() == 0:
+        return
+    rows = torch.repeat_interleave(torch.arange(len(generated)),
+                                   torch.tensor([len(g) for g in generated]))
+    flat = scores.view(-1)
+    pairs, counts = torch.unique(rows * scores.shape[1] + tokens, return_counts=True)
+    flat[pairs] = flat[pairs] - frequency * counts.to(scores.dtype) - presence
 
 
 def _padded_with_own_tokens(histories: list[torch.Tensor]) -> torch.Tensor:

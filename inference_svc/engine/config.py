@@ -43,6 +43,9 @@ class EngineConfig:
                                           help=("CPU threads of the model's torch work; by "
                                                 "default a core is left to the server's "
                                                 "stream work while anything streams"))
+    cuda_graphs: bool = setting(True, help=(
+        "replay decode steps as CUDA graphs captured per batch size and context bucket "
+        "(where the KV pool is on one GPU; off: eager steps)"))
 
     def __post_init__(self) -> None:
         if self.max_queued < 1:

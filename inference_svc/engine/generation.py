@@ -7,30 +7,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
+from transformers import GenerationConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from inference_svc.engine.logprobs import RawLogprob, describe
 from inference_svc.engine.text_stream import TextStream
 from inference_svc.types import Delta, FinishReason, SamplingParams, TokenLogprob
-
-
-class FrequencyPresencePenalty(LogitsProcessor):
-    """OpenAI-style additive penalties over the tokens generated so far."""
-
-    def __init__(self, frequency: float, presence: float, prompt_length: int) -> None:
-        self.frequency = frequency
-        self.presence = presence
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_length :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(
-            1, generated, torch.ones_like(generated, dtype=scores.dtype)
-        )
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 class StopWhen(StoppingCriteria):

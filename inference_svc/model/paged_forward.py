@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inference_svc.model.decode_graphs import DecodeGraphs
 from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
 from inference_svc.model.units import ModuleUnit
 
@@ -19,6 +20,7 @@ class PagedForward:
     decoder_unit: ModuleUnit
     dtype: torch.dtype
     config: object  # the decoder's (text) config
+    decode_graphs: DecodeGraphs | None = None
 
     @staticmethod
     def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
@@ -75,16 +77,28 @@ class PagedForward:
         """One decode step: sequence b feeds `tokens[b]` at slot `lengths[b]` of its
         blocks `tables[b]`, at rope position `lengths[b] + offsets[b]`. Returns
         next-token logits [sequences, vocab]."""
-        step = PagedStep.decode(pool, tables, lengths, self.dtype, offsets)
         with self.decoder_unit.use() as decoder, torch.inference_mode():
             table = decoder.get_input_embeddings()
+            if self.decode_graphs is not None and len(tokens) <= self.decode_graphs.max_rows:
+                return self.decode_graphs.step(
+                    pool, table, lambda step, embeds: self._run_decoder(decoder, step, embeds),
+                    tables, lengths, tokens, offsets, self.dtype, self.placeholder_id)
+            step = PagedStep.decode(pool, tables, lengths, self.dtype, offsets)
             ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
             return self._run_decoder(decoder, step, table(ids)[:, None])
+
+    def capture_decode_steps(self, pool: KVPool, max_rows: int) -> bool:
+        """Replay decode steps of up to `max_rows` sequences as CUDA graphs from now on
+        (model/decode_graphs.py); False, and eager steps, where `max_rows` is 0 or the
+        pool is not on one CUDA device."""
+        self.decode_graphs = DecodeGraphs(pool.layer_devices[0], max_rows) if (
+            max_rows > 0 and DecodeGraphs.usable(pool)) else None
+        return self.decode_graphs is not None
 
     @staticmethod
     def _run_decoder(decoder: nn.Module, step: PagedStep, embeds: torch.Tensor) -> torch.Tensor:
         device = embeds.device
-        single = embeds.shape[0] == 1
+        single = embeds.shape[0] == 1 and embeds.shape[1] > 1
         out = decoder(inputs_embeds=embeds, position_ids=step.positions.to(device),
                       attention_mask=step.mask.to(device), cache=step, use_cache=False,
                       logits_to_keep=torch.tensor(step.last, device=device) if single else 1)

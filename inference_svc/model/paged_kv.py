@@ -1,10 +1,14 @@
 """KV in fixed-size blocks: the storage, and one decoder forward that writes and reads it.
 
-The pool holds each layer's keys and values as [slots, kv_heads, head_dim], one slot per
-token position and `block_size` slots per block. Block 0 is never handed out: it stays
-zero, and padded reads point at it. Which blocks a sequence owns is the engine's
-business (engine/kv_blocks.py); a forward is told, per row, the slot of each new token
-and the slots of every position the row attends to, in position order.
+The pool holds each layer's keys and values as [kv_heads, slots, head_dim], one slot per
+token position and `block_size` slots per block: head-major, so that a gathered row is
+one contiguous [keys, head_dim] slab per head, which attention reads 2.5x faster than
+the token-major interleave (tiny GLM-4.1V, four 3,151-key decode rows, one CPU thread:
+0.60 against 1.53 ms per layer). Block 0 is never handed out: padded reads point at
+it (masked), and a captured decode graph's padding rows write into it. Which blocks a
+sequence owns is the engine's business (engine/kv_blocks.py); a forward is told, per
+row, the slot of each new token and the slots of every position the row attends to, in
+position order.
 
 transformers' decoders call `cache.update(keys, values, layer_idx, kwargs=...)` in each
 attention layer and attend over what it returns; `PagedStep` is that object for one
@@ -43,9 +47,9 @@ class KVPool:
         """Storage for `blocks`; only the zero block is written. Uninitialized host memory
         is committed page by page as blocks are first written, so a pool sized for the
         whole budget costs what its tokens use (slots are always written before read)."""
-        tensor = torch.empty((blocks * self.block_size, self.kv_heads, self.head_dim),
+        tensor = torch.empty((self.kv_heads, blocks * self.block_size, self.head_dim),
                              dtype=self.dtype, device=device)
-        tensor[NULL_BLOCK * self.block_size:(NULL_BLOCK + 1) * self.block_size] = 0
+        tensor[:, NULL_BLOCK * self.block_size:(NULL_BLOCK + 1) * self.block_size] = 0
         return tensor
 
     @property
@@ -64,7 +68,7 @@ class KVPool:
         for store in (self.keys, self.values):
             for layer, old in enumerate(store):
                 new = self._empty(blocks, self.layer_devices[layer])
-                new[:keep] = old[:keep]
+                new[:, :keep] = old[:, :keep]
                 store[layer] = new
                 del old
         self.capacity = blocks
@@ -78,7 +82,7 @@ class KVPool:
         for store in (self.keys, self.values):
             for layer, tensor in enumerate(store):
                 device = self.layer_devices[layer]
-                tensor[self._slots(targets, device)] = tensor[self._slots(sources, device)]
+                tensor[:, self._slots(targets, device)] = tensor[:, self._slots(sources, device)]
 
     def save(self, blocks: list[int], device: str) -> SavedBlocks:
         """A copy of `blocks` on `device` (pinned host memory when the pool is on a GPU)."""
@@ -86,7 +90,7 @@ class KVPool:
         keys, values = [], []
         for store, out in ((self.keys, keys), (self.values, values)):
             for layer, tensor in enumerate(store):
-                part = tensor[self._slots(blocks, self.layer_devices[layer])]
+                part = tensor[:, self._slots(blocks, self.layer_devices[layer])]
                 copy = torch.empty(part.shape, dtype=part.dtype, device=device, pin_memory=pin)
                 copy.copy_(part)
                 out.append(copy)
@@ -96,14 +100,14 @@ class KVPool:
         for store, parts in ((self.keys, saved.keys), (self.values, saved.values)):
             for layer, tensor in enumerate(store):
                 device = self.layer_devices[layer]
-                tensor[self._slots(blocks, device)] = parts[layer].to(device)
+                tensor[:, self._slots(blocks, device)] = parts[layer].to(device)
 
     def all_finite(self, slots: torch.Tensor) -> bool:
         """Whether the KV in `slots` is finite (check written slots only: the rest of a
         block is uninitialized memory and may hold anything)."""
         for store in (self.keys, self.values):
             for layer, tensor in enumerate(store):
-                part = tensor[slots.to(self.layer_devices[layer])]
+                part = tensor[:, slots.to(self.layer_devices[layer])]
                 if not bool(torch.isfinite(part).all()):
                     return False
         return True
@@ -200,18 +204,22 @@ class PagedStep:
 
     @classmethod
     def decode(cls, pool: KVPool, tables: list[list[int]], lengths: list[int],
-               dtype: torch.dtype, offsets: list[int] | None = None) -> PagedStep:
+               dtype: torch.dtype, offsets: list[int] | None = None, *,
+               keys: int | None = None) -> PagedStep:
         """One new token per sequence, at slot `lengths[b]` of `tables[b]`'s blocks and
         position `lengths[b] + offsets[b]` (a multimodal rope's offset after its media):
-        built with a few tensor operations whatever the batch size."""
+        built with a few tensor operations whatever the batch size. `keys`, when given,
+        pads every row's reads to that many (a captured graph's fixed shape); an empty
+        table is a padding row, which reads and writes the null block."""
         step = cls.__new__(cls)
         size, rows = pool.block_size, len(tables)
-        width = max(len(t) for t in tables)
+        length = torch.tensor(lengths, dtype=torch.long)
+        step.pool, step.queries = pool, 1
+        step.keys = int(length.max()) + 1 if keys is None else keys
+        width = max(max(len(t) for t in tables), -(-step.keys // size))
         table = torch.zeros((rows, width), dtype=torch.long)  # padded with the zero block
         for b, blocks in enumerate(tables):
             table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        length = torch.tensor(lengths, dtype=torch.long)
-        step.pool, step.queries, step.keys = pool, 1, int(length.max()) + 1
         slots = (table[:, :, None] * size + torch.arange(size)).reshape(rows, -1)
         read = slots[:, :step.keys]
         allowed = torch.arange(step.keys)[None, :] <= length[:, None]
@@ -228,6 +236,20 @@ class PagedStep:
         step._on = {}
         return step
 
+    def to(self, device: torch.device) -> None:
+        """Keep every tensor of the step on `device` (a captured graph's inputs)."""
+        self.positions, self.mask = self.positions.to(device), self.mask.to(device)
+        self._write_rows = self._write_rows.to(device)
+        self._write_slots = self._write_slots.to(device)
+        self._read = self._read.to(device)
+        self._on = {str(device): (self._write_rows, self._write_slots, self._read)}
+
+    def load(self, other: PagedStep) -> None:
+        """Copy a step of the same shape into this one's tensors, in place."""
+        for mine, theirs in ((self.positions, other.positions), (self.mask, other.mask),
+                             (self._write_slots, other._write_slots), (self._read, other._read)):
+            mine.copy_(theirs, non_blocking=True)
+
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._on:
@@ -242,10 +264,10 @@ class PagedStep:
         out = []
         for new, store in ((key_states, self.pool.keys), (value_states, self.pool.values)):
             pool = store[layer_idx]
-            flat = new.transpose(1, 2).reshape(batch * queries, heads, dim)
+            flat = new.transpose(0, 1).reshape(heads, batch * queries, dim)
             if self._padded:
-                flat = flat.index_select(0, write_rows)
-            pool.index_copy_(0, write_slots, flat.to(pool.dtype))
-            gathered = pool.index_select(0, read).view(batch, self.keys, heads, dim)
-            out.append(gathered.transpose(1, 2))
+                flat = flat.index_select(1, write_rows)
+            pool.index_copy_(1, write_slots, flat.to(pool.dtype))
+            gathered = pool.index_select(1, read).view(heads, batch, self.keys, dim)
+            out.append(gathered.transpose(0, 1))
         return out[0], out[1]

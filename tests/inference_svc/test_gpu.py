@@ -106,3 +106,25 @@ def test_the_paged_engine_preempts_through_pinned_host_memory_and_loses_nothing(
     assert runs.tight.swaps > 0
     assert all(final.usage.completion_tokens == 48 for _, final in runs.got)
     assert [text for text, _ in runs.got] == [text for text, _ in runs.expected]
+
+
+def test_decode_steps_replayed_as_cuda_graphs_give_the_eager_steps_output(tiny_bundle):
+    """One sequence, then five (a row bucket of eight: three padding rows) growing across
+    a key bucket boundary, after the KV pool has grown under the first round's graphs:
+    greedy text through captured graphs equals eager steps'."""
+    from tests.unit.test_engine_paged import greedy, run, started
+
+    model = ModularModel(tiny_bundle, dtype=torch.float32, placement=plan_placement("cuda:0"))
+    first = [greedy("first", "Tell me about the sea", 20)]
+    requests = [greedy(f"g{i}", "Tell me about the sea " * (1 + 10 * i), 40 + 10 * i)
+                for i in range(5)]
+    texts = {}
+    for graphs in (False, True):
+        engine = started(model, cuda_graphs=graphs)
+        try:
+            texts[graphs] = [text for text, _ in run(engine, first) + run(engine, requests)]
+        finally:
+            engine.stop()
+        assert (model.decode_graphs is not None) is graphs
+    assert model.decode_graphs.captures >= 2
+    assert texts[True] == texts[False]

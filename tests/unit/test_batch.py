@@ -40,3 +40,21 @@ def test_choosing_for_a_batch_gives_each_row_what_it_would_get_alone():
     greedy = SamplingParams(temperature=0, min_new_tokens=0, repetition_penalty=1.0)
     sampler = Sampler.create(greedy, prompt_length=0, eos_ids=[0], seed=0)
     assert choose_tokens([sampler], [histories[0]], logits[:1]) == [int(logits[0].argmax())]
+
+
+def test_frequency_and_presence_penalties_count_each_rows_own_generated_tokens():
+    from collections import Counter
+
+    from inference_svc.engine.batch import _penalize_generated
+
+    torch.manual_seed(2)
+    generated = [torch.tensor([3, 3, 3, 9]), torch.tensor([], dtype=torch.long),
+                 torch.tensor([9, 0, 9])]
+    scores = torch.randn(3, 12)
+    expected = scores.clone()
+    for row, tokens in enumerate(generated):
+        for token, count in Counter(tokens.tolist()).items():
+            expected[row, token] -= 0.5 * count + 0.25
+    _penalize_generated(scores, generated, 0.5, 0.25)
+    assert torch.allclose(scores, expected)
+    assert scores[1].tolist() == expected[1].tolist()  # a row with nothing generated

@@ -83,7 +83,7 @@ def test_a_cache_holding_non_finite_values_is_never_kept_for_reuse(model, monkey
             prefill, end = work[0]
             slot = self.ledger.slots(prefill.key, end - 1, end)[0]
             with torch.inference_mode():
-                self.ledger.pool.keys[0][slot] = float("inf")
+                self.ledger.pool.keys[0][:, slot] = float("inf")
         return logits
 
     monkeypatch.setattr(ModelLoop, "_feed", poisoning)

@@ -100,4 +100,4 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(model):
         alone = model.forward_paged(own_pool, [[seg]], [[embed]])
         assert torch.allclose(together[row], alone[0], atol=1e-4)
         # the packed pass wrote each prompt's KV as a pass of its own does
-        assert torch.allclose(pool.keys[0][seg.write], own_pool.keys[0][seg.write], atol=1e-4)
+        assert torch.allclose(pool.keys[0][:, seg.write], own_pool.keys[0][:, seg.write], atol=1e-4)

@@ -314,7 +314,7 @@ def test_unwritten_pool_memory_never_fails_a_request(model, monkeypatch):
 
     def garbage(pool: KVPool, blocks: int, device: str) -> torch.Tensor:
         tensor = empty(pool, blocks, device)
-        tensor[pool.block_size:] = float("nan")
+        tensor[:, pool.block_size:] = float("nan")
         return tensor
 
     monkeypatch.setattr(KVPool, "_empty", garbage)
@@ -323,7 +323,7 @@ def test_unwritten_pool_memory_never_fails_a_request(model, monkeypatch):
         results = run(engine, [greedy("a", "Tell me about the sea", 5),
                                greedy("b", "and about the mountains too", 7)])
         assert [final.usage.completion_tokens for _, final in results] == [5, 7]
-        assert torch.isnan(engine.ledger.pool.keys[0][-1]).all()  # garbage was there
+        assert torch.isnan(engine.ledger.pool.keys[0][:, -1]).all()  # garbage was there
         assert engine.kv_account().cached_blocks > 0
     finally:
         engine.stop()

@@ -23,11 +23,11 @@ def fill(kv: BlockLedger, owner: str, value: float) -> None:
     slots = kv.slots(owner, 0, len(kv.table(owner)) * kv.block_size)
     for store in (kv.pool.keys, kv.pool.values):
         for tensor in store:
-            tensor[slots] = value
+            tensor[:, slots] = value
 
 
 def content_of(kv: BlockLedger, owner: str) -> torch.Tensor:
-    return kv.pool.keys[1][kv.slots(owner, 0, len(kv.table(owner)) * SIZE)]
+    return kv.pool.keys[1][:, kv.slots(owner, 0, len(kv.table(owner)) * SIZE)]
 
 
 def test_blocks_are_taken_as_tokens_are_appended_and_freed_on_release():
@@ -99,7 +99,7 @@ def test_a_shared_block_is_copied_before_it_is_written():
     assert kv.table("turn")[1] != kv.table("session")[1]
     assert torch.equal(content_of(kv, "turn"), content_of(kv, "session"))
     slot = kv.slots("turn", 5, 6)
-    kv.pool.keys[1][slot] = -1.0
+    kv.pool.keys[1][:, slot] = -1.0
     assert bool((content_of(kv, "session") == 3.0).all())
 
 

@@ -1,0 +1,49 @@
+"""Decode steps in a captured graph's fixed shape: rows padded to a power of two, keys to
+a bucket. The graph itself needs CUDA (tests/inference_svc/test_gpu.py); the shapes it
+replays are checked here, eagerly, against the step they stand for."""
+
+from __future__ import annotations
+
+import torch
+
+from inference_svc.model.decode_graphs import KEY_BUCKET, key_bucket, row_bucket
+from inference_svc.model.paged_kv import PagedStep, RowSlots
+from inference_svc.types import ChatMessage, TextPart
+
+
+def test_buckets_round_rows_to_powers_of_two_and_keys_to_whole_buckets():
+    assert [row_bucket(n) for n in (1, 2, 3, 4, 5, 9, 16)] == [1, 2, 4, 4, 8, 16, 16]
+    assert [key_bucket(n) for n in (1, KEY_BUCKET, KEY_BUCKET + 1)] == [
+        KEY_BUCKET, KEY_BUCKET, 2 * KEY_BUCKET]
+
+
+def test_a_padded_bucketed_step_gives_the_real_rows_the_logits_of_the_exact_step(model):
+    from inference_svc.model.modular import DecodedMedia
+
+    empty = DecodedMedia([], [])
+    size, pool = 16, model.new_kv_pool(block_size=16, blocks=32)
+    texts = ("short", "a somewhat longer prompt", "the longest prompt of all three here")
+    plans = [model.plan([ChatMessage("user", [TextPart(t)])], empty, enable_thinking=False)
+             for t in texts]
+    tables = [[1 + 8 * i + b for b in range(8)] for i in range(len(plans))]
+    for plan, table in zip(plans, tables, strict=True):
+        slots = torch.tensor([table[p // size] * size + p % size
+                              for p in range(len(plan.input_ids))])
+        model.forward_paged(pool, [[RowSlots(slots, slots)]], [[model.prompt_inputs(
+            plan, empty).embeds]])
+    lengths = [len(p.input_ids) for p in plans]
+    tokens = [p.input_ids[-1] for p in plans]
+
+    def logits(step: PagedStep, tokens: list[int]) -> torch.Tensor:
+        with model.decoder_unit.use() as decoder, torch.inference_mode():
+            embeds = decoder.get_input_embeddings()(torch.tensor(tokens))[:, None]
+            return model._run_decoder(decoder, step, embeds)
+
+    exact = logits(PagedStep.decode(pool, tables, lengths, model.dtype), tokens)
+    padded = PagedStep.decode(pool, [*tables, []], [*lengths, 0], model.dtype,
+                              keys=key_bucket(max(lengths) + 1))
+    assert padded.keys == KEY_BUCKET
+    bucketed = logits(padded, [*tokens, model.placeholder_id])
+    assert bucketed.shape[0] == 4
+    assert torch.allclose(bucketed[:3], exact, atol=1e-4)
+    assert bool(torch.isfinite(bucketed).all())
