@@ -18,12 +18,16 @@ decoder's weights move (offload and reload), since both change the addresses cap
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 from inference_svc.model.paged_kv import KVPool, PagedStep
+
+log = structlog.get_logger(__name__)
 
 KEY_BUCKET = 256
 MAX_GRAPHS = 32  # the least recently used beyond this are dropped (their memory with them)
@@ -98,6 +102,7 @@ class DecodeGraphs:
     def _capture(self, pool: KVPool, embedding: torch.nn.Module, run: Runner,
                  shape: tuple[int, int], dtype: torch.dtype) -> _Captured:
         rows, keys = shape
+        started = time.perf_counter()
         step = PagedStep.decode(pool, [[]] * rows, [0] * rows, dtype, [0] * rows, keys=keys)
         step.to(self.device)
         tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -117,4 +122,6 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._memory):
             logits = forward()
         self.captures += 1
+        log.info("decode_graph_captured", rows=rows, keys=keys, graphs=len(self._captured) + 1,
+                 seconds=round(time.perf_counter() - started, 3))
         return _Captured(graph, step, tokens, logits)
