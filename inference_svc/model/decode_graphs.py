@@ -14,6 +14,8 @@ unmasked), keys rounded up to a multiple of KEY_BUCKET (masked like any padding)
 step's inputs (token ids, positions, mask, slots) are copied into the bucket's static
 tensors before each replay. Graphs are dropped when the pool is reallocated or the
 decoder's weights move (offload and reload), since both change the addresses captured.
+A step that cannot be captured raises CaptureFailed, and the model steps eagerly from
+then on.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def row_bucket(rows: int) -> int:
 
 def key_bucket(keys: int) -> int:
     return -(-keys // KEY_BUCKET) * KEY_BUCKET
+
+
+class CaptureFailed(RuntimeError):
+    """A decode step could not be captured (an operation a graph cannot hold)."""
 
 
 @dataclass
@@ -119,8 +125,11 @@ class DecodeGraphs:
         if self._memory is None:
             self._memory = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory):
-            logits = forward()
+        try:
+            with torch.cuda.graph(graph, pool=self._memory):
+                logits = forward()
+        except RuntimeError as error:
+            raise CaptureFailed(f"decode step ({rows} rows, {keys} keys): {error}") from error
         self.captures += 1
         log.info("decode_graph_captured", rows=rows, keys=keys, graphs=len(self._captured) + 1,
                  seconds=round(time.perf_counter() - started, 3))

@@ -8,12 +8,15 @@ layers in `_decoder_layers`.
 
 from __future__ import annotations
 
+import structlog
 import torch
 from torch import nn
 
-from inference_svc.model.decode_graphs import DecodeGraphs
+from inference_svc.model.decode_graphs import CaptureFailed, DecodeGraphs
 from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
 from inference_svc.model.units import ModuleUnit
+
+log = structlog.get_logger(__name__)
 
 
 class PagedForward:
@@ -80,9 +83,13 @@ class PagedForward:
         with self.decoder_unit.use() as decoder, torch.inference_mode():
             table = decoder.get_input_embeddings()
             if self.decode_graphs is not None and len(tokens) <= self.decode_graphs.max_rows:
-                return self.decode_graphs.step(
-                    pool, table, lambda step, embeds: self._run_decoder(decoder, step, embeds),
-                    tables, lengths, tokens, offsets, self.dtype, self.placeholder_id)
+                try:
+                    return self.decode_graphs.step(
+                        pool, table, lambda step, embeds: self._run_decoder(decoder, step, embeds),
+                        tables, lengths, tokens, offsets, self.dtype, self.placeholder_id)
+                except CaptureFailed as error:  # this model steps eagerly from now on
+                    log.warning("decode_graphs_off", error=str(error))
+                    self.decode_graphs = None
             step = PagedStep.decode(pool, tables, lengths, self.dtype, offsets)
             ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
             return self._run_decoder(decoder, step, table(ids)[:, None])

@@ -47,3 +47,22 @@ def test_a_padded_bucketed_step_gives_the_real_rows_the_logits_of_the_exact_step
     assert bucketed.shape[0] == 4
     assert torch.allclose(bucketed[:3], exact, atol=1e-4)
     assert bool(torch.isfinite(bucketed).all())
+
+
+def test_a_step_that_cannot_be_captured_turns_graphs_off_and_steps_eagerly(model, monkeypatch):
+    from inference_svc.model.decode_graphs import CaptureFailed, DecodeGraphs
+
+    def refuse(self, *args, **kwargs):
+        raise CaptureFailed("an operation a graph cannot hold")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", refuse)
+    pool = model.new_kv_pool(block_size=16, blocks=8)
+    tables, lengths, tokens = [[1, 2], [3]], [20, 5], [7, 9]
+    eager = model.decode_paged(pool, tables, lengths, tokens)
+    model.decode_graphs = DecodeGraphs("cpu", max_rows=4)
+    try:
+        fallen_back = model.decode_paged(pool, tables, lengths, tokens)
+        assert model.decode_graphs is None
+    finally:
+        model.decode_graphs = None
+    assert torch.allclose(fallen_back, eager)
