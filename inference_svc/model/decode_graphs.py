@@ -112,10 +112,18 @@ class DecodeGraphs:
         step = PagedStep.decode(pool, [[]] * rows, [0] * rows, dtype, [0] * rows, keys=keys)
         step.to(self.device)
         tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        try:
+            graph, logits = self._record(lambda: run(step, embedding(tokens)[:, None]))
+        except CaptureFailed as error:
+            raise CaptureFailed(f"{rows} rows, {keys} keys: {error}") from error
+        self.captures += 1
+        log.info("decode_graph_captured", rows=rows, keys=keys, graphs=len(self._captured) + 1,
+                 seconds=round(time.perf_counter() - started, 3))
+        return _Captured(graph, step, tokens, logits)
 
-        def forward() -> torch.Tensor:
-            return run(step, embedding(tokens)[:, None])
-
+    def _record(self, forward: Callable[[], torch.Tensor]
+                ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """`forward` captured as a graph, and the tensor its replays write the logits to."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -129,8 +137,5 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._memory):
                 logits = forward()
         except RuntimeError as error:
-            raise CaptureFailed(f"decode step ({rows} rows, {keys} keys): {error}") from error
-        self.captures += 1
-        log.info("decode_graph_captured", rows=rows, keys=keys, graphs=len(self._captured) + 1,
-                 seconds=round(time.perf_counter() - started, 3))
-        return _Captured(graph, step, tokens, logits)
+            raise CaptureFailed(f"decode step: {error}") from error
+        return graph, logits

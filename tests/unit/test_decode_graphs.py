@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from inference_svc.model.decode_graphs import KEY_BUCKET, key_bucket, row_bucket
-from inference_svc.model.paged_kv import PagedStep, RowSlots
+from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
 from inference_svc.types import ChatMessage, TextPart
 
 
@@ -17,7 +17,8 @@ def test_buckets_round_rows_to_powers_of_two_and_keys_to_whole_buckets():
         KEY_BUCKET, KEY_BUCKET, 2 * KEY_BUCKET]
 
 
-def test_a_padded_bucketed_step_gives_the_real_rows_the_logits_of_the_exact_step(model):
+def prefilled(model) -> tuple[KVPool, list[list[int]], list[int], list[int]]:
+    """Three prompts' KV in a pool: the pool, their block tables, lengths and last tokens."""
     from inference_svc.model.modular import DecodedMedia
 
     empty = DecodedMedia([], [])
@@ -31,8 +32,11 @@ def test_a_padded_bucketed_step_gives_the_real_rows_the_logits_of_the_exact_step
                               for p in range(len(plan.input_ids))])
         model.forward_paged(pool, [[RowSlots(slots, slots)]], [[model.prompt_inputs(
             plan, empty).embeds]])
-    lengths = [len(p.input_ids) for p in plans]
-    tokens = [p.input_ids[-1] for p in plans]
+    return pool, tables, [len(p.input_ids) for p in plans], [p.input_ids[-1] for p in plans]
+
+
+def test_a_padded_bucketed_step_gives_the_real_rows_the_logits_of_the_exact_step(model):
+    pool, tables, lengths, tokens = prefilled(model)
 
     def logits(step: PagedStep, tokens: list[int]) -> torch.Tensor:
         with model.decoder_unit.use() as decoder, torch.inference_mode():
@@ -66,3 +70,49 @@ def test_a_step_that_cannot_be_captured_turns_graphs_off_and_steps_eagerly(model
     finally:
         model.decode_graphs = None
     assert torch.allclose(fallen_back, eager)
+
+
+class EagerReplay:
+    """Stands in for a CUDA graph on the CPU: a replay runs the recorded forward again and
+    writes its logits where the graph's replays would."""
+
+    def __init__(self, forward) -> None:
+        self.forward = forward
+        self.logits = forward()
+
+    def replay(self) -> None:
+        self.logits.copy_(self.forward())
+
+
+def test_replays_feed_each_step_through_its_buckets_static_inputs(model, monkeypatch):
+    """The bookkeeping around the graphs, on the CPU: each step's inputs reach the
+    bucket's static tensors, a bucket is captured once and replayed after, and a pool
+    reallocation captures again."""
+    from inference_svc.model.decode_graphs import DecodeGraphs
+
+    def record(self, forward):
+        replay = EagerReplay(forward)
+        return replay, replay.logits
+
+    monkeypatch.setattr(DecodeGraphs, "_record", record)
+    pool, tables, lengths, tokens = prefilled(model)
+    graphs = DecodeGraphs("cpu", max_rows=4)
+
+    def step_both(rows: slice, fed: list[int] = tokens) -> None:
+        args = (pool, tables[rows], lengths[rows], fed[rows])
+        model.decode_graphs = None
+        eager = model.decode_paged(*args)
+        model.decode_graphs = graphs
+        try:
+            replayed = model.decode_paged(*args)
+        finally:
+            model.decode_graphs = None
+        assert torch.allclose(replayed, eager, atol=1e-5)
+
+    step_both(slice(0, 3))
+    step_both(slice(1, 3))  # two rows: their own bucket
+    step_both(slice(0, 3), [t + 1 for t in tokens])  # replayed with new inputs
+    assert graphs.captures == 2
+    pool.resize(pool.capacity * 2)
+    step_both(slice(0, 3))
+    assert graphs.captures == 3
