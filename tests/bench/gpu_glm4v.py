@@ -123,38 +123,40 @@ def main() -> dict:
 
     seeds = iter(range(10_000))
     split = StepSplit(model, device)
-    # decode steps as captured CUDA graphs (the default) and eager, one engine after the other
-    for mode, graphs in (("graphs", True), ("eager", False)):
+
+    def decode_rates(mode: str, graphs: bool) -> None:
+        """One engine's decode tokens/s and step split for one and four agents."""
         engine = Engine(model, EngineConfig(max_pixels=AGENT_MAX_PIXELS, prefix_caching=False,
                                             prefill_chunk_tokens=PROMPT_PASS, cuda_graphs=graphs,
                                             kv_budget_bytes=8 * GIB if on_gpu else GIB))
-        engine.start()
+        first_tokens = results.setdefault("ttft_s", {}).setdefault(mode, {})
+        splits = results.setdefault("step_split_ms", {}).setdefault(mode, {})
 
-        def agents(count: int, engine: Engine = engine, mode: str = mode) -> list[list[float]]:
-            async def run() -> list[list[float]]:
-                requests = [agent_step(f"a{next(seeds)}", next(seeds), tokens=tokens)
-                            for _ in range(count)]
-                sent = time.perf_counter()
-                streams = await asyncio.gather(*(token_times(engine, r) for r in requests))
-                results.setdefault("ttft_s", {}).setdefault(mode, {})[str(count)] = round(
-                    min(s[0] for s in streams) - sent, 3)
-                return streams
+        async def agents(count: int) -> list[list[float]]:
+            requests = [agent_step(f"a{next(seeds)}", next(seeds), tokens=tokens)
+                        for _ in range(count)]
+            sent = time.perf_counter()
+            streams = await asyncio.gather(*(token_times(engine, r) for r in requests))
+            first_tokens[str(count)] = round(min(s[0] for s in streams) - sent, 3)
+            return streams
 
-            return asyncio.run(run())
-
-        def measured(count: int, agents=agents, mode: str = mode) -> float:
+        def measured(count: int) -> float:
             split.reset()
-            rate = decode_rate(agents(count))
-            results.setdefault("step_split_ms", {}).setdefault(mode, {})[str(count)] = (
-                split.summary())
+            rate = decode_rate(asyncio.run(agents(count)))
+            splits[str(count)] = split.summary()
             return round(rate, 1)
 
+        engine.start()
         try:
             for count in (1, 4):  # warm up: kernels, allocator, each row bucket's graphs
-                agents(count)
+                asyncio.run(agents(count))
             results.setdefault("decode_tok_s", {})[mode] = {str(k): measured(k) for k in (1, 4)}
         finally:
             engine.stop()
+
+    # decode steps as captured CUDA graphs (the default) and eager, one engine after the other
+    decode_rates("graphs", graphs=True)
+    decode_rates("eager", graphs=False)
     if on_gpu:
         results["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
     report(results)
