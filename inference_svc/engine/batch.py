@@ -6,43 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from inference_svc.engine import constraints, logprobs
 from inference_svc.engine.constraints import Grammar, RowConstraint
+from inference_svc.engine.nucleus import draw_tokens
 from inference_svc.errors import GenerationFailed
 from inference_svc.types import SamplingParams
-
-
-class CandidateTopP(TopPLogitsWarper):
-    """Nucleus filtering that sorts only the leading candidates when that is exact.
-
-    The nucleus is the smallest set of most likely tokens whose mass reaches top_p. When
-    the `candidates` most likely tokens already hold that mass, the nucleus lies among
-    them and sorting the whole vocabulary (the cost of transformers' warper on a 49k
-    vocabulary, per token) is unnecessary; otherwise it falls back to the full sort.
-    """
-
-    candidates = 1024
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if scores.shape[-1] <= self.candidates:
-            return super().__call__(input_ids, scores)
-        top, indices = torch.topk(scores, self.candidates, dim=-1)  # sorted, descending
-        probs = torch.softmax(scores, dim=-1).gather(-1, indices)
-        cumulative = probs.cumsum(dim=-1)
-        if bool((cumulative[:, -1] < self.top_p).any()):
-            return super().__call__(input_ids, scores)
-        # keep a candidate while the mass before it is below top_p (it joins the nucleus)
-        keep = (cumulative - probs) < self.top_p
-        keep[:, : self.min_tokens_to_keep] = True
-        filtered = torch.full_like(scores, self.filter_value)
-        return filtered.scatter(-1, indices, top.masked_fill(~keep, self.filter_value))
 
 
 @dataclass
@@ -89,8 +58,9 @@ Choice = int | Exception  # a row's next token, or why that row alone failed
 
 def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
                   logits: torch.Tensor) -> list[Choice]:
-    """Next token of every row: transformers' logits processors applied per group of rows
-    that share sampling parameters, then each row's own generator.
+    """Next token of every row: penalties, temperature and top-k/top-p applied per group
+    of rows that share sampling parameters, then one draw from each row's own generator
+    (engine/nucleus.py).
 
     Every operation is row-wise, so a row gets exactly what it would get alone, and a row
     that cannot be sampled fails alone: rows with non-finite scores are set apart first,
@@ -100,7 +70,9 @@ def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
     generator live there.
     """
     logits = logits.float().cpu()
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    # in float64 a sum of finite float32 scores cannot overflow: it is finite exactly
+    # when every score is (and it reads the scores once, isfinite().all() three times)
+    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64)).tolist()
     choices: list[Choice] = [NonFiniteScores()] * len(samplers)
     raw = logits.clone() if any(s.params.logprobs is not None for s in samplers) else logits
     logits, failed = _apply_constraints(samplers, logits)
@@ -114,7 +86,7 @@ def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
     for rows in groups.values():
         try:
             chosen = _choose_group([samplers[i] for i in rows], [histories[i] for i in rows],
-                                   logits[rows])
+                                   logits.index_select(0, torch.tensor(rows)))
         except Exception:
             chosen = [_choose_alone(samplers[i], histories[i], logits[i]) for i in rows]
         for index, choice in zip(rows, chosen, strict=True):
@@ -183,8 +155,8 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
                   scores: torch.Tensor) -> list[Choice]:
     params = samplers[0].params
     if params.repetition_penalty != 1.0:
-        scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(
-            _padded_with_own_tokens(histories), scores)
+        _penalize_repeated(scores, _padded_with_own_tokens(histories),
+                           params.repetition_penalty)
     if params.frequency_penalty or params.presence_penalty:
         _penalize_generated(scores, [h.reshape(-1)[s.prompt_length:]
                                      for s, h in zip(samplers, histories, strict=True)],
@@ -200,16 +172,19 @@ def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
                 for token, ok in zip(scores.argmax(dim=-1).tolist(), usable.tolist(),
                                      strict=True)]
     if params.temperature != 1.0:
-        scores = TemperatureLogitsWarper(params.temperature)(None, scores)
-    if params.top_k:
-        scores = TopKLogitsWarper(params.top_k)(None, scores)
-    if params.top_p < 1.0:
-        scores = CandidateTopP(params.top_p)(None, scores)
-    probs = torch.softmax(scores, dim=-1)
-    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    return [int(torch.multinomial(probs[row], 1, generator=sampler.generator)) if ok
-            else NonFiniteScores()
-            for row, (sampler, ok) in enumerate(zip(samplers, usable.tolist(), strict=True))]
+        scores = scores / params.temperature
+    tokens, usable = draw_tokens(scores, [s.generator for s in samplers], top_p=params.top_p,
+                                 top_k=params.top_k)
+    return [token if ok else NonFiniteScores()
+            for token, ok in zip(tokens, usable, strict=True)]
+
+
+def _penalize_repeated(scores: torch.Tensor, tokens: torch.Tensor, penalty: float) -> None:
+    """The CTRL repetition penalty (transformers' RepetitionPenaltyLogitsProcessor), in
+    place: a token already in the row's history has its score divided by `penalty`, or
+    multiplied where the score is negative."""
+    seen = scores.gather(1, tokens)
+    scores.scatter_(1, tokens, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
 def _penalize_generated(scores: torch.Tensor, generated: list[torch.Tensor], frequency: float,
