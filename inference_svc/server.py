@@ -24,6 +24,7 @@ from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from inference_svc.config import ServerConfig, TlsFiles
 from inference_svc.control.servicer import ControlServicer, TokenAuthInterceptor
+from inference_svc.engine.compute_threads import leave_cores_to_the_model_loop
 from inference_svc.engine.engine import Engine
 from inference_svc.loading import kv_budget_bytes, load_model
 from inference_svc.memory.residency import ResidencyPolicy
@@ -206,9 +207,10 @@ class Service:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT (exit code 0) or a watchdog halt (non-zero)."""
+    loop = asyncio.get_running_loop()
+    leave_cores_to_the_model_loop(loop)
     service = Service(config)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(service.start())

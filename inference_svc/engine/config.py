@@ -38,11 +38,10 @@ class EngineConfig:
         "(0: whole prompt at once)"))
     kv_block_tokens: int = setting(16, help="token positions per KV block (the unit of "
                                             "allocation, sharing and prefix caching)")
-    # None: ComputeThreads' rule (engine/compute_threads.py)
-    compute_threads: int | None = setting(None, shown="all cores, one fewer while streaming",
-                                          help=("CPU threads of the model's torch work; by "
-                                                "default a core is left to the server's "
-                                                "stream work while anything streams"))
+    # None: torch's default count (engine/compute_threads.py)
+    compute_threads: int | None = setting(None, shown="all cores", help=(
+        "CPU threads of the model loop's torch work (the server's other threads compute "
+        "on one each)"))
     cuda_graphs: bool = setting(True, help=(
         "replay decode steps as CUDA graphs captured per batch size and context bucket "
         "(where the KV pool is on one GPU; off: eager steps)"))

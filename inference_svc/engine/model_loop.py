@@ -43,7 +43,7 @@ import torch
 from autoglm_client.bounds import clip
 
 from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
-from inference_svc.engine.compute_threads import ComputeThreads
+from inference_svc.engine.compute_threads import use_compute_threads
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount, KVExhausted
 from inference_svc.engine.output import (
@@ -105,7 +105,6 @@ class ModelLoop:
         self._sequences: dict[str, Sequence] = {}
         self._choices: dict[str, Choices] = {}  # requests decoding, by request id
         self._eos = frozenset(model.eos_token_ids)
-        self._threads = ComputeThreads(config.compute_threads)
         self.kv_account: KVAccount = self._account()
         self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
 
@@ -178,6 +177,7 @@ class ModelLoop:
         return most
 
     def _run(self) -> None:
+        use_compute_threads(self.config.compute_threads)
         while True:
             self.heartbeat = time.monotonic()
             try:
@@ -204,10 +204,8 @@ class ModelLoop:
         if admitted:
             self._start_all(admitted)
         if self._prefilling:
-            self._threads.for_pass(streaming=bool(sequences))
             self._prefill_step()
         if sequences:
-            self._threads.for_pass(streaming=True)
             self._step()
         self._publish()
         return True

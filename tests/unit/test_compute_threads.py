@@ -1,14 +1,19 @@
-"""The model loop's CPU threads: every core while nothing streams, one fewer while
-anything does, a pinned count when configured."""
+"""Torch's CPU threads: every core (or a pinned count) for the model loop, one for each
+of the server's other threads."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
 
-from inference_svc.engine.compute_threads import TORCH_DEFAULT_THREADS, ComputeThreads
+from inference_svc.engine.compute_threads import (
+    TORCH_DEFAULT_THREADS,
+    leave_cores_to_the_model_loop,
+    use_compute_threads,
+)
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
 
@@ -20,39 +25,25 @@ def torch_threads_restored():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize(("cores", "quiet", "streaming"), [(8, 8, 7), (2, 2, 1), (1, 1, 1)])
-def test_one_core_is_left_to_the_server_while_anything_streams(cores, quiet, streaming):
-    threads = ComputeThreads(None, cores=cores)
-    assert (threads.wanted(streaming=False), threads.wanted(streaming=True)) == (quiet, streaming)
-
-
-def test_a_pinned_count_holds_either_way():
-    threads = ComputeThreads(1, cores=2)
-    threads.for_pass(streaming=False)
-    assert torch.get_num_threads() == 1
-    threads.for_pass(streaming=True)
-    assert torch.get_num_threads() == 1
-
-
 def test_compute_threads_must_be_positive():
     with pytest.raises(ValueError, match="compute threads"):
         EngineConfig(compute_threads=0)
 
 
-def test_the_loop_prefills_alone_with_every_core_and_decodes_with_one_fewer(model, monkeypatch):
+def passes_thread_counts(model, monkeypatch, config: EngineConfig) -> dict[str, set[int]]:
     """torch's thread count is per thread (OpenMP's), so it is read where the work runs:
     inside the model's own passes, on the loop's thread."""
-    seen: dict[str, list[int]] = {"prefill": [], "decode": []}
+    seen: dict[str, set[int]] = {"prefill": set(), "decode": set()}
 
     def counted(kind: str, forward):
         def run(*args, **kwargs):
-            seen[kind].append(torch.get_num_threads())
+            seen[kind].add(torch.get_num_threads())
             return forward(*args, **kwargs)
         return run
 
     monkeypatch.setattr(model, "forward_paged", counted("prefill", model.forward_paged))
     monkeypatch.setattr(model, "decode_paged", counted("decode", model.decode_paged))
-    engine = Engine(model, EngineConfig())
+    engine = Engine(model, config)
     engine.start()
 
     async def generate() -> None:
@@ -66,5 +57,36 @@ def test_the_loop_prefills_alone_with_every_core_and_decodes_with_one_fewer(mode
         asyncio.run(generate())
     finally:
         engine.stop()
-    assert set(seen["prefill"]) == {TORCH_DEFAULT_THREADS}
-    assert set(seen["decode"]) == {max(1, TORCH_DEFAULT_THREADS - 1)}
+    return seen
+
+
+def test_the_loop_prefills_and_decodes_with_every_core(model, monkeypatch):
+    torch.set_num_threads(1)  # the submitting thread's count is not the loop's
+    seen = passes_thread_counts(model, monkeypatch, EngineConfig())
+    assert seen == {"prefill": {TORCH_DEFAULT_THREADS}, "decode": {TORCH_DEFAULT_THREADS}}
+
+
+def test_a_pinned_count_holds_for_every_pass(model, monkeypatch):
+    seen = passes_thread_counts(model, monkeypatch, EngineConfig(compute_threads=3))
+    assert seen == {"prefill": {3}, "decode": {3}}
+
+
+def test_the_event_loop_and_its_executor_compute_on_one_thread():
+    counts: dict[str, int] = {}
+
+    def serve() -> None:
+        async def main() -> None:
+            leave_cores_to_the_model_loop(asyncio.get_running_loop())
+            # the model loop starts: torch's count for threads not yet started becomes 2
+            model_loop = threading.Thread(target=use_compute_threads, args=(2,))
+            model_loop.start()
+            model_loop.join()
+            counts["event loop"] = torch.get_num_threads()
+            counts["executor"] = await asyncio.to_thread(torch.get_num_threads)
+        torch.set_num_threads(2)
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)  # its own thread: pytest's keeps its count
+    thread.start()
+    thread.join()
+    assert counts == {"event loop": 1, "executor": 1}

@@ -60,8 +60,7 @@ def test_a_step_that_cannot_be_captured_turns_graphs_off_and_steps_eagerly(model
         raise CaptureFailed("an operation a graph cannot hold")
 
     monkeypatch.setattr(DecodeGraphs, "_capture", refuse)
-    pool = model.new_kv_pool(block_size=16, blocks=8)
-    tables, lengths, tokens = [[1, 2], [3]], [20, 5], [7, 9]
+    pool, tables, lengths, tokens = prefilled(model)  # every slot read has been written
     eager = model.decode_paged(pool, tables, lengths, tokens)
     model.decode_graphs = DecodeGraphs("cpu", max_rows=4)
     try:
