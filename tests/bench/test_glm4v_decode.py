@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from inference_svc.engine.compute_threads import torch_on_one_thread
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.types import (
@@ -64,6 +65,10 @@ def decode_rate(streams: list[list[float]]) -> float:
 
 
 def test_four_agents_decode_side_by_side(tmp_path: Path):
+    # as the server's threads: the model loop alone computes on every core (run this
+    # module alone: a test before it that computed on several threads in this thread
+    # leaves an OpenMP pool behind, which slows every parallel region of the loop)
+    torch_on_one_thread()
     model = Glm4vModel(write_tiny_phone_glm4v_checkpoint(tmp_path / "phone-glm4v"))
     engine = Engine(model, EngineConfig(max_pixels=AGENT_MAX_PIXELS, prefix_caching=False,
                                          prefill_chunk_tokens=PROMPT_PASS))
