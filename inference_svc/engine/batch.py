@@ -1,5 +1,5 @@
-"""Sampling for the running batch: each row's next token from its own logits processors
-and its own seeded generator."""
+"""Sampling for the running batch: each row's next token from its own penalties and
+filters and its own seeded generator."""
 
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ class Engine:
 
     @property
     def swaps(self) -> int:
-        return self._loop.swaps
+        return self._loop.scheduler.swaps
 
     # ---- admission and accounting -------------------------------------------------
 

@@ -1,13 +1,11 @@
 """The model thread: admits queued jobs, prefills their prompts a chunk at a time and
 decodes every running sequence one token a step.
 
-Each iteration reads: run control tasks -> admit what fits -> one prefill pass -> one
-decode step -> publish the KV account. KV lives in blocks (engine/kv_blocks.py): a
-request is admitted when its prompt's blocks fit (less what it finds already computed,
-by session or by content); decoding takes a block when a sequence fills its last one;
-when none is left, idle sessions are evicted, then the lowest-priority, newest sequence
-is preempted (swapped to host memory when long, dropped for recomputation when short)
-and resumes later. Joining or leaving the batch moves no KV and pads nothing.
+Each iteration reads: run control tasks -> schedule (admit what fits; the scheduler,
+engine/scheduler.py, takes KV blocks and preempts when they run out) -> one prefill pass
+-> one decode step -> hand each sequence its token, finish what ended -> publish the KV
+account. KV lives in blocks (engine/kv_blocks.py); joining or leaving the batch moves no
+KV and pads nothing.
 
 A request asking for n choices prefills its prompt once; then n sequences decode from
 it, the first in the prompt's blocks, the others holding the same blocks (shared, not
@@ -15,8 +13,8 @@ copied: a block is copied only when a sequence writes into one that others read)
 choice is preempted and resumes on its own; a cancel ends them all; the request ends
 when its last choice does.
 
-Each sequence keeps its own sampling state (transformers' logits processors, its own
-seeded generator), so batching does not change what a seeded request generates. A
+Each sequence keeps its own sampling state (its parameters, its own seeded generator,
+engine/batch.py), so batching does not change what a seeded request generates. A
 model whose rope has several axes (GLM-4.1V) gives a prompt's positions with its inputs
 and the offset of what follows; a sequence keeps that offset.
 
@@ -26,7 +24,8 @@ an error in work the requests share fails those in flight, and the loop goes on.
 `heartbeat` tells the service's watchdog that the loop is alive and making progress.
 
 What it schedules (choices, sequences, prefills) and the orderings it decides by (which
-prompts a prefill pass takes, which sequence is preempted first) are in sequences.py.
+prompts a prefill pass takes, which sequence is preempted first) are in sequences.py;
+the waiting queue and the requests' bookkeeping, which other threads read, are here.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from autoglm_client.bounds import clip
 from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.compute_threads import use_compute_threads
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
-from inference_svc.engine.kv_blocks import BlockLedger, KVAccount, KVExhausted
+from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
 from inference_svc.engine.output import (
     choice_end,
     choice_seed,
@@ -55,25 +54,16 @@ from inference_svc.engine.output import (
     open_stream,
     usage,
 )
-from inference_svc.engine.sequences import (
-    Choices,
-    Prefill,
-    Sequence,
-    choice_key,
-    pick_prefill_work,
-    resume_plan,
-    victim_order,
-)
+from inference_svc.engine.scheduler import LoopHooks, Scheduler
+from inference_svc.engine.sequences import Choices, Prefill, Sequence, choice_key, resume_plan
 from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.prompt import PromptPlan
 from inference_svc.process_memory import release_freed_memory
-from inference_svc.types import Finished, FinishReason, GenerationRequest
+from inference_svc.types import Finished, FinishReason
 
 log = structlog.get_logger("engine")
-# Share of the KV budget kept free at admission for the running rows to grow into.
-ADMISSION_WATERMARK = 0.01
 RESUME_FIRST = -(2**61)  # queue position of preempted jobs: before every fresh one
 WAKE = -(2**62) + 1  # queue position of a wake-up for control tasks
 
@@ -92,17 +82,18 @@ class ModelLoop:
         self.queued = 0
         self.completed = 0
         self.preemptions = 0
-        self.swaps = 0
         self.stopping = False
         self.heartbeat = time.monotonic()  # last sign of progress, for the watchdog
         self._jobs: dict[str, Job] = {}  # admitted and not yet retired, by request id
         self.admission = Admission()
         self._admission_changed = threading.Condition()
         self._sequence = itertools.count()
-        self._prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
-        self._long_passed_over = False  # the last prefill pass left a long prompt out
         self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
-        self._sequences: dict[str, Sequence] = {}
+        self.scheduler = Scheduler(
+            ledger, sessions, chunk_tokens=config.prefill_chunk_tokens or model.context_length,
+            prefix_caching=config.prefix_caching,
+            hooks=LoopHooks(requeue=self._requeue, settle=self._settle,
+                            preempted=self._count_preemption))
         self._choices: dict[str, Choices] = {}  # requests decoding, by request id
         self._eos = frozenset(model.eos_token_ids)
         self.kv_account: KVAccount = self._account()
@@ -188,22 +179,23 @@ class ModelLoop:
 
     def _iterate(self) -> bool:
         """Admit what fits, prefill a chunk, decode one step; False once told to stop."""
-        sequences = self._sequences
+        sequences = self.scheduler.decoding
         self._run_tasks()
         admitted: list[Job] = []
-        job = self._next_job(block=not (sequences or self._prefilling))
+        job = self._next_job(block=not (sequences or self.scheduler.prefilling))
         while job is not None:
             if job.request is None:
                 self._cancel_everything()
                 return False
-            if not self._admit(job):
+            if not self.scheduler.admit(job):
                 self._hold(job)
                 break
+            self._register(job)
             admitted.append(job)
             job = self._next_job(block=False)  # everything waiting joins this round
         if admitted:
             self._start_all(admitted)
-        if self._prefilling:
+        if self.scheduler.prefilling:
             self._prefill_step()
         if sequences:
             self._step()
@@ -233,22 +225,22 @@ class ModelLoop:
         shared state cannot be trusted), the loop goes on."""
         log.error("model_loop_error", error_type=type(error).__name__,
                   error=_brief(error), in_flight=len(self._jobs), exc_info=error)
-        self._sequences.clear()
-        self._prefilling.clear()
+        self.scheduler.decoding.clear()
+        self.scheduler.prefilling.clear()
         failure = GenerationFailed("internal error in the model loop; retry the request")
         for job in list(self._jobs.values()):
             self._fail(job, job.info, failure)
 
     def _cancel_everything(self) -> None:
         """Shutdown: every running and waiting request ends with CANCELLED and its usage."""
-        for sequence in list(self._sequences.values()):
+        for sequence in list(self.scheduler.decoding.values()):
             sequence.job.handle.cancel()
             self._finish(sequence)
-        for prefill in [p for p in self._prefilling if p.resumed is not None]:
-            self._prefilling.remove(prefill)
+        for prefill in [p for p in self.scheduler.prefilling if p.resumed is not None]:
+            self.scheduler.prefilling.remove(prefill)
             prefill.job.handle.cancel()
             self._finish(prefill.resumed)
-        self._prefilling.clear()
+        self.scheduler.prefilling.clear()
         for job in list(self._jobs.values()):  # admitted but not started
             self._end_unstarted(job)
         while True:
@@ -332,117 +324,15 @@ class ModelLoop:
         for job in kept:
             self.queue.put(job)
 
-    # ---- admission and preemption ------------------------------------------------------
+    # ---- waiting -----------------------------------------------------------------------
 
-    def _admit(self, job: Job) -> bool:
-        """Take the job's prompt blocks (less what is already computed) if they fit beside
-        a watermark for the running rows to grow into, after evicting idle sessions or,
-        for a higher-priority job, preempting lower-priority sequences."""
-        ledger, resume = self.ledger, job.resume
-        key = resume.key if resume is not None else job.request.request_id
-        if resume is not None and resume.swapped:
-            need = ledger.blocks_for(resume.length + 1)
-        else:
-            plan = resume_plan(resume) if resume is not None else job.plan
-            job.reuse = self._reuse(job.request, plan, key)
-            held = len(ledger.tables.get(key, []))
-            need = ledger.blocks_for(len(plan.input_ids)) - held
-            if resume is None:  # each further choice soon writes a block of its own
-                need += job.request.n - 1
-        watermark = int(ADMISSION_WATERMARK * ledger.budget_blocks)
-        try:
-            if not self._room_for(need + watermark, job.request.priority):
-                raise KVExhausted()
-            if resume is not None and resume.swapped:
-                ledger.swap_in(key)
-            else:
-                ledger.extend(key, len(plan.input_ids))
-        except KVExhausted:  # not yet: what it found is let go (still cached), it waits
-            if not (resume is not None and resume.swapped):
-                ledger.release(key)
-            job.reuse = None
-            return False
-        self._register(job)
-        return True
-
-    def _room_for(self, blocks: int, priority: int) -> bool:
-        """Whether `blocks` can be had: evict idle sessions (least recently used), then
-        preempt running sequences of lower priority (newest first)."""
-        ledger = self.ledger
-        while not ledger.can_take(blocks):
-            short = (blocks - ledger.available()) * ledger.bytes_per_block
-            if self.sessions.evict_lru(short).sessions:
-                continue
-            victims = [s for s in self._sequences.values() if s.job.request.priority < priority]
-            if not victims:
-                return False
-            self._preempt(min(victims, key=victim_order), reason="priority")
-        return True
-
-    def _make_decode_room(self) -> None:
-        """Each running sequence gets the block its next token goes to; when none is
-        left, idle sessions are evicted, then the lowest-priority, newest sequence is
-        preempted (it may be the one asking)."""
-        ledger = self.ledger
-        for sequence in sorted(self._sequences.values(), key=victim_order, reverse=True):
-            while sequence.key in self._sequences:
-                try:
-                    ledger.extend(sequence.key, sequence.length + 1)
-                    # copy on write: a block shared with other choices is copied first
-                    ledger.writable_from(sequence.key, sequence.length)
-                    break
-                except KVExhausted:
-                    if self.sessions.evict_lru(ledger.bytes_per_block).sessions:
-                        continue
-                    victim = min(self._sequences.values(), key=victim_order)
-                    if victim is sequence and len(self._sequences) == 1 and self._prefilling:
-                        self._requeue_prefill(self._prefilling[-1])
-                        continue
-                    self._preempt(victim, reason="kv_budget")
-
-    def _preempt(self, sequence: Sequence, *, reason: str) -> None:
-        """Take a running sequence out and re-queue it. A long one's blocks are copied to
-        host memory (copying is cheaper than recomputing them); a short one's are let go
-        (kept cached by content, so its recomputation may find them) and recomputed."""
-        key = sequence.key
-        self._sequences.pop(key, None)
-        self._settle(sequence.job.request.request_id)
+    def _requeue(self, job: Job) -> None:
+        """A preempted job waits again, ahead of fresh jobs of its priority: it was
+        admitted before them."""
+        job.sort_key = (-job.request.priority, RESUME_FIRST + next(self._sequence))
         with self.lock:
             self.queued += 1
-        self._count_preemption(reason)
-        if sequence.length > self._chunk_tokens:
-            ledger_bytes = self.ledger.swap_out(key)
-            sequence.swapped = True
-            self.swaps += 1
-        else:
-            ledger_bytes = 0
-            self.ledger.seal(key, sequence.content, sequence.length)
-            self.ledger.release(key)
-            sequence.swapped = False
-        job = sequence.job
-        log.info("preempted", request_id=job.request.request_id, choice=sequence.index,
-                 priority=job.request.priority, generated_tokens=sequence.generated, reason=reason,
-                 swapped_bytes=ledger_bytes, recompute=not sequence.swapped)
-        # ahead of fresh jobs of its priority: it was admitted before them
-        self.queue.put(Job((-job.request.priority, RESUME_FIRST + next(self._sequence)),
-                           job.request, job.plan, job.media, job.max_new_tokens, job.handle,
-                           resume=sequence, preempted=True))
-
-    def _requeue_prefill(self, prefill: Prefill) -> None:
-        """A prompt not yet prefilled gives its blocks back and waits again."""
-        self._prefilling.remove(prefill)
-        self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
-        self.ledger.release(prefill.key)
-        job = prefill.job
-        self._settle(job.request.request_id)
-        with self.lock:
-            self.queued += 1
-        self._count_preemption("kv_budget")
-        log.info("preempted", request_id=job.request.request_id, priority=job.request.priority,
-                 generated_tokens=0, reason="kv_budget", recompute=True)
-        position = -job.request.priority, RESUME_FIRST + next(self._sequence)
-        self.queue.put(Job(position, job.request, job.plan, job.media, job.max_new_tokens,
-                           job.handle, resume=prefill.resumed, preempted=True))
+        self.queue.put(job)
 
     def _count_preemption(self, reason: str) -> None:
         self.preemptions += 1
@@ -504,7 +394,7 @@ class ModelLoop:
             elif job.resume is not None and job.resume.swapped:
                 sequence = job.resume
                 sequence.info, sequence.swapped = job.info, False
-                self._sequences[sequence.key] = sequence
+                self.scheduler.decoding[sequence.key] = sequence
                 log.info("resumed", request_id=job.request.request_id, choice=sequence.index,
                          swapped_in_tokens=sequence.length)
             elif job.resume is not None:
@@ -513,10 +403,6 @@ class ModelLoop:
                                     resumed=job.resume)
             else:
                 self._begin_prefill(job, job.plan, job.reuse)
-
-    @property
-    def _chunk_tokens(self) -> int:
-        return self.config.prefill_chunk_tokens or self.model.context_length
 
     def _begin_prefill(self, job: Job, plan: PromptPlan, reuse: Reuse | None, *,
                        resumed: Sequence | None = None) -> None:
@@ -528,24 +414,25 @@ class ModelLoop:
         except Exception as error:
             self._fail(job, job.info, error)
             return
-        self._prefilling.append(Prefill(job, plan, inputs, cached, cached, reuse, resumed))
+        self.scheduler.prefilling.append(Prefill(job, plan, inputs, cached, cached, reuse, resumed))
 
     def _prefill_step(self) -> None:
         """One pass over queued prompts under a token budget of one chunk, all packed into
-        one forward (see `_pick_prefill_work`), so a long prompt delays the rest by at
+        one forward (see `Scheduler.prefill_work`), so a long prompt delays the rest by at
         most one chunk. Cancelled ones stop here, before their next chunk; completed ones
         start decoding."""
-        for prefill in [p for p in self._prefilling if p.job.handle.cancellation.requested]:
-            self._prefilling.remove(prefill)
+        prefilling = self.scheduler.prefilling
+        for prefill in [p for p in prefilling if p.job.handle.cancellation.requested]:
+            prefilling.remove(prefill)
             self._stop_prefill(prefill)
-        work = self._pick_prefill_work()
+        work = self.scheduler.prefill_work()
         if not work:
             return
         try:
             logits = self._with_one_retry(lambda: self._feed(work))
         except Exception as error:
             if len(work) == 1:
-                self._prefilling.remove(work[0][0])
+                self.scheduler.prefilling.remove(work[0][0])
                 self._fail(work[0][0].job, work[0][0].job.info, error)
                 return
             log.warning("batched_prefill_failed", error_type=type(error).__name__,
@@ -559,18 +446,13 @@ class ModelLoop:
             prefill.done = end
             if prefill.remaining:
                 continue
-            self._prefilling.remove(prefill)
+            self.scheduler.prefilling.remove(prefill)
             self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
             if prefill.resumed is not None:
                 self._rejoin(prefill)
             else:
                 started.extend(self._new_sequences(prefill, row_logits))
         self._start(started)
-
-    def _pick_prefill_work(self) -> list[tuple[Prefill, int]]:
-        work, self._long_passed_over = pick_prefill_work(
-            self._prefilling, self._chunk_tokens, long_passed_over=self._long_passed_over)
-        return work
 
     def _feed(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor]:
         packed = [RowSlots(self.ledger.slots(p.key, p.done, end),
@@ -590,7 +472,7 @@ class ModelLoop:
             try:
                 out.append(self._feed([(prefill, end)])[0])
             except Exception as error:
-                self._prefilling.remove(prefill)
+                self.scheduler.prefilling.remove(prefill)
                 self._fail(prefill.job, prefill.job.info, error)
                 out.append(None)
         return out
@@ -598,7 +480,7 @@ class ModelLoop:
     def _rejoin(self, prefill: Prefill) -> None:
         sequence = prefill.resumed
         sequence.length = prefill.done
-        self._sequences[sequence.key] = sequence
+        self.scheduler.decoding[sequence.key] = sequence
         log.info("resumed", request_id=prefill.job.request.request_id, choice=sequence.index,
                  recomputed_tokens=prefill.done)
 
@@ -609,7 +491,7 @@ class ModelLoop:
         log.info("prefill_stopped", request_id=prefill.key,
                  prompt_tokens=len(prefill.plan.input_ids),
                  computed_tokens=prefill.done - prefill.cached,
-                 chunk_tokens=self._chunk_tokens,
+                 chunk_tokens=self.scheduler.chunk_tokens,
                  past_deadline_s=None if deadline is None
                  else round(time.monotonic() - deadline, 3))
         self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
@@ -622,7 +504,7 @@ class ModelLoop:
     def _new_sequences(self, prefill: Prefill, logits: torch.Tensor) -> list[Sequence]:
         """The request's n choices, from its prefilled prompt: the first keeps the prompt's
         blocks, each other one holds the same blocks (shared; the block it writes into is
-        copied when it first writes, see `_make_decode_room`)."""
+        copied when it first writes, see `Scheduler.make_decode_room`)."""
         request = prefill.job.request
         choices = Choices(request.n)
         self._choices[request.request_id] = choices
@@ -659,7 +541,7 @@ class ModelLoop:
         if not started:
             return
         for sequence in started:
-            self._sequences[sequence.key] = sequence
+            self.scheduler.decoding[sequence.key] = sequence
         self._publish()  # a client that reads the account after its first token sees its KV
         choices = choose_tokens([s.sampler for s in started], [s.history for s in started],
                                 torch.stack([s.pending_logits for s in started]))
@@ -669,7 +551,7 @@ class ModelLoop:
         """Hand each sequence its chosen token; a sequence that failed leaves alone."""
         for sequence, choice in zip(running, choices, strict=True):
             sequence.pending_logits = None
-            if sequence.key not in self._sequences:  # its request failed meanwhile
+            if sequence.key not in self.scheduler.decoding:  # its request failed meanwhile
                 continue
             try:
                 if isinstance(choice, Exception):
@@ -696,11 +578,11 @@ class ModelLoop:
         )
 
     def _step(self) -> None:
-        for sequence in [s for s in self._sequences.values()
+        for sequence in [s for s in self.scheduler.decoding.values()
                          if s.job.handle.cancellation.requested]:
             self._finish(sequence)
-        self._make_decode_room()
-        running = list(self._sequences.values())
+        self.scheduler.make_decode_room()
+        running = list(self.scheduler.decoding.values())
         if not running:
             return
         try:
@@ -746,7 +628,7 @@ class ModelLoop:
 
     def _finish(self, sequence: Sequence) -> None:
         """A choice ends (with n > 1 its end is streamed); the request ends with the last."""
-        self._sequences.pop(sequence.key, None)
+        self.scheduler.decoding.pop(sequence.key, None)
         choices, request_id = sequence.choices, sequence.job.request.request_id
         if choices.over:  # its request failed: what is left of it is let go
             self._release(sequence.key)
@@ -791,9 +673,9 @@ class ModelLoop:
     def _settle(self, request_id: str) -> None:
         """A request none of whose choices is in the batch (the rest wait, preempted)
         leaves the running set, so that admission can let them back in."""
-        if any(s.job.request.request_id == request_id for s in self._sequences.values()):
+        if any(s.job.request.request_id == request_id for s in self.scheduler.decoding.values()):
             return
-        if any(p.job.request.request_id == request_id for p in self._prefilling):
+        if any(p.job.request.request_id == request_id for p in self.scheduler.prefilling):
             return
         with self.lock:
             self.running.pop(request_id, None)
@@ -825,7 +707,7 @@ class ModelLoop:
 
     def _fail_sequence(self, sequence: Sequence, error: BaseException) -> None:
         """A choice failed: it leaves the batch and its request fails (once)."""
-        self._sequences.pop(sequence.key, None)
+        self.scheduler.decoding.pop(sequence.key, None)
         self._release(sequence.key)
         if not sequence.choices.over:
             self._fail(sequence.job, sequence.info, error)
@@ -836,12 +718,12 @@ class ModelLoop:
         if choices is not None:  # its other choices stop; queued ones end when dequeued
             choices.over = True
             for sequence in choices.sequences:
-                self._sequences.pop(sequence.key, None)
+                self.scheduler.decoding.pop(sequence.key, None)
                 self._release(sequence.key)
             choices.sequences.clear()  # no cycle keeps the failed request alive
-            for prefill in [p for p in self._prefilling if p.job.request.request_id
+            for prefill in [p for p in self.scheduler.prefilling if p.job.request.request_id
                             == request_id]:
-                self._prefilling.remove(prefill)
+                self.scheduler.prefilling.remove(prefill)
                 self._release(prefill.key)
             if choices.n > 1:
                 job.handle.cancel()
@@ -869,11 +751,6 @@ class ModelLoop:
             self._admission_changed.notify_all()
 
     # ---- KV reuse ------------------------------------------------------------------------
-
-    def _reuse(self, request: GenerationRequest, plan: PromptPlan, owner: str) -> Reuse | None:
-        if not (request.session_id or self.config.prefix_caching):
-            return None
-        return self.sessions.take(request.session_id, plan.content, owner)
 
     def kv_estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """KV a request holds at its longest: prompt plus every token it may generate."""

@@ -132,7 +132,7 @@ def test_a_long_prefill_yields_to_decoding_and_stops_between_chunks(model, monke
 
     async def prefilling(req: GenerationRequest):
         handle = await engine.submit(req)
-        while not engine._loop._prefilling:  # it is fed chunk by chunk now
+        while not engine._loop.scheduler.prefilling:  # it is fed chunk by chunk now
             await asyncio.sleep(0.001)
         return handle
 

@@ -71,9 +71,9 @@ def test_a_long_prompt_beside_short_ones_holds_its_tokens_and_no_padding(model, 
         held = self.ledger.account().held_blocks
         # a decoding sequence may hold the block its next token goes to; a prefilling
         # prompt holds its own blocks from admission on
-        bound = sum(s.length // BLOCK + 1 for s in self._sequences.values())
-        bound += sum(-(-len(p.plan.input_ids) // BLOCK) for p in self._prefilling)
-        seen.append((held, bound, len(self._sequences)))
+        bound = sum(s.length // BLOCK + 1 for s in self.scheduler.decoding.values())
+        bound += sum(-(-len(p.plan.input_ids) // BLOCK) for p in self.scheduler.prefilling)
+        seen.append((held, bound, len(self.scheduler.decoding)))
 
     monkeypatch.setattr(ModelLoop, "_step", observed)
     engine = started(model, prefix_caching=False, prefill_chunk_tokens=512)

@@ -1,0 +1,192 @@
+"""Who runs, on the model thread: the prompts being prefilled, the sequences decoding,
+and the KV blocks each of them needs.
+
+Admission takes a job's prompt blocks (less what is already computed, by session or by
+content) when they fit beside a small watermark; decoding takes a block when a sequence
+fills its last one. When blocks run out, idle sessions are evicted (least recently
+used), then running work is preempted: for an admission only work of lower priority,
+for decoding the lowest-priority, newest sequence. A preempted sequence is swapped to
+host memory when long (copying is cheaper than recomputing) or let go and recomputed
+when short, and goes back to the waiting queue ahead of fresh jobs of its priority.
+
+The waiting queue itself, and the bookkeeping of requests (what runs, what finished)
+that other threads read, are the model loop's (engine/model_loop.py); it is told of
+each preemption through the hooks it gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from inference_svc.engine.jobs import Job
+from inference_svc.engine.kv_blocks import BlockLedger, KVExhausted
+from inference_svc.engine.sequences import (
+    Prefill,
+    Sequence,
+    pick_prefill_work,
+    resume_plan,
+    victim_order,
+)
+from inference_svc.engine.sessions import Reuse, SessionStore
+from inference_svc.model.prompt import PromptPlan
+from inference_svc.types import GenerationRequest
+
+log = structlog.get_logger("engine")
+# Share of the KV budget kept free at admission for the running rows to grow into.
+ADMISSION_WATERMARK = 0.01
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """What the scheduler tells the model loop."""
+
+    requeue: Callable[[Job], None]  # a preempted job waits again, ahead of fresh ones
+    settle: Callable[[str], None]  # a request may have no choice left in the batch
+    preempted: Callable[[str], None]  # one preemption, and why (metrics)
+
+
+class Scheduler:
+    def __init__(self, ledger: BlockLedger, sessions: SessionStore, *, chunk_tokens: int,
+                 prefix_caching: bool, hooks: LoopHooks) -> None:
+        self.ledger = ledger
+        self.sessions = sessions
+        self.chunk_tokens = chunk_tokens
+        self.prefix_caching = prefix_caching
+        self.hooks = hooks
+        self.prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
+        self.decoding: dict[str, Sequence] = {}  # by sequence key
+        self.swaps = 0
+        self._long_passed_over = False  # the last prefill pass left a long prompt out
+
+    # ---- admission -----------------------------------------------------------------
+
+    def _blocks_to_take(self, job: Job) -> int:
+        """Blocks the job must take to start: its prompt's, less those already computed
+        that it finds (a session's, or cached by content: they become its own here, so
+        this is not a pure check), or a swapped sequence's, to come back."""
+        ledger, resume = self.ledger, job.resume
+        if resume is not None and resume.swapped:
+            return ledger.blocks_for(resume.length + 1)
+        key = resume.key if resume is not None else job.request.request_id
+        plan = resume_plan(resume) if resume is not None else job.plan
+        job.reuse = self._reuse(job.request, plan, key)
+        held = len(ledger.tables.get(key, []))
+        need = ledger.blocks_for(len(plan.input_ids)) - held
+        if resume is None:  # each further choice soon writes a block of its own
+            need += job.request.n - 1
+        return need
+
+    def admit(self, job: Job) -> bool:
+        """Take the job's blocks if they fit beside a watermark for the running rows to
+        grow into, after evicting idle sessions or, for a higher-priority job,
+        preempting lower-priority sequences; False (nothing taken) when they do not."""
+        ledger, resume = self.ledger, job.resume
+        swapped = resume is not None and resume.swapped
+        key = resume.key if resume is not None else job.request.request_id
+        need = self._blocks_to_take(job)
+        watermark = int(ADMISSION_WATERMARK * ledger.budget_blocks)
+        try:
+            if not self.make_room(need + watermark, job.request.priority):
+                raise KVExhausted()
+            if swapped:
+                ledger.swap_in(key)
+            else:
+                plan = resume_plan(resume) if resume is not None else job.plan
+                ledger.extend(key, len(plan.input_ids))
+        except KVExhausted:  # not yet: what it found is let go (still cached), it waits
+            if not swapped:
+                ledger.release(key)
+            job.reuse = None
+            return False
+        return True
+
+    def make_room(self, blocks: int, priority: int) -> bool:
+        """Whether `blocks` can be had: evict idle sessions (least recently used), then
+        preempt running sequences of lower priority (newest first)."""
+        ledger = self.ledger
+        while not ledger.can_take(blocks):
+            short = (blocks - ledger.available()) * ledger.bytes_per_block
+            if self.sessions.evict_lru(short).sessions:
+                continue
+            victims = [s for s in self.decoding.values() if s.job.request.priority < priority]
+            if not victims:
+                return False
+            self.preempt(min(victims, key=victim_order), reason="priority")
+        return True
+
+    def _reuse(self, request: GenerationRequest, plan: PromptPlan, owner: str) -> Reuse | None:
+        if not (request.session_id or self.prefix_caching):
+            return None
+        return self.sessions.take(request.session_id, plan.content, owner)
+
+    # ---- the next pass -------------------------------------------------------------
+
+    def prefill_work(self) -> list[tuple[Prefill, int]]:
+        """The prompts the next prefill pass takes, and how far (sequences.py)."""
+        work, self._long_passed_over = pick_prefill_work(
+            self.prefilling, self.chunk_tokens, long_passed_over=self._long_passed_over)
+        return work
+
+    def make_decode_room(self) -> None:
+        """Each decoding sequence gets the block its next token goes to; when none is
+        left, idle sessions are evicted, then the lowest-priority, newest sequence is
+        preempted (it may be the one asking)."""
+        ledger = self.ledger
+        for sequence in sorted(self.decoding.values(), key=victim_order, reverse=True):
+            while sequence.key in self.decoding:
+                try:
+                    ledger.extend(sequence.key, sequence.length + 1)
+                    # copy on write: a block shared with other choices is copied first
+                    ledger.writable_from(sequence.key, sequence.length)
+                    break
+                except KVExhausted:
+                    if self.sessions.evict_lru(ledger.bytes_per_block).sessions:
+                        continue
+                    victim = min(self.decoding.values(), key=victim_order)
+                    if victim is sequence and len(self.decoding) == 1 and self.prefilling:
+                        self.requeue_prefill(self.prefilling[-1])
+                        continue
+                    self.preempt(victim, reason="kv_budget")
+
+    # ---- preemption ----------------------------------------------------------------
+
+    def preempt(self, sequence: Sequence, *, reason: str) -> None:
+        """Take a decoding sequence out and re-queue it. A long one's blocks are copied to
+        host memory; a short one's are let go (kept cached by content, so its
+        recomputation may find them) and recomputed."""
+        key = sequence.key
+        self.decoding.pop(key, None)
+        self.hooks.settle(sequence.job.request.request_id)
+        self.hooks.preempted(reason)
+        if sequence.length > self.chunk_tokens:
+            ledger_bytes = self.ledger.swap_out(key)
+            sequence.swapped = True
+            self.swaps += 1
+        else:
+            ledger_bytes = 0
+            self.ledger.seal(key, sequence.content, sequence.length)
+            self.ledger.release(key)
+            sequence.swapped = False
+        job = sequence.job
+        log.info("preempted", request_id=job.request.request_id, choice=sequence.index,
+                 priority=job.request.priority, generated_tokens=sequence.generated, reason=reason,
+                 swapped_bytes=ledger_bytes, recompute=not sequence.swapped)
+        self.hooks.requeue(Job(job.sort_key, job.request, job.plan, job.media,
+                               job.max_new_tokens, job.handle, resume=sequence, preempted=True))
+
+    def requeue_prefill(self, prefill: Prefill) -> None:
+        """A prompt not yet prefilled gives its blocks back and waits again."""
+        self.prefilling.remove(prefill)
+        self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
+        self.ledger.release(prefill.key)
+        job = prefill.job
+        self.hooks.settle(job.request.request_id)
+        self.hooks.preempted("kv_budget")
+        log.info("preempted", request_id=job.request.request_id, priority=job.request.priority,
+                 generated_tokens=0, reason="kv_budget", recompute=True)
+        self.hooks.requeue(Job(job.sort_key, job.request, job.plan, job.media,
+                               job.max_new_tokens, job.handle, resume=prefill.resumed,
+                               preempted=True))
