@@ -63,30 +63,27 @@ class Scheduler:
 
     # ---- admission -----------------------------------------------------------------
 
-    def _blocks_to_take(self, job: Job) -> int:
-        """Blocks the job must take to start: its prompt's, less those already computed
-        that it finds (a session's, or cached by content: they become its own here, so
-        this is not a pure check), or a swapped sequence's, to come back."""
-        ledger, resume = self.ledger, job.resume
-        if resume is not None and resume.swapped:
-            return ledger.blocks_for(resume.length + 1)
-        key = resume.key if resume is not None else job.request.request_id
-        plan = resume_plan(resume) if resume is not None else job.plan
-        job.reuse = self._reuse(job.request, plan, key)
-        held = len(ledger.tables.get(key, []))
-        need = ledger.blocks_for(len(plan.input_ids)) - held
-        if resume is None:  # each further choice soon writes a block of its own
-            need += job.request.n - 1
-        return need
-
     def admit(self, job: Job) -> bool:
         """Take the job's blocks if they fit beside a watermark for the running rows to
         grow into, after evicting idle sessions or, for a higher-priority job,
-        preempting lower-priority sequences; False (nothing taken) when they do not."""
+        preempting lower-priority sequences; False (nothing taken) when they do not.
+
+        The blocks are its prompt's, less those already computed that it finds (a
+        session's, or cached by content), or a swapped sequence's, to come back. What it
+        finds becomes its own as it is found, so admission is one act, not a pure check
+        and then an act."""
         ledger, resume = self.ledger, job.resume
         swapped = resume is not None and resume.swapped
         key = resume.key if resume is not None else job.request.request_id
-        need = self._blocks_to_take(job)
+        if swapped:
+            need = ledger.blocks_for(resume.length + 1)
+        else:
+            plan = resume_plan(resume) if resume is not None else job.plan
+            job.reuse = self._reuse(job.request, plan, key)
+            held = len(ledger.tables.get(key, []))
+            need = ledger.blocks_for(len(plan.input_ids)) - held
+            if resume is None:  # each further choice soon writes a block of its own
+                need += job.request.n - 1
         watermark = int(ADMISSION_WATERMARK * ledger.budget_blocks)
         try:
             if not self.make_room(need + watermark, job.request.priority):
@@ -94,7 +91,6 @@ class Scheduler:
             if swapped:
                 ledger.swap_in(key)
             else:
-                plan = resume_plan(resume) if resume is not None else job.plan
                 ledger.extend(key, len(plan.input_ids))
         except KVExhausted:  # not yet: what it found is let go (still cached), it waits
             if not swapped:
