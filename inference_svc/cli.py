@@ -25,9 +25,14 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    from inference_svc.model.glm4v_config import UnreadableCheckpoint
     from inference_svc.server import serve
 
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except UnreadableCheckpoint as exc:
+        print(f"autoglm-server: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from inference_svc.types import SamplingParams
 
 ENV_PREFIX = "AUTOGLM_"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CONTENT_FORMATS = ("string", "openai")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -48,6 +49,10 @@ class ServerConfig:
                                                    "for KV cache (device `auto`)")
     dtype: str = setting("auto", choices=DTYPES, help="weights' type; auto: float32 on CPU, "
                                                       "bfloat16 on CUDA")
+    chat_content_format: str = setting("string", choices=CONTENT_FORMATS, help=(
+        "how a GLM-4.1V message's parts reach its chat template, as vLLM's "
+        "--chat-template-content-format: string (one string, image placeholders first; "
+        "the phone agent's deployment) or openai (the parts in the order sent)"))
     served_model_name: str = setting("autoglm-phone-9b", help="the model name GetModelInfo "
                                                               "and the gateway report")
     defaults: SamplingParams = section(SamplingParams, named=False)

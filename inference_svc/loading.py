@@ -40,7 +40,8 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
     if model_kind(bundle) is ModelKind.MODULAR:
         model = ModularModel(bundle, dtype=dtype, placement=placement)
     else:
-        model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype)
+        model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype,
+                           content_format=config.chat_content_format)
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
              dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2),
              weight_bytes_by_device=weights_by_device(u.state() for u in model.units))

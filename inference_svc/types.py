@@ -129,6 +129,7 @@ class ImageSize:
     height: int
     original_width: int
     original_height: int
+    reduced_under_pressure: bool = False
 
 
 @dataclass(frozen=True)

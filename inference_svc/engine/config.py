@@ -12,8 +12,10 @@ class EngineConfig:
     max_queued: int = setting(64, help="requests waiting for admission before "
                                        "RESOURCE_EXHAUSTED")
     max_batch: int = setting(16, help="most sequences decoded together")
-    # the reference deployment's max_pixels (1280*28*28)
-    max_pixels: int = setting(1_003_520, help="pixel budget per image")
+    # None: the model's own default (its `default_max_pixels`)
+    max_pixels: int | None = setting(None, shown="5000000 GLM-4.1V, 1003520 bundles", help=(
+        "pixel budget per image (for GLM-4.1V the processor's max_pixels, as vLLM's "
+        "mm_processor_kwargs)"))
     # 256*28*28
     pressure_max_pixels: int = setting(200_704, help="pixel budget per image while under "
                                                      "memory pressure")
@@ -51,7 +53,7 @@ class EngineConfig:
             raise ValueError("max queued must be at least 1")
         if self.max_batch < 1:
             raise ValueError("max batch must be at least 1")
-        if not 4096 <= self.pressure_max_pixels <= self.max_pixels:
+        if not 4096 <= self.pressure_max_pixels <= (self.max_pixels or self.pressure_max_pixels):
             raise ValueError("pressure max pixels must be in [4096, max pixels]")
         if not 0 < self.pressure_fraction <= 1:
             raise ValueError("pressure fraction must be in (0, 1]")

@@ -39,6 +39,7 @@ class Engine:
             config = replace(config, prefill_chunk_tokens=default_prefill_chunk(model.device))
         self.model = model
         self.config = config
+        self.max_pixels = config.max_pixels or model.default_max_pixels
         if not isinstance(model, PagedDecoder):
             raise TypeError(f"{type(model).__name__} does not run on paged KV")
         pool = model.new_kv_pool(block_size=config.kv_block_tokens, blocks=1)
@@ -143,11 +144,15 @@ class Engine:
 
     def max_pixels_now(self) -> int:
         if self.under_pressure():
-            return min(self.config.pressure_max_pixels, self.config.max_pixels)
-        return self.config.max_pixels
+            return min(self.config.pressure_max_pixels, self.max_pixels)
+        return self.max_pixels
 
     def _prepare(self, request: GenerationRequest) -> tuple[DecodedMedia, PromptPlan]:
-        media = self.model.decode_media(request.messages, max_pixels=self.max_pixels_now())
+        budget = self.max_pixels_now()
+        media = self.model.decode_media(request.messages, max_pixels=budget)
+        if budget < self.max_pixels:  # the usage says each image was cut for memory
+            media.images[:] = [replace(image, reduced_under_pressure=True)
+                               for image in media.images]
         plan = self.model.plan(request.messages, media, enable_thinking=request.enable_thinking)
         return media, plan
 

@@ -57,8 +57,8 @@ def final_event(job: Job, streamer: DeltaStreamer, text: TextStream, reason: Fin
     used = usage(job, len(streamer.token_ids))
     used.reasoning_tokens = streamer.reasoning_tokens
     used.cached_prompt_tokens = cached_tokens
-    images = [ImageSize(i.image.width, i.image.height, *i.original_size)
-              for i in job.media.images]
+    images = [ImageSize(i.image.width, i.image.height, *i.original_size,
+                        i.reduced_under_pressure) for i in job.media.images]
     return Finished(reason, used, text.matched_stop, images=images)
 
 
@@ -77,8 +77,8 @@ def choices_final(job: Job, ends: list[ChoiceEnd], cached_tokens: int) -> Finish
     used.cached_prompt_tokens = cached_tokens
     cancelled = any(e.reason is FinishReason.CANCELLED for e in ends)
     reason = FinishReason.CANCELLED if cancelled else ends[0].reason
-    images = [ImageSize(i.image.width, i.image.height, *i.original_size)
-              for i in job.media.images]
+    images = [ImageSize(i.image.width, i.image.height, *i.original_size,
+                        i.reduced_under_pressure) for i in job.media.images]
     return Finished(reason, used, ends[0].matched_stop_sequence, images=images,
                     choices=tuple(ends))
 

@@ -18,6 +18,9 @@ class UnitModel:
     manifest: object
     decoder_unit: ModuleUnit
     encoders: dict[str, ModuleUnit]
+    # the pixel budget per image unless the operator sets --max-pixels
+    # (1280*28*28, the reference deployment's)
+    default_max_pixels: int = 1_003_520
 
     @property
     def name(self) -> str:

@@ -18,6 +18,7 @@ itself, so the two units never need each other resident.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,13 @@ from transformers.initialization import no_init_weights
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.base import PromptInputs, UnitModel
 from inference_svc.model.glm4v_checkpoint import VISION_PREFIXES, glm4v_manifest
-from inference_svc.model.glm4v_vision import TowerShape, VisionGeometry, activation_bytes
+from inference_svc.model.glm4v_config import read_glm4v_config
+from inference_svc.model.glm4v_vision import (
+    DEPLOYMENT_MAX_PIXELS,
+    TowerShape,
+    VisionGeometry,
+    activation_bytes,
+)
 from inference_svc.model.media import DecodedImage, decode_image
 from inference_svc.model.paged_forward import PagedForward
 from inference_svc.model.prompt import (
@@ -52,6 +59,11 @@ from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# How a message's parts become the chat template's `content` (vLLM's
+# --chat-template-content-format): "string" joins them into one string, the image
+# placeholders first, each followed by a newline (the phone agent's deployment);
+# "openai" hands the template the parts in the order sent.
+CONTENT_FORMATS = ("string", "openai")
 
 
 @dataclass(frozen=True)
@@ -84,11 +96,19 @@ def _first_then(first: nn.Module, loader: Callable[[], nn.Module]) -> Callable[[
 class Glm4vModel(PagedForward, UnitModel):
     """The engine's model interface over a native GLM-4.1V checkpoint directory."""
 
+    # what the phone agent's documented deployment gives the model (vLLM's
+    # mm_processor_kwargs max_pixels): a 1080x2400 screenshot is seen at 1036x2352
+    default_max_pixels = DEPLOYMENT_MAX_PIXELS
+
     def __init__(self, checkpoint: Path, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, content_format: str = "string"):
+        if content_format not in CONTENT_FORMATS:
+            raise ValueError(f"content format must be one of {', '.join(CONTENT_FORMATS)}")
         self.bundle = checkpoint
         self.device = device
         self.dtype = dtype
+        self.content_format = content_format
+        self.checkpoint_config = read_glm4v_config(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         self.image_processor = AutoImageProcessor.from_pretrained(checkpoint,
                                                                   local_files_only=True)
@@ -97,10 +117,13 @@ class Glm4vModel(PagedForward, UnitModel):
         # decoder keeps alive: dropping them would free nothing, so the vision unit loads
         # its own copy even the first time.
         self._vision_config = self._detach_tower(model).config
-        self.generation_config = model.generation_config
+        self.generation_config = self.checkpoint_config.generation_config
         self.config = model.config.text_config
         self.image_token_id = int(model.config.image_token_id)
         self._image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self._image_placeholder = "".join(self.tokenizer.convert_ids_to_tokens(
+            [int(model.config.image_start_token_id), self.image_token_id,
+             int(model.config.image_end_token_id)]))
         self._merge = int(self._vision_config.spatial_merge_size)
         self.geometry = self._geometry()
         self._tower_shape = TowerShape.of(self._vision_config, dtype)
@@ -112,6 +135,7 @@ class Glm4vModel(PagedForward, UnitModel):
         self.decoder_unit.load()
         vision.load()
         self.manifest = glm4v_manifest(checkpoint)
+        self.manifest.details.update(self._files_read())
 
     # ---- loading ------------------------------------------------------------------
 
@@ -126,9 +150,24 @@ class Glm4vModel(PagedForward, UnitModel):
         )
 
     def _load_full(self) -> Glm4vForConditionalGeneration:
+        # config.json as read_glm4v_config reads it (transformers misreads the flat layout)
         return Glm4vForConditionalGeneration.from_pretrained(
-            self.bundle, dtype=self.dtype, local_files_only=True
+            self.bundle, config=copy.deepcopy(self.checkpoint_config.config), dtype=self.dtype,
+            local_files_only=True,
         ).eval()
+
+    def _files_read(self) -> dict:
+        """What GetModelInfo shows of the checkpoint's own files."""
+        template = "chat_template.jinja" if (self.bundle / "chat_template.jinja").is_file() \
+            else "tokenizer_config.json"
+        return {"config_layout": self.checkpoint_config.layout,
+                "eos_token_ids": self.eos_token_ids,
+                "image_token_id": self.image_token_id,
+                "image_placeholder": self._image_placeholder,
+                "chat_template": template,
+                "content_format": self.content_format,
+                "generation_config": "generation_config.json"
+                if (self.bundle / "generation_config.json").is_file() else "config.json"}
 
     @staticmethod
     def _detach_tower(model: Glm4vForConditionalGeneration) -> Glm4vVisionModel:
@@ -187,11 +226,10 @@ class Glm4vModel(PagedForward, UnitModel):
 
     @property
     def eos_token_ids(self) -> list[int]:
-        eos = self.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        ids = eos if isinstance(eos, list) else [eos]
-        return sorted({int(i) for i in ids if i is not None})
+        ids = self.checkpoint_config.eos_token_ids
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids = [int(self.tokenizer.eos_token_id)]
+        return ids
 
     @property
     def placeholder_id(self) -> int:
@@ -240,20 +278,13 @@ class Glm4vModel(PagedForward, UnitModel):
 
     def plan(self, messages: list[ChatMessage], media: Glm4vMedia, *,
              enable_thinking: bool) -> PromptPlan:
-        """The checkpoint's chat template, each image token expanded to its feature count."""
-        chat = []
-        digests = []
-        for message in messages:
-            content = []
-            for part in message.parts:
-                if isinstance(part, TextPart):
-                    # The image token in user text would shift every image's features.
-                    content.append({"type": "text",
-                                    "text": part.text.replace(self._image_token, "")})
-                elif isinstance(part, ImagePart):
-                    content.append({"type": "image"})
-                    digests.append(media_digest(part.data))
-            chat.append({"role": message.role, "content": content})
+        """The checkpoint's chat template, each image token expanded to its feature count.
+
+        `enable_thinking` reaches templates that have the switch; GLM-4.1V-9B-Thinking's
+        own has none (the model always thinks), and its prompt is then exactly vLLM's."""
+        chat = [self._template_message(message) for message in messages]
+        digests = [media_digest(part.data) for message in messages for part in message.parts
+                   if isinstance(part, ImagePart)]
         text = self.tokenizer.apply_chat_template(
             chat, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
         )
@@ -275,6 +306,29 @@ class Glm4vModel(PagedForward, UnitModel):
                 content_ids += media_content_ids(digests[index], length)
         return PromptPlan(input_ids=ids, spans=spans, content=content_ids,
                           answer_tags=True)
+
+    def _template_message(self, message: ChatMessage) -> dict:
+        """One message as the chat template's input.
+
+        The real template renders `{{ msg.content }}` for system and assistant turns, so
+        their content must be a string (a list would reach the model as Python list
+        syntax). In the "string" content format every turn is a string, as vLLM makes
+        it: the text parts joined by newlines, after one placeholder per image, each
+        followed by a newline; in the "openai" format a user turn keeps its parts in
+        order. The image token typed in a user's text is dropped: it would shift every
+        image's features.
+        """
+        texts = [part.text.replace(self._image_token, "") for part in message.parts
+                 if isinstance(part, TextPart)]
+        if self.content_format == "openai" and message.role == "user":
+            content = [{"type": "text", "text": part.text.replace(self._image_token, "")}
+                       if isinstance(part, TextPart) else {"type": "image"}
+                       for part in message.parts if isinstance(part, TextPart | ImagePart)]
+            return {"role": message.role, "content": content}
+        images = sum(isinstance(part, ImagePart) for part in message.parts)
+        text = "\n".join(texts)
+        pieces = [self._image_placeholder] * images + ([text] if text or not images else [])
+        return {"role": message.role, "content": "\n".join(pieces)}
 
     def prompt_inputs(self, plan: PromptPlan, media: Glm4vMedia, *,
                       cached: int = 0) -> PromptInputs:

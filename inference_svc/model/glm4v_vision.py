@@ -27,6 +27,8 @@ import torch
 # architecture and processor): size.shortest_edge and size.longest_edge.
 GLM4V_MIN_PIXELS = 12_544  # 112 * 112
 GLM4V_MAX_PIXELS = 9_633_792  # 28 * 28 * 12288
+# Open-AutoGLM's vLLM command: --mm_processor_kwargs '{"max_pixels": 5000000}'
+DEPLOYMENT_MAX_PIXELS = 5_000_000
 # Fused attention kernels keep their working set in tiles, not per score.
 QUADRATIC_IMPLEMENTATIONS = {"eager"}
 

@@ -29,6 +29,7 @@ MAX_AUDIO_SECONDS = 120.0
 class DecodedImage:
     image: Image.Image
     original_size: tuple[int, int]
+    reduced_under_pressure: bool = False  # resized under --pressure-max-pixels
 
 
 @dataclass(frozen=True)

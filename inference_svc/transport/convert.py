@@ -162,7 +162,8 @@ def final_to_pb(finished: Finished, request_id: str) -> pb.GenerateResponse:
             matched_stop_sequence=finished.matched_stop_sequence,
             images=[
                 pb.ImageInfo(width=i.width, height=i.height, original_width=i.original_width,
-                             original_height=i.original_height)
+                             original_height=i.original_height,
+                             reduced_under_pressure=i.reduced_under_pressure)
                 for i in finished.images
             ],
             choices=[choice_end_to_pb(end) for end in finished.choices],

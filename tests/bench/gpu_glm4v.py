@@ -1,7 +1,8 @@
 """GLM-4.1V at AutoGLM-Phone-9B's real size on one device: issue 11's GPU item.
 
-A random GLM-4.1V of GLM-4.1V-9B-Thinking's size (tests/fixtures/tiny_models.py
-`write_glm4v_9b_shape_checkpoint`: 40x4096 decoder, 24-block vision tower, bf16) is
+A random GLM-4.1V of GLM-4.1V-9B-Thinking's size (tests/fixtures/real_glm4v.py
+`write_glm4v_9b_shape_checkpoint`: its published config.json and small files, 40x4096
+decoder, 24-block vision tower, bf16; the files come from AUTOGLM_GLM41V_FILES) is
 written as a checkpoint and loaded by the service's model class, then driven by the
 engine in-process (each prompt prefilled in one pass, so agents soon decode side by side)
 with the phone agent's step: a 1080x2400 PNG screenshot at
@@ -39,10 +40,8 @@ from inference_svc.model.glm4v import Glm4vModel
 from tests.bench.harness import bench_out_dir, median, render_table
 from tests.bench.phone_agent import AGENT_MAX_PIXELS
 from tests.bench.test_glm4v_decode import PROMPT_PASS, agent_step, decode_rate, token_times
-from tests.fixtures.tiny_models import (
-    write_glm4v_9b_shape_checkpoint,
-    write_tiny_phone_glm4v_checkpoint,
-)
+from tests.fixtures.real_glm4v import write_glm4v_9b_shape_checkpoint
+from tests.fixtures.tiny_models import write_tiny_phone_glm4v_checkpoint
 
 GIB = 1024**3
 ARTICLE_GB = {"decoder": 6.8, "vision": 2.1, "audio": 1.7, "kv_512_tokens": 3.0}

@@ -14,13 +14,18 @@
 # GPU_SESSION_PARTS picks parts (default tests,glm4v,throughput).
 # On the device machine (see .library/device/README.md; .whl holds the wheels its image
 # lacks, .gpu/tokenizer the embedded default's tokenizer files (tokenizer.json,
-# tokenizer_config.json, chat_template.jinja; the machine has no model of its own), autoglm
-# the generated protobuf code; all three git-ignored):
+# tokenizer_config.json, chat_template.jinja; the machine has no model of its own),
+# .gpu/glm41v-files GLM-4.1V-9B-Thinking's small files (a copy of
+# shared/fixtures/glm-4.1v-9b-thinking: the 9B-size checkpoint takes its shape from its
+# config.json), autoglm the generated protobuf code; all three git-ignored):
 #   run(command="bash tests/bench/gpu_session.sh", carry=[".whl", ".gpu", "autoglm"],
 #       timeout_s=570)
 # Here, as a check of the script itself: GPU_SESSION_CPU=1 bash tests/bench/gpu_session.sh
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ -z "${AUTOGLM_GLM41V_FILES:-}" ] && [ -f .gpu/glm41v-files/config.json ]; then
+  export AUTOGLM_GLM41V_FILES=$PWD/.gpu/glm41v-files
+fi
 OUT=${OUT:-/tmp/gpu-session-out}
 BUDGET_S=${GPU_SESSION_BUDGET_S:-530}
 mkdir -p "$OUT"

@@ -99,23 +99,6 @@ def test_activation_estimate_of_the_real_tower():
     assert fused < eager / 10
 
 
-def test_the_9b_shape_config_is_glm41v_9bs_and_its_rope_takes_three_axes():
-    """The GPU benchmark's 9B-size model: GLM-4.1V-9B-Thinking's sizes, and rotary over
-    half of each 128-wide head, so the (t, h, w) split of its 32 frequencies fits
-    (transformers' defaults alone rotate the whole head and fail at the first forward)."""
-    from transformers.models.glm4v.modeling_glm4v import Glm4vTextRotaryEmbedding
-
-    from tests.fixtures.tiny_models import glm4v_9b_shape_config
-
-    text = glm4v_9b_shape_config().text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
-            text.num_key_value_heads, text.vocab_size) == (4096, 40, 32, 2, 151552)
-    rope = Glm4vTextRotaryEmbedding(text)
-    positions = torch.arange(6).expand(3, 1, 6)
-    cos, sin = rope(torch.zeros(1, 6, text.hidden_size), positions)
-    assert cos.shape == sin.shape == (1, 6, 64)  # rotary dims: half of the 128-wide head
-
-
 # ---- through a real server ----------------------------------------------------------
 
 
@@ -164,6 +147,7 @@ def test_usage_reports_the_size_glm4v_resized_to(stub):
     image = final.images[0]
     assert (image.original_width, image.original_height) == (540, 1200)
     assert (image.width, image.height) == (532, 1204)  # multiples of 28, within the budget
+    assert not image.reduced_under_pressure
     assert final.usage.image_tokens == real_processor_tokens((540, 1200), AGENT_MAX_PIXELS)
 
 
@@ -179,4 +163,5 @@ def test_under_pressure_the_screenshot_shrinks_by_glm4v_rule_and_fits(stub, cont
     assert counted.image_tokens == final.usage.image_tokens == expected == 112
     image = final.images[0]
     assert (image.width, image.height) == (196, 448)
+    assert image.reduced_under_pressure
     assert (image.original_width, image.original_height) == SCREEN

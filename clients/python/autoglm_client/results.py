@@ -85,12 +85,14 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class ImageSize:
-    """Size an input image was encoded at, and its size as received."""
+    """Size an input image was encoded at, its size as received, and whether the service
+    cut it to its smaller pixel budget because memory was under pressure."""
 
     width: int
     height: int
     original_width: int
     original_height: int
+    reduced_under_pressure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,8 @@ class Final:
             usage=Usage.from_pb(final.usage),
             matched_stop_sequence=final.matched_stop_sequence,
             images=tuple(
-                ImageSize(i.width, i.height, i.original_width, i.original_height)
+                ImageSize(i.width, i.height, i.original_width, i.original_height,
+                          i.reduced_under_pressure)
                 for i in final.images
             ),
             request_id=request_id,
