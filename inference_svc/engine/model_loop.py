@@ -264,6 +264,7 @@ class ModelLoop:
         else:
             with self.lock:
                 self.completed += 1
+        self._publish()
         job.handle.push(Finished(FinishReason.CANCELLED, usage(job, 0)))
 
     def _release(self, key: str) -> None:
@@ -654,9 +655,10 @@ class ModelLoop:
         self._choices.pop(request_id, None)
         finished = self._request_final(sequence.job, choices)
         choices.sequences.clear()  # no cycle keeps the ended request (and its media) alive
-        # retire first: a client that reads the account after its final message must
-        # not see its KV twice (as running and as the idle cache it became)
+        # retire and publish first: a client that reads the account after its final
+        # message must see its KV where it went (an idle cache), not still running
         self._retire(request_id)
+        self._publish()
         sequence.job.handle.push(finished)
 
     def _request_final(self, job: Job, choices: Choices) -> Finished:
@@ -738,9 +740,10 @@ class ModelLoop:
         else:
             log.error("generation_failed", request_id=job.request.request_id,
                       error_type=type(error).__name__, error=_brief(error), exc_info=error)
-        job.handle.push(Failed(error))
         if info is not None or choices is not None:
             self._retire(request_id)
+        self._publish()
+        job.handle.push(Failed(error))
 
     def _retire(self, request_id: str) -> None:
         with self.lock:

@@ -103,7 +103,9 @@ def test_idle_encoders_are_demoted_and_come_back_on_demand(tiny_bundle, tmp_path
             assert tier_of(control, "audio") == cpb.TIER_DISK
             assert tier_of(control, "decoder") == cpb.TIER_CPU
         events = [e for e in server.log_lines() if e.get("event") == "encoders_demoted"]
-        assert events and events[0]["freed_bytes"] >= 0
+        # what was demoted, and where to (the bytes it freed are measured, and noisy)
+        assert events and "audio" in events[0]["modalities"]
+        assert events[0]["tier"] == "disk"
     finally:
         server.terminate()
 
