@@ -31,9 +31,9 @@ from inference_svc.memory.residency import ResidencyPolicy
 from inference_svc.metrics import ServiceMetrics
 from inference_svc.process_memory import freeze_startup_objects
 from inference_svc.service_state import ServiceState
-from inference_svc.transport.errors import ServiceInterceptor
 from inference_svc.transport.health import ListenerHealth
 from inference_svc.transport.inference_servicer import InferenceServicer
+from inference_svc.transport.interceptor import ServiceInterceptor
 from inference_svc.transport.reflection import enable_reflection
 from inference_svc.transport.reflection_docs import DocumentedPool
 from inference_svc.transport.tls import add_port

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from autoglm_settings import setting
 
-if TYPE_CHECKING:
-    from inference_svc.engine.constraints import Grammar
+
+class CompiledGrammar(Protocol):
+    """A compiled response format (engine/constraints.py `Grammar`): what a request
+    carries to the model loop, where each sequence starts its own matcher from it."""
+
+    key: str
+
+    def start(self) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ class GenerationRequest:
     return_reasoning: bool = False
     priority: int = 0
     deadline: float | None = None  # time.monotonic() value
-    grammar: Grammar | None = None  # the compiled response_format, set at submit
+    grammar: CompiledGrammar | None = None  # the compiled response_format, set at submit
     n: int = 1  # choices generated from the prompt, sharing its KV
 
     @property

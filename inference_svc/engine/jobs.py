@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference_svc.engine.generation import Cancellation
 from inference_svc.model.modular import DecodedMedia
 from inference_svc.model.prompt import PromptPlan
 from inference_svc.types import Delta, Event, Finished, GenerationRequest
+
+
+class Cancellation:
+    """Why a running request must stop, set from any thread."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self._event = threading.Event()
+        self.deadline = deadline
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set() or self.expired
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ choice is preempted and resumes on its own; a cancel ends them all; the request 
 when its last choice does.
 
 Each sequence keeps its own sampling state (its parameters, its own seeded generator,
-engine/batch.py), so batching does not change what a seeded request generates. A
+engine/sampling.py), so batching does not change what a seeded request generates. A
 model whose rope has several axes (GLM-4.1V) gives a prompt's positions with its inputs
 and the offset of what follows; a sequence keeps that offset.
 
@@ -41,7 +41,6 @@ import structlog
 import torch
 from autoglm_client.bounds import clip
 
-from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.compute_threads import use_compute_threads
 from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
@@ -52,8 +51,10 @@ from inference_svc.engine.output import (
     end_reason,
     final_event,
     open_stream,
+    stop_reason,
     usage,
 )
+from inference_svc.engine.sampling import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.scheduler import LoopHooks, Scheduler
 from inference_svc.engine.sequences import Choices, Prefill, Sequence, choice_key, resume_plan
 from inference_svc.engine.sessions import Reuse, SessionStore
@@ -188,7 +189,7 @@ class ModelLoop:
                 self._cancel_everything()
                 return False
             if not self.scheduler.admit(job):
-                self._hold(job)
+                self._wait_for_room(job)
                 break
             self._register(job)
             admitted.append(job)
@@ -340,7 +341,7 @@ class ModelLoop:
         if self.observer is not None:
             self.observer.request_preempted(reason)
 
-    def _hold(self, job: Job) -> None:
+    def _wait_for_room(self, job: Job) -> None:
         """Not enough KV yet: wait in the queue, up to the queue timeout (a preempted
         job waits as long as it takes: it was admitted once and is never dropped)."""
         waited = time.monotonic() - job.enqueued_at
@@ -522,7 +523,6 @@ class ModelLoop:
                       choices: Choices, started: float) -> Sequence:
         job, plan, info = prefill.job, prefill.plan, prefill.job.info
         text, streamer = open_stream(self.model.tokenizer, job, index)
-        streamer.put(torch.tensor(plan.input_ids))  # the prompt: not streamed back
         sampler = Sampler.create(job.request.sampling, prompt_length=len(plan.input_ids),
                                  eos_ids=self.model.eos_token_ids,
                                  seed=choice_seed(job.request, index),
@@ -569,14 +569,9 @@ class ModelLoop:
         sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
         sequence.next_token = token
         sequence.streamer.add_logprobs(sequence.sampler.take_logprobs())
-        sequence.streamer.put(torch.tensor([token]))
+        sequence.streamer.put(token)
         sequence.info.generated_tokens = sequence.choices.generated
-        return (
-            token in self._eos
-            or sequence.generated >= sequence.job.max_new_tokens
-            or sequence.text.stopped
-            or sequence.job.handle.cancellation.requested
-        )
+        return stop_reason(sequence.job, sequence.streamer, self._eos) is not None
 
     def _step(self) -> None:
         for sequence in [s for s in self.scheduler.decoding.values()
@@ -637,7 +632,7 @@ class ModelLoop:
             return
         try:
             sequence.streamer.end()
-            reason = end_reason(sequence.job, sequence.streamer, self.model.eos_token_ids)
+            reason = end_reason(sequence.job, sequence.streamer, self._eos)
             if reason is FinishReason.CANCELLED:
                 self._release(sequence.key)
             else:

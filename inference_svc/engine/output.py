@@ -2,14 +2,15 @@
 
 Tokens become text deltas (stop sequences held back, reasoning split off) through
 `TextStream`, which the streamer feeds; the final event carries why it ended and the
-usage. Shared by the paged runner and the one-at-a-time runner.
+usage. The stop rules (`stop_reason`) are written here once: the model loop asks them
+whether a sequence ends after each token, and the final says which one ended it.
 """
 
 from __future__ import annotations
 
 import os
 
-from inference_svc.engine.generation import DeltaStreamer, finish_reason
+from inference_svc.engine.delta_stream import DeltaStreamer
 from inference_svc.engine.jobs import Job
 from inference_svc.engine.text_stream import THINK_OPEN, TextStream
 from inference_svc.types import (
@@ -47,9 +48,24 @@ def starts_in_reasoning(tokenizer, job: Job) -> bool:
     return tail.rstrip().endswith(THINK_OPEN)
 
 
-def end_reason(job: Job, streamer: DeltaStreamer, eos_ids: list[int]) -> FinishReason:
-    return finish_reason(streamer, job.handle.cancellation, eos_ids=eos_ids,
-                         max_new_tokens=job.max_new_tokens)
+def stop_reason(job: Job, streamer: DeltaStreamer, eos_ids: frozenset[int]
+                ) -> FinishReason | None:
+    """Why the sequence ends after the tokens it has, or None while it goes on."""
+    if streamer.text.stopped:
+        return FinishReason.STOP_SEQUENCE
+    if job.handle.cancellation.requested:
+        return FinishReason.CANCELLED
+    if streamer.token_ids and streamer.token_ids[-1] in eos_ids:
+        return FinishReason.STOP
+    if len(streamer.token_ids) >= job.max_new_tokens:
+        return FinishReason.LENGTH
+    return None
+
+
+def end_reason(job: Job, streamer: DeltaStreamer, eos_ids: frozenset[int]) -> FinishReason:
+    """Why an ended sequence ended (one the loop ended for no rule of its own, such as a
+    resumed choice whose request was done, stopped)."""
+    return stop_reason(job, streamer, eos_ids) or FinishReason.STOP
 
 
 def final_event(job: Job, streamer: DeltaStreamer, text: TextStream, reason: FinishReason,

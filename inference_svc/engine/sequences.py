@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference_svc.engine.batch import Sampler
-from inference_svc.engine.generation import DeltaStreamer
+from inference_svc.engine.delta_stream import DeltaStreamer
 from inference_svc.engine.jobs import Job, RunningInfo
+from inference_svc.engine.sampling import Sampler
 from inference_svc.engine.sessions import Reuse
 from inference_svc.engine.text_stream import TextStream
 from inference_svc.model.base import PromptInputs

@@ -1,8 +1,9 @@
 """The layers of each package, checked on the source: no import runs back up a layer,
 no package reaches into a process it only talks to over the wire, no module cycle.
 
-Imports are read from the syntax tree (function-level ones too); those under
-`if TYPE_CHECKING:` are left out, since they never run.
+Imports are read from the syntax tree (function-level ones too), those under
+`if TYPE_CHECKING:` included: a type a lower layer names from a higher one is a circle
+even when it never runs.
 """
 
 from __future__ import annotations
@@ -53,22 +54,12 @@ def modules() -> Iterator[tuple[str, Path]]:
             yield ".".join((package, *parts)), path
 
 
-def _type_checking_only(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def imports_of(path: Path, module: str) -> set[str]:
     """The project modules `path` imports (absolute names; relative ones resolved)."""
     found: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _type_checking_only(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

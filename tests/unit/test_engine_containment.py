@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import torch
 
-from inference_svc.engine.batch import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
+from inference_svc.engine.sampling import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.errors import GenerationFailed
 from inference_svc.types import (
     ChatMessage,

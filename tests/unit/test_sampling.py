@@ -62,7 +62,7 @@ def test_rows_that_cannot_be_drawn_from_say_so_and_the_others_still_draw():
 
 
 def test_the_repetition_penalty_is_transformers_own():
-    from inference_svc.engine.batch import _penalize_repeated
+    from inference_svc.engine.sampling import _penalize_repeated
 
     torch.manual_seed(3)
     scores = torch.randn(3, 40) * 4
@@ -73,7 +73,7 @@ def test_the_repetition_penalty_is_transformers_own():
 
 
 def test_choosing_for_a_batch_gives_each_row_what_it_would_get_alone():
-    from inference_svc.engine.batch import Sampler, choose_tokens
+    from inference_svc.engine.sampling import Sampler, choose_tokens
     from inference_svc.types import SamplingParams
 
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.3,
@@ -99,7 +99,7 @@ def test_choosing_for_a_batch_gives_each_row_what_it_would_get_alone():
 def test_frequency_and_presence_penalties_count_each_rows_own_generated_tokens():
     from collections import Counter
 
-    from inference_svc.engine.batch import _penalize_generated
+    from inference_svc.engine.sampling import _penalize_generated
 
     torch.manual_seed(2)
     generated = [torch.tensor([3, 3, 3, 9]), torch.tensor([], dtype=torch.long),
