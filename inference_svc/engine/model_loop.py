@@ -196,10 +196,8 @@ class ModelLoop:
             job = self._next_job(block=False)  # everything waiting joins this round
         if admitted:
             self._start_all(admitted)
-        if self.scheduler.prefilling:
-            self._prefill_step()
-        if sequences:
-            self._step()
+        if self.scheduler.prefilling or sequences:
+            self._pass()
         self._publish()
         return True
 
@@ -418,18 +416,47 @@ class ModelLoop:
             return
         self.scheduler.prefilling.append(Prefill(job, plan, inputs, cached, cached, reuse, resumed))
 
-    def _prefill_step(self) -> None:
-        """One pass over queued prompts under a token budget of one chunk, all packed into
-        one forward (see `Scheduler.prefill_work`), so a long prompt delays the rest by at
-        most one chunk. Cancelled ones stop here, before their next chunk; completed ones
-        start decoding."""
+    def _pass(self) -> None:
+        """One forward: the next chunks of queued prompts (about one chunk of positions,
+        less the decode rows) and every decoding sequence's next token together, so the
+        weights are read once for both. A step with no prompt in flight decodes through
+        `decode_paged` (a captured CUDA graph where there is one). Cancelled work stops
+        first; completed prompts start decoding."""
+        self._drop_cancelled()
+        if self.scheduler.decoding:
+            self.scheduler.make_decode_room()
+        running = list(self.scheduler.decoding.values())
+        work = self.scheduler.prefill_work(decode_rows=len(running))
+        if not work:
+            if running:
+                self._decode_step(running)
+            return
+        if not running:
+            self._prefill_pass(work)
+            return
+        try:
+            logits = self._with_one_retry(lambda: self._feed(work, running))
+        except Exception as error:  # each part alone, so that only the culprit fails
+            log.warning("mixed_pass_failed", error_type=type(error).__name__,
+                        error=_brief(error), prompts=len(work), rows=len(running))
+            self._prefill_pass(work)
+            self._decode_step(running)
+            return
+        self.heartbeat = time.monotonic()
+        self._prefilled(work, list(logits[:len(work)]))
+        self._decoded(running, logits[len(work):])
+
+    def _drop_cancelled(self) -> None:
         prefilling = self.scheduler.prefilling
         for prefill in [p for p in prefilling if p.job.handle.cancellation.requested]:
             prefilling.remove(prefill)
             self._stop_prefill(prefill)
-        work = self.scheduler.prefill_work()
-        if not work:
-            return
+        for sequence in [s for s in self.scheduler.decoding.values()
+                         if s.job.handle.cancellation.requested]:
+            self._finish(sequence)
+
+    def _prefill_pass(self, work: list[tuple[Prefill, int]]) -> None:
+        """The prompts' chunks packed into one forward (`Scheduler.prefill_work`)."""
         try:
             logits = self._with_one_retry(lambda: self._feed(work))
         except Exception as error:
@@ -441,6 +468,11 @@ class ModelLoop:
                         error=_brief(error), prompts=len(work))
             logits = self._feed_each(work)
         self.heartbeat = time.monotonic()
+        self._prefilled(work, logits)
+
+    def _prefilled(self, work: list[tuple[Prefill, int]],
+                   logits: list[torch.Tensor | None]) -> None:
+        """Each prompt reached its chunk's end; a prompt now whole starts decoding."""
         started: list[Sequence] = []
         for (prefill, end), row_logits in zip(work, logits, strict=True):
             if row_logits is None:
@@ -456,16 +488,25 @@ class ModelLoop:
                 started.extend(self._new_sequences(prefill, row_logits))
         self._start(started)
 
-    def _feed(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor]:
-        packed = [RowSlots(self.ledger.slots(p.key, p.done, end),
-                           self.ledger.slots(p.key, 0, end)) for p, end in work]
+    def _feed(self, work: list[tuple[Prefill, int]],
+              running: list[Sequence] = ()) -> torch.Tensor:
+        """The prompts' chunks, then the decoding sequences' next tokens, as the segments
+        of one forward; logits after each segment, in that order."""
+        ledger = self.ledger
+        segments = [RowSlots(ledger.slots(p.key, p.done, end), ledger.slots(p.key, 0, end))
+                    for p, end in work]
+        segments += [RowSlots(ledger.slots(s.key, s.length, s.length + 1),
+                              ledger.slots(s.key, 0, s.length + 1)) for s in running]
         spans = [(p.inputs, p.done - p.cached, end - p.cached) for p, end in work]
-        embeds = [inputs.embeds[start:stop] for inputs, start, stop in spans]
+        inputs = [prompt.embeds[start:stop] for prompt, start, stop in spans]
+        inputs += [torch.tensor([s.next_token]) for s in running]
         positions = None
-        if any(inputs.positions is not None for inputs, _, _ in spans):
-            positions = [[None if inputs.positions is None else inputs.positions[:, start:stop]
-                          for inputs, start, stop in spans]]
-        return list(self.model.forward_paged(self.ledger.pool, [packed], [embeds], positions))
+        if any(prompt.positions is not None for prompt, _, _ in spans) or any(
+                s.position_offset for s in running):
+            positions = [None if prompt.positions is None else prompt.positions[:, start:stop]
+                         for prompt, start, stop in spans]
+            positions += [torch.tensor([[s.length + s.position_offset]]) for s in running]
+        return self.model.forward_paged(ledger.pool, segments, inputs, positions)
 
     def _feed_each(self, work: list[tuple[Prefill, int]]) -> list[torch.Tensor | None]:
         """The prompts one by one, so that only the culprit fails."""
@@ -573,14 +614,7 @@ class ModelLoop:
         sequence.info.generated_tokens = sequence.choices.generated
         return stop_reason(sequence.job, sequence.streamer, self._eos) is not None
 
-    def _step(self) -> None:
-        for sequence in [s for s in self.scheduler.decoding.values()
-                         if s.job.handle.cancellation.requested]:
-            self._finish(sequence)
-        self.scheduler.make_decode_room()
-        running = list(self.scheduler.decoding.values())
-        if not running:
-            return
+    def _decode_step(self, running: list[Sequence]) -> None:
         try:
             logits = self._with_one_retry(lambda: self._decode(running))
         except torch.OutOfMemoryError as error:
@@ -594,9 +628,13 @@ class ModelLoop:
             for sequence in running:
                 self._fail_sequence(sequence, error)
             return
+        self.heartbeat = time.monotonic()
+        self._decoded(running, logits)
+
+    def _decoded(self, running: list[Sequence], logits: torch.Tensor) -> None:
+        """Each sequence's token is in KV; it chooses the next from `logits`."""
         for sequence in running:
             sequence.length += 1
-        self.heartbeat = time.monotonic()
         choices = choose_tokens([s.sampler for s in running], [s.history for s in running],
                                 logits)
         self._advance(running, choices)

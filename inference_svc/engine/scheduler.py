@@ -120,10 +120,14 @@ class Scheduler:
 
     # ---- the next pass -------------------------------------------------------------
 
-    def prefill_work(self) -> list[tuple[Prefill, int]]:
-        """The prompts the next prefill pass takes, and how far (sequences.py)."""
+    def prefill_work(self, *, decode_rows: int = 0) -> list[tuple[Prefill, int]]:
+        """The prompts the next pass takes, and how far (sequences.py): one chunk of
+        positions less the decode rows that share the pass, never under half a chunk."""
+        if not self.prefilling:
+            return []
+        budget = max(self.chunk_tokens - decode_rows, self.chunk_tokens // 2, 1)
         work, self._long_passed_over = pick_prefill_work(
-            self.prefilling, self.chunk_tokens, long_passed_over=self._long_passed_over)
+            self.prefilling, budget, long_passed_over=self._long_passed_over)
         return work
 
     def make_decode_room(self) -> None:

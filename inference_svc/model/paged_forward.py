@@ -14,6 +14,7 @@ from torch import nn
 
 from inference_svc.model.decode_graphs import CaptureFailed, DecodeGraphs
 from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
+from inference_svc.model.segment_step import SegmentStep, segment_attention
 from inference_svc.model.units import ModuleUnit
 
 log = structlog.get_logger(__name__)
@@ -51,29 +52,28 @@ class PagedForward:
         return KVPool(layer_devices=devices, kv_heads=self._kv_heads, head_dim=self._head_dim,
                       dtype=self.dtype, block_size=block_size, blocks=blocks)
 
-    def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
-                      inputs: list[list[torch.Tensor]],
-                      positions: list[list[torch.Tensor | None]] | None = None) -> torch.Tensor:
-        """One decoder pass over new tokens of several sequences, KV in `pool`.
+    def forward_paged(self, pool: KVPool, segments: list[RowSlots],
+                      inputs: list[torch.Tensor],
+                      positions: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """One decoder pass over the new tokens of several sequences, KV in `pool`:
+        prompt chunks and decode rows alike, packed end to end (model/segment_step.py).
 
-        `rows[b]` lists the sequences packed into row b and `inputs[b]` their new
-        tokens: token ids [n], or decoder input embeddings [n, hidden] (a prompt with
-        media); `positions[b]`, where given, their rope positions [axes, n] (see
-        PagedStep). Returns the logits after each sequence's last token
-        [sequences, vocab], in row-major order.
+        `inputs[i]` holds segment i's new tokens: token ids [n], or decoder input
+        embeddings [n, hidden] (a prompt with media); `positions[i]`, where given, their
+        rope positions [axes, n]. Returns the logits after each segment's last token
+        [segments, vocab].
         """
-        step = PagedStep(pool, rows, self.dtype, positions)
-        with self.decoder_unit.use() as decoder, torch.inference_mode():
+        step = SegmentStep(pool, segments, positions)
+        with self.decoder_unit.use() as decoder, torch.inference_mode(), \
+                segment_attention(self._decoder_layers(decoder)):
             table = decoder.get_input_embeddings()
             device = table.weight.device
-            embeds = torch.zeros((len(rows), step.queries, self.config.hidden_size),
-                                 dtype=table.weight.dtype, device=device)
-            for b, row_inputs in enumerate(inputs):
-                parts = [table(x.to(device)) if x.dtype == torch.long else x.to(device)
-                         for x in row_inputs]
-                row = torch.cat(parts) if len(parts) > 1 else parts[0]
-                embeds[b, step.queries - row.shape[0]:] = row
-            return self._run_decoder(decoder, step, embeds)
+            embeds = torch.cat([table(x.to(device)) if x.dtype == torch.long
+                                else x.to(device, table.weight.dtype) for x in inputs])
+            out = decoder(inputs_embeds=embeds[None], position_ids=step.positions.to(device),
+                          cache=step, segment_step=step, use_cache=False,
+                          logits_to_keep=torch.tensor(step.last, device=device))
+            return out.logits[0]
 
     def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
                      tokens: list[int], offsets: list[int] | None = None) -> torch.Tensor:
@@ -105,8 +105,7 @@ class PagedForward:
     @staticmethod
     def _run_decoder(decoder: nn.Module, step: PagedStep, embeds: torch.Tensor) -> torch.Tensor:
         device = embeds.device
-        single = embeds.shape[0] == 1 and embeds.shape[1] > 1
         out = decoder(inputs_embeds=embeds, position_ids=step.positions.to(device),
                       attention_mask=step.mask.to(device), cache=step, use_cache=False,
-                      logits_to_keep=torch.tensor(step.last, device=device) if single else 1)
-        return out.logits[0] if single else out.logits[:, -1]
+                      logits_to_keep=1)
+        return out.logits[:, -1]

@@ -11,13 +11,12 @@ row, the slot of each new token and the slots of every position the row attends 
 position order.
 
 transformers' decoders call `cache.update(keys, values, layer_idx, kwargs=...)` in each
-attention layer and attend over what it returns; `PagedStep` is that object for one
-forward. It writes the new tokens' keys and values into their slots and gathers each
-row's positions into a [rows, kv_heads, longest, head_dim] view for the attention
-implementation (sdpa or eager), with a mask that hides padding and future positions.
-Padding exists only in that transient view: the pool stores tokens and nothing else.
-The same gather-then-attend scheme is what transformers' own continuous batching does
-for its sdpa and eager paged paths.
+attention layer and attend over what it returns; `PagedStep` is that object for a decode
+step. It writes the new tokens' keys and values into their slots and gathers each row's
+positions into a [rows, kv_heads, longest, head_dim] view for the attention
+implementation (sdpa or eager), with a mask that hides padding. Padding exists only in
+that transient view: the pool stores tokens and nothing else. Forwards with prompt
+chunks (model/segment_step.py) read the pool per segment.
 """
 
 from __future__ import annotations
@@ -140,67 +139,11 @@ class RowSlots:
 
 
 class PagedStep:
-    """The `cache` a decoder forward gets: writes new KV to its slots, returns the
-    gathered KV of every row.
-
-    A row is one or more sequences (segments) packed end to end: a segment attends to
-    its own earlier positions only. Decode steps put one sequence per row (one query
-    each); prefill packs every prompt chunk into one row, so no query is padding. Rows
-    are left-padded to the longest, so each row's last token is last.
-    """
-
-    def __init__(self, pool: KVPool, rows: list[list[RowSlots]], dtype: torch.dtype,
-                 given: list[list[torch.Tensor | None]] | None = None) -> None:
-        """`given[b][i]`, when set, holds segment i of row b's positions on each rotary
-        axis [axes, new tokens] (a multimodal rope); otherwise a position is its index."""
-        self.pool = pool
-        self.queries = max(sum(len(s.write) for s in row) for row in rows)
-        self.keys = max(sum(len(s.read) for s in row) for row in rows)
-        q, k = self.queries, self.keys
-        write_rows, write_slots, read = [], [], []
-        allowed = torch.zeros((len(rows), q, k), dtype=torch.bool)
-        positions = torch.zeros((len(rows), q), dtype=torch.long)
-        self.last: list[int] = []  # query index of each segment's last token, row-major
-        for b, row in enumerate(rows):
-            row_q = sum(len(s.write) for s in row)
-            query, key = q - row_q, 0
-            allowed[b, :query, 0] = True  # padded queries read the zero block: no NaN
-            for segment in row:
-                n, m = len(segment.write), len(segment.read)
-                write_rows.append(torch.arange(b * q + query, b * q + query + n))
-                write_slots.append(segment.write)
-                read.append(segment.read)
-                own = torch.arange(segment.start, segment.start + n)
-                positions[b, query:query + n] = own
-                allowed[b, query:query + n, key:key + m] = (
-                    torch.arange(m)[None, :] <= own[:, None])
-                query, key = query + n, key + m
-                self.last.append(b * q + query - 1)
-            if key < k:
-                read.append(torch.full((k - key,), NULL_BLOCK * pool.block_size))
-        self.positions = positions if given is None else self._given_positions(
-            positions, rows, given)
-        self._write_rows = torch.cat(write_rows)
-        self._write_slots = torch.cat(write_slots)
-        self._read = torch.cat(read)
-        self._padded = len(self._write_rows) != len(rows) * q
-        mask = torch.zeros(allowed.shape, dtype=dtype)
-        self.mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-        self._on: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def _given_positions(self, indices: torch.Tensor, rows: list[list[RowSlots]],
-                         given: list[list[torch.Tensor | None]]) -> torch.Tensor:
-        """Positions [axes, rows, queries]: a segment's given ones, else its indices."""
-        axes = next(p.shape[0] for row in given for p in row if p is not None)
-        positions = indices[None].repeat(axes, 1, 1)
-        for b, (row, row_given) in enumerate(zip(rows, given, strict=True)):
-            query = self.queries - sum(len(s.write) for s in row)
-            for segment, segment_positions in zip(row, row_given, strict=True):
-                n = len(segment.write)
-                if segment_positions is not None:
-                    positions[:, b, query:query + n] = segment_positions
-                query += n
-        return positions
+    """The `cache` a decode forward gets (one new token per sequence, one sequence per
+    row): writes the new KV to its slots, returns every row's gathered KV, padded to the
+    longest row and masked. Its tensors have fixed shapes for a (rows, keys) bucket, so a
+    captured CUDA graph replays it (model/decode_graphs.py). Prompt chunks, and decode
+    rows beside them, go through model/segment_step.py instead."""
 
     @classmethod
     def decode(cls, pool: KVPool, tables: list[list[int]], lengths: list[int],
@@ -211,10 +154,10 @@ class PagedStep:
         built with a few tensor operations whatever the batch size. `keys`, when given,
         pads every row's reads to that many (a captured graph's fixed shape); an empty
         table is a padding row, which reads and writes the null block."""
-        step = cls.__new__(cls)
+        step = cls()
         size, rows = pool.block_size, len(tables)
         length = torch.tensor(lengths, dtype=torch.long)
-        step.pool, step.queries = pool, 1
+        step.pool = pool
         step.keys = int(length.max()) + 1 if keys is None else keys
         width = max(max(len(t) for t in tables), -(-step.keys // size))
         table = torch.zeros((rows, width), dtype=torch.long)  # padded with the zero block
@@ -224,13 +167,10 @@ class PagedStep:
         read = slots[:, :step.keys]
         allowed = torch.arange(step.keys)[None, :] <= length[:, None]
         read = torch.where(allowed, read, NULL_BLOCK * size)
-        step._write_rows = torch.arange(rows)
         step._write_slots = read.gather(1, length[:, None]).reshape(-1)
         step._read = read.reshape(-1)
-        step._padded = False
         step.positions = length[:, None] if offsets is None else (
             length + torch.tensor(offsets, dtype=torch.long))[:, None]
-        step.last = list(range(rows))
         mask = torch.zeros((rows, 1, 1, step.keys), dtype=dtype)
         step.mask = mask.masked_fill(~allowed[:, None, None, :], torch.finfo(dtype).min)
         step._on = {}
@@ -239,10 +179,9 @@ class PagedStep:
     def to(self, device: torch.device) -> None:
         """Keep every tensor of the step on `device` (a captured graph's inputs)."""
         self.positions, self.mask = self.positions.to(device), self.mask.to(device)
-        self._write_rows = self._write_rows.to(device)
         self._write_slots = self._write_slots.to(device)
         self._read = self._read.to(device)
-        self._on = {str(device): (self._write_rows, self._write_slots, self._read)}
+        self._on = {str(device): (self._write_slots, self._read)}
 
     def load(self, other: PagedStep) -> None:
         """Copy a step of the same shape into this one's tensors, in place."""
@@ -250,23 +189,20 @@ class PagedStep:
                              (self._write_slots, other._write_slots), (self._read, other._read)):
             mine.copy_(theirs, non_blocking=True)
 
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._on:
-            self._on[key] = (self._write_rows.to(device), self._write_slots.to(device),
-                             self._read.to(device))
+            self._on[key] = (self._write_slots.to(device), self._read.to(device))
         return self._on[key]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                kwargs: dict | None = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, heads, queries, dim = key_states.shape
-        write_rows, write_slots, read = self._indices(key_states.device)
+        batch, heads, _, dim = key_states.shape
+        write_slots, read = self._indices(key_states.device)
         out = []
         for new, store in ((key_states, self.pool.keys), (value_states, self.pool.values)):
             pool = store[layer_idx]
-            flat = new.transpose(0, 1).reshape(heads, batch * queries, dim)
-            if self._padded:
-                flat = flat.index_select(1, write_rows)
+            flat = new.transpose(0, 1).reshape(heads, batch, dim)
             pool.index_copy_(1, write_slots, flat.to(pool.dtype))
             gathered = pool.index_select(1, read).view(heads, batch, self.keys, dim)
             out.append(gathered.transpose(0, 1))

@@ -126,9 +126,9 @@ def contiguous(start: int, stop: int, *, first_block: int = 1, size: int = 16) -
 def paged_prefill(model: Glm4vModel, pool, plan, media, *, cached: int = 0) -> torch.Tensor:
     """Last-token logits of feeding the prompt from `cached` on, in one pass."""
     inputs = model.prompt_inputs(plan, media, cached=cached)
-    positions = None if inputs.positions is None else [[inputs.positions]]
-    [logits] = model.forward_paged(pool, [[contiguous(cached, len(plan.input_ids))]],
-                                   [[inputs.embeds]], positions)
+    positions = None if inputs.positions is None else [inputs.positions]
+    [logits] = model.forward_paged(pool, [contiguous(cached, len(plan.input_ids))],
+                                   [inputs.embeds], positions)
     return logits
 
 
@@ -157,8 +157,8 @@ def test_cached_prefix_gives_the_same_logits(model, where):
     whole = paged_prefill(model, model.new_kv_pool(block_size=16, blocks=blocks), plan, media)
     pool = model.new_kv_pool(block_size=16, blocks=blocks)
     inputs = model.prompt_inputs(plan, media)
-    model.forward_paged(pool, [[contiguous(0, cached)]], [[inputs.embeds[:cached]]],
-                        [[inputs.positions[:, :cached]]])
+    model.forward_paged(pool, [contiguous(0, cached)], [inputs.embeds[:cached]],
+                        [inputs.positions[:, :cached]])
     rest = paged_prefill(model, pool, plan, media, cached=cached)
     torch.testing.assert_close(rest, whole, rtol=1e-4, atol=1e-4)
 

@@ -105,8 +105,8 @@ def test_both_layouts_load_with_the_real_rope_and_give_the_same_logits(flat, nes
         plan = model.plan(messages, media, enable_thinking=False)
         inputs = model.prompt_inputs(plan, media)
         pool = model.new_kv_pool(block_size=16, blocks=len(plan.input_ids) // 16 + 2)
-        [logits[name]] = model.forward_paged(pool, [[contiguous(0, len(plan.input_ids))]],
-                                             [[inputs.embeds]], [[inputs.positions]])
+        [logits[name]] = model.forward_paged(pool, [contiguous(0, len(plan.input_ids))],
+                                             [inputs.embeds], [inputs.positions])
     torch.testing.assert_close(logits["flat"], logits["nested"])
 
 

@@ -30,8 +30,8 @@ def prefilled(model) -> tuple[KVPool, list[list[int]], list[int], list[int]]:
     for plan, table in zip(plans, tables, strict=True):
         slots = torch.tensor([table[p // size] * size + p % size
                               for p in range(len(plan.input_ids))])
-        model.forward_paged(pool, [[RowSlots(slots, slots)]], [[model.prompt_inputs(
-            plan, empty).embeds]])
+        model.forward_paged(pool, [RowSlots(slots, slots)], [model.prompt_inputs(
+            plan, empty).embeds])
     return pool, tables, [len(p.input_ids) for p in plans], [p.input_ids[-1] for p in plans]
 
 

@@ -44,7 +44,7 @@ def test_a_row_with_non_finite_scores_fails_alone(model, monkeypatch):
 
 def test_an_error_in_shared_work_fails_those_in_flight_and_the_loop_goes_on(model,
                                                                             monkeypatch):
-    step = ModelLoop._step
+    step = ModelLoop._pass
     calls = {"n": 0}
 
     def failing_once(self):
@@ -53,7 +53,7 @@ def test_an_error_in_shared_work_fails_those_in_flight_and_the_loop_goes_on(mode
             raise RuntimeError("simulated bug in shared work")
         return step(self)
 
-    monkeypatch.setattr(ModelLoop, "_step", failing_once)
+    monkeypatch.setattr(ModelLoop, "_pass", failing_once)
     engine = Engine(model, EngineConfig())
     engine.start()
 
@@ -76,8 +76,8 @@ def test_a_cache_holding_non_finite_values_is_never_kept_for_reuse(model, monkey
     feed = ModelLoop._feed
     poisoned = {"done": False}
 
-    def poisoning(self, work):
-        logits = feed(self, work)
+    def poisoning(self, work, running=()):
+        logits = feed(self, work, running)
         if not poisoned["done"]:  # the first prompt's KV gets an infinity, its logits not
             poisoned["done"] = True
             prefill, end = work[0]
@@ -169,8 +169,8 @@ def _paged_prefill(model, embeds, length: int, chunk: int, first_block: int = 1)
 
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        logits = model.forward_paged(pool, [[RowSlots(slots(start, end), slots(0, end))]],
-                                     [[embeds[0, start:end]]])
+        logits = model.forward_paged(pool, [RowSlots(slots(start, end), slots(0, end))],
+                                     [embeds[0, start:end]])
     return logits[0]
 
 

@@ -94,10 +94,10 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(model):
         return RowSlots(slots, slots)
 
     segments = [segment(1 + 4 * i, e.shape[0]) for i, e in enumerate(embeds)]
-    together = model.forward_paged(pool, [segments], [embeds])
+    together = model.forward_paged(pool, segments, embeds)
     for row, (seg, embed) in enumerate(zip(segments, embeds, strict=True)):
         own_pool = model.new_kv_pool(block_size=16, blocks=16)
-        alone = model.forward_paged(own_pool, [[seg]], [[embed]])
+        alone = model.forward_paged(own_pool, [seg], [embed])
         assert torch.allclose(together[row], alone[0], atol=1e-4)
         # the packed pass wrote each prompt's KV as a pass of its own does
         assert torch.allclose(pool.keys[0][:, seg.write], own_pool.keys[0][:, seg.write], atol=1e-4)

@@ -64,7 +64,7 @@ def test_a_long_prompt_beside_short_ones_holds_its_tokens_and_no_padding(model, 
     """At every decode step the KV held is at most the live tokens plus one partly filled
     block per sequence: the long prompt does not widen the short ones' rows."""
     seen: list[tuple[int, int, int]] = []
-    step = ModelLoop._step
+    step = ModelLoop._pass
 
     def observed(self):
         step(self)
@@ -75,7 +75,7 @@ def test_a_long_prompt_beside_short_ones_holds_its_tokens_and_no_padding(model, 
         bound += sum(-(-len(p.plan.input_ids) // BLOCK) for p in self.scheduler.prefilling)
         seen.append((held, bound, len(self.scheduler.decoding)))
 
-    monkeypatch.setattr(ModelLoop, "_step", observed)
+    monkeypatch.setattr(ModelLoop, "_pass", observed)
     engine = started(model, prefix_caching=False, prefill_chunk_tokens=512)
     try:
         long = greedy("long", "alpha beta gamma delta " * 60, 12)
