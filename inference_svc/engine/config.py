@@ -38,6 +38,10 @@ class EngineConfig:
         "prompt positions per prefill pass (a prompt's tail under half of it joins "
         "the pass before); a cancel or deadline stops the prefill between chunks "
         "(0: whole prompt at once)"))
+    mixed_steps: bool = setting(True, help=(
+        "while prompts are in flight, feed their chunks and the decode rows through one "
+        "forward (off: a prefill pass, then a decode step, which on a GPU replays its "
+        "CUDA graph)"))
     kv_block_tokens: int = setting(16, help="token positions per KV block (the unit of "
                                             "allocation, sharing and prefix caching)")
     # None: torch's default count (engine/compute_threads.py)

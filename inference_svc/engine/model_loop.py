@@ -2,10 +2,10 @@
 decodes every running sequence one token a step.
 
 Each iteration reads: run control tasks -> schedule (admit what fits; the scheduler,
-engine/scheduler.py, takes KV blocks and preempts when they run out) -> one prefill pass
--> one decode step -> hand each sequence its token, finish what ended -> publish the KV
-account. KV lives in blocks (engine/kv_blocks.py); joining or leaving the batch moves no
-KV and pads nothing.
+engine/scheduler.py, takes KV blocks and preempts when they run out) -> one forward for
+the prompts' next chunks and every decoding sequence's next token together -> hand each
+sequence its token, finish what ended -> publish the KV account. KV lives in blocks
+(engine/kv_blocks.py); joining or leaving the batch moves no KV and pads nothing.
 
 A request asking for n choices prefills its prompt once; then n sequences decode from
 it, the first in the prompt's blocks, the others holding the same blocks (shared, not
@@ -431,8 +431,10 @@ class ModelLoop:
             if running:
                 self._decode_step(running)
             return
-        if not running:
+        if not running or not self.config.mixed_steps:
             self._prefill_pass(work)
+            if running:
+                self._decode_step(running)
             return
         try:
             logits = self._with_one_retry(lambda: self._feed(work, running))
