@@ -14,6 +14,7 @@ from inference_svc.engine.sampling import NonFiniteScores, Sampler, choose_token
 from inference_svc.errors import GenerationFailed
 from inference_svc.types import (
     ChatMessage,
+    Delta,
     Finished,
     GenerationRequest,
     SamplingParams,
@@ -216,3 +217,39 @@ def test_a_finished_request_is_freed_without_waiting_for_the_garbage_collector(m
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_a_failed_mixed_pass_is_run_again_as_its_parts_and_loses_nothing(model, monkeypatch):
+    """When the forward of prompt chunks and decode rows together fails, the prompts'
+    pass and the decode step run apart, so each request still says what it says alone."""
+    def texts(**config) -> list[str]:
+        engine = Engine(model, EngineConfig(prefill_chunk_tokens=16, **config))
+        engine.start()
+
+        async def text_of(req: GenerationRequest, delay: float) -> str:
+            await asyncio.sleep(delay)
+            handle = await engine.submit(req)
+            return "".join([e.text async for e in handle.events() if isinstance(e, Delta)])
+
+        async def main():
+            return await asyncio.gather(
+                text_of(request("a short one", tokens=24, temperature=0), 0.0),
+                text_of(request("a long prompt " * 30, tokens=4, temperature=0), 0.05))
+
+        try:
+            return asyncio.run(main())
+        finally:
+            engine.stop()
+
+    expected = texts(mixed_steps=False)
+    feed, failed = ModelLoop._feed, []
+
+    def failing_when_mixed(self, work, running=()):
+        if running:
+            failed.append(len(running))
+            raise RuntimeError("simulated failure of a mixed pass")
+        return feed(self, work, running)
+
+    monkeypatch.setattr(ModelLoop, "_feed", failing_when_mixed)
+    assert texts() == expected
+    assert failed  # the mixed pass was tried, failed, and its parts ran apart
