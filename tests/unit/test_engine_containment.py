@@ -226,15 +226,16 @@ def test_a_failed_mixed_pass_is_run_again_as_its_parts_and_loses_nothing(model, 
         engine = Engine(model, EngineConfig(prefill_chunk_tokens=16, **config))
         engine.start()
 
-        async def text_of(req: GenerationRequest, delay: float) -> str:
-            await asyncio.sleep(delay)
-            handle = await engine.submit(req)
+        async def text_of(handle) -> str:
             return "".join([e.text async for e in handle.events() if isinstance(e, Delta)])
 
-        async def main():
-            return await asyncio.gather(
-                text_of(request("a short one", tokens=24, temperature=0), 0.0),
-                text_of(request("a long prompt " * 30, tokens=4, temperature=0), 0.05))
+        async def main():  # the short one decodes while the long one is still prefilling
+            long = await engine.submit(request("a long prompt " * 120, tokens=4,
+                                               temperature=0))
+            while not engine._loop.scheduler.prefilling:
+                await asyncio.sleep(0.001)
+            short = await engine.submit(request("a short one", tokens=24, temperature=0))
+            return await asyncio.gather(text_of(long), text_of(short))
 
         try:
             return asyncio.run(main())
