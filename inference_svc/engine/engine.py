@@ -92,7 +92,7 @@ class Engine:
     # ---- requests ---------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
-        if self.closed or self._loop.stopping:
+        if self.closed or self._loop.requests.stopping:
             raise NotReady("the service is shutting down")
         validate(request)
         request = normalized(request)
@@ -122,7 +122,7 @@ class Engine:
                 resource="encoder_activations", retry_after_s=0.0,
             )
         handle = RequestHandle(request, asyncio.get_running_loop())
-        self._loop.enqueue(Job((0, 0), request, plan, media, max_new, handle))
+        self._loop.requests.put(Job((0, 0), request, plan, media, max_new, handle))
         self._handles.add(handle)
         return handle
 
@@ -200,7 +200,7 @@ class Engine:
 
     @property
     def preemptions(self) -> int:
-        return self._loop.preemptions
+        return self._loop.requests.preemptions
 
     @property
     def swaps(self) -> int:
@@ -210,27 +210,29 @@ class Engine:
 
     @property
     def admission(self) -> Admission:
-        return self._loop.admission
+        return self._loop.requests.admission
 
     def set_admission(self, admission: Admission) -> None:
-        self._loop.set_admission(admission)
+        self._loop.requests.set_admission(admission)
         log.info("admission_changed", mode=admission.mode, max_running=admission.max_running)
 
     def running(self) -> list[RunningInfo]:
-        with self._loop.lock:
-            return [RunningInfo(**vars(info)) for info in self._loop.running.values()]
+        requests = self._loop.requests
+        with requests.lock:
+            return [RunningInfo(**vars(info)) for info in requests.running.values()]
 
     @property
     def queued(self) -> int:
-        return self._loop.queued
+        return self._loop.requests.queued
 
     @property
     def completed(self) -> int:
-        return self._loop.completed
+        return self._loop.requests.completed
 
     def modalities_in_use(self) -> set[str]:
-        with self._loop.lock:
-            return set().union(*(info.modalities for info in self._loop.running.values()))
+        requests = self._loop.requests
+        with requests.lock:
+            return set().union(*(info.modalities for info in requests.running.values()))
 
 
 ROLES = {"system", "user", "assistant"}

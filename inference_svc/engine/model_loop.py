@@ -25,12 +25,12 @@ an error in work the requests share fails those in flight, and the loop goes on.
 
 What it schedules (choices, sequences, prefills) and the orderings it decides by (which
 prompts a prefill pass takes, which sequence is preempted first) are in sequences.py;
-the waiting queue and the requests' bookkeeping, which other threads read, are here.
+the waiting queue and the requests' bookkeeping, which other threads read, are in
+request_queue.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -42,7 +42,7 @@ import torch
 from autoglm_client.bounds import clip
 
 from inference_svc.engine.compute_threads import use_compute_threads
-from inference_svc.engine.jobs import Admission, Failed, Job, RunningInfo
+from inference_svc.engine.jobs import Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
 from inference_svc.engine.output import (
     choice_end,
@@ -54,19 +54,18 @@ from inference_svc.engine.output import (
     stop_reason,
     usage,
 )
+from inference_svc.engine.request_queue import RequestQueue
 from inference_svc.engine.sampling import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.engine.scheduler import LoopHooks, Scheduler
 from inference_svc.engine.sequences import Choices, Prefill, Sequence, choice_key, resume_plan
 from inference_svc.engine.sessions import Reuse, SessionStore
-from inference_svc.errors import GenerationFailed, NotReady, ResourceExhausted, ServiceError
+from inference_svc.errors import GenerationFailed, ResourceExhausted, ServiceError
 from inference_svc.model.paged_kv import RowSlots
 from inference_svc.model.prompt import PromptPlan
 from inference_svc.process_memory import release_freed_memory
 from inference_svc.types import Finished, FinishReason
 
 log = structlog.get_logger("engine")
-RESUME_FIRST = -(2**61)  # queue position of preempted jobs: before every fresh one
-WAKE = -(2**62) + 1  # queue position of a wake-up for control tasks
 
 
 class ModelLoop:
@@ -77,23 +76,13 @@ class ModelLoop:
         self.config = config
         self.sessions = sessions
         self.ledger = ledger
-        self.queue: queue.PriorityQueue[Job] = queue.PriorityQueue()
-        self.lock = threading.Lock()
-        self.running: dict[str, RunningInfo] = {}
-        self.queued = 0
-        self.completed = 0
-        self.preemptions = 0
-        self.stopping = False
+        self.requests = RequestQueue(max_queued=config.max_queued, max_batch=config.max_batch)
         self.heartbeat = time.monotonic()  # last sign of progress, for the watchdog
-        self._jobs: dict[str, Job] = {}  # admitted and not yet retired, by request id
-        self.admission = Admission()
-        self._admission_changed = threading.Condition()
-        self._sequence = itertools.count()
         self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self.scheduler = Scheduler(
             ledger, sessions, chunk_tokens=config.prefill_chunk_tokens or model.context_length,
             prefix_caching=config.prefix_caching,
-            hooks=LoopHooks(requeue=self._requeue, settle=self._settle,
+            hooks=LoopHooks(requeue=self.requests.requeue_preempted, settle=self._settle,
                             preempted=self._count_preemption))
         self._choices: dict[str, Choices] = {}  # requests decoding, by request id
         self._eos = frozenset(model.eos_token_ids)
@@ -112,34 +101,11 @@ class ModelLoop:
     @property
     def busy(self) -> bool:
         """Work is waiting or running (so the heartbeat must keep moving)."""
-        with self.lock:
-            return bool(self.queued or self.running)
+        return self.requests.busy
 
     def stop(self, timeout: float) -> None:
-        with self.lock:  # no job is queued behind the stop (it would never be answered)
-            self.stopping = True
-            self.queue.put(Job((-(2**62), -1), None))
-        with self._admission_changed:
-            self._admission_changed.notify_all()
+        self.requests.stop()
         self._thread.join(timeout)
-
-    def enqueue(self, job: Job) -> None:
-        with self.lock:
-            if self.stopping:
-                raise NotReady("the service is shutting down")
-            if self.queued >= self.config.max_queued:
-                raise ResourceExhausted(
-                    f"request queue is full ({self.config.max_queued} waiting)",
-                    resource="queue", retry_after_s=1.0,
-                )
-            self.queued += 1
-            job.sort_key = (-job.request.priority, next(self._sequence))
-            self.queue.put(job)
-
-    def set_admission(self, admission: Admission) -> None:
-        with self._admission_changed:
-            self.admission = admission
-            self._admission_changed.notify_all()
 
     def call(self, work: Callable[[], object], timeout: float = 30.0) -> object:
         """Run `work` on the model thread between steps (KV blocks are the loop's alone);
@@ -148,25 +114,10 @@ class ModelLoop:
             return work()
         done: Future = Future()
         self._tasks.put((work, done))
-        self.queue.put(Job((WAKE, next(self._sequence)), None, wake=True))
-        with self._admission_changed:
-            self._admission_changed.notify_all()
+        self.requests.wake()
         return done.result(timeout)
 
     # ---- the loop ----------------------------------------------------------------
-
-    def _capacity(self) -> int:
-        admission = self.admission
-        if admission.mode != "open" and admission.lapsed:
-            log.warning("admission_lease_lapsed", mode=admission.mode)
-            self.set_admission(Admission())
-            admission = self.admission
-        most = self.config.max_batch
-        if admission.mode == "paused":
-            return 0
-        if admission.mode == "limited":
-            return min(admission.max_running, most)
-        return most
 
     def _run(self) -> None:
         use_compute_threads(self.config.compute_threads)
@@ -223,11 +174,11 @@ class ModelLoop:
         """An error outside any one request's work: every request in flight fails (their
         shared state cannot be trusted), the loop goes on."""
         log.error("model_loop_error", error_type=type(error).__name__,
-                  error=_brief(error), in_flight=len(self._jobs), exc_info=error)
+                  error=_brief(error), in_flight=len(self.requests.admitted()), exc_info=error)
         self.scheduler.decoding.clear()
         self.scheduler.prefilling.clear()
         failure = GenerationFailed("internal error in the model loop; retry the request")
-        for job in list(self._jobs.values()):
+        for job in self.requests.admitted():
             self._fail(job, job.info, failure)
 
     def _cancel_everything(self) -> None:
@@ -240,16 +191,10 @@ class ModelLoop:
             prefill.job.handle.cancel()
             self._finish(prefill.resumed)
         self.scheduler.prefilling.clear()
-        for job in list(self._jobs.values()):  # admitted but not started
+        for job in self.requests.admitted():  # admitted but not started
             self._end_unstarted(job)
-        while True:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                return
+        for job in self.requests.drain():
             if job.request is not None:
-                with self.lock:
-                    self.queued -= 1
                 self._end_unstarted(job)
 
     def _end_unstarted(self, job: Job) -> None:
@@ -259,10 +204,9 @@ class ModelLoop:
             return
         self._release(job.request.request_id)
         if job.info is not None:
-            self._retire(job.request.request_id)
+            self.requests.retire(job.request.request_id)
         else:
-            with self.lock:
-                self.completed += 1
+            self.requests.ended_unadmitted()
         self._publish()
         job.handle.push(Finished(FinishReason.CANCELLED, usage(job, 0)))
 
@@ -270,20 +214,21 @@ class ModelLoop:
         self.ledger.release(key, keep_cached=False)
 
     def _next_job(self, *, block: bool) -> Job | None:
+        """The next request admission may take (None when none, or when as many run as
+        the admission mode allows); blocking, it waits, running control tasks meanwhile."""
+        requests = self.requests
         while True:
             self.heartbeat = time.monotonic()
             self._run_tasks()
-            if self.admission.mode == "paused" and not self.stopping:
+            if requests.admission.mode == "paused" and not requests.stopping:
                 self._expire_queued()
-            if len(self.running) >= self._capacity() and not self.stopping:
+            if requests.full:
                 if not block:
                     return None
-                with self._admission_changed:
-                    self._admission_changed.wait(timeout=0.2)
+                requests.wait_for_capacity(0.2)
                 continue
-            try:
-                job = self.queue.get(timeout=1.0) if block else self.queue.get_nowait()
-            except queue.Empty:
+            job = requests.get(block=block)
+            if job is None:
                 if not block:
                     return None
                 self.sessions.expire_idle()
@@ -292,58 +237,37 @@ class ModelLoop:
                 continue
             if job.request is None:
                 return job
-            if len(self.running) >= self._capacity() and not self.stopping:
-                self.queue.put(job)  # admission closed while we waited: not yet
+            if requests.full:
+                requests.back(job)  # admission closed while we waited: not yet
                 continue
-            with self.lock:
-                self.queued -= 1
             if job.handle.cancellation.requested:
                 self._end_unstarted(job)
                 continue
             return job
 
     def _expire_queued(self) -> None:
-        kept: list[Job] = []
-        now = time.monotonic()
-        while True:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            # a preempted job is never dropped: it was admitted once
-            if (job.request is not None and not (job.resume or job.preempted)
-                    and now - job.enqueued_at > self.config.queue_timeout_s):
-                with self.lock:
-                    self.queued -= 1
+        """While admission is paused, fresh requests past the queue timeout fail."""
+        for job in self.requests.drain():
+            if job.request is not None and self.requests.waited_too_long(
+                    job, self.config.queue_timeout_s):
                 job.handle.push(Failed(ResourceExhausted(
                     "admission is paused under memory pressure; retry later",
                     resource="admission", retry_after_s=2.0,
                 )))
             elif not job.wake:
-                kept.append(job)
-        for job in kept:
-            self.queue.put(job)
+                self.requests.back(job)
 
     # ---- waiting -----------------------------------------------------------------------
 
-    def _requeue(self, job: Job) -> None:
-        """A preempted job waits again, ahead of fresh jobs of its priority: it was
-        admitted before them."""
-        job.sort_key = (-job.request.priority, RESUME_FIRST + next(self._sequence))
-        with self.lock:
-            self.queued += 1
-        self.queue.put(job)
-
     def _count_preemption(self, reason: str) -> None:
-        self.preemptions += 1
+        self.requests.preemptions += 1
         if self.observer is not None:
             self.observer.request_preempted(reason)
 
     def _wait_for_room(self, job: Job) -> None:
         """Not enough KV yet: wait in the queue, up to the queue timeout (a preempted
         job waits as long as it takes: it was admitted once and is never dropped)."""
-        waited = time.monotonic() - job.enqueued_at
-        if not (job.resume or job.preempted) and waited > self.config.queue_timeout_s:
+        if self.requests.waited_too_long(job, self.config.queue_timeout_s):
             job.handle.push(Failed(ResourceExhausted(
                 "KV cache budget is fully used by running requests; retry later",
                 resource="kv_cache", retry_after_s=1.0,
@@ -355,29 +279,12 @@ class ModelLoop:
             log.info("admission_waiting", request_id=job.request.request_id,
                      prompt_tokens=len(job.plan.input_ids), held_bytes=account.held_bytes,
                      cached_bytes=account.cached_bytes, budget_bytes=account.budget_bytes,
-                     running=len(self.running))
-        with self.lock:
-            self.queued += 1
-        self.queue.put(job)
+                     running=len(self.requests.running))
+        self.requests.back(job)
 
     def _register(self, job: Job) -> None:
-        request = job.request
-        if job.resume is not None:
-            with self.lock:
-                known = self.running.get(request.request_id)
-            if known is not None:  # another of its choices is in the batch
-                job.info = known
-                return
-        info = RunningInfo(request.request_id, request.session_id, request.modalities,
-                           len(job.plan.input_ids), priority=request.priority)
-        if job.resume is not None:
-            info.generated_tokens = job.resume.choices.generated
-        elif self.observer is not None:
+        if self.requests.register(job) and job.resume is None and self.observer is not None:
             self.observer.request_admitted(time.monotonic() - job.enqueued_at)
-        job.info = info
-        with self.lock:
-            self.running[info.request_id] = info
-            self._jobs[info.request_id] = job
 
     # ---- starting: prefill ---------------------------------------------------------------
 
@@ -692,7 +599,7 @@ class ModelLoop:
         choices.sequences.clear()  # no cycle keeps the ended request (and its media) alive
         # retire and publish first: a client that reads the account after its final
         # message must see its KV where it went (an idle cache), not still running
-        self._retire(request_id)
+        self.requests.retire(request_id)
         self._publish()
         sequence.job.handle.push(finished)
 
@@ -714,9 +621,7 @@ class ModelLoop:
             return
         if any(p.job.request.request_id == request_id for p in self.scheduler.prefilling):
             return
-        with self.lock:
-            self.running.pop(request_id, None)
-            self._jobs.pop(request_id, None)
+        self.requests.leave(request_id)
 
     def _keep(self, sequence: Sequence) -> None:
         """A finished sequence's blocks go to its session (choice 0's), or stay cached by
@@ -776,17 +681,9 @@ class ModelLoop:
             log.error("generation_failed", request_id=job.request.request_id,
                       error_type=type(error).__name__, error=_brief(error), exc_info=error)
         if info is not None or choices is not None:
-            self._retire(request_id)
+            self.requests.retire(request_id)
         self._publish()
         job.handle.push(Failed(error))
-
-    def _retire(self, request_id: str) -> None:
-        with self.lock:
-            self.running.pop(request_id, None)
-            self._jobs.pop(request_id, None)
-            self.completed += 1
-        with self._admission_changed:
-            self._admission_changed.notify_all()
 
     # ---- KV reuse ------------------------------------------------------------------------
 

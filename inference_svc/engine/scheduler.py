@@ -10,8 +10,8 @@ host memory when long (copying is cheaper than recomputing) or let go and recomp
 when short, and goes back to the waiting queue ahead of fresh jobs of its priority.
 
 The waiting queue itself, and the bookkeeping of requests (what runs, what finished)
-that other threads read, are the model loop's (engine/model_loop.py); it is told of
-each preemption through the hooks it gives.
+that other threads read, are in engine/request_queue.py; the model loop is told of each
+preemption through the hooks it gives.
 """
 
 from __future__ import annotations
