@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import structlog
-from autoglm_client.bounds import quote
-from autoglm_client.ids import is_request_id
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from autoglm_common.bounds import quote
+from autoglm_common.ids import is_request_id
 
 from . import chat_completions
 from .body_limit import BodySizeLimitMiddleware

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 import uvicorn
-from autoglm_client.logging_setup import configure_logging
 
+from autoglm_common.logging_setup import configure_logging
 from autoglm_settings import deprecated_names
 
 from .config import ENV_PREFIX, GatewayConfig, config_from_args

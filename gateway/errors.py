@@ -12,8 +12,9 @@ import math
 from typing import Any
 
 import grpc
-from autoglm_client.bounds import clip
 from autoglm_client.errors import error_from_rpc_error
+
+from autoglm_common.bounds import clip
 
 _PARAM_BYTES = 256  # params are paths into the body, whose keys the client chose
 

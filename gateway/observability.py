@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import structlog
-from autoglm_client.ids import is_request_id
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
+
+from autoglm_common.ids import is_request_id
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -7,9 +7,8 @@ import binascii
 import json
 import re
 
-from autoglm_client.bounds import quote
-
 from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm_common.bounds import quote
 
 from .errors import BadRequest
 from .openai_schema import AudioPart, ChatCompletionRequest, ChatMessage, ImagePart, TextPart

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autoglm-server: error: {exc}", file=sys.stderr)
         return 2
     # Configure logging before the heavy imports so their warnings are structured too.
-    from autoglm_client.logging_setup import configure_logging
+    from autoglm_common.logging_setup import configure_logging
 
     configure_logging(fmt=config.log_format, level=config.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

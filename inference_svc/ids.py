@@ -1,11 +1,10 @@
-"""What session ids may look like (request ids: `autoglm_client.ids`)."""
+"""What session ids may look like (request ids: `autoglm_common.ids`)."""
 
 from __future__ import annotations
 
 import re
 
-from autoglm_client.bounds import quote
-
+from autoglm_common.bounds import quote
 from inference_svc.errors import InvalidRequest
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

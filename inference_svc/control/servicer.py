@@ -8,10 +8,10 @@ import hmac
 import time
 
 import grpc
-from autoglm_client.bounds import quote
 
 from autoglm.control.v1 import control_service_pb2 as pb
 from autoglm.control.v1 import control_service_pb2_grpc as pb_grpc
+from autoglm_common.bounds import quote
 from inference_svc.control.convert import (
     ADMISSION_FROM_PB,
     account_to_pb,

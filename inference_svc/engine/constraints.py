@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import structlog
 import torch
-from autoglm_client.bounds import clip
 
+from autoglm_common.bounds import clip
 from inference_svc.errors import GenerationFailed, InvalidRequest
 from inference_svc.types import ResponseFormat
 

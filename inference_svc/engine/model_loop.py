@@ -39,8 +39,8 @@ from concurrent.futures import Future
 
 import structlog
 import torch
-from autoglm_client.bounds import clip
 
+from autoglm_common.bounds import clip
 from inference_svc.engine.compute_threads import use_compute_threads
 from inference_svc.engine.jobs import Failed, Job, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile
-from autoglm_client.bounds import quote
 from PIL import Image, UnidentifiedImageError
 
+from autoglm_common.bounds import quote
 from inference_svc.errors import InvalidMedia
 
 IMAGE_MIME_TYPES = {

@@ -6,11 +6,11 @@ import time
 
 import grpc
 import structlog
-from autoglm_client.bounds import quote
 from google.protobuf import struct_pb2
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from autoglm_common.bounds import quote
 from inference_svc.errors import DeadlineExceeded, NotReady, UnknownSession
 from inference_svc.ids import check_session_id
 from inference_svc.service_state import ServiceState

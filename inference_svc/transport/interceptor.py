@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
-from autoglm_client.bounds import clip
-from autoglm_client.ids import is_request_id
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from autoglm_common.bounds import clip
+from autoglm_common.ids import is_request_id
 from inference_svc.errors import (
     DeadlineExceeded,
     InvalidRequest,

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {  # top-level package -> its directory
     "autoglm_settings": ROOT / "autoglm_settings",
+    "autoglm_common": ROOT / "autoglm_common",
     "autoglm_client": ROOT / "clients" / "python" / "autoglm_client",
     "gateway": ROOT / "gateway",
     "memory_daemon": ROOT / "memory_daemon",
@@ -26,10 +27,12 @@ SOURCES = {  # top-level package -> its directory
 # open to all). The gateway and the daemon talk to the service over gRPC only.
 ALLOWED_PACKAGES = {
     "autoglm_settings": set(),
+    "autoglm_common": set(),
     "autoglm_client": set(),
-    "gateway": {"autoglm_client", "autoglm_settings"},
+    "gateway": {"autoglm_client", "autoglm_common", "autoglm_settings"},
     "memory_daemon": {"autoglm_client", "autoglm_settings"},
-    "inference_svc": {"autoglm_client", "autoglm_settings"},
+    # the service imports nothing of the client's: what they share is autoglm_common's
+    "inference_svc": {"autoglm_common", "autoglm_settings"},
 }
 # The service's layers, lowest first: a module imports from its own layer or below.
 SERVICE_LAYERS = [

@@ -85,9 +85,13 @@ def test_every_copied_path_exists_and_survives_dockerignore(dockerfile):
     for source in sources:
         assert (REPO / source).exists(), source
         assert not ignored(source), source
-    # the packages setup.py builds all reach the image
-    for package in ("inference_svc", "memory_daemon", "gateway", "clients/python", "protos"):
-        assert package in sources
+    # the packages setup.py builds all reach the image (the generated `autoglm` is built
+    # there from protos/)
+    packages = [p.name for p in REPO.iterdir()
+                if (p / "__init__.py").is_file() and p.name != "tests" and not ignored(p.name)]
+    assert "inference_svc" in packages and "autoglm_settings" in packages
+    for package in (*packages, "clients/python", "protos"):
+        assert package in sources, package
 
 
 def test_dockerignore_keeps_local_state_out():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import structlog
-from autoglm_client.logging_setup import configure_logging
+
+from autoglm_common.logging_setup import configure_logging
 
 # Built at run time, so that the source lines a console traceback shows do not hold them.
 SECRET = "".join(["patient ", "record ", "4711-"]) * 3

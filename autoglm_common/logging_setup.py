@@ -17,7 +17,7 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, ExcInfo, WrappedLogger
 
-from autoglm_client.bounds import clip
+from autoglm_common.bounds import clip
 
 EXCEPTION_MESSAGE_BYTES = 500
 FIELD_BYTES = 2000
