@@ -117,7 +117,6 @@ class Glm4vModel(PagedForward, UnitModel):
         # decoder keeps alive: dropping them would free nothing, so the vision unit loads
         # its own copy even the first time.
         self._vision_config = self._detach_tower(model).config
-        self.generation_config = self.checkpoint_config.generation_config
         self.config = model.config.text_config
         self.image_token_id = int(model.config.image_token_id)
         self._image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
@@ -166,8 +165,7 @@ class Glm4vModel(PagedForward, UnitModel):
                 "image_placeholder": self._image_placeholder,
                 "chat_template": template,
                 "content_format": self.content_format,
-                "generation_config": "generation_config.json"
-                if (self.bundle / "generation_config.json").is_file() else "config.json"}
+                "generation_config": self.checkpoint_config.generation_file}
 
     @staticmethod
     def _detach_tower(model: Glm4vForConditionalGeneration) -> Glm4vVisionModel:

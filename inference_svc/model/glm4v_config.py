@@ -43,7 +43,7 @@ class Glm4vCheckpointConfig:
     config: Glm4vConfig
     layout: str  # "nested" (transformers 5) or "flat" (transformers 4.53)
     eos_token_ids: list[int]
-    generation_config: GenerationConfig
+    generation_file: str  # where the generation defaults came from: its own file or config.json
 
 
 def read_glm4v_config(directory: Path) -> Glm4vCheckpointConfig:
@@ -67,8 +67,12 @@ def read_glm4v_config(directory: Path) -> Glm4vCheckpointConfig:
         raise UnreadableCheckpoint(f"{path}: no vision_config")
     _check_rope(path, text)
     config = Glm4vConfig.from_dict(nested)
-    generation = _generation_config(directory, config)
-    return Glm4vCheckpointConfig(config, layout, _eos_ids(generation, nested), generation)
+    # generation_config.json where the checkpoint has one; else config.json's defaults
+    own = (directory / GENERATION_CONFIG).is_file()
+    generation = (GenerationConfig.from_pretrained(directory, local_files_only=True) if own
+                  else GenerationConfig.from_model_config(config))
+    return Glm4vCheckpointConfig(config, layout, _eos_ids(generation, nested),
+                                 GENERATION_CONFIG if own else CONFIG)
 
 
 def _nest(raw: dict) -> dict:
@@ -104,13 +108,6 @@ def _check_rope(path: Path, text: dict) -> None:
             f"{path}: mrope_section {section} covers {2 * sum(section)} rotary dimensions, "
             f"but the head's rotary part has {rotary} (head_dim {head_dim}, "
             f"partial_rotary_factor {rope.get('partial_rotary_factor', 1.0)})")
-
-
-def _generation_config(directory: Path, config: Glm4vConfig) -> GenerationConfig:
-    """generation_config.json where the checkpoint has one; else config.json's defaults."""
-    if (directory / GENERATION_CONFIG).is_file():
-        return GenerationConfig.from_pretrained(directory, local_files_only=True)
-    return GenerationConfig.from_model_config(config)
 
 
 def _eos_ids(generation: GenerationConfig, nested: dict) -> list[int]:

@@ -20,6 +20,7 @@ SDPA over gathered blocks.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,12 +44,11 @@ class SegmentStep:
         index plus its offset does); otherwise a position is its index."""
         self.pool = pool
         counts = [len(s.write) for s in segments]
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        self.tokens = sum(counts)
+        starts = [0, *itertools.accumulate(counts)][:-1]  # each segment's first query
         self.last = [start + n - 1 for start, n in zip(starts, counts, strict=True)]
         self._write = torch.cat([s.write for s in segments])
         self.positions = _positions(segments, given)
-        # prompt chunks: (first query, queries, keys read, causal mask or None)
+        # prompt chunks: (first query, segment, its causal mask or None)
         self._chunks = [(start, s, _chunk_mask(len(s.write), len(s.read)))
                         for start, s in zip(starts, segments, strict=True) if len(s.write) > 1]
         singles = [(start, s) for start, s in zip(starts, segments, strict=True)
