@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from autoglm_common.bounds import clip
+
 
 class ServiceError(Exception):
     """Base of every error a client can be told about."""
@@ -71,3 +73,8 @@ class GenerationFailed(ServiceError):
     """The model could not continue this request (its other requests are unaffected)."""
 
     reason = "GENERATION_FAILED"
+
+
+def brief(error: BaseException) -> str:
+    """An exception for the log: its message, cut short (never request content)."""
+    return clip(str(error), 300)

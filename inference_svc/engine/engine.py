@@ -16,10 +16,11 @@ import structlog
 
 from inference_svc.engine.config import EngineConfig, default_prefill_chunk
 from inference_svc.engine.constraints import GrammarCompiler
-from inference_svc.engine.jobs import Admission, Failed, Job, RequestHandle, RunningInfo
+from inference_svc.engine.jobs import Admission, Failed, RequestHandle, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
 from inference_svc.engine.logprobs import MAX_TOP_LOGPROBS
 from inference_svc.engine.model_loop import ModelLoop
+from inference_svc.engine.sequences import Job
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.errors import ContextTooLong, InvalidRequest, NotReady, ResourceExhausted
 from inference_svc.model.base import PagedDecoder
@@ -204,7 +205,7 @@ class Engine:
 
     @property
     def swaps(self) -> int:
-        return self._loop.scheduler.swaps
+        return self._loop.swaps
 
     # ---- admission and accounting -------------------------------------------------
 

@@ -7,11 +7,8 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from inference_svc.model.modular import DecodedMedia
-from inference_svc.model.prompt import PromptPlan
 from inference_svc.types import Delta, Event, Finished, GenerationRequest
 
 
@@ -103,18 +100,18 @@ class RequestHandle:
                 return
 
 
-@dataclass(order=True)
-class Job:
-    sort_key: tuple[int, int]
-    request: GenerationRequest | None = field(compare=False)  # None: stop the loop
-    plan: PromptPlan | None = field(compare=False, default=None)
-    media: DecodedMedia | None = field(compare=False, default=None)
-    max_new_tokens: int = field(compare=False, default=0)
-    handle: RequestHandle | None = field(compare=False, default=None)
-    enqueued_at: float = field(compare=False, default_factory=time.monotonic)
-    resume: Any = field(compare=False, default=None)  # a preempted Sequence to recompute
-    info: RunningInfo | None = field(compare=False, default=None)  # set once admitted
-    waiting: bool = field(compare=False, default=False)  # admission has made it wait
-    reuse: Any = field(compare=False, default=None)  # KV found for it at admission
-    wake: bool = field(compare=False, default=False)  # no request: wakes the loop for a task
-    preempted: bool = field(compare=False, default=False)  # admitted once: never times out
+class Outbox:
+    """What the model thread has for clients, held until the step is settled and its KV
+    account published, then sent in order: a client that reads the account after any
+    message of its request sees what that message says happened."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[RequestHandle, Event | Failed]] = []
+
+    def post(self, handle: RequestHandle, event: Event | Failed) -> None:
+        self._events.append((handle, event))
+
+    def deliver(self) -> None:
+        events, self._events = self._events, []
+        for handle, event in events:
+            handle.push(event)

@@ -2,19 +2,21 @@
 
 Tokens become text deltas (stop sequences held back, reasoning split off) through
 `TextStream`, which the streamer feeds; the final event carries why it ended and the
-usage. The stop rules (`stop_reason`) are written here once: the model loop asks them
+usage. The stop rules (`stop_reason`) are written here once: the scheduler asks them
 whether a sequence ends after each token, and the final says which one ended it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from inference_svc.engine.delta_stream import DeltaStreamer
-from inference_svc.engine.jobs import Job
+from inference_svc.engine.sequences import Job
 from inference_svc.engine.text_stream import THINK_OPEN, TextStream
 from inference_svc.types import (
     ChoiceEnd,
+    Delta,
     Finished,
     FinishReason,
     GenerationRequest,
@@ -23,20 +25,20 @@ from inference_svc.types import (
 )
 
 
-def open_stream(tokenizer, job: Job, index: int = 0) -> tuple[TextStream, DeltaStreamer]:
+def open_stream(tokenizer, job: Job, index: int, emit: Callable[[Delta], None]
+                ) -> tuple[TextStream, DeltaStreamer]:
     """The text pipeline of the request's choice `index` and the streamer that feeds its
-    client."""
+    client through `emit`."""
     request = job.request
     # Structured output must reach the client exactly as the grammar made it.
     answer_tags = job.plan.answer_tags and request.sampling.response_format is None
     text = TextStream(tokenizer, request.sampling.stop_sequences,
                       start_in_reasoning=starts_in_reasoning(tokenizer, job),
                       answer_tags=answer_tags)
-    # the handle's own push, not a closure over the streamer: a streamer <-> closure
-    # cycle kept each finished Job (its decoded images and audio) alive until a full
-    # garbage collection, and RSS grew ~25 MB/min under mixed traffic
-    streamer = DeltaStreamer(text, job.handle.push, reasoning=request.return_reasoning,
-                             index=index)
+    # `emit` must not close over the streamer: a streamer <-> closure cycle kept each
+    # finished Job (its decoded images and audio) alive until a full garbage collection,
+    # and RSS grew ~25 MB/min under mixed traffic
+    streamer = DeltaStreamer(text, emit, reasoning=request.return_reasoning, index=index)
     return text, streamer
 
 

@@ -1,6 +1,6 @@
 """The requests between the asyncio side and the model loop: those waiting for admission
 and the bookkeeping other threads read (what runs, how many wait, how many finished,
-the admission mode). Thread-safe; the model loop takes jobs from it, the engine puts
+the admission mode). Thread-safe; the scheduler takes jobs from it, the engine puts
 them in and reads the counts.
 
 Waiting is a priority queue: higher priority first, then arrival; a preempted job goes
@@ -18,7 +18,8 @@ import time
 
 import structlog
 
-from inference_svc.engine.jobs import Admission, Job, RunningInfo
+from inference_svc.engine.jobs import Admission, RunningInfo
+from inference_svc.engine.sequences import Job
 from inference_svc.errors import NotReady, ResourceExhausted
 
 log = structlog.get_logger("engine")
@@ -118,6 +119,21 @@ class RequestQueue:
             with self.lock:
                 self.queued -= 1
         return job
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block until an entry waits (it stays queued; a wake-up is taken) or, while
+        no more requests may run, until admission changes; False when `timeout` passed
+        with neither."""
+        if self.full:
+            with self.admission_changed:
+                return self.admission_changed.wait(timeout=min(timeout, 0.2))
+        try:
+            job = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if not job.wake:
+            self._queue.put(job)
+        return True
 
     def back(self, job: Job) -> None:
         """A taken entry waits again where it was (admission said not yet)."""

@@ -1,192 +1,295 @@
-"""Who runs, on the model thread: the prompts being prefilled, the sequences decoding,
-and the KV blocks each of them needs.
+"""The scheduler: plans each step and settles it. It alone touches the waiting queue,
+the batch and the KV ledger.
 
-Admission takes a job's prompt blocks (less what is already computed, by session or by
-content) when they fit beside a small watermark; decoding takes a block when a sequence
-fills its last one. When blocks run out, idle sessions are evicted (least recently
-used), then running work is preempted: for an admission only work of lower priority,
-for decoding the lowest-priority, newest sequence. A preempted sequence is swapped to
-host memory when long (copying is cheaper than recomputing) or let go and recomputed
-when short, and goes back to the waiting queue ahead of fresh jobs of its priority.
-
-The waiting queue itself, and the bookkeeping of requests (what runs, what finished)
-that other threads read, are in engine/request_queue.py; the model loop is told of each
-preemption through the hooks it gives.
+`schedule()` admits what fits of the waiting jobs (engine/kv_room.py takes their KV
+blocks, evicting and preempting when they run out), stops what was cancelled, gives
+each decoding sequence the block its next token goes to, and picks the prompt chunks
+that share the step (sequences.py), returning a `StepPlan` (engine/step.py).
+`update(plan, out)` settles what the runner did: prompts advance, completed ones start
+their choices, every row takes its token and is streamed, and what ended ends
+(engine/endings.py). What clients are to hear goes to the outbox.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
 
 import structlog
+import torch
 
-from inference_svc.engine.jobs import Job
-from inference_svc.engine.kv_blocks import BlockLedger, KVExhausted
+from inference_svc.engine.config import EngineConfig
+from inference_svc.engine.endings import Endings
+from inference_svc.engine.jobs import Failed, Outbox
+from inference_svc.engine.kv_blocks import BlockLedger
+from inference_svc.engine.kv_room import KVRoom
+from inference_svc.engine.output import choice_seed, open_stream, stop_reason
+from inference_svc.engine.request_queue import RequestQueue
+from inference_svc.engine.sampling import Choice, Sampler
 from inference_svc.engine.sequences import (
+    Batch,
+    Choices,
+    Job,
     Prefill,
     Sequence,
+    choice_key,
     pick_prefill_work,
     resume_plan,
-    victim_order,
 )
-from inference_svc.engine.sessions import Reuse, SessionStore
-from inference_svc.model.prompt import PromptPlan
-from inference_svc.types import GenerationRequest
+from inference_svc.engine.sessions import SessionStore
+from inference_svc.engine.step import PromptChunk, StepOutput, StepPlan
+from inference_svc.errors import ResourceExhausted
+from inference_svc.model.paged_kv import RowSlots
 
 log = structlog.get_logger("engine")
-# Share of the KV budget kept free at admission for the running rows to grow into.
-ADMISSION_WATERMARK = 0.01
-
-
-@dataclass(frozen=True)
-class LoopHooks:
-    """What the scheduler tells the model loop."""
-
-    requeue: Callable[[Job], None]  # a preempted job waits again, ahead of fresh ones
-    settle: Callable[[str], None]  # a request may have no choice left in the batch
-    preempted: Callable[[str], None]  # one preemption, and why (metrics)
 
 
 class Scheduler:
-    def __init__(self, ledger: BlockLedger, sessions: SessionStore, *, chunk_tokens: int,
-                 prefix_caching: bool, hooks: LoopHooks) -> None:
+    def __init__(self, config: EngineConfig, ledger: BlockLedger, sessions: SessionStore, *,
+                 tokenizer, eos_ids: list[int], chunk_tokens: int, observer=None) -> None:
+        self.config = config
         self.ledger = ledger
-        self.sessions = sessions
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
         self.chunk_tokens = chunk_tokens
-        self.prefix_caching = prefix_caching
-        self.hooks = hooks
-        self.prefilling: list[Prefill] = []  # admitted prompts not yet fully in KV
-        self.decoding: dict[str, Sequence] = {}  # by sequence key
-        self.swaps = 0
-        self._long_passed_over = False  # the last prefill pass left a long prompt out
+        self.observer = observer  # told of admissions and preemptions (metrics)
+        self.requests = RequestQueue(max_queued=config.max_queued, max_batch=config.max_batch)
+        self.batch = Batch()
+        self.outbox = Outbox()
+        self.endings = Endings(ledger, sessions, self.requests, self.batch, self.outbox,
+                               frozenset(eos_ids))
+        self.room = KVRoom(ledger, sessions, self.requests, self.batch, self.endings,
+                           chunk_tokens=chunk_tokens, prefix_caching=config.prefix_caching,
+                           observer=observer)
+        self._long_passed_over = False  # the last step left a long prompt out
 
-    # ---- admission -----------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        return not (self.batch.decoding or self.batch.prefilling)
 
-    def admit(self, job: Job) -> bool:
-        """Take the job's blocks if they fit beside a watermark for the running rows to
-        grow into, after evicting idle sessions or, for a higher-priority job,
-        preempting lower-priority sequences; False (nothing taken) when they do not.
+    # ---- planning ------------------------------------------------------------------
 
-        The blocks are its prompt's, less those already computed that it finds (a
-        session's, or cached by content), or a swapped sequence's, to come back. What it
-        finds becomes its own as it is found, so admission is one act, not a pure check
-        and then an act."""
-        ledger, resume = self.ledger, job.resume
-        swapped = resume is not None and resume.swapped
-        key = resume.key if resume is not None else job.request.request_id
-        if swapped:
-            need = ledger.blocks_for(resume.length + 1)
-        else:
-            plan = resume_plan(resume) if resume is not None else job.plan
-            job.reuse = self._reuse(job.request, plan, key)
-            held = len(ledger.tables.get(key, []))
-            need = ledger.blocks_for(len(plan.input_ids)) - held
-            if resume is None:  # each further choice soon writes a block of its own
-                need += job.request.n - 1
-        watermark = int(ADMISSION_WATERMARK * ledger.budget_blocks)
-        try:
-            if not self.make_room(need + watermark, job.request.priority):
-                raise KVExhausted()
-            if swapped:
-                ledger.swap_in(key)
-            else:
-                ledger.extend(key, len(plan.input_ids))
-        except KVExhausted:  # not yet: what it found is let go (still cached), it waits
-            if not swapped:
-                ledger.release(key)
-            job.reuse = None
-            return False
-        return True
-
-    def make_room(self, blocks: int, priority: int) -> bool:
-        """Whether `blocks` can be had: evict idle sessions (least recently used), then
-        preempt running sequences of lower priority (newest first)."""
-        ledger = self.ledger
-        while not ledger.can_take(blocks):
-            short = (blocks - ledger.available()) * ledger.bytes_per_block
-            if self.sessions.evict_lru(short).sessions:
-                continue
-            victims = [s for s in self.decoding.values() if s.job.request.priority < priority]
-            if not victims:
-                return False
-            self.preempt(min(victims, key=victim_order), reason="priority")
-        return True
-
-    def _reuse(self, request: GenerationRequest, plan: PromptPlan, owner: str) -> Reuse | None:
-        if not (request.session_id or self.prefix_caching):
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan (empty when nothing runs); None once told to stop, when
+        every request has been ended, cancelled."""
+        admitted = self._admit_waiting()
+        if admitted is None:
+            self.endings.cancel_everything()
             return None
-        return self.sessions.take(request.session_id, plan.content, owner)
+        for job in admitted:
+            self._start(job)
+        self._stop_cancelled()
+        if self.batch.decoding:
+            self.room.make_decode_room()
+        return self._plan()
 
-    # ---- the next pass -------------------------------------------------------------
+    def _plan(self) -> StepPlan:
+        ledger, rows = self.ledger, list(self.batch.decoding.values())
+        chunks = [PromptChunk(p, end, RowSlots(ledger.slots(p.key, p.done, end),
+                                               ledger.slots(p.key, 0, end)))
+                  for p, end in self._prefill_work(decode_rows=len(rows))]
+        row_slots = []
+        if chunks and self.config.mixed_steps:
+            row_slots = [RowSlots(ledger.slots(s.key, s.length, s.length + 1),
+                                  ledger.slots(s.key, 0, s.length + 1)) for s in rows]
+        return StepPlan(chunks, rows, [ledger.table(s.key) for s in rows], row_slots)
 
-    def prefill_work(self, *, decode_rows: int = 0) -> list[tuple[Prefill, int]]:
-        """The prompts the next pass takes, and how far (sequences.py): one chunk of
-        positions less the decode rows that share the pass, never under half a chunk."""
-        if not self.prefilling:
+    def _prefill_work(self, *, decode_rows: int) -> list[tuple[Prefill, int]]:
+        """The prompts this step takes, and how far (sequences.py): one chunk of positions
+        less the decode rows that share the step, never under half a chunk."""
+        if not self.batch.prefilling:
             return []
         budget = max(self.chunk_tokens - decode_rows, self.chunk_tokens // 2, 1)
         work, self._long_passed_over = pick_prefill_work(
-            self.prefilling, budget, long_passed_over=self._long_passed_over)
+            self.batch.prefilling, budget, long_passed_over=self._long_passed_over)
         return work
 
-    def make_decode_room(self) -> None:
-        """Each decoding sequence gets the block its next token goes to; when none is
-        left, idle sessions are evicted, then the lowest-priority, newest sequence is
-        preempted (it may be the one asking)."""
-        ledger = self.ledger
-        for sequence in sorted(self.decoding.values(), key=victim_order, reverse=True):
-            while sequence.key in self.decoding:
-                try:
-                    ledger.extend(sequence.key, sequence.length + 1)
-                    # copy on write: a block shared with other choices is copied first
-                    ledger.writable_from(sequence.key, sequence.length)
-                    break
-                except KVExhausted:
-                    if self.sessions.evict_lru(ledger.bytes_per_block).sessions:
-                        continue
-                    victim = min(self.decoding.values(), key=victim_order)
-                    if victim is sequence and len(self.decoding) == 1 and self.prefilling:
-                        self.requeue_prefill(self.prefilling[-1])
-                        continue
-                    self.preempt(victim, reason="kv_budget")
+    def _stop_cancelled(self) -> None:
+        for prefill in [p for p in self.batch.prefilling if p.job.handle.cancellation.requested]:
+            self.endings.stop_prefill(prefill, self.chunk_tokens)
+        for sequence in [s for s in self.batch.decoding.values()
+                         if s.job.handle.cancellation.requested]:
+            self.endings.finish(sequence)
 
-    # ---- preemption ----------------------------------------------------------------
+    # ---- admission -----------------------------------------------------------------
 
-    def preempt(self, sequence: Sequence, *, reason: str) -> None:
-        """Take a decoding sequence out and re-queue it. A long one's blocks are copied to
-        host memory; a short one's are let go (kept cached by content, so its
-        recomputation may find them) and recomputed."""
-        key = sequence.key
-        self.decoding.pop(key, None)
-        self.hooks.settle(sequence.job.request.request_id)
-        self.hooks.preempted(reason)
-        if sequence.length > self.chunk_tokens:
-            ledger_bytes = self.ledger.swap_out(key)
-            sequence.swapped = True
-            self.swaps += 1
+    def _admit_waiting(self) -> list[Job] | None:
+        """Every waiting job that fits joins this step, in queue order, up to the first
+        that does not; None when the stop marker came."""
+        admitted: list[Job] = []
+        while (job := self._next_job()) is not None:
+            if job.request is None:
+                return None
+            if not self.room.admit(job):
+                self._wait_for_room(job)
+                break
+            if self.requests.register(job) and job.resume is None and self.observer:
+                self.observer.request_admitted(time.monotonic() - job.enqueued_at)
+            admitted.append(job)
+        return admitted
+
+    def _next_job(self) -> Job | None:
+        """The next job admission may take: None when none waits, or when as many run as
+        the admission mode allows. A job cancelled while it waited ends here."""
+        requests = self.requests
+        while True:
+            if requests.admission.mode == "paused" and not requests.stopping:
+                self._expire_queued()
+            if requests.full:
+                return None
+            job = requests.get(block=False)
+            if job is None:
+                return None
+            if job.wake:
+                continue
+            if job.request is None:  # the stop marker
+                return job
+            if job.handle.cancellation.requested:
+                self.endings.end_unstarted(job)
+                continue
+            return job
+
+    def _expire_queued(self) -> None:
+        """While admission is paused, fresh requests past the queue timeout fail."""
+        for job in self.requests.drain():
+            if job.request is not None and self.requests.waited_too_long(
+                    job, self.config.queue_timeout_s):
+                self.outbox.post(job.handle, Failed(ResourceExhausted(
+                    "admission is paused under memory pressure; retry later",
+                    resource="admission", retry_after_s=2.0)))
+            elif not job.wake:
+                self.requests.back(job)
+
+    def _wait_for_room(self, job: Job) -> None:
+        """Not enough KV yet: wait in the queue, up to the queue timeout (a preempted
+        job waits as long as it takes: it was admitted once and is never dropped)."""
+        if self.requests.waited_too_long(job, self.config.queue_timeout_s):
+            self.outbox.post(job.handle, Failed(ResourceExhausted(
+                "KV cache budget is fully used by running requests; retry later",
+                resource="kv_cache", retry_after_s=1.0)))
+            return
+        if not job.waiting:  # once per job: what admission saw when it first said no
+            job.waiting = True
+            account = self.ledger.account()
+            log.info("admission_waiting", request_id=job.request.request_id,
+                     prompt_tokens=len(job.plan.input_ids), held_bytes=account.held_bytes,
+                     cached_bytes=account.cached_bytes, budget_bytes=account.budget_bytes,
+                     running=len(self.requests.running))
+        self.requests.back(job)
+
+    def _start(self, job: Job) -> None:
+        """An admitted job runs: its prompt queues for chunked prefill, or its swapped
+        sequence rejoins the batch. One cancelled while it waited does not start."""
+        resume = job.resume
+        if job.handle.cancellation.requested:
+            if resume is not None:
+                self.endings.finish(resume)
+            else:
+                self.endings.end_unstarted(job)
+        elif resume is not None and resume.swapped:
+            resume.info, resume.swapped = job.info, False
+            self.batch.decoding[resume.key] = resume
+            log.info("resumed", request_id=job.request.request_id, choice=resume.index,
+                     swapped_in_tokens=resume.length)
+        elif resume is not None:
+            resume.info = job.info
+            cached = job.reuse.tokens if job.reuse else 0
+            self.batch.prefilling.append(Prefill(job, resume_plan(resume), cached, cached,
+                                                 job.reuse, resume))
         else:
-            ledger_bytes = 0
-            self.ledger.seal(key, sequence.content, sequence.length)
-            self.ledger.release(key)
-            sequence.swapped = False
-        job = sequence.job
-        log.info("preempted", request_id=job.request.request_id, choice=sequence.index,
-                 priority=job.request.priority, generated_tokens=sequence.generated, reason=reason,
-                 swapped_bytes=ledger_bytes, recompute=not sequence.swapped)
-        self.hooks.requeue(Job(job.sort_key, job.request, job.plan, job.media,
-                               job.max_new_tokens, job.handle, resume=sequence, preempted=True))
+            cached = job.reuse.tokens if job.reuse else 0
+            self.batch.prefilling.append(Prefill(
+                job, job.plan, cached, cached, job.reuse, samplers=self._samplers(job),
+                history=torch.tensor([job.plan.input_ids])))
 
-    def requeue_prefill(self, prefill: Prefill) -> None:
-        """A prompt not yet prefilled gives its blocks back and waits again."""
-        self.prefilling.remove(prefill)
+    def _samplers(self, job: Job) -> list[Sampler]:
+        """One per choice, each with its own seed (engine/output.py `choice_seed`)."""
+        request = job.request
+        return [Sampler.create(request.sampling, prompt_length=len(job.plan.input_ids),
+                               eos_ids=self.eos_ids, seed=choice_seed(request, index),
+                               grammar=request.grammar) for index in range(request.n)]
+
+    # ---- settling ------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, out: StepOutput) -> None:
+        """Settle a step the runner ran: prompts advance (completed ones start their
+        choices with the first tokens chosen), rows take their tokens, what ended ends."""
+        for chunk, outcome in zip(plan.chunks, out.prompts, strict=True):
+            prefill = chunk.prefill
+            if outcome.error is not None:
+                self.endings.fail(prefill.job, prefill.job.info, outcome.error)
+            elif prefill in self.batch.prefilling:
+                prefill.done = chunk.end
+                if not prefill.remaining:
+                    self._prefilled(prefill, outcome.first_tokens)
+        self._advance(plan.rows, out.tokens, fed=True)
+
+    def _prefilled(self, prefill: Prefill, first_tokens: list[Choice]) -> None:
+        self.batch.prefilling.remove(prefill)
         self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
-        self.ledger.release(prefill.key)
+        sequence = prefill.resumed
+        if sequence is not None:
+            sequence.length = prefill.done
+            self.batch.decoding[sequence.key] = sequence
+            log.info("resumed", request_id=prefill.job.request.request_id,
+                     choice=sequence.index, recomputed_tokens=prefill.done)
+            return
+        started = self._new_sequences(prefill)
+        for sequence in started:
+            self.batch.decoding[sequence.key] = sequence
+        self._advance(started, first_tokens, fed=False)
+
+    def _new_sequences(self, prefill: Prefill) -> list[Sequence]:
+        """The request's n choices, from its prefilled prompt: the first keeps the prompt's
+        blocks, each other one holds the same blocks (shared; the block it writes into is
+        copied when it first writes, see `KVRoom.make_decode_room`)."""
         job = prefill.job
-        self.hooks.settle(job.request.request_id)
-        self.hooks.preempted("kv_budget")
-        log.info("preempted", request_id=job.request.request_id, priority=job.request.priority,
-                 generated_tokens=0, reason="kv_budget", recompute=True)
-        self.hooks.requeue(Job(job.sort_key, job.request, job.plan, job.media,
-                               job.max_new_tokens, job.handle, resume=prefill.resumed,
-                               preempted=True))
+        request_id = job.request.request_id
+        choices = Choices(job.request.n)
+        self.batch.choices[request_id] = choices
+        prompt, started = self.ledger.table(prefill.key), time.monotonic()
+        for index, sampler in enumerate(prefill.samplers):
+            if index:
+                self.ledger.adopt(choice_key(request_id, index), self.ledger.hold(prompt))
+            text, streamer = open_stream(self.tokenizer, job, index, self._emitter(job))
+            choices.sequences.append(Sequence(
+                job=job, info=job.info, sampler=sampler, history=prefill.history,
+                streamer=streamer, text=text, reuse=prefill.reuse if index == 0 else None,
+                started=started, length=prefill.done,
+                position_offset=prefill.inputs.position_offset, index=index,
+                choices=choices))
+        return choices.sequences
+
+    def _emitter(self, job: Job):
+        """Where a choice's text deltas go: the outbox, for the job's handle (a bound
+        method of the handle would not wait for the account; a closure over the
+        streamer would keep the job alive in a cycle)."""
+        handle, post = job.handle, self.outbox.post
+        return lambda delta: post(handle, delta)
+
+    def _advance(self, sequences: list[Sequence], tokens: list[Choice | None], *,
+                 fed: bool) -> None:
+        """Hand each sequence its chosen token (`fed`: the token before it is now in
+        KV); a sequence that failed leaves alone, one that is done ends."""
+        for sequence, token in zip(sequences, tokens, strict=True):
+            if token is None or sequence.key not in self.batch.decoding:
+                continue  # did not run this step, or its request failed meanwhile
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if fed:
+                    sequence.length += 1
+                done = self._accept(sequence, token)
+            except Exception as error:
+                self.endings.fail_sequence(sequence, error)
+                continue
+            if done:
+                self.endings.finish(sequence)
+
+    def _accept(self, sequence: Sequence, token: int) -> bool:
+        """Stream a chosen token; True when the sequence is done."""
+        sequence.history = torch.cat([sequence.history, torch.tensor([[token]])], dim=1)
+        sequence.next_token = token
+        sequence.streamer.add_logprobs(sequence.sampler.take_logprobs())
+        sequence.streamer.put(token)
+        sequence.info.generated_tokens = sequence.choices.generated
+        return stop_reason(sequence.job, sequence.streamer, self.endings.eos_ids) is not None

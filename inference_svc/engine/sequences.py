@@ -1,21 +1,44 @@
-"""What the model loop schedules: a request's choices, its running sequences and its
-prompts being prefilled, and the two orderings the loop decides by: which prompts a
-prefill pass takes, and which sequence is preempted first."""
+"""What the scheduler schedules: jobs (requests as they wait and are admitted), a
+request's choices, its running sequences and its prompts being prefilled, the batch
+that holds them, and the two orderings it decides by: which prompts a step takes, and
+which sequence is preempted first."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from inference_svc.engine.delta_stream import DeltaStreamer
-from inference_svc.engine.jobs import Job, RunningInfo
+from inference_svc.engine.jobs import RequestHandle, RunningInfo
 from inference_svc.engine.sampling import Sampler
 from inference_svc.engine.sessions import Reuse
 from inference_svc.engine.text_stream import TextStream
 from inference_svc.model.base import PromptInputs
+from inference_svc.model.modular import DecodedMedia
 from inference_svc.model.prompt import PromptPlan
-from inference_svc.types import ChoiceEnd
+from inference_svc.types import ChoiceEnd, GenerationRequest
+
+
+@dataclass(order=True)
+class Job:
+    """A request in the waiting queue (or a preempted choice of one), ordered by
+    `sort_key`; entries without a request stop or wake the loop."""
+
+    sort_key: tuple[int, int]
+    request: GenerationRequest | None = field(compare=False)  # None: stop the loop
+    plan: PromptPlan | None = field(compare=False, default=None)
+    media: DecodedMedia | None = field(compare=False, default=None)
+    max_new_tokens: int = field(compare=False, default=0)
+    handle: RequestHandle | None = field(compare=False, default=None)
+    enqueued_at: float = field(compare=False, default_factory=time.monotonic)
+    resume: Sequence | None = field(compare=False, default=None)  # preempted: to resume
+    info: RunningInfo | None = field(compare=False, default=None)  # set once admitted
+    waiting: bool = field(compare=False, default=False)  # admission has made it wait
+    reuse: Reuse | None = field(compare=False, default=None)  # KV found for it at admission
+    wake: bool = field(compare=False, default=False)  # no request: wakes the loop for a task
+    preempted: bool = field(compare=False, default=False)  # admitted once: never times out
 
 
 @dataclass
@@ -47,7 +70,6 @@ class Sequence:
     length: int  # positions whose KV is in its blocks
     position_offset: int  # rope position of a token = its index + this (see PromptInputs)
     next_token: int = 0  # chosen, not yet fed
-    pending_logits: torch.Tensor | None = None  # from prefill, until the first token
     swapped: bool = False  # preempted with its blocks copied to host memory
     index: int = 0  # which of the request's choices
     choices: Choices | None = None  # its request's choices (itself among them)
@@ -66,17 +88,22 @@ class Sequence:
         return self.job.plan.content + self.streamer.token_ids
 
 
-@dataclass
+@dataclass(eq=False)
 class Prefill:
-    """A prompt fed through the decoder a chunk at a time, between decode steps."""
+    """A prompt fed through the decoder a chunk at a time, beside decoding sequences."""
 
     job: Job
     plan: PromptPlan
-    inputs: PromptInputs  # decoder inputs of the positions from `cached` on
     cached: int  # positions that came from reused blocks
     done: int  # positions whose KV is in the owner's blocks
     reuse: Reuse | None = None
     resumed: Sequence | None = None  # a preempted sequence being recomputed
+    # a fresh prompt: one sampler per choice, which choose the first tokens
+    samplers: list[Sampler] = field(default_factory=list)
+    history: torch.Tensor | None = None  # the prompt's ids [1, n], what penalties read
+    # decoder inputs of the positions from `cached` on; the runner encodes them (media
+    # included) when the prompt's first chunk runs
+    inputs: PromptInputs | None = None
 
     @property
     def key(self) -> str:
@@ -85,6 +112,24 @@ class Prefill:
     @property
     def remaining(self) -> int:
         return len(self.plan.input_ids) - self.done
+
+
+@dataclass
+class Batch:
+    """What runs on the model thread: prompts being prefilled, sequences decoding, and
+    the choices of each request that has started decoding."""
+
+    prefilling: list[Prefill] = field(default_factory=list)
+    decoding: dict[str, Sequence] = field(default_factory=dict)  # by sequence key
+    choices: dict[str, Choices] = field(default_factory=dict)  # by request id
+
+    def holds(self, request_id: str) -> bool:
+        """Some choice or prompt of the request is in the batch."""
+        return any(s.job.request.request_id == request_id for s in self.decoding.values()) or \
+            any(p.job.request.request_id == request_id for p in self.prefilling)
+
+    def prefills_of(self, request_id: str) -> list[Prefill]:
+        return [p for p in self.prefilling if p.job.request.request_id == request_id]
 
 
 def choice_key(request_id: str, index: int) -> str:

@@ -11,7 +11,7 @@ import sys
 import threading
 
 from inference_svc.cli import main
-from inference_svc.engine.model_loop import ModelLoop
+from inference_svc.engine.scheduler import Scheduler
 
 
 class LoopKilled(BaseException):
@@ -19,17 +19,17 @@ class LoopKilled(BaseException):
 
 
 def plant_faults() -> None:
-    start_all = ModelLoop._start_all
+    start = Scheduler._start
 
-    def faulty_start_all(self, jobs):
-        prompts = [self.model.tokenizer.decode(job.plan.input_ids) for job in jobs]
-        if any("KILL-THE-LOOP" in p for p in prompts):
+    def faulty_start(self, job):
+        prompt = self.tokenizer.decode(job.plan.input_ids)
+        if "KILL-THE-LOOP" in prompt:
             raise LoopKilled("planted fault")
-        if any("STALL-THE-LOOP" in p for p in prompts):
+        if "STALL-THE-LOOP" in prompt:
             threading.Event().wait()
-        return start_all(self, jobs)
+        return start(self, job)
 
-    ModelLoop._start_all = faulty_start_all
+    Scheduler._start = faulty_start
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
+from inference_svc.engine.runner import ModelRunner
 from inference_svc.engine.sampling import NonFiniteScores, Sampler, choose_tokens
 from inference_svc.errors import GenerationFailed
 from inference_svc.types import (
@@ -24,16 +25,16 @@ from tests.unit.engine_runs import outcome, request, run_all
 
 
 def test_a_row_with_non_finite_scores_fails_alone(model, monkeypatch):
-    decode = ModelLoop._decode
+    decode = ModelRunner._decode_pass
 
-    def poisoned(self, running):
-        logits = decode(self, running).clone()
-        for index, sequence in enumerate(running):
+    def poisoned(self, plan):
+        logits = decode(self, plan).clone()
+        for index, sequence in enumerate(plan.rows):
             if sequence.key.startswith("NAN"):
                 logits[index] = float("nan")
         return logits
 
-    monkeypatch.setattr(ModelLoop, "_decode", poisoned)
+    monkeypatch.setattr(ModelRunner, "_decode_pass", poisoned)
     names = ["ok one", "NAN row", "ok two", "ok three"]
     results, _ = run_all(model, [request(n, tokens=8) for n in names])
     by_name = dict(zip(names, results, strict=True))
@@ -45,16 +46,16 @@ def test_a_row_with_non_finite_scores_fails_alone(model, monkeypatch):
 
 def test_an_error_in_shared_work_fails_those_in_flight_and_the_loop_goes_on(model,
                                                                             monkeypatch):
-    step = ModelLoop._pass
+    step = ModelLoop._step
     calls = {"n": 0}
 
-    def failing_once(self):
+    def failing_once(self, plan):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated bug in shared work")
-        return step(self)
+        return step(self, plan)
 
-    monkeypatch.setattr(ModelLoop, "_pass", failing_once)
+    monkeypatch.setattr(ModelLoop, "_step", failing_once)
     engine = Engine(model, EngineConfig())
     engine.start()
 
@@ -74,20 +75,19 @@ def test_an_error_in_shared_work_fails_those_in_flight_and_the_loop_goes_on(mode
 
 
 def test_a_cache_holding_non_finite_values_is_never_kept_for_reuse(model, monkeypatch):
-    feed = ModelLoop._feed
+    forward = ModelRunner._forward
     poisoned = {"done": False}
 
-    def poisoning(self, work, running=()):
-        logits = feed(self, work, running)
+    def poisoning(self, chunks, rows=(), row_slots=()):
+        logits = forward(self, chunks, rows, row_slots)
         if not poisoned["done"]:  # the first prompt's KV gets an infinity, its logits not
             poisoned["done"] = True
-            prefill, end = work[0]
-            slot = self.ledger.slots(prefill.key, end - 1, end)[0]
+            slot = chunks[0].slots.write[-1]
             with torch.inference_mode():
-                self.ledger.pool.keys[0][:, slot] = float("inf")
+                self.pool.keys[0][:, slot] = float("inf")
         return logits
 
-    monkeypatch.setattr(ModelLoop, "_feed", poisoning)
+    monkeypatch.setattr(ModelRunner, "_forward", poisoning)
     prompt = "POISON " + "shared prefix words " * 8
     results, engine = run_all(model, [replace(request(prompt, tokens=1), session_id="s")])
     assert poisoned["done"]
@@ -133,7 +133,7 @@ def test_a_long_prefill_yields_to_decoding_and_stops_between_chunks(model, monke
 
     async def prefilling(req: GenerationRequest):
         handle = await engine.submit(req)
-        while not engine._loop.scheduler.prefilling:  # it is fed chunk by chunk now
+        while not engine._loop.scheduler.batch.prefilling:  # it is fed chunk by chunk now
             await asyncio.sleep(0.001)
         return handle
 
@@ -232,7 +232,7 @@ def test_a_failed_mixed_pass_is_run_again_as_its_parts_and_loses_nothing(model, 
         async def main():  # the short one decodes while the long one is still prefilling
             long = await engine.submit(request("a long prompt " * 120, tokens=4,
                                                temperature=0))
-            while not engine._loop.scheduler.prefilling:
+            while not engine._loop.scheduler.batch.prefilling:
                 await asyncio.sleep(0.001)
             short = await engine.submit(request("a short one", tokens=24, temperature=0))
             return await asyncio.gather(text_of(long), text_of(short))
@@ -243,14 +243,14 @@ def test_a_failed_mixed_pass_is_run_again_as_its_parts_and_loses_nothing(model, 
             engine.stop()
 
     expected = texts(mixed_steps=False)
-    feed, failed = ModelLoop._feed, []
+    forward, failed = ModelRunner._forward, []
 
-    def failing_when_mixed(self, work, running=()):
-        if running:
-            failed.append(len(running))
+    def failing_when_mixed(self, chunks, rows=(), row_slots=()):
+        if rows:
+            failed.append(len(rows))
             raise RuntimeError("simulated failure of a mixed pass")
-        return feed(self, work, running)
+        return forward(self, chunks, rows, row_slots)
 
-    monkeypatch.setattr(ModelLoop, "_feed", failing_when_mixed)
+    monkeypatch.setattr(ModelRunner, "_forward", failing_when_mixed)
     assert texts() == expected
     assert failed  # the mixed pass was tried, failed, and its parts ran apart

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from inference_svc.engine.model_loop import ModelLoop
+from inference_svc.engine.runner import ModelRunner
 from inference_svc.errors import ResourceExhausted
 from inference_svc.types import (
     ChatMessage,
@@ -52,7 +52,7 @@ def test_a_persistent_oom_fails_that_request_alone(model, monkeypatch):
 def test_an_oom_in_a_decode_step_is_retried(model, monkeypatch):
     """An out-of-memory error after the first layers wrote this step's KV: the step runs
     again (writing the same slots), and both requests complete with every token."""
-    original = ModelLoop._decode
+    original = ModelRunner._decode_pass
     calls = {"n": 0}
     fired = []
 
@@ -61,18 +61,18 @@ def test_an_oom_in_a_decode_step_is_retried(model, monkeypatch):
             fired.append(True)
             raise torch.OutOfMemoryError("simulated mid-step")
 
-    def flaky_decode(self, running):
+    def flaky_decode(self, plan):
         calls["n"] += 1
         if calls["n"] != 3:
-            return original(self, running)
+            return original(self, plan)
         with self.model.decoder_unit.use() as decoder:
             hook = decoder.model.layers[1].register_forward_hook(raise_once)
         try:
-            return original(self, running)
+            return original(self, plan)
         finally:
             hook.remove()
 
-    monkeypatch.setattr(ModelLoop, "_decode", flaky_decode)
+    monkeypatch.setattr(ModelRunner, "_decode_pass", flaky_decode)
     results, _ = run_all(model, [request("one", 10), request("two", 10)])
     assert fired == [True]
     assert [r.usage.completion_tokens for r in results] == [10, 10]

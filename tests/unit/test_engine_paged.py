@@ -64,18 +64,19 @@ def test_a_long_prompt_beside_short_ones_holds_its_tokens_and_no_padding(model, 
     """At every decode step the KV held is at most the live tokens plus one partly filled
     block per sequence: the long prompt does not widen the short ones' rows."""
     seen: list[tuple[int, int, int]] = []
-    step = ModelLoop._pass
+    step = ModelLoop._step
 
-    def observed(self):
-        step(self)
+    def observed(self, plan):
+        step(self, plan)
         held = self.ledger.account().held_blocks
         # a decoding sequence may hold the block its next token goes to; a prefilling
         # prompt holds its own blocks from admission on
-        bound = sum(s.length // BLOCK + 1 for s in self.scheduler.decoding.values())
-        bound += sum(-(-len(p.plan.input_ids) // BLOCK) for p in self.scheduler.prefilling)
-        seen.append((held, bound, len(self.scheduler.decoding)))
+        batch = self.scheduler.batch
+        bound = sum(s.length // BLOCK + 1 for s in batch.decoding.values())
+        bound += sum(-(-len(p.plan.input_ids) // BLOCK) for p in batch.prefilling)
+        seen.append((held, bound, len(batch.decoding)))
 
-    monkeypatch.setattr(ModelLoop, "_pass", observed)
+    monkeypatch.setattr(ModelLoop, "_step", observed)
     engine = started(model, prefix_caching=False, prefill_chunk_tokens=512)
     try:
         long = greedy("long", "alpha beta gamma delta " * 60, 12)
