@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from inference_svc.engine import model_loop
+from inference_svc.engine import runner
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.model.glm4v import Glm4vModel
 from tests.bench.harness import bench_out_dir, median, render_table
@@ -56,7 +56,7 @@ class StepSplit:
     def __init__(self, model: Glm4vModel, device: str) -> None:
         self.passes: list[tuple[float, float]] = []  # (start, seconds)
         self.choosing: list[float] = []
-        decode, choose = model.decode_paged, model_loop.choose_tokens
+        decode, choose = model.decode_paged, runner.choose_tokens
 
         def sync() -> None:
             if device.startswith("cuda"):
@@ -76,7 +76,7 @@ class StepSplit:
             return out
 
         model.decode_paged = timed_decode
-        model_loop.choose_tokens = timed_choose
+        runner.choose_tokens = timed_choose
 
     def reset(self) -> None:
         self.passes.clear()
