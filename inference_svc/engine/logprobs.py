@@ -28,18 +28,22 @@ class RawLogprob:
 
 
 def compute(logits: torch.Tensor, chosen: list[int], tops: list[int]) -> list[RawLogprob]:
-    """Each row's chosen token's log probability and its `tops[i]` best alternatives."""
+    """Each row's chosen token's log probability and its `tops[i]` best alternatives,
+    found on the logits' device; only those values and ids come to the host, as one
+    table (the ids are exact in float64, the values are float32 widened)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(chosen, device=logprobs.device).unsqueeze(1)
-    chosen_values = logprobs.gather(1, index).squeeze(1).tolist()
+    columns = [logprobs.gather(1, index)]
     most = max(tops, default=0)
     if most:
         values, ids = torch.topk(logprobs, most, dim=-1)
-        values, ids = values.tolist(), ids.tolist()
+        columns += [values, ids]
+    table = torch.cat([c.double() for c in columns], dim=1).tolist()
     out = []
-    for row, (token, value, k) in enumerate(zip(chosen, chosen_values, tops, strict=True)):
-        top = tuple(zip(ids[row][:k], values[row][:k], strict=True)) if k else ()
-        out.append(RawLogprob(token, value, top))
+    for token, row, k in zip(chosen, table, tops, strict=True):
+        top = tuple(zip([int(i) for i in row[1 + most : 1 + most + k]], row[1 : 1 + k],
+                        strict=True))
+        out.append(RawLogprob(token, row[0], top))
     return out
 
 

@@ -9,6 +9,10 @@ they do not hold top_p of the mass, which for a trained model at a usual tempera
 rare), and each row draws a single uniform number from its own generator and takes the
 token where the nucleus' cumulative mass passes it (inverse transform sampling). The
 result is the distribution transformers' warpers give; which token a seed picks differs.
+
+It all runs where the scores are (a GPU's logits never cross to the host): only the
+uniforms go there, from the generators on the CPU, and only the tokens and usable flags
+come back, in one small transfer (one more per widening).
 """
 
 from __future__ import annotations
@@ -20,42 +24,50 @@ CANDIDATE_WIDTHS = (64, 1024)
 
 
 def draw_tokens(scores: torch.Tensor, generators: list[torch.Generator], *, top_p: float,
-                top_k: int) -> tuple[list[int], list[bool]]:
+                top_k: int, usable: torch.Tensor | None = None) -> tuple[list[int], list[bool]]:
     """Row r's token, sampled from softmax(scores[r]) restricted to its `top_k` (0: no
     limit) most likely tokens and then to its nucleus of mass `top_p`, with one draw
     from `generators[r]`; and whether the row could be sampled at all (its scores hold no
-    NaN or +inf and not every token is excluded)."""
+    NaN or +inf, not every token is excluded, and `usable[r]` where given: a row known
+    unusable is not searched further)."""
     rows, vocab = scores.shape
     uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
-                            for g in generators])
+                            for g in generators]).to(scores.device)
     if 0 < top_k < vocab:  # the candidates are exactly the top k, normalized among them
         top, index = torch.topk(scores, top_k, dim=-1)
         norm = torch.logsumexp(top, dim=-1)
         tokens = _draw_sorted(top, index, norm, top_p, uniforms)
-        return _result(tokens, norm)
+        return _to_host(tokens, _drawable(norm, usable))
     norm = torch.logsumexp(scores, dim=-1)
     if top_p >= 1.0:  # the whole distribution: inverse transform in vocabulary order
         probs = torch.exp((scores - norm[:, None]).double())
         tokens = _first_past(probs.cumsum(dim=-1), uniforms * probs.sum(dim=-1))
-        return _result(tokens.clamp(max=vocab - 1), norm)
-    tokens = torch.zeros(rows, dtype=torch.long)
-    pending = torch.arange(rows)
+        return _to_host(tokens.clamp(max=vocab - 1), _drawable(norm, usable))
+    drawable = _drawable(norm, usable)
+    tokens, ok = [0] * rows, [False] * rows
+    pending = list(range(rows))  # rows whose nucleus the candidates do not hold yet
     for width in (*[w for w in CANDIDATE_WIDTHS if w < vocab], vocab):
-        part = scores if len(pending) == rows else scores[pending]
+        at = torch.tensor(pending, device=scores.device)
+        part = scores if len(pending) == rows else scores[at]
         if width < vocab:
             top, index = torch.topk(part, width, dim=-1)
         else:
             top, index = torch.sort(part, dim=-1, descending=True)
-        held = torch.exp(top - norm[pending, None]).sum(dim=-1)
-        covered = (held >= top_p) | (width == vocab)
-        chosen = covered.nonzero().reshape(-1)
-        tokens[pending[chosen]] = _draw_sorted(top[chosen], index[chosen],
-                                               norm[pending[chosen]], top_p,
-                                               uniforms[pending[chosen]])
-        pending = pending[~covered]
-        if len(pending) == 0:
+        held = torch.exp(top - norm[at, None]).sum(dim=-1)
+        # a row that cannot be drawn from is done: no width would change that
+        covered = (held >= top_p) | (width == vocab) | ~drawable[at]
+        drawn = _draw_sorted(top, index, norm[at], top_p, uniforms[at])
+        found = torch.stack([drawn, covered.long(), drawable[at].long()]).tolist()
+        left = []
+        for row, token, done, fine in zip(pending, *found, strict=True):
+            if done:
+                tokens[row], ok[row] = token, bool(fine)
+            else:
+                left.append(row)
+        if not left:
             break
-    return _result(tokens, norm)
+        pending = left
+    return tokens, ok
 
 
 def _draw_sorted(top: torch.Tensor, index: torch.Tensor, norm: torch.Tensor, top_p: float,
@@ -77,5 +89,11 @@ def _first_past(cumulative: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.searchsorted(cumulative, targets[:, None].contiguous(), right=True).reshape(-1)
 
 
-def _result(tokens: torch.Tensor, norm: torch.Tensor) -> tuple[list[int], list[bool]]:
-    return tokens.tolist(), torch.isfinite(norm).tolist()
+def _drawable(norm: torch.Tensor, usable: torch.Tensor | None) -> torch.Tensor:
+    finite = torch.isfinite(norm)
+    return finite if usable is None else finite & usable
+
+
+def _to_host(tokens: torch.Tensor, ok: torch.Tensor) -> tuple[list[int], list[bool]]:
+    tokens, ok = torch.stack([tokens, ok.long()]).tolist()
+    return tokens, [bool(flag) for flag in ok]

@@ -63,36 +63,39 @@ def choose_tokens(samplers: list[Sampler], histories: list[torch.Tensor],
     (engine/nucleus.py).
 
     Every operation is row-wise, so a row gets exactly what it would get alone, and a row
-    that cannot be sampled fails alone: rows with non-finite scores are set apart first,
-    and a group that fails is retried row by row to find the culprit.
+    that cannot be sampled fails alone: a row with non-finite scores is reported unusable
+    by its group, and a group that fails is retried row by row to find the culprit.
 
-    Scores come to host memory first: histories, constraint masks and each row's seeded
-    generator live there.
+    The scores stay on their device, where the whole group is processed at once; the
+    histories and constraint masks (small) go there, and each row's seeded generator
+    sends one uniform number. Only each group's chosen ids and usable flags come back,
+    in one small transfer (and one per widening of a nucleus search), and the log
+    probabilities a request asked for.
     """
-    logits = logits.float().cpu()
+    logits = logits.float()
     # in float64 a sum of finite float32 scores cannot overflow: it is finite exactly
     # when every score is (and it reads the scores once, isfinite().all() three times)
-    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64)).tolist()
+    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64))
     choices: list[Choice] = [NonFiniteScores()] * len(samplers)
-    raw = logits.clone() if any(s.params.logprobs is not None for s in samplers) else logits
-    logits, failed = _apply_constraints(samplers, logits)
-    for index, error in failed.items():
-        finite[index] = False
-        choices[index] = error
+    scores, failed = _apply_constraints(samplers, logits)
     groups: dict[tuple, list[int]] = {}
     for index, sampler in enumerate(samplers):
-        if finite[index]:
+        if index in failed:
+            choices[index] = failed[index]
+        else:
             groups.setdefault(sampler.group, []).append(index)
     for rows in groups.values():
+        at = torch.tensor(rows, device=scores.device)
         try:
             chosen = _choose_group([samplers[i] for i in rows], [histories[i] for i in rows],
-                                   logits.index_select(0, torch.tensor(rows)))
+                                   scores.index_select(0, at), finite.index_select(0, at))
         except Exception:
-            chosen = [_choose_alone(samplers[i], histories[i], logits[i]) for i in rows]
+            chosen = [_choose_alone(samplers[i], histories[i], scores[i], finite[i])
+                      for i in rows]
         for index, choice in zip(rows, chosen, strict=True):
             choices[index] = choice
     _advance_constraints(samplers, choices)
-    _record_logprobs(samplers, choices, raw)
+    _record_logprobs(samplers, choices, logits)
     return choices
 
 
@@ -100,8 +103,9 @@ def _apply_constraints(samplers: list[Sampler], logits: torch.Tensor
                        ) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Rows with a response format get -inf on every token their grammar does not allow
     next (end-of-sequence only where the text so far is complete), in one masked_fill
-    over those rows; free rows are untouched. Returns the scores and the rows whose
-    grammar failed."""
+    over those rows; free rows are untouched. The mask words are filled on the host and
+    unpacked on the scores' device. Returns the scores (a new tensor where any row is
+    constrained) and the rows whose grammar failed."""
     rows = [i for i, s in enumerate(samplers) if s.constraint is not None]
     if not rows:
         return logits, {}
@@ -114,12 +118,17 @@ def _apply_constraints(samplers: list[Sampler], logits: torch.Tensor
         except Exception as error:
             failed[index] = error
     allowed = constraints.allowed_tokens(words, logits.shape[1], logits.device)
+    eos_slots, eos_ids, eos_allowed = [], [], []
     for slot, index in enumerate(rows):
-        eos = list(samplers[index].constraint.eos_ids)
-        if eos and index not in failed:
-            allowed[slot, eos] = samplers[index].constraint.accepting
-    index = torch.tensor(rows, device=logits.device)
-    masked = logits[index].masked_fill(~allowed, -float("inf"))
+        constraint = samplers[index].constraint
+        if index not in failed:
+            eos_slots += [slot] * len(constraint.eos_ids)
+            eos_ids += constraint.eos_ids
+            eos_allowed += [constraint.accepting] * len(constraint.eos_ids)
+    if eos_slots:
+        allowed[_on(logits, eos_slots), _on(logits, eos_ids)] = _on(logits, eos_allowed)
+    index = _on(logits, rows)
+    masked = logits.index_select(0, index).masked_fill(~allowed, -float("inf"))
     return logits.index_put((index,), masked), failed
 
 
@@ -138,45 +147,61 @@ def _record_logprobs(samplers: list[Sampler], choices: list[Choice],
             if s.params.logprobs is not None and not isinstance(c, Exception)]
     if not rows:
         return
-    computed = logprobs.compute(raw[rows], [choices[i] for i in rows],
+    computed = logprobs.compute(raw.index_select(0, _on(raw, rows)), [choices[i] for i in rows],
                                 [samplers[i].params.logprobs for i in rows])
     for index, entry in zip(rows, computed, strict=True):
         samplers[index].recorded.append(entry)
 
 
-def _choose_alone(sampler: Sampler, history: torch.Tensor, logits: torch.Tensor) -> Choice:
+def _choose_alone(sampler: Sampler, history: torch.Tensor, logits: torch.Tensor,
+                  finite: torch.Tensor) -> Choice:
     try:
-        return _choose_group([sampler], [history], logits.unsqueeze(0).clone())[0]
+        return _choose_group([sampler], [history], logits.unsqueeze(0).clone(),
+                             finite.reshape(1))[0]
     except Exception as error:
         return error
 
 
 def _choose_group(samplers: list[Sampler], histories: list[torch.Tensor],
-                  scores: torch.Tensor) -> list[Choice]:
+                  scores: torch.Tensor, finite: torch.Tensor) -> list[Choice]:
+    """The group's tokens from its own copy of the scores (changed in place); a row whose
+    `finite` flag is off, or whose scores leave nothing to choose, gets NonFiniteScores."""
     params = samplers[0].params
     if params.repetition_penalty != 1.0:
-        _penalize_repeated(scores, _padded_with_own_tokens(histories),
+        _penalize_repeated(scores, _padded_with_own_tokens(histories).to(scores.device),
                            params.repetition_penalty)
     if params.frequency_penalty or params.presence_penalty:
         _penalize_generated(scores, [h.reshape(-1)[s.prompt_length:]
                                      for s, h in zip(samplers, histories, strict=True)],
                             params.frequency_penalty, params.presence_penalty)
-    for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
-        # a response format decides alone when the reply may end
-        if (sampler.constraint is None
-                and history.shape[-1] - sampler.prompt_length < params.min_new_tokens):
-            scores[row, sampler.eos_ids] = -float("inf")
+    _forbid_early_eos(scores, samplers, histories, params.min_new_tokens)
     if params.temperature <= 0:
-        usable = (~torch.isnan(scores).any(dim=-1)) & (scores > -float("inf")).any(dim=-1)
-        return [int(token) if ok else NonFiniteScores()
-                for token, ok in zip(scores.argmax(dim=-1).tolist(), usable.tolist(),
-                                     strict=True)]
-    if params.temperature != 1.0:
-        scores = scores / params.temperature
-    tokens, usable = draw_tokens(scores, [s.generator for s in samplers], top_p=params.top_p,
-                                 top_k=params.top_k)
+        # max gives argmax's token (the first highest score) and that score, which is NaN
+        # where the row holds a NaN and -inf where every token is excluded
+        best, tokens = scores.max(dim=-1)
+        usable = finite & ~torch.isnan(best) & (best > -float("inf"))
+        tokens, usable = torch.stack([tokens, usable.long()]).tolist()
+    else:
+        if params.temperature != 1.0:
+            scores = scores / params.temperature
+        tokens, usable = draw_tokens(scores, [s.generator for s in samplers],
+                                     top_p=params.top_p, top_k=params.top_k, usable=finite)
     return [token if ok else NonFiniteScores()
             for token, ok in zip(tokens, usable, strict=True)]
+
+
+def _forbid_early_eos(scores: torch.Tensor, samplers: list[Sampler],
+                      histories: list[torch.Tensor], min_new_tokens: int) -> None:
+    """End-of-sequence gets -inf in rows with fewer than `min_new_tokens` generated, in
+    one update; a response format decides alone when the reply may end."""
+    rows, columns = [], []
+    for row, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):
+        if (sampler.constraint is None
+                and history.shape[-1] - sampler.prompt_length < min_new_tokens):
+            rows += [row] * len(sampler.eos_ids)
+            columns += sampler.eos_ids
+    if rows:
+        scores[_on(scores, rows), _on(scores, columns)] = -float("inf")
 
 
 def _penalize_repeated(scores: torch.Tensor, tokens: torch.Tensor, penalty: float) -> None:
@@ -190,16 +215,20 @@ def _penalize_repeated(scores: torch.Tensor, tokens: torch.Tensor, penalty: floa
 def _penalize_generated(scores: torch.Tensor, generated: list[torch.Tensor], frequency: float,
                         presence: float) -> None:
     """OpenAI's additive penalties, in place: each row's score of a token it generated
-    drops by `frequency` per occurrence plus `presence` once. One update over the
-    (row, token) pairs that occur, for every row at once."""
+    drops by `frequency` per occurrence plus `presence` once. The (row, token) pairs that
+    occur are counted where the tokens are (the host, usually) and applied on the scores'
+    device in one update, for every row at once."""
     tokens = torch.cat(generated)
     if tokens.numel() == 0:
         return
-    rows = torch.repeat_interleave(torch.arange(len(generated)),
-                                   torch.tensor([len(g) for g in generated]))
-    flat = scores.view(-1)
+    rows = torch.repeat_interleave(torch.arange(len(generated), device=tokens.device),
+                                   torch.tensor([len(g) for g in generated],
+                                                device=tokens.device),
+                                   output_size=tokens.numel())
     pairs, counts = torch.unique(rows * scores.shape[1] + tokens, return_counts=True)
-    flat[pairs] = flat[pairs] - frequency * counts.to(scores.dtype) - presence
+    pairs = pairs.to(scores.device)
+    flat = scores.view(-1)
+    flat[pairs] = flat[pairs] - frequency * counts.to(scores.device, scores.dtype) - presence
 
 
 def _padded_with_own_tokens(histories: list[torch.Tensor]) -> torch.Tensor:
@@ -209,3 +238,8 @@ def _padded_with_own_tokens(histories: list[torch.Tensor]) -> torch.Tensor:
     padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
     firsts = torch.stack([r[0] for r in rows]).unsqueeze(1)
     return torch.where(padded < 0, firsts, padded)
+
+
+def _on(like: torch.Tensor, values: list) -> torch.Tensor:
+    """A small host list as a tensor on `like`'s device."""
+    return torch.tensor(values, device=like.device)
