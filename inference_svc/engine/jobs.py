@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.model.modular import DecodedMedia
-from inference_svc.model.prompt import PromptPlan
 from inference_svc.types import Delta, Event, Finished, GenerationRequest
 
 

@@ -60,8 +60,8 @@ from inference_svc.engine.scheduler import LoopHooks, Scheduler
 from inference_svc.engine.sequences import Choices, Prefill, Sequence, choice_key, resume_plan
 from inference_svc.engine.sessions import Reuse, SessionStore
 from inference_svc.errors import GenerationFailed, ResourceExhausted, ServiceError
-from inference_svc.model.paged_kv import RowSlots
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.inputs.prompt import PromptPlan
+from inference_svc.model.paged.kv_pool import RowSlots
 from inference_svc.process_memory import release_freed_memory
 from inference_svc.types import Finished, FinishReason
 

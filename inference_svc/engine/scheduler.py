@@ -31,7 +31,7 @@ from inference_svc.engine.sequences import (
     victim_order,
 )
 from inference_svc.engine.sessions import Reuse, SessionStore
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.types import GenerationRequest
 
 log = structlog.get_logger("engine")

@@ -7,7 +7,7 @@ import pytest
 from inference_svc.engine.jobs import Admission, Job
 from inference_svc.engine.request_queue import RequestQueue
 from inference_svc.errors import NotReady, ResourceExhausted
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
 
 
