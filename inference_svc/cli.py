@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from inference_svc.model.glm4v_config import UnreadableCheckpoint
+    from inference_svc.model.checkpoints.glm4v_config import UnreadableCheckpoint
     from inference_svc.server import serve
 
     try:

@@ -8,11 +8,11 @@ import structlog
 import torch
 
 from inference_svc.config import ServerConfig
-from inference_svc.model.builders import default_cache_dir, ensure_default_bundle
+from inference_svc.model.checkpoints.default_bundle import default_cache_dir, ensure_default_bundle
+from inference_svc.model.checkpoints.model_dir import ModelKind, model_kind
+from inference_svc.model.checkpoints.placement import plan_placement
 from inference_svc.model.glm4v import Glm4vModel
-from inference_svc.model.model_dir import ModelKind, model_kind
 from inference_svc.model.modular import ModularModel
-from inference_svc.model.placement import plan_placement
 from inference_svc.model.units import weights_by_device
 from inference_svc.process_memory import host_memory_bytes
 

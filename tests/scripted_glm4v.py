@@ -20,7 +20,7 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, Glm4vForConditionalGeneration
 
-from inference_svc.model.glm4v_config import read_glm4v_config
+from inference_svc.model.checkpoints.glm4v_config import read_glm4v_config
 from tests.fixtures.tiny_models import write_tiny_phone_glm4v_checkpoint
 
 THOUGHT = "The home screen is showing; the Settings app is the next step."

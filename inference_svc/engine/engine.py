@@ -24,8 +24,8 @@ from inference_svc.engine.sequences import Job
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.errors import ContextTooLong, InvalidRequest, NotReady, ResourceExhausted
 from inference_svc.model.base import PagedDecoder
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.model.modular import DecodedMedia
-from inference_svc.model.prompt import PromptPlan
 from inference_svc.types import GenerationRequest, SamplingParams
 
 log = structlog.get_logger(__name__)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference_svc.model.paged_kv import NULL_BLOCK, KVPool, SavedBlocks
+from inference_svc.model.paged.kv_pool import NULL_BLOCK, KVPool, SavedBlocks
 
 GROWTH_FACTOR = 2
 

@@ -18,7 +18,7 @@ from inference_svc.engine.kv_blocks import BlockLedger, KVExhausted
 from inference_svc.engine.request_queue import RequestQueue
 from inference_svc.engine.sequences import Batch, Job, Prefill, Sequence, resume_plan, victim_order
 from inference_svc.engine.sessions import Reuse, SessionStore
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.types import GenerationRequest
 
 log = structlog.get_logger("engine")

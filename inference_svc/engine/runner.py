@@ -20,7 +20,7 @@ from inference_svc.engine.sampling import choose_tokens
 from inference_svc.engine.sequences import Sequence
 from inference_svc.engine.step import PromptChunk, PromptOutcome, StepOutput, StepPlan
 from inference_svc.errors import brief
-from inference_svc.model.paged_kv import KVPool, RowSlots
+from inference_svc.model.paged.kv_pool import KVPool, RowSlots
 
 log = structlog.get_logger("engine")
 

@@ -38,7 +38,7 @@ from inference_svc.engine.sequences import (
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.engine.step import PromptChunk, StepOutput, StepPlan
 from inference_svc.errors import ResourceExhausted
-from inference_svc.model.paged_kv import RowSlots
+from inference_svc.model.paged.kv_pool import RowSlots
 
 log = structlog.get_logger("engine")
 

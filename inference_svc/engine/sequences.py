@@ -16,8 +16,8 @@ from inference_svc.engine.sampling import Sampler
 from inference_svc.engine.sessions import Reuse
 from inference_svc.engine.text_stream import TextStream
 from inference_svc.model.base import PromptInputs
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.model.modular import DecodedMedia
-from inference_svc.model.prompt import PromptPlan
 from inference_svc.types import ChoiceEnd, GenerationRequest
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from inference_svc.engine.sampling import Choice
 from inference_svc.engine.sequences import Prefill, Sequence
-from inference_svc.model.paged_kv import RowSlots
+from inference_svc.model.paged.kv_pool import RowSlots
 
 
 @dataclass(eq=False)

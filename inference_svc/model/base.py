@@ -7,8 +7,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from inference_svc.model.paged_kv import KVPool, RowSlots
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.inputs.prompt import PromptPlan
+from inference_svc.model.paged.kv_pool import KVPool, RowSlots
 from inference_svc.model.units import ModuleUnit
 
 

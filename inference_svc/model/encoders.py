@@ -19,7 +19,7 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
-from inference_svc.model.media import DecodedAudio, DecodedImage
+from inference_svc.model.inputs.media import DecodedAudio, DecodedImage
 
 PROJECTOR_FILE = "projector.safetensors"
 # Width of the projector's hidden layer: the reference model's 512-d encoder output.

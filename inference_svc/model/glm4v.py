@@ -8,7 +8,7 @@ checkpoint's safetensors (only the tower's keys).
 
 Images are encoded by the vision unit when a prompt is admitted and reach the decoder
 as input embeddings, only for the image tokens the KV cache does not already hold; the
-decoder runs on the engine's paged KV like any other (model/paged_forward.py). GLM-4.1V's
+decoder runs on the engine's paged KV like any other (model/paged/forward.py). GLM-4.1V's
 rope has three axes (time, height, width): a prompt's positions are computed over the
 whole prompt from its image grids, and a generated token's position is its index plus
 the prompt's offset (images take fewer positions than tokens). This keeps prefix and
@@ -38,23 +38,23 @@ from transformers.initialization import no_init_weights
 
 from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.base import PromptInputs, UnitModel
-from inference_svc.model.glm4v_checkpoint import VISION_PREFIXES, glm4v_manifest
-from inference_svc.model.glm4v_config import read_glm4v_config
+from inference_svc.model.checkpoints.glm4v_checkpoint import VISION_PREFIXES, glm4v_manifest
+from inference_svc.model.checkpoints.glm4v_config import read_glm4v_config
 from inference_svc.model.glm4v_vision import (
     DEPLOYMENT_MAX_PIXELS,
     TowerShape,
     VisionGeometry,
     activation_bytes,
 )
-from inference_svc.model.media import DecodedImage, decode_image
-from inference_svc.model.paged_forward import PagedForward
-from inference_svc.model.prompt import (
+from inference_svc.model.inputs.media import DecodedImage, decode_image
+from inference_svc.model.inputs.prompt import (
     MediaSpan,
     PromptPlan,
     media_content_ids,
     media_digest,
     media_parts,
 )
+from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 

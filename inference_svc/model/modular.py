@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference_svc.errors import InvalidRequest, ModalityUnavailable
 from inference_svc.model.base import PromptInputs, UnitModel
-from inference_svc.model.bundle import Manifest
+from inference_svc.model.checkpoints.bundle import Manifest
+from inference_svc.model.checkpoints.placement import Placement
 from inference_svc.model.encoders import (
     AUDIO_MERGE,
     AUDIO_SAMPLE_RATE,
@@ -19,16 +20,15 @@ from inference_svc.model.encoders import (
     VisionEncoder,
     conv_receptive_field,
 )
-from inference_svc.model.media import (
+from inference_svc.model.inputs.media import (
     DecodedAudio,
     DecodedImage,
     decode_image,
     decode_pcm,
     decode_wav,
 )
-from inference_svc.model.paged_forward import PagedForward
-from inference_svc.model.placement import Placement
-from inference_svc.model.prompt import PromptPlan, media_digest, media_parts, render_prompt
+from inference_svc.model.inputs.prompt import PromptPlan, media_digest, media_parts, render_prompt
+from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.units import ModuleUnit
 
 # Live tensors per encoder layer relative to its widest one (input, attention, MLP, output).

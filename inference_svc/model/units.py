@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from inference_svc.model.placement import bytes_by_device
+from inference_svc.model.checkpoints.placement import bytes_by_device
 
 DISK = "disk"
 

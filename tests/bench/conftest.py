@@ -15,7 +15,7 @@ from tests.conftest import ServerProcess, start_server
 
 @pytest.fixture(scope="session")
 def default_bundle() -> Path:
-    from inference_svc.model.builders import ensure_default_bundle
+    from inference_svc.model.checkpoints.default_bundle import ensure_default_bundle
 
     return ensure_default_bundle()
 

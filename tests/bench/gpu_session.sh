@@ -46,7 +46,7 @@ else
   BIN=/tmp/autoglm-bin
   mkdir -p "$BIN"
   for entry in autoglm-server=inference_svc.cli autoglm-memd=memory_daemon.cli \
-               autoglm-gateway=gateway.cli autoglm-plan=inference_svc.model.plan_cli; do
+               autoglm-gateway=gateway.cli autoglm-plan=inference_svc.model.cli.plan; do
     printf '#!%s\nimport sys\nfrom %s import main\nsys.exit(main())\n' \
       "$(command -v "$PY")" "${entry#*=}" > "$BIN/${entry%%=*}"
     chmod +x "$BIN/${entry%%=*}"
@@ -97,7 +97,7 @@ checkpoint=$(find "$work" -mindepth 1 -maxdepth 1 -name "glm4v-*" 2>/dev/null | 
 if [ -n "$checkpoint" ]; then
   for gpus in "1 --gpu-memory-gib 79" "2 --gpu-memory-gib 24"; do
     # shellcheck disable=SC2086
-    timeout 30 "$PY" -m inference_svc.model.plan_cli --model-dir "$checkpoint" --gpus $gpus \
+    timeout 30 "$PY" -m inference_svc.model.cli.plan --model-dir "$checkpoint" --gpus $gpus \
       --context 25480 >> "$OUT/glm4v.log" 2>&1
   done
 fi

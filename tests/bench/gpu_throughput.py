@@ -178,12 +178,15 @@ def find_tokenizer_dir() -> Path:
     carried = REPO / ".gpu" / "tokenizer"
     if (carried / "tokenizer.json").is_file():
         return carried
-    from inference_svc.model.builders import DEFAULT_BUNDLE_NAME, default_cache_dir
+    from inference_svc.model.checkpoints.default_bundle import (
+        DEFAULT_BUNDLE_NAME,
+        default_cache_dir,
+    )
 
     cached = default_cache_dir() / DEFAULT_BUNDLE_NAME / "decoder"
     if (cached / "tokenizer.json").is_file():
         return cached
-    from inference_svc.model.builders import ensure_default_bundle
+    from inference_svc.model.checkpoints.default_bundle import ensure_default_bundle
 
     return ensure_default_bundle() / "decoder"
 
@@ -193,7 +196,7 @@ def build_bundle(out: Path, plan: Plan, tokenizer_dir: Path) -> ModelFacts:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config
 
-    from inference_svc.model.bundle import Manifest, ModuleEntry
+    from inference_svc.model.checkpoints.bundle import Manifest, ModuleEntry
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

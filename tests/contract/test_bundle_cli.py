@@ -13,7 +13,7 @@ import pytest
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from inference_svc.model.bundle_cli import main, write
+from inference_svc.model.cli.bundle import main, write
 from tests.conftest import start_server
 from tests.fixtures.tiny_models import write_tiny_bundle, write_tiny_glm4v_checkpoint
 

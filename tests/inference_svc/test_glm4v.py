@@ -19,10 +19,10 @@ from autoglm.control.v1 import control_service_pb2 as cpb
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.errors import ModalityUnavailable
+from inference_svc.model.checkpoints.glm4v_checkpoint import is_glm4v_checkpoint
+from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
-from inference_svc.model.glm4v_checkpoint import is_glm4v_checkpoint
-from inference_svc.model.paged_kv import RowSlots
-from inference_svc.model.placement import bytes_by_device
+from inference_svc.model.paged.kv_pool import RowSlots
 from inference_svc.model.units import DISK
 from inference_svc.types import (
     AudioPart,

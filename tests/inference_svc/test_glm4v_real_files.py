@@ -21,8 +21,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.models.glm4v.modeling_glm4v import Glm4vTextRotaryEmbedding
 
+from inference_svc.model.checkpoints.glm4v_config import UnreadableCheckpoint, read_glm4v_config
 from inference_svc.model.glm4v import Glm4vModel
-from inference_svc.model.glm4v_config import UnreadableCheckpoint, read_glm4v_config
 from inference_svc.model.glm4v_vision import DEPLOYMENT_MAX_PIXELS, GLM4V_MAX_PIXELS
 from inference_svc.types import ChatMessage, ImagePart, TextPart
 from tests.fixtures.real_glm4v import (

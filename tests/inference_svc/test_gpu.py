@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.model.checkpoints.placement import plan_placement
 from inference_svc.model.modular import ModularModel
-from inference_svc.model.placement import plan_placement
 
 pytestmark = pytest.mark.gpu
 

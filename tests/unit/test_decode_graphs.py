@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from inference_svc.model.decode_graphs import KEY_BUCKET, key_bucket, row_bucket
-from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
+from inference_svc.model.paged.decode_graphs import KEY_BUCKET, key_bucket, row_bucket
+from inference_svc.model.paged.kv_pool import KVPool, PagedStep, RowSlots
 from inference_svc.types import ChatMessage, TextPart
 
 
@@ -54,7 +54,7 @@ def test_a_padded_bucketed_step_gives_the_real_rows_the_logits_of_the_exact_step
 
 
 def test_a_step_that_cannot_be_captured_turns_graphs_off_and_steps_eagerly(model, monkeypatch):
-    from inference_svc.model.decode_graphs import CaptureFailed, DecodeGraphs
+    from inference_svc.model.paged.decode_graphs import CaptureFailed, DecodeGraphs
 
     def refuse(self, *args, **kwargs):
         raise CaptureFailed("an operation a graph cannot hold")
@@ -87,7 +87,7 @@ def test_replays_feed_each_step_through_its_buckets_static_inputs(model, monkeyp
     """The bookkeeping around the graphs, on the CPU: each step's inputs reach the
     bucket's static tensors, a bucket is captured once and replayed after, and a pool
     reallocation captures again."""
-    from inference_svc.model.decode_graphs import DecodeGraphs
+    from inference_svc.model.paged.decode_graphs import DecodeGraphs
 
     def record(self, forward):
         replay = EagerReplay(forward)

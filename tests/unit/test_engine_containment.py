@@ -160,7 +160,7 @@ def test_a_long_prefill_yields_to_decoding_and_stops_between_chunks(model, monke
 
 def _paged_prefill(model, embeds, length: int, chunk: int, first_block: int = 1):
     """Feed `embeds` into a fresh pool in chunks; the logits after the last position."""
-    from inference_svc.model.paged_kv import RowSlots
+    from inference_svc.model.paged.kv_pool import RowSlots
 
     size = 16
     pool = model.new_kv_pool(block_size=size, blocks=first_block + length // size + 1)

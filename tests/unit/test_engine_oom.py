@@ -80,7 +80,7 @@ def test_an_oom_in_a_decode_step_is_retried(model, monkeypatch):
 
 def test_prompts_prefilled_together_match_each_prefilled_alone(model):
     from inference_svc.model.modular import DecodedMedia
-    from inference_svc.model.paged_kv import RowSlots
+    from inference_svc.model.paged.kv_pool import RowSlots
 
     empty = DecodedMedia([], [])
     plans = [model.plan([ChatMessage("user", [TextPart(text)])], empty, enable_thinking=False)

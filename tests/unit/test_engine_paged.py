@@ -11,7 +11,7 @@ import torch
 from inference_svc.engine.engine import Admission, Engine, EngineConfig
 from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.errors import InvalidRequest
-from inference_svc.model.paged_kv import KVPool
+from inference_svc.model.paged.kv_pool import KVPool
 from inference_svc.types import (
     ChatMessage,
     ChoiceEnd,

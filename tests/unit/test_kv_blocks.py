@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference_svc.engine.kv_blocks import BlockLedger, KVExhausted
-from inference_svc.model.paged_kv import KVPool
+from inference_svc.model.paged.kv_pool import KVPool
 
 SIZE = 4  # tokens per block
 

@@ -10,7 +10,7 @@ import soundfile
 from PIL import Image
 
 from inference_svc.errors import InvalidMedia
-from inference_svc.model.media import decode_image, decode_pcm, decode_wav, fit_pixel_budget
+from inference_svc.model.inputs.media import decode_image, decode_pcm, decode_wav, fit_pixel_budget
 from tests.conftest import png_bytes, wav_bytes
 
 
@@ -152,7 +152,7 @@ def test_minimum_audio_is_the_feature_encoders_receptive_field():
     from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
 
     from inference_svc.model.encoders import AudioEncoder, conv_receptive_field
-    from inference_svc.model.media import DecodedAudio
+    from inference_svc.model.inputs.media import DecodedAudio
 
     config = Wav2Vec2ConformerConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

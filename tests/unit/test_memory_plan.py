@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_svc.model.plan_cli import main
+from inference_svc.model.cli.plan import main
 from tests.fixtures.tiny_models import (
     write_tiny_glm4v_checkpoint,
     write_tiny_phone_glm4v_checkpoint,

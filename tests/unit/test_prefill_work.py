@@ -4,7 +4,7 @@ a time, and a tail under half a budget in the same pass as the rest of its promp
 from __future__ import annotations
 
 from inference_svc.engine.sequences import Prefill, pick_prefill_work
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.inputs.prompt import PromptPlan
 
 BUDGET = 128
 

@@ -8,7 +8,7 @@ from inference_svc.engine.jobs import Admission
 from inference_svc.engine.request_queue import RequestQueue
 from inference_svc.engine.sequences import Job
 from inference_svc.errors import NotReady, ResourceExhausted
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.types import ChatMessage, GenerationRequest, SamplingParams, TextPart
 
 

@@ -16,9 +16,9 @@ from inference_svc.engine.scheduler import Scheduler
 from inference_svc.engine.sequences import Job
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.engine.step import PromptOutcome, StepOutput, StepPlan
+from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.model.modular import DecodedMedia
-from inference_svc.model.paged_kv import KVPool
-from inference_svc.model.prompt import PromptPlan
+from inference_svc.model.paged.kv_pool import KVPool
 from inference_svc.types import (
     ChatMessage,
     Finished,

@@ -1,4 +1,4 @@
-"""One forward for prompt chunks and decode rows (model/segment_step.py) against the
+"""One forward for prompt chunks and decode rows (model/paged/segment_step.py) against the
 separate passes it replaces: the same logits and the same KV written, for the embedded
 default's decoder and for GLM-4.1V, whose decode rows continue a rope offset after images."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inference_svc.model.glm4v import Glm4vModel
-from inference_svc.model.paged_kv import RowSlots
+from inference_svc.model.paged.kv_pool import RowSlots
 from inference_svc.types import ChatMessage, ImagePart, TextPart
 from tests.conftest import png_bytes
 from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint

@@ -16,7 +16,7 @@ step. It writes the new tokens' keys and values into their slots and gathers eac
 positions into a [rows, kv_heads, longest, head_dim] view for the attention
 implementation (sdpa or eager), with a mask that hides padding. Padding exists only in
 that transient view: the pool stores tokens and nothing else. Forwards with prompt
-chunks (model/segment_step.py) read the pool per segment.
+chunks (model/paged/segment_step.py) read the pool per segment.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ class PagedStep:
     """The `cache` a decode forward gets (one new token per sequence, one sequence per
     row): writes the new KV to its slots, returns every row's gathered KV, padded to the
     longest row and masked. Its tensors have fixed shapes for a (rows, keys) bucket, so a
-    captured CUDA graph replays it (model/decode_graphs.py). Prompt chunks, and decode
-    rows beside them, go through model/segment_step.py instead."""
+    captured CUDA graph replays it (model/paged/decode_graphs.py). Prompt chunks, and decode
+    rows beside them, go through model/paged/segment_step.py instead."""
 
     @classmethod
     def decode(cls, pool: KVPool, tables: list[list[int]], lengths: list[int],

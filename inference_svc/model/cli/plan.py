@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from inference_svc.model.bundle import Manifest
-from inference_svc.model.bundle_cli import BundleCliError, human_bytes, summarise
-from inference_svc.model.glm4v_checkpoint import VISION_PREFIXES
+from inference_svc.model.checkpoints.bundle import Manifest
+from inference_svc.model.checkpoints.glm4v_checkpoint import VISION_PREFIXES
+from inference_svc.model.checkpoints.model_dir import ModelKind, model_kind
+from inference_svc.model.cli.bundle import BundleCliError, human_bytes, summarise
 from inference_svc.model.glm4v_vision import VisionGeometry
-from inference_svc.model.model_dir import ModelKind, model_kind
 
 PROG = "autoglm-plan"
 GIB = 1024**3

@@ -22,7 +22,7 @@ from transformers import (
     Wav2Vec2ConformerModel,
 )
 
-from inference_svc.model.bundle import Manifest, ModuleEntry, is_bundle
+from inference_svc.model.checkpoints.bundle import Manifest, ModuleEntry, is_bundle
 from inference_svc.model.encoders import AudioEncoder, VisionEncoder
 
 DEFAULT_BUNDLE_NAME = "smollm2-135m-modular-v1"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from inference_svc.model.paged_kv import KVPool, PagedStep
+from inference_svc.model.paged.kv_pool import KVPool, PagedStep
 
 log = structlog.get_logger(__name__)
 

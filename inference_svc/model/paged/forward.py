@@ -12,9 +12,9 @@ import structlog
 import torch
 from torch import nn
 
-from inference_svc.model.decode_graphs import CaptureFailed, DecodeGraphs
-from inference_svc.model.paged_kv import KVPool, PagedStep, RowSlots
-from inference_svc.model.segment_step import SegmentStep, segment_attention
+from inference_svc.model.paged.decode_graphs import CaptureFailed, DecodeGraphs
+from inference_svc.model.paged.kv_pool import KVPool, PagedStep, RowSlots
+from inference_svc.model.paged.segment_step import SegmentStep, segment_attention
 from inference_svc.model.units import ModuleUnit
 
 log = structlog.get_logger(__name__)
@@ -56,7 +56,7 @@ class PagedForward:
                       inputs: list[torch.Tensor],
                       positions: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """One decoder pass over the new tokens of several sequences, KV in `pool`:
-        prompt chunks and decode rows alike, packed end to end (model/segment_step.py).
+        prompt chunks and decode rows alike, packed end to end (model/paged/segment_step.py).
 
         `inputs[i]` holds segment i's new tokens: token ids [n], or decoder input
         embeddings [n, hidden] (a prompt with media); `positions[i]`, where given, their
@@ -96,7 +96,7 @@ class PagedForward:
 
     def capture_decode_steps(self, pool: KVPool, max_rows: int) -> bool:
         """Replay decode steps of up to `max_rows` sequences as CUDA graphs from now on
-        (model/decode_graphs.py); False, and eager steps, where `max_rows` is 0 or the
+        (model/paged/decode_graphs.py); False, and eager steps, where `max_rows` is 0 or the
         pool is not on one CUDA device."""
         self.decode_graphs = DecodeGraphs(pool.layer_devices[0], max_rows) if (
             max_rows > 0 and DecodeGraphs.usable(pool)) else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from inference_svc.model.bundle import MANIFEST, is_bundle
-from inference_svc.model.glm4v_checkpoint import ARCHITECTURE, is_glm4v_checkpoint
+from inference_svc.model.checkpoints.bundle import MANIFEST, is_bundle
+from inference_svc.model.checkpoints.glm4v_checkpoint import ARCHITECTURE, is_glm4v_checkpoint
 
 
 class ModelKind(StrEnum):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from inference_svc.model.paged_kv import NULL_BLOCK, KVPool, RowSlots
+from inference_svc.model.paged.kv_pool import NULL_BLOCK, KVPool, RowSlots
 
 SEGMENTS = "autoglm_segments"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from inference_svc.model.bundle import Manifest, ModuleEntry
+from inference_svc.model.checkpoints.bundle import Manifest, ModuleEntry
 
 ARCHITECTURE = "Glm4vForConditionalGeneration"
 PROVENANCE = "autoglm_provenance.json"

@@ -21,9 +21,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from inference_svc.model.bundle import Manifest, ModuleEntry
-from inference_svc.model.glm4v_checkpoint import ARCHITECTURE, VISION_PREFIXES, glm4v_manifest
-from inference_svc.model.model_dir import ModelKind, NotAModelDirectory, model_kind
+from inference_svc.model.checkpoints.bundle import Manifest, ModuleEntry
+from inference_svc.model.checkpoints.glm4v_checkpoint import (
+    ARCHITECTURE,
+    VISION_PREFIXES,
+    glm4v_manifest,
+)
+from inference_svc.model.checkpoints.model_dir import ModelKind, NotAModelDirectory, model_kind
 
 PROG = "autoglm-bundle"
 
@@ -36,7 +40,8 @@ Writer = Callable[[Path], None]
 
 
 def _write_default(out: Path) -> None:
-    from inference_svc.model.builders import write_default_bundle  # torch only when writing
+    # torch only when writing
+    from inference_svc.model.checkpoints.default_bundle import write_default_bundle
 
     write_default_bundle(out)
 

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: directory kinds, bundles, the default bundle, GLM-4.1V, placement."""

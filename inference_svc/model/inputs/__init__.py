@@ -1,0 +1,1 @@
+"""What a request brings the model: prompt planning and media (image, audio) decoding."""

@@ -1,0 +1,1 @@
+"""Paged attention plumbing: KV block pool, paged forward, segment steps, decode graphs."""
