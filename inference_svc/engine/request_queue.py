@@ -85,7 +85,7 @@ class RequestQueue:
         with self.lock:
             return bool(self.queued or self.running)
 
-    # ---- the model loop's side -------------------------------------------------------
+    # ---- the scheduler's side ----------------------------------------------------------
 
     def capacity(self) -> int:
         """How many requests may run now, by the admission mode (a lapsed lease reopens)."""

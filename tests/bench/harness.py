@@ -28,8 +28,19 @@ class Sampling:
     top_p: float = 0.9
     repetition_penalty: float = 1.2
 
+    @classmethod
+    def named(cls, name: str, max_new_tokens: int) -> Sampling:
+        """"reference": the reference article's settings; "greedy": argmax, no penalty."""
+        if name == "greedy":
+            return cls(max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+        return cls(max_new_tokens)
+
     def generate_kwargs(self) -> dict:
         """Keyword arguments of transformers' generate() for these settings."""
+        if self.temperature <= 0:  # greedy
+            return {"max_new_tokens": self.max_new_tokens,
+                    "min_new_tokens": self.max_new_tokens, "do_sample": False,
+                    "repetition_penalty": self.repetition_penalty}
         return {
             "max_new_tokens": self.max_new_tokens, "min_new_tokens": self.max_new_tokens,
             "do_sample": True, "temperature": self.temperature, "top_p": self.top_p,

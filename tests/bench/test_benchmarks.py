@@ -96,10 +96,12 @@ async def test_single_stream(service, in_process):
 Runner = Callable[[list[list[dict[str, str]]]], Awaitable[list[StreamResult]]]
 
 
+@pytest.mark.parametrize("sampling_name", ["greedy", "reference"])
 async def test_concurrency(service, in_process, transformers_serve, transformers_serve_cb,
-                           generation_defaults):
-    """Aggregate tokens/s and TTFT at 1, 4, 8 and 16 concurrent streams."""
-    sampling = Sampling(max_new_tokens=64)
+                           generation_defaults, sampling_name):
+    """Aggregate tokens/s and TTFT at 1, 4, 8 and 16 concurrent streams, greedy and with
+    the reference article's sampling."""
+    sampling = Sampling.named(sampling_name, max_new_tokens=64)
     levels = [1, 4, 8, 16]
     rounds = repeats(2)
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
@@ -174,9 +176,10 @@ async def test_concurrency(service, in_process, transformers_serve, transformers
         "tokens it actually produced.",
     ]
     report(
-        "concurrency",
-        f"concurrency: {sampling.max_new_tokens} new tokens per stream, median of {rounds} "
-        f"alternating runs; TTFT percentiles over all streams of all runs",
+        f"concurrency_{sampling_name}",
+        f"concurrency, {sampling_name} sampling: {sampling.max_new_tokens} new tokens per "
+        f"stream, median of {rounds} alternating runs; TTFT percentiles over all streams of "
+        "all runs",
         ["system", "streams", "aggregate tok/s", "vs 1 stream", "TTFT p50 ms",
          "TTFT p99 ms", "tokens/stream"],
         rows,
