@@ -52,10 +52,9 @@ class PagedDecoder(Protocol):
 
     def prompt_inputs(self, plan: PromptPlan, media, *, cached: int = 0) -> PromptInputs: ...
 
-    def forward_paged(self, pool: KVPool, rows: list[list[RowSlots]],
-                      inputs: list[list[torch.Tensor]],
-                      positions: list[list[torch.Tensor | None]] | None = None,
-                      ) -> torch.Tensor: ...
+    def forward_paged(self, pool: KVPool, segments: list[RowSlots],
+                      inputs: list[torch.Tensor],
+                      positions: list[torch.Tensor | None] | None = None) -> torch.Tensor: ...
 
     def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
                      tokens: list[int], offsets: list[int] | None = None) -> torch.Tensor: ...
