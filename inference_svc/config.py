@@ -62,6 +62,15 @@ class ServerConfig:
         "when > 0)"))
     max_message_bytes: int = setting(32 * 1024 * 1024, name="max_message_mb", unit=MIB,
                                      help="largest gRPC message either way, in MiB")
+    live_audio_max_utterance_s: float = setting(120.0, name="live_audio_max_utterance", help=(
+        "most seconds of audio one GenerateLive stream may send (the audio decoder refuses "
+        "clips past 120 s in any case)"))
+    live_audio_min_chunk_ms: int = setting(10, help=(
+        "shortest GenerateLive audio chunk in ms; only the last before `end` may be shorter"))
+    live_audio_max_chunk_ms: int = setting(500, help="longest GenerateLive audio chunk in ms")
+    live_audio_idle_timeout_s: float = setting(10.0, name="live_audio_idle_timeout", help=(
+        "seconds a GenerateLive stream may go without a message before its `end`; a client "
+        "that stalls longer gets DEADLINE_EXCEEDED"))
     encoder_idle_offload_s: float = setting(0.0, name="encoder_idle_offload", shown="0 (off)",
                                             help="demote an encoder unused for this many "
                                                  "seconds one tier")
@@ -130,6 +139,7 @@ class ServerConfig:
             raise ValueError("kv reserve fraction must be in [0, 1)")
         if self.max_message_bytes < 1024:
             raise ValueError("max message size must be at least 1 KiB")
+        self._check_live_audio()
         if self.encoder_idle_offload_s < 0:
             raise ValueError("encoder idle offload must not be negative")
         if self.grace_period_s < 0:
@@ -179,6 +189,14 @@ class ServerConfig:
             raise ValueError(
                 "a TCP control listener needs TLS (--control-tls-cert/--control-tls-key or "
                 "--tls-cert/--tls-key); pass --control-insecure to serve it in plaintext")
+
+    def _check_live_audio(self) -> None:
+        if self.live_audio_max_utterance_s <= 0:
+            raise ValueError("live audio max utterance must be positive")
+        if not 1 <= self.live_audio_min_chunk_ms <= self.live_audio_max_chunk_ms:
+            raise ValueError("live audio chunk bounds need 1 <= min chunk ms <= max chunk ms")
+        if self.live_audio_idle_timeout_s <= 0:
+            raise ValueError("live audio idle timeout must be positive")
 
     def _check_connection_limits(self) -> None:
         if self.max_concurrent_streams < 1:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from inference_svc.errors import InvalidRequest
+from inference_svc.errors import InvalidMedia, InvalidRequest
 from inference_svc.ids import check_session_id
 from inference_svc.types import (
     AudioPart,
@@ -138,6 +138,27 @@ def request_from_pb(
         deadline=deadline,
         n=request.n or 1,
     )
+
+
+def live_start_from_pb(
+    start: pb.GenerateLiveStart, *, sample_rate_hz: int, request_id: str,
+    defaults: SamplingParams, deadline: float | None,
+) -> tuple[GenerationRequest, str]:
+    """GenerateLive's `start`: the request as Generate's (its errors name fields as
+    Generate's do) and the audio's encoding, which must come at `sample_rate_hz`."""
+    if not start.HasField("request"):
+        raise InvalidRequest("start.request is required: the conversation to answer",
+                             field="start.request")
+    rate = start.format.sample_rate_hz
+    if rate != sample_rate_hz:
+        raise InvalidMedia(f"start.format.sample_rate_hz must be {sample_rate_hz}, not {rate}",
+                           field="start.format.sample_rate_hz")
+    if start.format.encoding not in PCM_ENCODINGS:
+        raise InvalidMedia("start.format.encoding must be PCM_ENCODING_S16LE or "
+                           "PCM_ENCODING_F32LE", field="start.format.encoding")
+    request = request_from_pb(start.request, request_id=request_id, defaults=defaults,
+                              deadline=deadline)
+    return request, PCM_ENCODINGS[start.format.encoding]
 
 
 def choice_end_to_pb(end: ChoiceEnd) -> pb.ChoiceEnd:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -11,6 +13,7 @@ from google.protobuf import struct_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from autoglm_common.bounds import quote
+from inference_svc.engine.jobs import RequestHandle
 from inference_svc.errors import DeadlineExceeded, NotReady, UnknownSession
 from inference_svc.ids import check_session_id
 from inference_svc.service_state import ServiceState
@@ -22,8 +25,22 @@ from inference_svc.transport.convert import (
     request_from_pb,
     sampling_to_pb,
 )
+from inference_svc.transport.live_audio import LiveInput, LiveLimits
 from inference_svc.transport.tiers import tier_to_pb
-from inference_svc.types import ChoiceEnd, Delta, Finished, FinishReason
+from inference_svc.types import ChoiceEnd, Delta, Finished, FinishReason, GenerationRequest
+
+
+def _ignore(*args: object) -> None:
+    pass
+
+
+def _request_id() -> str:
+    return structlog.contextvars.get_contextvars()["request_id"]
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -37,15 +54,50 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         engine = self._engine()
-        request_id = structlog.contextvars.get_contextvars()["request_id"]
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        request_id = _request_id()
         generation = request_from_pb(request, request_id=request_id,
-                                     defaults=self.state.config.defaults, deadline=deadline)
+                                     defaults=self.state.config.defaults,
+                                     deadline=_deadline(context))
+        async for response in self._reply(engine, generation, context):
+            yield response
+
+    async def GenerateLive(self, requests: AsyncIterator[pb.GenerateLiveRequest],
+                           context: grpc.aio.ServicerContext):
+        """Read the utterance (live_audio.py), then reply exactly as Generate does."""
+        engine = self._engine()
+        metrics = self.state.metrics
+        live = LiveInput(requests, LiveLimits.of(self.state.config),
+                         on_audio=metrics.live_audio_seconds.inc if metrics else _ignore)
+        if metrics is not None:
+            metrics.live_audio_streams.inc()
+        try:
+            generation = await live.read(request_id=_request_id(),
+                                         defaults=self.state.config.defaults,
+                                         deadline=_deadline(context))
+            replies = self._reply(engine, generation, context,
+                                  on_submitted=lambda handle: live.watch_after_end(handle.cancel))
+            async with contextlib.aclosing(replies):
+                async for response in replies:
+                    live.check()  # a message after end fails the call (and cancelled it)
+                    if response.HasField("final"):
+                        response.final.usage.audio_seconds = live.seconds
+                    yield response
+        finally:  # ended, failed, or the client went away mid-utterance: drop the audio now
+            live.close()
+            if metrics is not None:
+                metrics.live_audio_streams.dec()
+
+    async def _reply(self, engine, generation: GenerationRequest,
+                     context: grpc.aio.ServicerContext, *,
+                     on_submitted: Callable[[RequestHandle], None] = _ignore,
+                     ) -> AsyncIterator[pb.GenerateResponse]:
+        """Run a request and stream its events as GenerateResponse messages."""
+        request_id = generation.request_id
         await context.send_initial_metadata((("x-request-id", request_id),))
         timer = self.state.metrics.timer() if self.state.metrics is not None else None
         ended = False
         handle = await engine.submit(generation)
+        on_submitted(handle)
         try:
             async for event in handle.events():
                 if isinstance(event, Delta):

@@ -1,10 +1,12 @@
-"""One interceptor for every RPC: request ids, canonical log lines, error -> status."""
+"""One interceptor for every RPC: request ids, canonical log lines, error -> status.
+
+It wraps unary-unary, unary-stream and stream-stream (GenerateLive) handlers."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import structlog
@@ -99,14 +101,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         deserialize = _tolerant(handler.request_deserializer)
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
+        if handler.unary_stream or handler.stream_stream:
+            takes_stream = handler.stream_stream is not None
+            inner_stream = handler.stream_stream or handler.unary_stream
 
             async def stream(request, context):
                 started = _begin(context, method)
                 call = structlog.contextvars.get_contextvars()
                 try:
-                    async for response in inner_stream(_decoded(request), context):
+                    requests = _each_decoded(request) if takes_stream else _decoded(request)
+                    async for response in inner_stream(requests, context):
                         yield response
                 except grpc.aio.AbortError:
                     raise
@@ -121,10 +125,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._count(method, "OK")
                 _end(context, method, started)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=deserialize,
-                response_serializer=handler.response_serializer,
-            )
+            wrap = (grpc.stream_stream_rpc_method_handler if takes_stream
+                    else grpc.unary_stream_rpc_method_handler)
+            return wrap(stream, request_deserializer=deserialize,
+                        response_serializer=handler.response_serializer)
         if handler.unary_unary:
             inner_unary = handler.unary_unary
 
@@ -204,6 +208,11 @@ def _decoded(request: object) -> object:
     if isinstance(request, _Undecodable):
         raise request.error
     return request
+
+
+async def _each_decoded(requests: AsyncIterator[object]) -> AsyncIterator[object]:
+    async for request in requests:
+        yield _decoded(request)
 
 
 def _begin(context: grpc.aio.ServicerContext, method: str) -> float:

@@ -103,6 +103,8 @@ def test_each_recipe_runs_against_a_real_server(server: ServerProcess) -> None:
     assert json.loads(outputs[f"{inference}/CountTokens"][0])["promptTokens"] > 0
     assert '"final": {' in outputs[f"{inference}/Generate"][0]
     assert '"requestId": "ops-1"' in outputs[f"{inference}/Generate"][0]
+    assert '"final": {' in outputs[f"{inference}/GenerateLive"][0]
+    assert '"audioSeconds": 0.1' in outputs[f"{inference}/GenerateLive"][0]
     control = "autoglm.control.v1.ControlService"
     status = json.loads(outputs[f"{control}/GetMemoryStatus"][0])["status"]
     assert {m["name"] for m in status["modules"]} == {"decoder", "vision", "audio"}

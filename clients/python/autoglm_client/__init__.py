@@ -30,6 +30,7 @@ from autoglm_client.errors import (
     UnavailableError,
 )
 from autoglm_client.inference import InferenceClient
+from autoglm_client.live import wav_chunks, wav_chunks_async
 from autoglm_client.request_builders import ResponseFormat, Sampling
 from autoglm_client.results import (
     Choice,
@@ -91,4 +92,6 @@ __all__ = [
     "tls_credentials",
     "to_messages",
     "user",
+    "wav_chunks",
+    "wav_chunks_async",
 ]

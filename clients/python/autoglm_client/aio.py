@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Unpack
+from typing import Any, Unpack
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm_client import calls
 from autoglm_client.channel import open_aio_channel
 from autoglm_client.content import Conversation
+from autoglm_client.live import live_requests_async
 from autoglm_client.request_builders import Sampling
 from autoglm_client.results import Completion, CompletionAccumulator, StreamEvent
 from autoglm_client.translate import rpc_errors_translated
@@ -31,7 +32,8 @@ class AsyncInferenceClient(calls.InferenceClientBase):
     ) -> AsyncIterator[StreamEvent]:
         """The events of `InferenceClient.stream`, as they arrive. Leaving the loop early (or
         cancelling the task) cancels the call."""
-        async for event in self._events(self._calls.generate(conversation, sampling, **options)):
+        call = self._calls.generate(conversation, sampling, **options)
+        async for event in self._events(lambda: call.send(self._stub.Generate)):
             yield event
 
     async def generate(
@@ -41,11 +43,40 @@ class AsyncInferenceClient(calls.InferenceClientBase):
         **options: Unpack[calls.GenerateOptions],
     ) -> Completion:
         """Run a Generate call to its end and return the whole reply (`choices`: all n)."""
-        return await self._completion(self._calls.generate(conversation, sampling, **options))
+        call = self._calls.generate(conversation, sampling, **options)
+        return await self._completion(lambda: call.send(self._stub.Generate))
+
+    async def stream_live(
+        self,
+        conversation: Conversation,
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
+        sampling: Sampling | None = None,
+        **options: Unpack[calls.LiveOptions],
+    ) -> AsyncIterator[StreamEvent]:
+        """`InferenceClient.stream_live` for asyncio; `chunks` may be an async iterable
+        (`live.wav_chunks_async` paces a WAV file without blocking the loop)."""
+        call = self._calls.generate_live(conversation, sampling, **options)
+        async for event in self._events(lambda: self._stub.GenerateLive(
+                live_requests_async(call.request, chunks), **call.options)):
+            yield event
+
+    async def generate_live(
+        self,
+        conversation: Conversation,
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
+        sampling: Sampling | None = None,
+        **options: Unpack[calls.LiveOptions],
+    ) -> Completion:
+        """Run a GenerateLive call (see `stream_live`) and return the whole reply."""
+        accumulator = CompletionAccumulator()
+        async for event in self.stream_live(conversation, chunks, sampling, **options):
+            accumulator.add(event)
+        return accumulator.completion()
 
     async def chat(self, prompt: str, **options: Unpack[calls.ChatOptions]) -> str:
         """Send one user turn (text plus optional images and WAV clips); return the answer."""
-        return (await self._completion(self._calls.chat(prompt, **options))).text
+        call = self._calls.chat(prompt, **options)
+        return (await self._completion(lambda: call.send(self._stub.Generate))).text
 
     async def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """Describe the served model and its modules."""
@@ -81,8 +112,9 @@ class AsyncInferenceClient(calls.InferenceClientBase):
     ) -> None:
         await self.close()
 
-    async def _events(self, generate: calls.Call[pb.GenerateRequest]) -> AsyncIterator[StreamEvent]:
-        call = generate.send(self._stub.Generate)
+    async def _events(self, start: Callable[[], Any]) -> AsyncIterator[StreamEvent]:
+        """The events of a Generate or GenerateLive call, which `start` begins."""
+        call = start()
         replies = calls.GenerateReplies()
         try:
             with rpc_errors_translated():
@@ -93,8 +125,8 @@ class AsyncInferenceClient(calls.InferenceClientBase):
             call.cancel()
         replies.check_ended()
 
-    async def _completion(self, generate: calls.Call[pb.GenerateRequest]) -> Completion:
+    async def _completion(self, start: Callable[[], Any]) -> Completion:
         accumulator = CompletionAccumulator()
-        async for event in self._events(generate):
+        async for event in self._events(start):
             accumulator.add(event)
         return accumulator.completion()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypedDict, TypeVar, Unpack
+from typing import Any, ClassVar, Generic, Literal, TypedDict, TypeVar, Unpack
 
 import grpc
 
@@ -14,7 +14,12 @@ from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from autoglm_client.channel import DEFAULT_TARGET, MAX_MESSAGE_BYTES, CallDefaults
 from autoglm_client.content import BinarySource, Conversation, prompt_conversation
-from autoglm_client.request_builders import Sampling, count_tokens_request, generate_request
+from autoglm_client.request_builders import (
+    Sampling,
+    count_tokens_request,
+    generate_request,
+    live_start,
+)
 from autoglm_client.results import Final, ProtocolError, StreamEvent, events_from_response
 
 RequestT = TypeVar("RequestT")
@@ -36,6 +41,14 @@ class GenerateOptions(GenerateFields, total=False):
 
     timeout: float | None  # seconds; None: the client's default
     request_id: str | None  # sent as x-request-id, echoed in logs and replies
+
+
+class LiveOptions(GenerateOptions, total=False):
+    """Keyword options of `stream_live` and `generate_live`: Generate's, and the format of
+    the chunks (16 kHz mono; the WAV helpers of `autoglm_client.live` yield s16le)."""
+
+    sample_rate_hz: int
+    encoding: Literal["s16le", "f32le"]
 
 
 class CountTokensOptions(TypedDict, total=False):
@@ -86,6 +99,23 @@ class InferenceCalls:
         request = generate_request(conversation, sampling, **fields)
         options = self._defaults.call_kwargs(timeout, request_id, fields.get("session_id"))
         return Call(request, options)
+
+    def generate_live(
+        self,
+        conversation: Conversation,
+        sampling: Sampling | None = None,
+        *,
+        sample_rate_hz: int = 16_000,
+        encoding: str = "s16le",
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **fields: Unpack[GenerateFields],
+    ) -> Call[pb.GenerateLiveStart]:
+        """GenerateLive's `start` (the chunks and `end` follow it: `live.live_requests`)."""
+        start = live_start(conversation, sampling, sample_rate_hz=sample_rate_hz,
+                           encoding=encoding, **fields)
+        options = self._defaults.call_kwargs(timeout, request_id, fields.get("session_id"))
+        return Call(start, options)
 
     def chat(
         self,

@@ -26,7 +26,7 @@ _ROLES: dict[str, pb.Role.ValueType] = {
     "user": pb.ROLE_USER,
     "assistant": pb.ROLE_ASSISTANT,
 }
-_PCM_ENCODINGS: dict[str, pb.PcmEncoding.ValueType] = {
+PCM_ENCODINGS: dict[str, pb.PcmEncoding.ValueType] = {
     "s16le": pb.PCM_ENCODING_S16LE,
     "f32le": pb.PCM_ENCODING_F32LE,
 }
@@ -81,12 +81,12 @@ def pcm_audio(
     channels: int = 1,
 ) -> pb.Part:
     """An audio part from raw interleaved PCM samples."""
-    if encoding not in _PCM_ENCODINGS:
-        raise InputError(f"unknown PCM encoding {encoding!r}; use one of {tuple(_PCM_ENCODINGS)}")
+    if encoding not in PCM_ENCODINGS:
+        raise InputError(f"unknown PCM encoding {encoding!r}; use one of {tuple(PCM_ENCODINGS)}")
     pcm = pb.PcmAudio(
         data=samples,
         sample_rate_hz=sample_rate_hz,
-        encoding=_PCM_ENCODINGS[encoding],
+        encoding=PCM_ENCODINGS[encoding],
         channels=channels,
     )
     return pb.Part(audio=pb.Audio(pcm=pcm))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Unpack
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Unpack
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm_client import calls
 from autoglm_client.channel import ClosesChannel, open_channel
 from autoglm_client.content import Conversation
+from autoglm_client.live import live_requests
 from autoglm_client.request_builders import Sampling
 from autoglm_client.results import Completion, CompletionAccumulator, StreamEvent
 from autoglm_client.translate import rpc_errors_translated
@@ -35,7 +36,8 @@ class InferenceClient(calls.InferenceClientBase, ClosesChannel):
 
         Leaving the loop early cancels the call, which frees its memory on the server.
         """
-        yield from self._events(self._calls.generate(conversation, sampling, **options))
+        call = self._calls.generate(conversation, sampling, **options)
+        yield from self._events(lambda: call.send(self._stub.Generate))
 
     def generate(
         self,
@@ -44,11 +46,41 @@ class InferenceClient(calls.InferenceClientBase, ClosesChannel):
         **options: Unpack[calls.GenerateOptions],
     ) -> Completion:
         """Run a Generate call to its end and return the whole reply (`choices`: all n)."""
-        return self._completion(self._calls.generate(conversation, sampling, **options))
+        call = self._calls.generate(conversation, sampling, **options)
+        return self._completion(lambda: call.send(self._stub.Generate))
+
+    def stream_live(
+        self,
+        conversation: Conversation,
+        chunks: Iterable[bytes],
+        sampling: Sampling | None = None,
+        **options: Unpack[calls.LiveOptions],
+    ) -> Iterator[StreamEvent]:
+        """GenerateLive: send the conversation, then `chunks` of PCM audio (16 kHz mono,
+        `encoding` s16le or f32le, 10-500 ms each; `live.wav_chunks` reads a WAV file, in
+        real time if asked) as they come, then the end; yield the reply's events as
+        `stream` does. The audio ends the last user message (or becomes a new one)."""
+        call = self._calls.generate_live(conversation, sampling, **options)
+        yield from self._events(lambda: self._stub.GenerateLive(
+            live_requests(call.request, chunks), **call.options))
+
+    def generate_live(
+        self,
+        conversation: Conversation,
+        chunks: Iterable[bytes],
+        sampling: Sampling | None = None,
+        **options: Unpack[calls.LiveOptions],
+    ) -> Completion:
+        """Run a GenerateLive call (see `stream_live`) and return the whole reply."""
+        accumulator = CompletionAccumulator()
+        for event in self.stream_live(conversation, chunks, sampling, **options):
+            accumulator.add(event)
+        return accumulator.completion()
 
     def chat(self, prompt: str, **options: Unpack[calls.ChatOptions]) -> str:
         """Send one user turn (text plus optional images and WAV clips); return the answer."""
-        return self._completion(self._calls.chat(prompt, **options)).text
+        call = self._calls.chat(prompt, **options)
+        return self._completion(lambda: call.send(self._stub.Generate)).text
 
     def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """Describe the served model and its modules."""
@@ -69,8 +101,9 @@ class InferenceClient(calls.InferenceClientBase, ClosesChannel):
             response = self._calls.end_session(session_id, timeout).send(self._stub.EndSession)
         return response.freed_bytes
 
-    def _events(self, generate: calls.Call[pb.GenerateRequest]) -> Iterator[StreamEvent]:
-        call = generate.send(self._stub.Generate)
+    def _events(self, start: Callable[[], Any]) -> Iterator[StreamEvent]:
+        """The events of a Generate or GenerateLive call, which `start` begins."""
+        call = start()
         replies = calls.GenerateReplies()
         try:
             with rpc_errors_translated():
@@ -80,8 +113,8 @@ class InferenceClient(calls.InferenceClientBase, ClosesChannel):
             call.cancel()
         replies.check_ended()
 
-    def _completion(self, generate: calls.Call[pb.GenerateRequest]) -> Completion:
+    def _completion(self, start: Callable[[], Any]) -> Completion:
         accumulator = CompletionAccumulator()
-        for event in self._events(generate):
+        for event in self._events(start):
             accumulator.add(event)
         return accumulator.completion()

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from autoglm_client.content import Conversation, to_messages
+from autoglm_client.content import PCM_ENCODINGS, Conversation, to_messages
+from autoglm_client.errors import InputError
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,25 @@ def generate_request(
         return_reasoning=return_reasoning,
         priority=priority,
         n=n if n != 1 else 0,
+    )
+
+
+def live_start(
+    conversation: Conversation,
+    sampling: Sampling | None = None,
+    *,
+    sample_rate_hz: int = 16_000,
+    encoding: str = "s16le",
+    **fields: Any,
+) -> pb.GenerateLiveStart:
+    """GenerateLive's first message: the request as `generate_request` builds it (`fields`:
+    session_id, enable_thinking, ...) and the audio format, 16 kHz mono s16le or f32le."""
+    if encoding not in PCM_ENCODINGS:
+        raise InputError(f"unknown PCM encoding {encoding!r}; use one of {tuple(PCM_ENCODINGS)}")
+    return pb.GenerateLiveStart(
+        request=generate_request(conversation, sampling, **fields),
+        format=pb.LiveAudioFormat(sample_rate_hz=sample_rate_hz,
+                                  encoding=PCM_ENCODINGS[encoding]),
     )
 
 

@@ -70,6 +70,7 @@ class Usage:
     image_tokens: int = 0
     audio_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_seconds: float = 0.0  # GenerateLive: seconds of audio the service received
 
     @classmethod
     def from_pb(cls, usage: pb.Usage) -> Usage:
@@ -80,6 +81,7 @@ class Usage:
             image_tokens=usage.image_tokens,
             audio_tokens=usage.audio_tokens,
             reasoning_tokens=usage.reasoning_tokens,
+            audio_seconds=usage.audio_seconds,
         )
 
 
