@@ -8,8 +8,11 @@ Transports call `submit()` and iterate the handle's events; the model thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import replace
 
 import structlog
@@ -52,6 +55,8 @@ class Engine:
             prefix_caching=config.prefix_caching)
         self._loop = ModelLoop(model, config, self.sessions, self.ledger, observer)
         self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
+        self._live_audio = 0  # live audio streams open (GenerateLive before its end)
+        self._live_audio_lock = threading.Lock()
         self.closed = False
         self.grammars = GrammarCompiler(
             model.tokenizer, vocab_size=int(getattr(model.config, "vocab_size", 0) or 0),
@@ -231,9 +236,25 @@ class Engine:
         return self._loop.requests.completed
 
     def modalities_in_use(self) -> set[str]:
+        """Modalities of running requests, and audio while a live audio stream is open:
+        its encoder is needed as soon as the utterance ends, so it is not offloaded."""
         requests = self._loop.requests
         with requests.lock:
-            return set().union(*(info.modalities for info in requests.running.values()))
+            used = set().union(*(info.modalities for info in requests.running.values()))
+        if self._live_audio:
+            used.add("audio")
+        return used
+
+    @contextlib.contextmanager
+    def live_audio(self) -> Iterator[None]:
+        """While open, a live audio stream keeps the audio encoder in use."""
+        with self._live_audio_lock:
+            self._live_audio += 1
+        try:
+            yield
+        finally:
+            with self._live_audio_lock:
+                self._live_audio -= 1
 
 
 ROLES = {"system", "user", "assistant"}

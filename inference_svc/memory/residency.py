@@ -28,10 +28,11 @@ class ResidencyPolicy:
     def idle_encoders(self) -> list[str]:
         """Modalities whose encoder sits on its home tier, unused for too long."""
         chosen = []
+        in_use = self.engine.modalities_in_use()  # a live audio stream's among them
         for modality, unit in self.engine.model.encoders.items():
             state = unit.state()
             if (state.tier == unit.home and state.active_requests == 0
-                    and state.idle_seconds > self.idle_seconds):
+                    and modality not in in_use and state.idle_seconds > self.idle_seconds):
                 chosen.append(modality)
         return chosen
 

@@ -71,9 +71,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if metrics is not None:
             metrics.live_audio_streams.inc()
         try:
-            generation = await live.read(request_id=_request_id(),
-                                         defaults=self.state.config.defaults,
-                                         deadline=_deadline(context))
+            with engine.live_audio():  # its encoder stays loaded until the audio is in
+                generation = await live.read(request_id=_request_id(),
+                                             defaults=self.state.config.defaults,
+                                             deadline=_deadline(context))
             replies = self._reply(engine, generation, context,
                                   on_submitted=lambda handle: live.watch_after_end(handle.cancel))
             async with contextlib.aclosing(replies):

@@ -217,11 +217,15 @@ def test_cancel_mid_utterance_leaves_the_kv_account_as_it_was(stub, control, met
         wait_until(lambda: received_seconds(port) == pytest.approx(received + 0.5), 30,
                    "the five chunks received")
         assert open_streams(port) == 1
+        # the encoder the utterance needs at its end is in use (not offloaded) until then
+        during = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+        assert "audio" in during.modalities_in_use
         call.cancel()
         wait_until(lambda: open_streams(port) == 0, 30, "the live stream closed")
     finally:
         held.release.set()
     after = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+    assert "audio" not in after.modalities_in_use
     assert after.running_requests == 0 and not after.requests
     assert after.kv_bytes == before.kv_bytes
     assert [s.session_id for s in after.sessions] == [s.session_id for s in before.sessions]
