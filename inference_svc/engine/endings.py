@@ -126,7 +126,7 @@ class Endings:
         if job.resume is not None:  # a preempted choice: it ends, cancelled
             self.finish(job.resume)
             return
-        self.ledger.release(job.request.request_id, keep_cached=False)
+        self.release(job.request.request_id)
         if job.info is not None:
             self.requests.retire(job.request.request_id)
         else:

@@ -33,19 +33,21 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> StepOutput:
         out = StepOutput([PromptOutcome() for _ in plan.chunks], [None] * len(plan.rows))
-        ready = [c for c, o in zip(plan.chunks, out.prompts, strict=True) if self._encode(c, o)]
+        ready = [(c, o) for c, o in zip(plan.chunks, out.prompts, strict=True)
+                 if self._encode(c, o)]
         if ready and plan.row_slots:
+            chunks = [chunk for chunk, _ in ready]
             try:
-                logits = self.retrying(lambda: self._forward(ready, plan.rows, plan.row_slots))
+                logits = self.retrying(lambda: self._forward(chunks, plan.rows, plan.row_slots))
             except Exception as error:  # each part alone, so that only the culprit fails
                 log.warning("mixed_pass_failed", error_type=type(error).__name__,
                             error=brief(error), prompts=len(ready), rows=len(plan.rows))
             else:
-                self._prompts_done(plan, ready, list(logits[:len(ready)]), out)
+                self._prompts_done(ready, list(logits[:len(ready)]))
                 out.tokens = self._choose(plan.rows, logits[len(ready):])
                 return out
         if ready:
-            self._prefill(plan, ready, out)
+            self._prefill(ready)
         if plan.rows:
             self._decode(plan, out)
         return out
@@ -58,7 +60,7 @@ class ModelRunner:
             self.relieve()
             return work()
 
-    # ---- prompts -----------------------------------------------------------------------
+    # ---- prompts (each with the outcome it reports) --------------------------------------
 
     def _encode(self, chunk: PromptChunk, outcome: PromptOutcome) -> bool:
         """The prompt's decoder inputs (its media encoded) before its first chunk runs."""
@@ -72,47 +74,41 @@ class ModelRunner:
                 return False
         return True
 
-    def _prefill(self, plan: StepPlan, chunks: list[PromptChunk], out: StepOutput) -> None:
+    def _prefill(self, ready: list[tuple[PromptChunk, PromptOutcome]]) -> None:
         """The prompts' chunks packed into one forward; each alone when that fails."""
         try:
-            logits = list(self.retrying(lambda: self._forward(chunks)))
+            logits = list(self.retrying(lambda: self._forward([c for c, _ in ready])))
         except Exception as error:
-            if len(chunks) == 1:
-                self._outcome(plan, chunks[0], out).error = error
+            if len(ready) == 1:
+                ready[0][1].error = error
                 return
             log.warning("batched_prefill_failed", error_type=type(error).__name__,
-                        error=brief(error), prompts=len(chunks))
-            logits = [self._alone(plan, chunk, out) for chunk in chunks]
-        self._prompts_done(plan, chunks, logits, out)
+                        error=brief(error), prompts=len(ready))
+            logits = [self._alone(chunk, outcome) for chunk, outcome in ready]
+        self._prompts_done(ready, logits)
 
-    def _alone(self, plan: StepPlan, chunk: PromptChunk, out: StepOutput
-               ) -> torch.Tensor | None:
+    def _alone(self, chunk: PromptChunk, outcome: PromptOutcome) -> torch.Tensor | None:
         try:
             return self._forward([chunk])[0]
         except Exception as error:
-            self._outcome(plan, chunk, out).error = error
+            outcome.error = error
             return None
 
-    def _prompts_done(self, plan: StepPlan, chunks: list[PromptChunk],
-                      logits: list[torch.Tensor | None], out: StepOutput) -> None:
+    def _prompts_done(self, ready: list[tuple[PromptChunk, PromptOutcome]],
+                      logits: list[torch.Tensor | None]) -> None:
         """Fresh prompts the step completed choose their choices' first tokens, all in one
         batch (a resumed sequence already has its next token)."""
-        firsts = [(chunk, row) for chunk, row in zip(chunks, logits, strict=True)
+        firsts = [(chunk.prefill, outcome, row)
+                  for (chunk, outcome), row in zip(ready, logits, strict=True)
                   if row is not None and chunk.completes and chunk.prefill.resumed is None]
         if not firsts:
             return
-        samplers = [s for chunk, _ in firsts for s in chunk.prefill.samplers]
-        histories = [chunk.prefill.history for chunk, _ in firsts
-                     for _ in chunk.prefill.samplers]
-        scores = torch.stack([row for chunk, row in firsts for _ in chunk.prefill.samplers])
+        samplers = [s for prefill, _, _ in firsts for s in prefill.samplers]
+        histories = [prefill.history for prefill, _, _ in firsts for _ in prefill.samplers]
+        scores = torch.stack([row for prefill, _, row in firsts for _ in prefill.samplers])
         chosen = iter(choose_tokens(samplers, histories, scores))
-        for chunk, _ in firsts:
-            self._outcome(plan, chunk, out).first_tokens = [
-                next(chosen) for _ in chunk.prefill.samplers]
-
-    @staticmethod
-    def _outcome(plan: StepPlan, chunk: PromptChunk, out: StepOutput) -> PromptOutcome:
-        return out.prompts[plan.chunks.index(chunk)]
+        for prefill, outcome, _ in firsts:
+            outcome.first_tokens = [next(chosen) for _ in prefill.samplers]
 
     def _forward(self, chunks: list[PromptChunk], rows: list[Sequence] = (),
                  row_slots: list[RowSlots] = ()) -> torch.Tensor:

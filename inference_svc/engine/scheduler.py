@@ -179,7 +179,7 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         """An admitted job runs: its prompt queues for chunked prefill, or its swapped
         sequence rejoins the batch. One cancelled while it waited does not start."""
-        resume = job.resume
+        resume, cached = job.resume, job.reuse.tokens if job.reuse else 0
         if job.handle.cancellation.requested:
             if resume is not None:
                 self.endings.finish(resume)
@@ -192,11 +192,9 @@ class Scheduler:
                      swapped_in_tokens=resume.length)
         elif resume is not None:
             resume.info = job.info
-            cached = job.reuse.tokens if job.reuse else 0
             self.batch.prefilling.append(Prefill(job, resume_plan(resume), cached, cached,
                                                  job.reuse, resume))
         else:
-            cached = job.reuse.tokens if job.reuse else 0
             self.batch.prefilling.append(Prefill(
                 job, job.plan, cached, cached, job.reuse, samplers=self._samplers(job),
                 history=torch.tensor([job.plan.input_ids])))
