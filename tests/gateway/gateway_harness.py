@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
+import openai
 import uvicorn
 
 from gateway.app import create_app
@@ -38,3 +39,10 @@ def running_gateway(config: GatewayConfig) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def openai_through_gateway(upstream_target: str) -> Iterator[openai.OpenAI]:
+    """The `openai` SDK's client, through a real gateway in front of `upstream_target`."""
+    with running_gateway(GatewayConfig(upstream_target=upstream_target)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)

@@ -18,10 +18,9 @@ from typing import Any
 
 import openai
 import pytest
-from gateway_harness import running_gateway
+from gateway_harness import openai_through_gateway
 from PIL import Image
 
-from gateway.config import GatewayConfig
 from tests.conftest import ServerProcess, start_server
 from tests.scripted_glm4v import ACTION, THOUGHT, write_scripted_glm4v_checkpoint
 
@@ -42,8 +41,8 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with running_gateway(GatewayConfig(upstream_target=server.target)) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+    with openai_through_gateway(server.target) as client:
+        yield client
 
 
 def screenshot_base64(shade: int) -> str:

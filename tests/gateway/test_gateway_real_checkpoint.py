@@ -16,13 +16,12 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from gateway_harness import running_gateway
+from gateway_harness import openai_through_gateway
 from test_gateway_phone_agent import LAUNCH, MODEL, agent_request, parse_action, parse_response
 from transformers import AutoTokenizer
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from gateway.config import GatewayConfig
 from tests.conftest import ServerProcess, open_channel, start_server
 from tests.fixtures.real_glm4v import require_real_files, write_real_files_checkpoint
 from tests.phone_agent_messages import agent_step_messages, first_difference, vllm_prompt
@@ -51,8 +50,8 @@ def server(checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with running_gateway(GatewayConfig(upstream_target=server.target)) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+    with openai_through_gateway(server.target) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
