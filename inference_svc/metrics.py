@@ -95,6 +95,14 @@ class ServiceMetrics:
         self.live_audio_seconds = Counter(
             "autoglm_live_audio_received_seconds", "Seconds of audio GenerateLive streams "
             "received", model, registry=registry).labels(self.model_name)
+        self.live_audio_chunk_encode = Histogram(
+            "autoglm_live_audio_chunk_encode_seconds", "Time to encode one chunk of live "
+            "audio (640 ms of speech by default)", model, buckets=LATENCY_BUCKETS,
+            registry=registry).labels(self.model_name)
+        self.live_audio_first_token = Histogram(
+            "autoglm_live_audio_end_to_first_token_seconds", "GenerateLive: time from the "
+            "end of the audio to the first token", model, buckets=LATENCY_BUCKETS,
+            registry=registry).labels(self.model_name)
         # every reason's series exists from the start, so rate() and dashboards see zeros
         for reason in (*(r.value for r in FinishReason), *ERROR_REASONS):
             self.e2e_latency.labels(self.model_name, reason)

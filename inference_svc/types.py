@@ -39,6 +39,7 @@ class AudioPart:
     sample_rate: int = 0
     encoding: str = ""  # "s16le" | "f32le" for raw PCM
     channels: int = 1
+    live: bool = False  # speech still arriving (GenerateLive): no data here
 
 
 Part = TextPart | ImagePart | AudioPart

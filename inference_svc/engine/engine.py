@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import threading
 import time
 import weakref
@@ -21,12 +22,14 @@ from inference_svc.engine.config import EngineConfig, default_prefill_chunk
 from inference_svc.engine.constraints import GrammarCompiler
 from inference_svc.engine.jobs import Admission, Failed, RequestHandle, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
+from inference_svc.engine.live_prompt import LivePrompt
 from inference_svc.engine.logprobs import MAX_TOP_LOGPROBS
 from inference_svc.engine.model_loop import ModelLoop
 from inference_svc.engine.sequences import Job
 from inference_svc.engine.sessions import SessionStore
 from inference_svc.errors import ContextTooLong, InvalidRequest, NotReady, ResourceExhausted
 from inference_svc.model.base import PagedDecoder
+from inference_svc.model.inputs.live_audio import LiveAudio
 from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.model.modular import DecodedMedia
 from inference_svc.types import GenerationRequest, SamplingParams
@@ -98,6 +101,31 @@ class Engine:
     # ---- requests ---------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
+        request, media, plan, max_new = await self._admissible(request)
+        return self._enqueue(Job((0, 0), request, plan, media, max_new))
+
+    async def submit_live(self, request: GenerationRequest) -> tuple[RequestHandle, LiveAudio]:
+        """A request whose last user message ends with speech still arriving (a live
+        AudioPart): it is queued now, and prefills the speech as it is appended to the
+        LiveAudio returned, up to the context (`LiveAudio.max_samples`)."""
+        request, media, base, max_new = await self._admissible(request)
+        model = self.model
+        audio = model.live_audio(secrets.token_bytes(16))  # no other prompt shares its KV
+        audio.on_input = self._loop.requests.wake
+        room = model.context_length - len(base.input_ids) - 1
+        audio.max_samples = room * audio.chunking.token_samples
+        live = LivePrompt(base, audio, model.placeholder_id, model.context_length)
+        return self._enqueue(Job((0, 0), request, live.plan(), media, max_new, live=live)), audio
+
+    def _enqueue(self, job: Job) -> RequestHandle:
+        job.handle = handle = RequestHandle(job.request, asyncio.get_running_loop())
+        self._loop.requests.put(job)
+        self._handles.add(handle)
+        return handle
+
+    async def _admissible(self, request: GenerationRequest
+                          ) -> tuple[GenerationRequest, DecodedMedia, PromptPlan, int]:
+        """The request checked and prepared: its media, prompt plan and token limit."""
         if self.closed or self._loop.requests.stopping:
             raise NotReady("the service is shutting down")
         validate(request)
@@ -127,10 +155,7 @@ class Engine:
                 f"(send fewer or shorter media)",
                 resource="encoder_activations", retry_after_s=0.0,
             )
-        handle = RequestHandle(request, asyncio.get_running_loop())
-        self._loop.requests.put(Job((0, 0), request, plan, media, max_new, handle))
-        self._handles.add(handle)
-        return handle
+        return request, media, plan, max_new
 
     async def _with_grammar(self, request: GenerationRequest) -> GenerationRequest:
         """Compile the request's response format here, off the model thread (cached by

@@ -143,9 +143,7 @@ class KVRoom:
         log.info("preempted", request_id=job.request.request_id, choice=sequence.index,
                  priority=job.request.priority, generated_tokens=sequence.generated, reason=reason,
                  swapped_bytes=ledger_bytes, recompute=not sequence.swapped)
-        self.requests.requeue_preempted(Job(job.sort_key, job.request, job.plan, job.media,
-                                            job.max_new_tokens, job.handle, resume=sequence,
-                                            preempted=True))
+        self.requests.requeue_preempted(job.again(resume=sequence))
 
     def requeue_prefill(self, prefill: Prefill) -> None:
         """A prompt not yet prefilled gives its blocks back and waits again."""
@@ -156,9 +154,7 @@ class KVRoom:
         self._preempted(job, "kv_budget")
         log.info("preempted", request_id=job.request.request_id, priority=job.request.priority,
                  generated_tokens=0, reason="kv_budget", recompute=True)
-        self.requests.requeue_preempted(Job(job.sort_key, job.request, job.plan, job.media,
-                                            job.max_new_tokens, job.handle,
-                                            resume=prefill.resumed, preempted=True))
+        self.requests.requeue_preempted(job.again(resume=prefill.resumed))
 
     def _preempted(self, job: Job, reason: str) -> None:
         self.endings.settle(job.request.request_id)

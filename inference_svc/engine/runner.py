@@ -63,15 +63,20 @@ class ModelRunner:
     # ---- prompts (each with the outcome it reports) --------------------------------------
 
     def _encode(self, chunk: PromptChunk, outcome: PromptOutcome) -> bool:
-        """The prompt's decoder inputs (its media encoded) before its first chunk runs."""
+        """The prompt's decoder inputs (its media encoded) before its first chunk runs,
+        and again from where it has reached when a live prompt grew past them."""
         prefill = chunk.prefill
-        if prefill.inputs is None:
+        inputs = prefill.inputs
+        if inputs is None or prefill.inputs_from + len(inputs.embeds) < chunk.end:
+            start = prefill.done
+            live = prefill.job.live.audio if prefill.job.live else None
             try:
                 prefill.inputs = self.retrying(lambda: self.model.prompt_inputs(
-                    prefill.plan, prefill.job.media, cached=prefill.cached))
+                    prefill.plan, prefill.job.media, cached=start, live=live))
             except Exception as error:
                 outcome.error = error
                 return False
+            prefill.inputs_from = start
         return True
 
     def _prefill(self, ready: list[tuple[PromptChunk, PromptOutcome]]) -> None:
@@ -114,8 +119,8 @@ class ModelRunner:
                  row_slots: list[RowSlots] = ()) -> torch.Tensor:
         """The prompts' chunks, then the rows' next tokens, as the segments of one
         forward; logits after each segment, in that order."""
-        spans = [(c.prefill.inputs, c.prefill.done - c.prefill.cached,
-                  c.end - c.prefill.cached) for c in chunks]
+        spans = [(c.prefill.inputs, c.prefill.done - c.prefill.inputs_from,
+                  c.end - c.prefill.inputs_from) for c in chunks]
         inputs = [prompt.embeds[start:stop] for prompt, start, stop in spans]
         inputs += [torch.tensor([s.next_token]) for s in rows]
         positions = None

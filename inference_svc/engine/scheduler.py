@@ -80,6 +80,7 @@ class Scheduler:
         self._stop_cancelled()
         if self.batch.decoding:
             self.room.make_decode_room()
+        self._grow_live()
         return self._plan()
 
     def _plan(self) -> StepPlan:
@@ -102,6 +103,27 @@ class Scheduler:
         work, self._long_passed_over = pick_prefill_work(
             self.batch.prefilling, budget, long_passed_over=self._long_passed_over)
         return work
+
+    def _grow_live(self) -> None:
+        """Live prompts take in what has come of their speech, blocks first (a prompt
+        with no room yet grows when room comes); a sealed one is complete and gets its
+        samplers and history."""
+        ledger = self.ledger
+        for prefill in [p for p in self.batch.prefilling if p.job.live and p.plan.open]:
+            plan = prefill.job.live.plan()
+            if len(plan.input_ids) == len(prefill.plan.input_ids) and plan.open:
+                continue
+            need = ledger.blocks_for(len(plan.input_ids)) - len(ledger.table(prefill.key))
+            if not self.room.make_room(need, prefill.job.request.priority):
+                continue
+            ledger.extend(prefill.key, len(plan.input_ids))
+            job = prefill.job
+            prefill.plan = job.plan = plan
+            if not plan.open:
+                job.max_new_tokens = min(job.max_new_tokens,
+                                         job.live.context - len(plan.input_ids))
+                prefill.history = torch.tensor([plan.input_ids])
+                prefill.samplers = self._samplers(job)
 
     def _stop_cancelled(self) -> None:
         for prefill in [p for p in self.batch.prefilling if p.job.handle.cancellation.requested]:
@@ -217,7 +239,7 @@ class Scheduler:
                 self.endings.fail(prefill.job, prefill.job.info, outcome.error)
             elif prefill in self.batch.prefilling:
                 prefill.done = chunk.end
-                if not prefill.remaining:
+                if prefill.complete:
                     self._prefilled(prefill, outcome.first_tokens)
         self._advance(plan.rows, out.tokens, fed=True)
 

@@ -12,6 +12,7 @@ import torch
 
 from inference_svc.engine.delta_stream import DeltaStreamer
 from inference_svc.engine.jobs import RequestHandle, RunningInfo
+from inference_svc.engine.live_prompt import LivePrompt
 from inference_svc.engine.sampling import Sampler
 from inference_svc.engine.sessions import Reuse
 from inference_svc.engine.text_stream import TextStream
@@ -39,6 +40,12 @@ class Job:
     reuse: Reuse | None = field(compare=False, default=None)  # KV found for it at admission
     wake: bool = field(compare=False, default=False)  # no request: wakes the loop for a task
     preempted: bool = field(compare=False, default=False)  # admitted once: never times out
+    live: LivePrompt | None = field(compare=False, default=None)  # speech still arriving
+
+    def again(self, *, resume: Sequence | None) -> Job:
+        """The job re-queued after preemption (a fresh one: admission state resets)."""
+        return Job(self.sort_key, self.request, self.plan, self.media, self.max_new_tokens,
+                   self.handle, resume=resume, preempted=True, live=self.live)
 
 
 @dataclass
@@ -101,9 +108,11 @@ class Prefill:
     # a fresh prompt: one sampler per choice, which choose the first tokens
     samplers: list[Sampler] = field(default_factory=list)
     history: torch.Tensor | None = None  # the prompt's ids [1, n], what penalties read
-    # decoder inputs of the positions from `cached` on; the runner encodes them (media
-    # included) when the prompt's first chunk runs
+    # decoder inputs of the positions from `inputs_from` on; the runner encodes them
+    # (media included) when the prompt's first chunk runs, and again from where it has
+    # reached when a live prompt has grown past them
     inputs: PromptInputs | None = None
+    inputs_from: int = 0
 
     @property
     def key(self) -> str:
@@ -112,6 +121,11 @@ class Prefill:
     @property
     def remaining(self) -> int:
         return len(self.plan.input_ids) - self.done
+
+    @property
+    def complete(self) -> bool:
+        """Every position of the prompt is in KV (a live prompt's input has ended)."""
+        return not self.remaining and not self.plan.open
 
 
 @dataclass
@@ -162,6 +176,7 @@ def pick_prefill_work(prefilling: list[Prefill], budget: int, *, long_passed_ove
     is at most 1.5 budgets. Also returns whether this pass left a long prompt out.
     """
     room = budget + budget // 2
+    prefilling = [p for p in prefilling if p.remaining]  # a live prompt may await audio
     whole = [p for p in prefilling if p.remaining <= room]
     longer = [p for p in prefilling if p.remaining > room]
     work: list[tuple[Prefill, int]] = []

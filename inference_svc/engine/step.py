@@ -25,7 +25,8 @@ class PromptChunk:
 
     @property
     def completes(self) -> bool:
-        return self.end == len(self.prefill.plan.input_ids)
+        plan = self.prefill.plan
+        return self.end == len(plan.input_ids) and not plan.open
 
 
 @dataclass

@@ -50,7 +50,8 @@ class PagedDecoder(Protocol):
 
     def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool: ...
 
-    def prompt_inputs(self, plan: PromptPlan, media, *, cached: int = 0) -> PromptInputs: ...
+    def prompt_inputs(self, plan: PromptPlan, media, *, cached: int = 0,
+                      live=None) -> PromptInputs: ...
 
     def forward_paged(self, pool: KVPool, segments: list[RowSlots],
                       inputs: list[torch.Tensor],

@@ -6,6 +6,7 @@ checkpoint; the projector beside it is a small MLP saved as projector.safetensor
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
+from inference_svc.model.audio_chunks import AudioChunking, ChunkSettings
 from inference_svc.model.inputs.media import DecodedAudio, DecodedImage
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -27,15 +29,7 @@ PROJECTOR_WIDTH = 512
 IMAGE_MERGE = 2  # 2x2 neighbouring patches become one image token
 AUDIO_MERGE = 4  # 4 consecutive frames (80 ms) become one audio token
 AUDIO_SAMPLE_RATE = 16_000
-
-
-def conv_receptive_field(layers: list[tuple[int, int]]) -> int:
-    """Fewest input samples from which an unpadded (kernel, stride) stack makes one frame."""
-    field, jump = 1, 1
-    for kernel, stride in layers:
-        field += (kernel - 1) * jump
-        jump *= stride
-    return field
+WINDOW_BATCH = 8  # audio chunk windows per encoder forward: bounds the activation peak
 
 
 def _projector(in_features: int, out_features: int) -> nn.Sequential:
@@ -98,12 +92,20 @@ class VisionEncoder(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """Conformer frames, merged 4 at a time and projected to decoder embeddings."""
+    """Conformer frames, merged 4 at a time and projected to decoder embeddings, encoded
+    chunk by chunk with left context (model/audio_chunks.py) so that speech can be
+    encoded while it is spoken; a whole clip is cut into the same chunks."""
 
-    def __init__(self, conformer: Wav2Vec2ConformerModel, decoder_hidden: int) -> None:
+    def __init__(self, conformer: Wav2Vec2ConformerModel, decoder_hidden: int,
+                 settings: ChunkSettings | None = None) -> None:
         super().__init__()
         self.conformer = conformer
         self.projector = _projector(conformer.config.hidden_size * AUDIO_MERGE, decoder_hidden)
+        self.settings = settings or ChunkSettings()
+        config = conformer.config
+        self.chunking = AudioChunking.of(
+            list(zip(config.conv_kernel, config.conv_stride, strict=True)), AUDIO_MERGE,
+            self.settings)
         self.features = Wav2Vec2FeatureExtractor(
             feature_size=1, sampling_rate=AUDIO_SAMPLE_RATE, do_normalize=True,
             return_attention_mask=False,
@@ -111,36 +113,48 @@ class AudioEncoder(nn.Module):
 
     @property
     def architecture(self) -> str:
-        return f"{type(self.conformer).__name__}+projector"
+        return f"{type(self.conformer).__name__}+projector (chunked)"
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        frames = self.conformer(input_values=waveform).last_hidden_state
-        batch, count, hidden = frames.shape
-        pad = (-count) % AUDIO_MERGE
-        if pad:
-            frames = torch.cat([frames, frames[:, -1:].expand(batch, pad, hidden)], dim=1)
-        merged = frames.reshape(batch, -1, hidden * AUDIO_MERGE)
-        return self.projector(merged)
+    def forward(self, windows: torch.Tensor, tokens: int) -> torch.Tensor:
+        """[batch, window samples] -> the last `tokens` tokens of each window."""
+        frames = self.conformer(input_values=windows).last_hidden_state
+        batch, _, hidden = frames.shape
+        frames = frames[:, -tokens * AUDIO_MERGE:]
+        return self.projector(frames.reshape(batch, tokens, hidden * AUDIO_MERGE))
 
     @torch.inference_mode()
-    def encode(self, clips: list[DecodedAudio]) -> list[torch.Tensor]:
+    def encode_chunks(self, samples: np.ndarray, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """The embeddings [tokens, hidden] of a clip's chunks (first token, token count),
+        in order; chunks of one size are encoded WINDOW_BATCH windows at a time."""
         param = next(self.parameters())
         outputs = []
-        for clip in clips:  # clips differ in length; encoding one by one avoids padding effects
-            values = self.features(
-                np.asarray(clip.samples), sampling_rate=AUDIO_SAMPLE_RATE, return_tensors="pt"
-            )["input_values"]
-            outputs.append(self.forward(values.to(device=param.device, dtype=param.dtype))[0])
-        return outputs
+        for _, group in itertools.groupby(spans, key=lambda span: span[1]):
+            group = list(group)
+            for at in range(0, len(group), WINDOW_BATCH):
+                batch = group[at:at + WINDOW_BATCH]
+                windows = [self.chunking.window(samples, first, count) for first, count in batch]
+                # normalized window by window: no statistics from later audio
+                values = self.features(windows, sampling_rate=AUDIO_SAMPLE_RATE,
+                                       return_tensors="pt")["input_values"]
+                out = self.forward(values.to(device=param.device, dtype=param.dtype),
+                                   batch[0][1])
+                outputs.append(out.reshape(-1, out.shape[-1]))
+        return torch.cat(outputs)
+
+    def encode(self, clips: list[DecodedAudio]) -> list[torch.Tensor]:
+        chunking = self.chunking
+        return [self.encode_chunks(clip.samples, chunking.spans(chunking.tokens(len(clip.samples))))
+                for clip in clips]
 
     def save(self, directory: Path) -> None:
         self.conformer.save_pretrained(directory)
         save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()},
                   str(directory / PROJECTOR_FILE))
+        self.settings.write(directory)
 
     @classmethod
     def load(cls, directory: Path, decoder_hidden: int, dtype: torch.dtype) -> AudioEncoder:
         conformer = Wav2Vec2ConformerModel.from_pretrained(directory, dtype=dtype)
-        encoder = cls(conformer, decoder_hidden)
+        encoder = cls(conformer, decoder_hidden, ChunkSettings.read(directory))
         encoder.projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
         return encoder.to(dtype).eval()

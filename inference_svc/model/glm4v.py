@@ -328,8 +328,8 @@ class Glm4vModel(PagedForward, UnitModel):
         pieces = [self._image_placeholder] * images + ([text] if text or not images else [])
         return {"role": message.role, "content": "\n".join(pieces)}
 
-    def prompt_inputs(self, plan: PromptPlan, media: Glm4vMedia, *,
-                      cached: int = 0) -> PromptInputs:
+    def prompt_inputs(self, plan: PromptPlan, media: Glm4vMedia, *, cached: int = 0,
+                      live: None = None) -> PromptInputs:
         """Decoder inputs of the positions from `cached` on: token embeddings with the
         tower's features in the image slots (only the images not wholly cached are
         encoded), and their rope positions."""

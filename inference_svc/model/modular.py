@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -10,16 +10,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference_svc.errors import InvalidRequest, ModalityUnavailable
+from inference_svc.model.audio_chunks import AudioChunking
 from inference_svc.model.base import PromptInputs, UnitModel
 from inference_svc.model.checkpoints.bundle import Manifest
 from inference_svc.model.checkpoints.placement import Placement
 from inference_svc.model.encoders import (
-    AUDIO_MERGE,
     AUDIO_SAMPLE_RATE,
+    WINDOW_BATCH,
     AudioEncoder,
     VisionEncoder,
-    conv_receptive_field,
 )
+from inference_svc.model.inputs.live_audio import LiveAudio
 from inference_svc.model.inputs.media import (
     DecodedAudio,
     DecodedImage,
@@ -27,7 +28,12 @@ from inference_svc.model.inputs.media import (
     decode_pcm,
     decode_wav,
 )
-from inference_svc.model.inputs.prompt import PromptPlan, media_digest, media_parts, render_prompt
+from inference_svc.model.inputs.prompt import (
+    PromptPlan,
+    media_digest,
+    media_parts,
+    render_prompt,
+)
 from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.units import ModuleUnit
 
@@ -87,10 +93,9 @@ class ModularModel(PagedForward, UnitModel):
         for unit in self.encoders.values():
             unit.load()
         self._image_tokens = 0
-        self._audio_conv: list[tuple[int, int]] = []
-        self._audio_min_samples = 1
+        self._audio_chunking: AudioChunking | None = None
         self._image_activation_bytes = 0
-        self._audio_activation_bytes_per_frame = 0
+        self._audio_activation_bytes_per_window = 0
         element = torch.tensor([], dtype=dtype).element_size()
         if "image" in self.encoders:
             with self.encoders["image"].use() as vision:
@@ -101,12 +106,13 @@ class ModularModel(PagedForward, UnitModel):
                     ACTIVATION_FACTOR * patches * vit.intermediate_size * element)
         if "audio" in self.encoders:
             with self.encoders["audio"].use() as audio:
+                self._audio_chunking = chunking = audio.chunking
                 conv = audio.conformer.config
-                self._audio_conv = list(zip(conv.conv_kernel, conv.conv_stride, strict=True))
-                # shorter clips leave the feature encoder's last convolution no input
-                self._audio_min_samples = conv_receptive_field(self._audio_conv)
+                window = (chunking.left_tokens + chunking.chunk_tokens) * chunking.token_samples
                 # the first convolution's output (before any downsampling) dominates
-                self._audio_activation_bytes_per_frame = 2 * element * conv.conv_dim[0]
+                first_frames = (window - conv.conv_kernel[0]) // conv.conv_stride[0] + 1
+                self._audio_activation_bytes_per_window = (
+                    2 * element * conv.conv_dim[0] * first_frames)
 
     @property
     def context_length(self) -> int:
@@ -133,22 +139,23 @@ class ModularModel(PagedForward, UnitModel):
     def activation_bytes(self, media: DecodedMedia) -> int:
         """Peak encoder activations the request's media need (an estimate from geometry:
         the widest per-layer tensors of each encoder, times a working-set factor)."""
-        frames = sum(self._audio_frames(len(a.samples)) for a in media.audios)
+        windows = 0
+        if media.audios:  # encoded WINDOW_BATCH chunk windows at a time, clip by clip
+            chunks = max(len(self._audio_chunking.spans(self.audio_tokens(len(a.samples))))
+                         for a in media.audios)
+            windows = min(chunks, WINDOW_BATCH)
         return (len(media.images) * self._image_activation_bytes
-                + frames * self._audio_activation_bytes_per_frame)
-
-    def _audio_frames(self, num_samples: int) -> int:
-        frames = num_samples
-        for kernel, stride in self._audio_conv[:1]:  # the first conv layer is the widest
-            frames = (frames - kernel) // stride + 1
-        return max(frames, 1)
+                + windows * self._audio_activation_bytes_per_window)
 
     def audio_tokens(self, num_samples: int) -> int:
         """Tokens an audio clip becomes; computed from the config, not the module."""
-        frames = num_samples
-        for kernel, stride in self._audio_conv:
-            frames = (frames - kernel) // stride + 1
-        return max(1, -(-max(frames, 1) // AUDIO_MERGE))
+        return self._audio_chunking.tokens(num_samples)
+
+    def live_audio(self, digest: bytes) -> LiveAudio:
+        """An utterance to stream into a prompt (GenerateLive)."""
+        if self._audio_chunking is None:
+            raise ModalityUnavailable("audio: this model has no audio encoder", field="audio")
+        return LiveAudio(self._audio_chunking, digest=digest)
 
     def decode_media(self, messages, *, max_pixels: int) -> DecodedMedia:
         images, audios = [], []
@@ -157,17 +164,18 @@ class ModularModel(PagedForward, UnitModel):
             if kind not in self.encoders:
                 raise ModalityUnavailable(f"{part.field}: this model has no {kind} encoder",
                                           field=part.field)
+            if kind == "audio" and part.live:
+                continue  # it streams in (LiveAudio)
             if kind == "image":
                 images.append(decode_image(part.data, part.mime_type, field=part.field,
                                            max_pixels=max_pixels))
             elif part.wav:
-                audios.append(decode_wav(part.wav, field=part.field, target_rate=AUDIO_SAMPLE_RATE,
-                                         min_samples=self._audio_min_samples))
+                audios.append(decode_wav(part.wav, field=part.field,
+                                         target_rate=AUDIO_SAMPLE_RATE))
             elif part.pcm:
                 audios.append(decode_pcm(
                     part.pcm, sample_rate=part.sample_rate, encoding=part.encoding,
                     channels=part.channels, field=part.field, target_rate=AUDIO_SAMPLE_RATE,
-                    min_samples=self._audio_min_samples,
                 ))
             else:
                 raise InvalidRequest(f"{part.field}: audio part has neither wav nor pcm data",
@@ -178,42 +186,55 @@ class ModularModel(PagedForward, UnitModel):
         lengths: list[int] = []
         digests: list[bytes] = []
         images, audios = iter(media.images), iter(media.audios)
-        for part in media_parts(messages):
+        live = None  # which medium streams in: 0 tokens long until it does (live_plan)
+        for number, part in enumerate(media_parts(messages)):
             digests.append(media_digest(part.data if hasattr(part, "mime_type")
                                         else part.wav or part.pcm))
             if hasattr(part, "mime_type"):
                 next(images)
                 lengths.append(self._image_tokens)
+            elif part.live:
+                live = number
+                lengths.append(0)
             else:
                 lengths.append(self.audio_tokens(len(next(audios).samples)))
-        return render_prompt(self.tokenizer, messages, enable_thinking=enable_thinking,
+        plan = render_prompt(self.tokenizer, messages, enable_thinking=enable_thinking,
                              media_lengths=lengths, media_digests=digests,
                              placeholder_id=self.placeholder_id)
+        if live is not None:
+            plan.spans[live] = replace(plan.spans[live], live=True)
+        return plan
 
-    def prompt_inputs(self, plan: PromptPlan, media: DecodedMedia, *,
-                      cached: int = 0) -> PromptInputs:
-        """Decoder inputs for the prompt positions after `cached` (1D rope: no positions)."""
-        return PromptInputs(self.embed(plan, media, cached=cached)[0, cached:])
+    def prompt_inputs(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0,
+                      live: LiveAudio | None = None) -> PromptInputs:
+        """Decoder inputs for the prompt positions after `cached` (1D rope: no positions);
+        `live` gives the live audio span's embeddings."""
+        return PromptInputs(self.embed(plan, media, cached=cached, live=live)[0, cached:])
 
     @staticmethod
     def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
         return list(decoder.model.layers)
 
-    def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0) -> torch.Tensor:
+    def embed(self, plan: PromptPlan, media: DecodedMedia, *, cached: int = 0,
+              live: LiveAudio | None = None) -> torch.Tensor:
         """Decoder input embeddings with encoder outputs in the media slots.
 
         Media lying wholly inside the first `cached` positions are not encoded: those
         positions come from a KV cache and their embeddings are never read.
         """
-        needed = [s for s in plan.spans if s.start + s.length > cached]
+        needed = [s for s in plan.spans if s.length and s.start + s.length > cached]
         by_kind: dict[str, dict[int, torch.Tensor]] = {"image": {}, "audio": {}}
         for kind, unit_key, items in (("image", "image", media.images),
                                       ("audio", "audio", media.audios)):
-            indices = [s.index for s in needed if s.kind == kind]
+            indices = [s.index for s in needed if s.kind == kind and not s.live]
             if indices:
                 with self.encoders[unit_key].use() as encoder:
                     encoded = encoder.encode([items[i] for i in indices])
                 by_kind[kind] = dict(zip(indices, encoded, strict=True))
+        for span in needed:
+            if span.live:
+                with self.encoders["audio"].use() as encoder:
+                    by_kind["audio"][span.index] = live.embeddings(encoder, span.length)
         with self.decoder_unit.use() as decoder, torch.inference_mode():
             ids = torch.tensor([plan.input_ids], device=self.device)
             embeds = decoder.get_input_embeddings()(ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -27,7 +26,7 @@ from inference_svc.transport.convert import (
 )
 from inference_svc.transport.live_audio import LiveInput, LiveLimits
 from inference_svc.transport.tiers import tier_to_pb
-from inference_svc.types import ChoiceEnd, Delta, Finished, FinishReason, GenerationRequest
+from inference_svc.types import ChoiceEnd, Delta, Finished, FinishReason
 
 
 def _ignore(*args: object) -> None:
@@ -58,12 +57,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         generation = request_from_pb(request, request_id=request_id,
                                      defaults=self.state.config.defaults,
                                      deadline=_deadline(context))
-        async for response in self._reply(engine, generation, context):
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        timer = self.state.metrics.timer() if self.state.metrics is not None else None
+        handle = await engine.submit(generation)
+        async for response in self._reply(handle, timer):
             yield response
 
     async def GenerateLive(self, requests: AsyncIterator[pb.GenerateLiveRequest],
                            context: grpc.aio.ServicerContext):
-        """Read the utterance (live_audio.py), then reply exactly as Generate does."""
+        """Submit at `start`; the audio streams in beside the reply (live_audio.py), which
+        streams exactly as Generate's does."""
         engine = self._engine()
         metrics = self.state.metrics
         live = LiveInput(requests, LiveLimits.of(self.state.config),
@@ -71,36 +74,50 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if metrics is not None:
             metrics.live_audio_streams.inc()
         try:
-            with engine.live_audio():  # its encoder stays loaded until the audio is in
-                generation = await live.read(request_id=_request_id(),
-                                             defaults=self.state.config.defaults,
-                                             deadline=_deadline(context))
-            replies = self._reply(engine, generation, context,
-                                  on_submitted=lambda handle: live.watch_after_end(handle.cancel))
-            async with contextlib.aclosing(replies):
-                async for response in replies:
-                    live.check()  # a message after end fails the call (and cancelled it)
-                    if response.HasField("final"):
-                        response.final.usage.audio_seconds = live.seconds
-                    yield response
+            with engine.live_audio():  # its encoder stays loaded while the stream is open
+                generation = await live.start(request_id=_request_id(),
+                                              defaults=self.state.config.defaults,
+                                              deadline=_deadline(context))
+                await context.send_initial_metadata((("x-request-id", generation.request_id),))
+                handle, audio = await engine.submit_live(generation)
+                if metrics is not None:
+                    audio.on_encoded = metrics.live_audio_chunk_encode.observe
+                live.feed(audio, handle.cancel)
+                timer = metrics.timer() if metrics is not None else None
+
+                def before_event() -> None:
+                    live.check()  # the input failed: so does the call (its request stopped)
+                    if timer is not None and live.ended_at is not None:
+                        timer.started = max(timer.started, live.ended_at)  # timed from `end`
+
+                first = True
+                try:
+                    async for response in self._reply(handle, timer, before_event):
+                        if response.HasField("final"):
+                            response.final.usage.audio_seconds = live.seconds
+                        elif first and metrics is not None and live.ended_at is not None:
+                            metrics.live_audio_first_token.observe(
+                                time.monotonic() - live.ended_at)
+                        first = False
+                        yield response
+                except Exception:
+                    live.check()  # a failed input is why the reply failed
+                    raise
+                live.check()
         finally:  # ended, failed, or the client went away mid-utterance: drop the audio now
             live.close()
             if metrics is not None:
                 metrics.live_audio_streams.dec()
 
-    async def _reply(self, engine, generation: GenerationRequest,
-                     context: grpc.aio.ServicerContext, *,
-                     on_submitted: Callable[[RequestHandle], None] = _ignore,
+    async def _reply(self, handle: RequestHandle, timer, check: Callable[[], None] = _ignore,
                      ) -> AsyncIterator[pb.GenerateResponse]:
-        """Run a request and stream its events as GenerateResponse messages."""
-        request_id = generation.request_id
-        await context.send_initial_metadata((("x-request-id", request_id),))
-        timer = self.state.metrics.timer() if self.state.metrics is not None else None
+        """Stream a submitted request's events as GenerateResponse messages; `check`
+        runs before each (it raises when the call has failed elsewhere)."""
+        request_id = handle.request.request_id
         ended = False
-        handle = await engine.submit(generation)
-        on_submitted(handle)
         try:
             async for event in handle.events():
+                check()
                 if isinstance(event, Delta):
                     if timer is not None:
                         timer.delta()

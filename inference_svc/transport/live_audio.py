@@ -1,20 +1,24 @@
 """GenerateLive's input: `start`, audio chunks and `end`, read from the client's stream
-under the service's bounds and turned into one GenerationRequest whose last user message
-ends with the utterance. What follows `end` runs as Generate does (inference_servicer).
-
-The audio is buffered whole and encoded at `end` by the one-shot encoder; encoding
-chunks as they arrive is the next step (issue 25).
+under the service's bounds. The request is submitted at `start` (its last user message
+ends with the live audio); each chunk goes to the engine's LiveAudio as it comes, which
+the model thread encodes and prefills chunk by chunk, and `end` seals it. The reply
+streams as Generate's does (inference_servicer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from inference_svc.config import ServerConfig
 from inference_svc.errors import DeadlineExceeded, InvalidMedia, InvalidRequest, ServiceError
+from inference_svc.model.inputs.live_audio import LiveAudio
+from inference_svc.model.inputs.media import decode_pcm
 from inference_svc.transport.convert import live_start_from_pb
 from inference_svc.types import AudioPart, ChatMessage, GenerationRequest, SamplingParams
 
@@ -38,23 +42,23 @@ class LiveLimits:
 
 
 class Utterance:
-    """The audio of one stream, checked chunk by chunk and kept until `end`."""
+    """The chunks of one stream, each checked against the bounds before it is taken."""
 
-    def __init__(self, encoding: str, limits: LiveLimits) -> None:
+    def __init__(self, encoding: str, limits: LiveLimits, *, room_samples: int) -> None:
         self.encoding = encoding
         self.limits = limits
+        self.room_samples = room_samples  # what the model's context has room for
         self.num_chunks = 0
         self.num_samples = 0
         self._width = SAMPLE_WIDTHS[encoding]
-        self._pcm = bytearray()
         self._short_chunk: int | None = None  # a chunk under the minimum: it must be the last
 
     @property
     def seconds(self) -> float:
         return self.num_samples / SAMPLE_RATE_HZ
 
-    def add(self, data: bytes) -> float:
-        """Keep one chunk; return its seconds. Every bound is checked before it is kept."""
+    def add(self, data: bytes) -> np.ndarray:
+        """One chunk's samples (float32). Every bound is checked before it is taken."""
         index, limits = self.num_chunks, self.limits
         if self._short_chunk is not None:
             raise InvalidMedia(
@@ -73,25 +77,23 @@ class Utterance:
             raise InvalidMedia(
                 f"audio.data: chunk {index} is {millis:g} ms, longer than "
                 f"{limits.max_chunk_ms} ms (--live-audio-max-chunk-ms)", field="audio.data")
-        if (self.num_samples + samples) / SAMPLE_RATE_HZ > limits.max_utterance_s:
+        total = self.num_samples + samples
+        if total / SAMPLE_RATE_HZ > limits.max_utterance_s:
             raise InvalidRequest(
                 f"audio: the utterance passes {limits.max_utterance_s:g} s at chunk {index} "
                 "(--live-audio-max-utterance)", field="audio")
+        if total > self.room_samples:
+            raise InvalidRequest(
+                f"audio: the utterance passes {self.room_samples / SAMPLE_RATE_HZ:g} s at "
+                f"chunk {index}, all the model's context leaves it after the conversation",
+                field="audio")
+        decoded = decode_pcm(data, sample_rate=SAMPLE_RATE_HZ, encoding=self.encoding,
+                             channels=1, field="audio.data", target_rate=SAMPLE_RATE_HZ)
         if millis < limits.min_chunk_ms:
             self._short_chunk = index
-        self._pcm += data
         self.num_chunks += 1
-        self.num_samples += samples
-        return samples / SAMPLE_RATE_HZ
-
-    def part(self) -> AudioPart:
-        if not self.num_samples:
-            raise InvalidRequest("audio: end came before any audio chunk", field="audio")
-        return AudioPart("audio", pcm=bytes(self._pcm), sample_rate=SAMPLE_RATE_HZ,
-                         encoding=self.encoding, channels=1)
-
-    def clear(self) -> None:
-        self._pcm = bytearray()
+        self.num_samples = total
+        return decoded.samples
 
 
 def with_user_audio(request: GenerationRequest, audio: AudioPart) -> GenerationRequest:
@@ -107,7 +109,8 @@ def with_user_audio(request: GenerationRequest, audio: AudioPart) -> GenerationR
 
 
 class LiveInput:
-    """The client's half of one GenerateLive stream."""
+    """The client's half of one GenerateLive stream: `start` first, then the audio, read
+    in the background into the engine's LiveAudio while the reply streams."""
 
     def __init__(self, requests: AsyncIterator[pb.GenerateLiveRequest], limits: LiveLimits,
                  *, on_audio: Callable[[float], None] = lambda seconds: None) -> None:
@@ -115,33 +118,62 @@ class LiveInput:
         self._limits = limits
         self._on_audio = on_audio
         self._count = 0  # messages read
+        self.encoding = ""
         self.utterance: Utterance | None = None
-        self.broken: ServiceError | None = None  # set when a message follows `end`
-        self._watch: asyncio.Task[None] | None = None
+        self.audio: LiveAudio | None = None
+        self.ended_at: float | None = None  # when `end` came
+        self.broken: ServiceError | None = None  # why the input failed, once it has
+        self._feeding: asyncio.Task[None] | None = None
 
     @property
     def seconds(self) -> float:
         return self.utterance.seconds if self.utterance is not None else 0.0
 
-    async def read(self, *, request_id: str, defaults: SamplingParams,
-                   deadline: float | None) -> GenerationRequest:
-        """Read `start`, the audio and `end`; return the request to run."""
+    async def start(self, *, request_id: str, defaults: SamplingParams,
+                    deadline: float | None) -> GenerationRequest:
+        """Read `start`: the request to submit, its last user message ending with the
+        live audio."""
         first = await self._next()
         if first is None or first.WhichOneof("message") != "start":
             raise InvalidRequest("start: the first message must be start", field="start")
-        request, encoding = live_start_from_pb(first.start, sample_rate_hz=SAMPLE_RATE_HZ,
-                                               request_id=request_id, defaults=defaults,
-                                               deadline=deadline)
-        self.utterance = utterance = Utterance(encoding, self._limits)
+        request, self.encoding = live_start_from_pb(
+            first.start, sample_rate_hz=SAMPLE_RATE_HZ, request_id=request_id,
+            defaults=defaults, deadline=deadline)
+        return with_user_audio(request, AudioPart("audio", live=True))
+
+    def feed(self, audio: LiveAudio, cancel: Callable[[], None]) -> None:
+        """Read the rest of the stream in the background: chunks go to `audio`, `end`
+        seals it, and a message after `end` breaks the stream. What breaks it is kept
+        (`check` raises it) and `cancel` stops the request."""
+        self.audio = audio
+        self.utterance = Utterance(self.encoding, self._limits, room_samples=audio.max_samples)
+
+        async def feeding() -> None:
+            try:
+                await self._read_audio(audio)
+                await self._watch_after_end()
+            except ServiceError as error:
+                self.broken = error
+                cancel()
+                audio.on_input()  # the model loop may be waiting for this audio: wake it
+
+        self._feeding = asyncio.ensure_future(feeding())
+
+    async def _read_audio(self, audio: LiveAudio) -> None:
+        utterance = self.utterance
         while True:
             message = await self._next()
             kind = message.WhichOneof("message") if message is not None else None
             if kind == "audio":
-                self._on_audio(utterance.add(message.audio.data))
+                samples = utterance.add(message.audio.data)
+                audio.append(samples)
+                self._on_audio(len(samples) / SAMPLE_RATE_HZ)
             elif kind == "end":
-                part = utterance.part()
-                utterance.clear()
-                return with_user_audio(request, part)
+                if not utterance.num_samples:
+                    raise InvalidRequest("audio: end came before any audio chunk", field="audio")
+                self.ended_at = time.monotonic()
+                audio.seal()
+                return
             elif kind == "start":
                 raise InvalidRequest(f"start: message {self._count - 1} is a second start",
                                      field="start")
@@ -154,34 +186,23 @@ class LiveInput:
                 raise InvalidRequest(f"message {self._count - 1} is empty: set start, audio "
                                      "or end", field="message")
 
-    def watch_after_end(self, cancel: Callable[[], None]) -> None:
-        """Read on after `end`: any message there breaks the stream and calls `cancel`;
-        the client closing its side is fine."""
-
-        async def watch() -> None:
-            try:
-                message = await anext(self._requests, None)
-            except ServiceError as error:  # an undecodable message
-                self.broken = error
-            else:
-                if message is None:
-                    return
-                kind = message.WhichOneof("message") or "message"
-                self.broken = InvalidRequest(f"{kind}: message {self._count} follows end",
-                                             field=kind)
-            cancel()
-
-        self._watch = asyncio.ensure_future(watch())
+    async def _watch_after_end(self) -> None:
+        """Any message after `end` breaks the stream; the client closing its side is fine."""
+        message = await anext(self._requests, None)
+        if message is not None:
+            kind = message.WhichOneof("message") or "message"
+            raise InvalidRequest(f"{kind}: message {self._count} follows end", field=kind)
 
     def check(self) -> None:
         if self.broken is not None:
             raise self.broken
 
     def close(self) -> None:
-        if self.utterance is not None:
-            self.utterance.clear()
-        if self._watch is not None:
-            self._watch.cancel()
+        """The call is over (ended, failed, or the client went away): drop the audio."""
+        if self._feeding is not None:
+            self._feeding.cancel()
+        if self.audio is not None:
+            self.audio.close()
 
     async def _next(self) -> pb.GenerateLiveRequest | None:
         async def next_message() -> pb.GenerateLiveRequest | None:
@@ -195,4 +216,3 @@ class LiveInput:
                 "(--live-audio-idle-timeout)") from None
         self._count += 1
         return message
-

@@ -240,3 +240,42 @@ def test_metrics_count_audio_seconds_and_open_streams(stub, metered):
     assert open_streams(port) == 0
     rpcs = scrape(port)[("autoglm_rpcs_total", (("code", "OK"), ("method", LIVE)))]
     assert rpcs >= 1
+
+
+class Speaking:
+    """A client that sends `said`, waits until released (still speaking), then `rest`."""
+
+    def __init__(self, said: list[pb.GenerateLiveRequest],
+                 rest: list[pb.GenerateLiveRequest]) -> None:
+        self.said, self.rest = said, rest
+        self.release = threading.Event()
+
+    def __iter__(self) -> Iterator[pb.GenerateLiveRequest]:
+        yield from self.said
+        self.release.wait(60)
+        yield from self.rest
+
+
+def encoded_chunks(port: int) -> float:
+    return scrape(port)[("autoglm_live_audio_chunk_encode_seconds_count", MODEL)]
+
+
+def test_speech_is_encoded_and_prefilled_while_it_is_spoken(stub, control, metered):
+    _, port = metered
+    before = encoded_chunks(port)
+    first_tokens = scrape(port)[("autoglm_live_audio_end_to_first_token_seconds_count", MODEL)]
+    # 1.5 s: two whole 640 ms chunks, then 0.22 s that waits for the end
+    speaking = Speaking([start(), *[audio(samples(0.25))] * 6], [END])
+    call = stub.GenerateLive(iter(speaking))
+    try:
+        wait_until(lambda: encoded_chunks(port) == before + 2, 30,
+                   "the two whole chunks encoded before the end")
+        status = control.GetMemoryStatus(cpb.GetMemoryStatusRequest()).status
+        assert status.running_requests == 1 and status.kv_bytes > 0  # prefilled into KV
+    finally:
+        speaking.release.set()
+    _, final = reply(call)
+    assert encoded_chunks(port) == before + 3  # the last, partial chunk at the end
+    assert final.usage.audio_tokens == 19  # 1.5 s at 80 ms a token, the last one partial
+    assert scrape(port)[("autoglm_live_audio_end_to_first_token_seconds_count", MODEL)] == (
+        first_tokens + 1)

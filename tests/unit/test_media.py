@@ -148,10 +148,10 @@ def test_wav_without_frames_is_rejected():
     assert "ms long" in info.value.message
 
 
-def test_minimum_audio_is_the_feature_encoders_receptive_field():
+def test_any_clip_of_one_sample_or_more_encodes_to_its_tokens():
     from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
 
-    from inference_svc.model.encoders import AudioEncoder, conv_receptive_field
+    from inference_svc.model.encoders import AudioEncoder
     from inference_svc.model.inputs.media import DecodedAudio
 
     config = Wav2Vec2ConformerConfig(
@@ -159,8 +159,8 @@ def test_minimum_audio_is_the_feature_encoders_receptive_field():
         conv_depthwise_kernel_size=3, conv_dim=(8,) * 7, num_conv_pos_embeddings=4,
         num_conv_pos_embedding_groups=2,
     )
-    minimum = conv_receptive_field(list(zip(config.conv_kernel, config.conv_stride, strict=True)))
     encoder = AudioEncoder(Wav2Vec2ConformerModel(config), 8).eval()
-    assert encoder.encode([DecodedAudio(np.zeros(minimum, "float32"), 16_000)])[0].shape[0] == 1
-    with pytest.raises(RuntimeError):
-        encoder.encode([DecodedAudio(np.zeros(minimum - 1, "float32"), 16_000)])
+    # a token is 80 ms (1280 samples); chunks are windows padded with zeros
+    for length, tokens in [(1, 1), (1280, 1), (1281, 2), (10240 + 5, 9)]:
+        clip = DecodedAudio(np.zeros(length, "float32"), 16_000)
+        assert encoder.encode([clip])[0].shape == (tokens, 8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -255,3 +256,41 @@ def test_the_stop_marker_cancels_everything_in_flight(harness):
     h.scheduler.outbox.deliver()
     assert h.final("running").reason is FinishReason.CANCELLED
     assert h.ledger.account().held_blocks == 0
+
+
+def test_a_live_prompt_prefills_its_speech_as_it_comes_and_completes_at_its_end(harness):
+    from inference_svc.engine.live_prompt import LivePrompt
+    from inference_svc.model.audio_chunks import AudioChunking
+    from inference_svc.model.inputs.live_audio import LiveAudio
+    from inference_svc.model.inputs.prompt import MediaSpan
+
+    h = harness()
+    # 4 tokens before the speech, 2 after it; a chunk of speech is 2 tokens of 10 samples
+    chunking = AudioChunking(token_samples=10, merge=1, chunk_tokens=2, left_tokens=0,
+                             lookahead=0)
+    base = PromptPlan([1, 2, 3, 4, 8, 9], [MediaSpan("audio", 0, 4, 0, live=True)],
+                      content=[1, 2, 3, 4, 8, 9])
+    audio = LiveAudio(chunking, digest=b"live")
+    live = LivePrompt(base, audio, placeholder_id=0, context=64)
+    request = GenerationRequest("live", [ChatMessage("user", [TextPart("x")])],
+                                SamplingParams(max_new_tokens=4, temperature=0))
+    h.handles["live"] = handle = RequestHandle(request, h.loop)
+    h.scheduler.requests.put(Job((0, 0), request, live.plan(), DecodedMedia([], []), 4,
+                                 handle, live=live))
+
+    assert [(c.end, c.completes) for c in h.step().chunks] == [(4, False)]
+    assert h.step().empty  # nothing more has come: nothing to run, nothing ends
+    audio.append(np.zeros(25, "float32"))  # two whole tokens (one chunk) and a half
+    assert [(c.end, c.completes) for c in h.step().chunks] == [(6, False)]
+    assert h.step().empty and not h.decoding
+    audio.append(np.zeros(10, "float32"))
+    audio.seal()  # 35 samples: 4 tokens, then the 2 after the speech
+    plan = h.step()
+    assert [(c.end, c.completes) for c in plan.chunks] == [(10, True)]
+    assert plan.chunks[0].prefill.plan.input_ids == [1, 2, 3, 4, 0, 0, 0, 0, 8, 9]
+    assert h.decoding == ["live"]
+    while h.decoding:
+        h.step()
+    final = h.final("live")
+    assert final.usage.prompt_tokens == 10 and final.usage.audio_tokens == 4
+    assert h.ledger.account().held_bytes == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
@@ -18,6 +18,7 @@ class MediaSpan:
     index: int  # index among the request's media of that kind
     start: int
     length: int
+    live: bool = False  # speech still arriving: its length grows (live_plan)
 
 
 @dataclass
@@ -32,6 +33,9 @@ class PromptPlan:
     # The reply wraps its answer in <answer>...</answer> (GLM-4.1V's format): the tags
     # are markup the text stream takes out of the answer text.
     answer_tags: bool = False
+    # Its live audio is still arriving: the plan ends where the audio so far ends, and
+    # what follows the audio is not in it yet (live_plan).
+    open: bool = False
 
     @property
     def image_tokens(self) -> int:
@@ -87,6 +91,20 @@ def render_prompt(
         position = match.end()
     tail = tokenizer.encode(text[position:], add_special_tokens=False)
     return PromptPlan(input_ids=ids + tail, spans=spans, content=content + tail)
+
+
+def live_plan(base: PromptPlan, tokens: int, digest: bytes, placeholder_id: int, *,
+              open: bool) -> PromptPlan:
+    """`base` (rendered with its live audio 0 tokens long) with the audio `tokens` long;
+    `open`: the audio goes on, so the plan stops at its end."""
+    live = next(s for s in base.spans if s.live)
+    at = live.start
+    tail, tail_content = ([], []) if open else (base.input_ids[at:], base.content[at:])
+    spans = [replace(s, length=tokens) if s is live else s for s in base.spans]
+    return PromptPlan(
+        input_ids=base.input_ids[:at] + [placeholder_id] * tokens + tail, spans=spans,
+        content=base.content[:at] + media_content_ids(digest, tokens) + tail_content,
+        answer_tags=base.answer_tags, open=open)
 
 
 def media_content_ids(digest: bytes, length: int) -> list[int]:
