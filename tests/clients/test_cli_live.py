@@ -64,7 +64,7 @@ def test_live_reply_is_the_reply_to_the_whole_clip(inference_server, clip, capsy
     assert code == 0
     assert out == whole
     usage, live_line = err.splitlines()
-    assert re.search(r"\(0 cached, 0 image, [1-9]\d* audio\)", usage)
+    assert re.search(r", 0 image, [1-9]\d* audio\)", usage)
     assert re.fullmatch(r"live: 0\.30 s of audio; first token \d+\.\d{3} s after its end",
                         live_line)
 

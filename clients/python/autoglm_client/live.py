@@ -98,7 +98,7 @@ def wav_chunks_async(source: BinarySource, chunk_ms: int = 100, *,
 
 class SpeechEndTimer:
     """Times a live reply from the end of the speech (the moment the call has taken the
-    last chunk and sends `end`) to its first token, reasoning included."""
+    last chunk and sends `end`) to its first token: the first delta, reasoning included."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -117,7 +117,7 @@ class SpeechEndTimer:
 
     @property
     def first_token_after_s(self) -> float | None:
-        """Seconds from the end of the speech to the first token; None without a token."""
+        """Seconds from the end of the speech to the first token; None if no text came."""
         if self._audio_ended_at is None or self._first_token_at is None:
             return None
         return self._first_token_at - self._audio_ended_at
