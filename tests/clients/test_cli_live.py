@@ -102,7 +102,7 @@ def test_live_audio_is_paced_chunk_by_chunk_unless_told_not_to(
     assert fake_clock.sleeps == []
 
 
-def test_a_wav_the_service_cannot_take_is_an_input_error_before_any_call(tmp_path, capsys):
+def test_bad_live_input_is_an_input_error_before_any_call(tmp_path, clip, capsys):
     stereo = tmp_path / "stereo.wav"
     stereo.write_bytes(stereo_wav())
     code, out, err = run_cli(capsys, "chat", "--target", UNREACHABLE, "hi",
@@ -113,6 +113,10 @@ def test_a_wav_the_service_cannot_take_is_an_input_error_before_any_call(tmp_pat
                            "--audio-live", str(tmp_path / "missing.wav"))
     assert code == 2
     assert "cannot read audio file" in err
+    code, _, err = run_cli(capsys, "chat", "--target", UNREACHABLE, "hi",
+                           "--audio-live", str(clip), "--chunk-ms", "0")
+    assert code == 2
+    assert "chunk_ms must be at least 1, not 0" in err
 
 
 def test_a_chunk_the_service_refuses_is_an_rpc_error(inference_server, tmp_path, capsys):

@@ -216,9 +216,10 @@ def run_chat(args: argparse.Namespace) -> int:
     )
     timer = SpeechEndTimer()
     # read and checked before the call: a WAV the service cannot take is an input error
-    live_chunks = None if args.audio_live is None else timer.chunks(wav_chunks(
-        args.audio_live, args.chunk_ms or DEFAULT_CHUNK_MS, realtime=not args.no_pace
-    ))
+    chunk_ms = DEFAULT_CHUNK_MS if args.chunk_ms is None else args.chunk_ms
+    live_chunks = None if args.audio_live is None else timer.chunks(
+        wav_chunks(args.audio_live, chunk_ms, realtime=not args.no_pace)
+    )
     printer = None if args.json else StreamPrinter(sys.stdout, dim=sys.stdout.isatty())
     accumulator = CompletionAccumulator()
     with _inference_client(args) as client:
