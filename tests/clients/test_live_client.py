@@ -13,13 +13,15 @@ from autoglm_client import (
     InferenceClient,
     InputError,
     InvalidArgumentError,
+    ReasoningDelta,
     Sampling,
+    TextDelta,
     pcm_audio,
     user,
     wav_chunks,
     wav_chunks_async,
 )
-from autoglm_client.live import wav_pcm
+from autoglm_client.live import SpeechEndTimer, wav_pcm
 
 from tests.conftest import wav_bytes
 
@@ -56,6 +58,16 @@ def test_wav_chunks_refuse_what_the_service_does_not_take_before_sending():
         wav_chunks(wav_bytes(0.1, rate=8000))
     with pytest.raises(InputError, match="not a readable PCM WAV"):
         wav_chunks(b"RIFF0000WAVEjunk")
+
+
+def test_speech_end_timer_counts_from_the_last_chunk_to_the_first_token():
+    ticks = iter([2.0, 2.5, 9.0])
+    timer = SpeechEndTimer(clock=lambda: next(ticks))
+    assert list(timer.chunks([b"a", b"b"])) == [b"a", b"b"]  # the end of audio at 2.0
+    assert timer.first_token_after_s is None
+    timer.observe(ReasoningDelta("hm"))  # 2.5
+    timer.observe(TextDelta("ok"))
+    assert timer.first_token_after_s == 0.5
 
 
 def test_generate_live_answers_as_generate_with_the_whole_clip(client, tmp_path):

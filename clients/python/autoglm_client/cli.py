@@ -17,12 +17,14 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from autoglm_client.calls import GenerateOptions
 from autoglm_client.channel import DEFAULT_TARGET, tls_credentials
 from autoglm_client.content import prompt_conversation
 from autoglm_client.control import DEFAULT_CONTROL_TARGET, ControlClient
 from autoglm_client.errors import AutoglmError, InputError, RpcError
 from autoglm_client.inference import InferenceClient
-from autoglm_client.render import memory_status_text, model_info_text, usage_text
+from autoglm_client.live import SpeechEndTimer, wav_chunks
+from autoglm_client.render import live_text, memory_status_text, model_info_text, usage_text
 from autoglm_client.request_builders import Sampling
 from autoglm_client.results import CompletionAccumulator
 from autoglm_client.stream_printer import StreamPrinter
@@ -32,12 +34,16 @@ EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_HOST, _, DEFAULT_PORT = DEFAULT_TARGET.rpartition(":")
+DEFAULT_CHUNK_MS = 100
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _use_utf8_output()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "chat" and (problem := _chat_usage_problem(args)):
+        parser.error(problem)
     try:
         return args.run(args)
     except InputError as error:
@@ -62,8 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser(
         "chat", parents=[connection], help="stream a reply to a prompt (with images/audio)"
     )
-    chat.add_argument("prompt", help="the user's message")
-    _add_media_options(chat)
+    chat.add_argument(
+        "prompt", nargs="?", help="the user's message (with --audio-live: text before the speech)"
+    )
+    audio = chat.add_mutually_exclusive_group()
+    _add_media_options(chat, audio)
+    audio.add_argument(
+        "--audio-live",
+        type=Path,
+        metavar="FILE",
+        help="16 kHz mono 16-bit WAV streamed over GenerateLive as it would be spoken",
+    )
+    chat.add_argument(
+        "--chunk-ms",
+        type=int,
+        metavar="MS",
+        help=f"--audio-live chunk length (default {DEFAULT_CHUNK_MS})",
+    )
+    chat.add_argument(
+        "--no-pace", action="store_true", help="send --audio-live's chunks as fast as it can"
+    )
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, metavar="N")
     chat.add_argument("--min-new-tokens", type=int, metavar="N")
@@ -150,7 +174,10 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 
-def _add_media_options(parser: argparse.ArgumentParser) -> None:
+def _add_media_options(
+    parser: argparse.ArgumentParser, audio: argparse._ActionsContainer | None = None
+) -> None:
+    """--image and --audio; `audio`, if given, is the group --audio joins."""
     parser.add_argument(
         "--image",
         action="append",
@@ -159,7 +186,7 @@ def _add_media_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="PNG/JPEG/WebP image (repeatable)",
     )
-    parser.add_argument(
+    (audio or parser).add_argument(
         "--audio",
         action="append",
         default=[],
@@ -181,7 +208,52 @@ def run_chat(args: argparse.Namespace) -> int:
     conversation = prompt_conversation(
         args.prompt, images=args.image, audio_clips=args.audio, system_prompt=args.system
     )
-    sampling = Sampling(
+    options = GenerateOptions(
+        session_id=args.session,
+        enable_thinking=args.think,
+        return_reasoning=args.show_reasoning,
+        request_id=args.request_id,
+    )
+    timer = SpeechEndTimer()
+    # read and checked before the call: a WAV the service cannot take is an input error
+    chunk_ms = DEFAULT_CHUNK_MS if args.chunk_ms is None else args.chunk_ms
+    live_chunks = None if args.audio_live is None else timer.chunks(
+        wav_chunks(args.audio_live, chunk_ms, realtime=not args.no_pace)
+    )
+    printer = None if args.json else StreamPrinter(sys.stdout, dim=sys.stdout.isatty())
+    accumulator = CompletionAccumulator()
+    with _inference_client(args) as client:
+        events = (
+            client.stream(conversation, _sampling(args), **options) if live_chunks is None
+            else client.stream_live(conversation, live_chunks, _sampling(args), **options)
+        )
+        for event in events:
+            accumulator.add(event)
+            timer.observe(event)
+            if printer is not None:
+                printer.write(event)
+    completion = accumulator.completion()
+    live = live_chunks is not None
+    if printer is None:
+        payload = {
+            "text": completion.text,
+            "reasoning": completion.reasoning,
+            **asdict(completion.final),
+        }
+        if live:
+            payload["first_token_after_audio_s"] = timer.first_token_after_s
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+    else:
+        printer.finish()
+        print(usage_text(completion.final), file=sys.stderr)
+        if live:
+            audio_seconds = completion.final.usage.audio_seconds
+            print(live_text(audio_seconds, timer.first_token_after_s), file=sys.stderr)
+    return EXIT_OK
+
+
+def _sampling(args: argparse.Namespace) -> Sampling:
+    return Sampling(
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,
         temperature=args.temperature,
@@ -190,33 +262,15 @@ def run_chat(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_sequences=args.stop,
     )
-    printer = None if args.json else StreamPrinter(sys.stdout, dim=sys.stdout.isatty())
-    accumulator = CompletionAccumulator()
-    with _inference_client(args) as client:
-        events = client.stream(
-            conversation,
-            sampling,
-            session_id=args.session,
-            enable_thinking=args.think,
-            return_reasoning=args.show_reasoning,
-            request_id=args.request_id,
-        )
-        for event in events:
-            accumulator.add(event)
-            if printer is not None:
-                printer.write(event)
-    completion = accumulator.completion()
-    if printer is None:
-        payload = {
-            "text": completion.text,
-            "reasoning": completion.reasoning,
-            **asdict(completion.final),
-        }
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
-    else:
-        printer.finish()
-        print(usage_text(completion.final), file=sys.stderr)
-    return EXIT_OK
+
+
+def _chat_usage_problem(args: argparse.Namespace) -> str | None:
+    if args.audio_live is None:
+        if args.prompt is None:
+            return "chat needs a prompt (or --audio-live FILE)"
+        if args.chunk_ms is not None or args.no_pace:
+            return "--chunk-ms and --no-pace go with --audio-live"
+    return None
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -175,13 +175,15 @@ def _describe(source: object) -> str:
 
 
 def prompt_conversation(
-    prompt: str,
+    prompt: str | None,
     *,
     images: Iterable[BinarySource] = (),
     audio_clips: Iterable[BinarySource] = (),
     system_prompt: str | None = None,
 ) -> list[pb.Message]:
-    """A one-turn conversation: optional system text, then the prompt with its media."""
+    """A one-turn conversation: optional system text, then the prompt with its media. With
+    no prompt and no media there is no user turn (GenerateLive's speech becomes one)."""
     media = [image(source) for source in images] + [audio(source) for source in audio_clips]
-    turn = pb.Message(role=pb.ROLE_USER, parts=[text(prompt), *media])
-    return [system(system_prompt), turn] if system_prompt else [turn]
+    parts = media if prompt is None else [text(prompt), *media]
+    turns = [pb.Message(role=pb.ROLE_USER, parts=parts)] if parts else []
+    return [system(system_prompt), *turns] if system_prompt else turns

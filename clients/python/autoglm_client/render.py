@@ -210,3 +210,12 @@ def usage_text(final: Final) -> str:
         for index, i in enumerate(final.images, start=1)
     ]
     return "\n".join(lines)
+
+
+def live_text(audio_seconds: float, first_token_after_s: float | None) -> str:
+    """One line on a GenerateLive call: the audio sent and how soon the reply began."""
+    reply = (
+        "no text streamed" if first_token_after_s is None
+        else f"first token {first_token_after_s:.3f} s after its end"
+    )
+    return f"live: {audio_seconds:.2f} s of audio; {reply}"
