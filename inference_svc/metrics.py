@@ -31,6 +31,8 @@ from inference_svc.types import Finished, FinishReason
 
 # request latencies: 10 ms .. 10 min (a 3,000-token phone-agent answer on CPU is minutes)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# encoding one live audio chunk (640 ms of speech by default): 2.5 ms .. 2.56 s
+CHUNK_ENCODE_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 # the gap between two streamed tokens: 1 ms .. 10 s
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
                      0.3, 0.5, 0.75, 1, 2.5, 5, 10)
@@ -97,7 +99,7 @@ class ServiceMetrics:
             "received", model, registry=registry).labels(self.model_name)
         self.live_audio_chunk_encode = Histogram(
             "autoglm_live_audio_chunk_encode_seconds", "Time to encode one chunk of live "
-            "audio (640 ms of speech by default)", model, buckets=LATENCY_BUCKETS,
+            "audio (640 ms of speech by default)", model, buckets=CHUNK_ENCODE_BUCKETS,
             registry=registry).labels(self.model_name)
         self.live_audio_first_token = Histogram(
             "autoglm_live_audio_end_to_first_token_seconds", "GenerateLive: time from the "

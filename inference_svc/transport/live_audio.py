@@ -24,6 +24,8 @@ from inference_svc.types import AudioPart, ChatMessage, GenerationRequest, Sampl
 
 SAMPLE_RATE_HZ = 16_000  # the audio encoder's rate; the contract asks for it
 SAMPLE_WIDTHS = {"s16le": 2, "f32le": 4}
+SILENCE_FRAME = SAMPLE_RATE_HZ // 50  # 20 ms
+SILENCE_RMS = 10 ** (-40 / 20)  # -40 dBFS
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,30 @@ class Utterance:
         return decoded.samples
 
 
+class SilenceWatch:
+    """Whether the speech has been followed by `ms` of silence: 20 ms frames quieter than
+    SILENCE_DBFS after at least one louder frame."""
+
+    def __init__(self, ms: int) -> None:
+        self.needed = ms * SAMPLE_RATE_HZ // 1000
+        self.heard = False  # speech so far
+        self.quiet = 0  # silent samples since the last loud frame
+        self._rest = np.zeros(0, np.float32)  # samples short of a whole frame
+
+    def ended(self, samples: np.ndarray) -> bool:
+        audio = np.concatenate([self._rest, samples])
+        whole = len(audio) // SILENCE_FRAME * SILENCE_FRAME
+        self._rest = audio[whole:]
+        frames = audio[:whole].reshape(-1, SILENCE_FRAME)
+        loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) >= SILENCE_RMS)
+        if len(loud):
+            self.heard = True
+            self.quiet = (len(frames) - 1 - loud[-1]) * SILENCE_FRAME
+        else:
+            self.quiet += whole
+        return self.heard and self.quiet >= self.needed
+
+
 def with_user_audio(request: GenerationRequest, audio: AudioPart) -> GenerationRequest:
     """The request with `audio` as the last part of its last message when that message is
     the user's, else as a new user message after it."""
@@ -119,9 +145,11 @@ class LiveInput:
         self._on_audio = on_audio
         self._count = 0  # messages read
         self.encoding = ""
+        self.silence: SilenceWatch | None = None  # the client asked for an end on silence
         self.utterance: Utterance | None = None
         self.audio: LiveAudio | None = None
-        self.ended_at: float | None = None  # when `end` came
+        self.ended_at: float | None = None  # when `end` came (or the silence that ended it)
+        self.ended_on_silence = False
         self.broken: ServiceError | None = None  # why the input failed, once it has
         self._feeding: asyncio.Task[None] | None = None
 
@@ -139,6 +167,8 @@ class LiveInput:
         request, self.encoding = live_start_from_pb(
             first.start, sample_rate_hz=SAMPLE_RATE_HZ, request_id=request_id,
             defaults=defaults, deadline=deadline)
+        if first.start.end_on_silence_ms:
+            self.silence = SilenceWatch(first.start.end_on_silence_ms)
         return with_user_audio(request, AudioPart("audio", live=True))
 
     def feed(self, audio: LiveAudio, cancel: Callable[[], None]) -> None:
@@ -168,6 +198,11 @@ class LiveInput:
                 samples = utterance.add(message.audio.data)
                 audio.append(samples)
                 self._on_audio(len(samples) / SAMPLE_RATE_HZ)
+                if self.silence is not None and self.silence.ended(samples):
+                    self.ended_on_silence = True
+                    self.ended_at = time.monotonic()
+                    audio.seal()
+                    return
             elif kind == "end":
                 if not utterance.num_samples:
                     raise InvalidRequest("audio: end came before any audio chunk", field="audio")
@@ -187,11 +222,19 @@ class LiveInput:
                                      "or end", field="message")
 
     async def _watch_after_end(self) -> None:
-        """Any message after `end` breaks the stream; the client closing its side is fine."""
-        message = await anext(self._requests, None)
-        if message is not None:
+        """Any message after `end` breaks the stream; the client closing its side is fine.
+        After an end on silence the client, not knowing, may go on: its audio is dropped
+        and its own `end` taken."""
+        on_silence = self.ended_on_silence
+        async for message in self._requests:
+            self._count += 1
             kind = message.WhichOneof("message") or "message"
-            raise InvalidRequest(f"{kind}: message {self._count} follows end", field=kind)
+            if on_silence and kind == "audio":
+                continue
+            if on_silence and kind == "end":
+                on_silence = False
+                continue
+            raise InvalidRequest(f"{kind}: message {self._count - 1} follows end", field=kind)
 
     def check(self) -> None:
         if self.broken is not None:

@@ -252,8 +252,8 @@ class Speaking:
 
     def __iter__(self) -> Iterator[pb.GenerateLiveRequest]:
         yield from self.said
-        self.release.wait(60)
-        yield from self.rest
+        if self.release.wait(60):  # never released: the stream closes before its end
+            yield from self.rest
 
 
 def encoded_chunks(port: int) -> float:
@@ -279,3 +279,39 @@ def test_speech_is_encoded_and_prefilled_while_it_is_spoken(stub, control, meter
     assert final.usage.audio_tokens == 19  # 1.5 s at 80 ms a token, the last one partial
     assert scrape(port)[("autoglm_live_audio_end_to_first_token_seconds_count", MODEL)] == (
         first_tokens + 1)
+
+
+def test_speech_then_silence_ends_the_input_when_asked(stub):
+    first = start()
+    first.start.end_on_silence_ms = 300
+    quiet = bytes(RATE // 10 * 2)  # 100 ms of silence
+    # leading silence ends nothing; speech, then 300 ms of silence does; what the client
+    # goes on sending is dropped, and its own end is taken
+    speaking = Speaking([first, audio(quiet), audio(quiet), audio(quiet), audio(quiet),
+                         audio(samples(0.2)), audio(quiet), audio(quiet), audio(quiet)],
+                        [audio(quiet), END])
+    call = stub.GenerateLive(iter(speaking))
+    try:
+        responses = iter(call)
+        first_response = next(responses)  # the reply began before the client's end
+    finally:
+        speaking.release.set()
+    _, final = reply([first_response, *responses])
+    assert final.usage.audio_seconds == pytest.approx(0.9)
+    assert final.usage.audio_tokens == 12  # 0.9 s at 80 ms a token
+
+
+def test_without_end_on_silence_silence_is_audio_like_any_other(stub):
+    quiet = bytes(RATE // 10 * 2)
+    _, final = reply(stub.GenerateLive(iter(utterance(start(), [samples(0.2), *[quiet] * 5]))))
+    assert final.usage.audio_seconds == pytest.approx(0.7)
+
+
+def test_after_an_end_on_silence_a_second_start_is_still_invalid(stub):
+    first = start()
+    first.start.end_on_silence_ms = 100
+    quiet = bytes(RATE // 10 * 2)
+    error = error_of(stub.GenerateLive(iter([first, audio(samples(0.2)), audio(quiet),
+                                             audio(quiet), start(), END])))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_of(error) == "start" and "follows end" in error.details()
