@@ -105,7 +105,7 @@ class Endings:
 
     def stop_prefill(self, prefill: Prefill, chunk_tokens: int) -> None:
         """Cancelled or past its deadline mid-prefill: the work stops; the blocks already
-        computed stay cached by content."""
+        computed that another prompt may find stay cached by content."""
         self.batch.prefilling.remove(prefill)
         deadline = prefill.job.request.deadline
         log.info("prefill_stopped", request_id=prefill.key,
@@ -113,7 +113,7 @@ class Endings:
                  computed_tokens=prefill.done - prefill.cached, chunk_tokens=chunk_tokens,
                  past_deadline_s=None if deadline is None
                  else round(time.monotonic() - deadline, 3))
-        self.ledger.seal(prefill.key, prefill.plan.content, prefill.done)
+        self.ledger.seal(prefill.key, prefill.plan.content, prefill.reusable)
         self.ledger.release(prefill.key)
         if prefill.resumed is not None:
             self.finish(prefill.resumed)

@@ -123,6 +123,14 @@ class Prefill:
         return len(self.plan.input_ids) - self.done
 
     @property
+    def reusable(self) -> int:
+        """Positions computed that another prompt may find: a live prompt's speech has
+        content ids no other prompt has, so only what precedes it."""
+        if self.job.live is None:
+            return self.done
+        return min(self.done, next(s.start for s in self.plan.spans if s.live))
+
+    @property
     def complete(self) -> bool:
         """Every position of the prompt is in KV (a live prompt's input has ended)."""
         return not self.remaining and not self.plan.open

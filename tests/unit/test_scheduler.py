@@ -258,25 +258,31 @@ def test_the_stop_marker_cancels_everything_in_flight(harness):
     assert h.ledger.account().held_blocks == 0
 
 
-def test_a_live_prompt_prefills_its_speech_as_it_comes_and_completes_at_its_end(harness):
+def submit_live(h: Harness, name: str, before: list[int]):
+    """A live prompt: `before` ahead of the speech, 2 tokens after it; a chunk of speech is
+    2 tokens of 10 samples. Returns its LiveAudio."""
     from inference_svc.engine.live_prompt import LivePrompt
     from inference_svc.model.audio_chunks import AudioChunking
     from inference_svc.model.inputs.live_audio import LiveAudio
     from inference_svc.model.inputs.prompt import MediaSpan
 
-    h = harness()
-    # 4 tokens before the speech, 2 after it; a chunk of speech is 2 tokens of 10 samples
     chunking = AudioChunking(token_samples=10, merge=1, chunk_tokens=2, left_tokens=0,
                              lookahead=0)
-    base = PromptPlan([1, 2, 3, 4, 8, 9], [MediaSpan("audio", 0, 4, 0, live=True)],
-                      content=[1, 2, 3, 4, 8, 9])
-    audio = LiveAudio(chunking, digest=b"live")
+    ids = [*before, 8, 9]
+    base = PromptPlan(ids, [MediaSpan("audio", 0, len(before), 0, live=True)], content=ids)
+    audio = LiveAudio(chunking, digest=name.encode())
     live = LivePrompt(base, audio, placeholder_id=0, context=64)
-    request = GenerationRequest("live", [ChatMessage("user", [TextPart("x")])],
+    request = GenerationRequest(name, [ChatMessage("user", [TextPart("x")])],
                                 SamplingParams(max_new_tokens=4, temperature=0))
-    h.handles["live"] = handle = RequestHandle(request, h.loop)
+    h.handles[name] = handle = RequestHandle(request, h.loop)
     h.scheduler.requests.put(Job((0, 0), request, live.plan(), DecodedMedia([], []), 4,
                                  handle, live=live))
+    return audio
+
+
+def test_a_live_prompt_prefills_its_speech_as_it_comes_and_completes_at_its_end(harness):
+    h = harness()
+    audio = submit_live(h, "live", [1, 2, 3, 4])
 
     assert [(c.end, c.completes) for c in h.step().chunks] == [(4, False)]
     assert h.step().empty  # nothing more has come: nothing to run, nothing ends
@@ -294,3 +300,17 @@ def test_a_live_prompt_prefills_its_speech_as_it_comes_and_completes_at_its_end(
     final = h.final("live")
     assert final.usage.prompt_tokens == 10 and final.usage.audio_tokens == 4
     assert h.ledger.account().held_bytes == 0
+
+
+def test_a_live_prompt_cancelled_mid_speech_keeps_only_the_text_before_it_cached(harness):
+    h = harness()
+    audio = submit_live(h, "live", list(range(1, 9)))  # two blocks of text, then speech
+    h.step()
+    audio.append(np.zeros(80, "float32"))  # 8 tokens: two more blocks, of speech
+    h.step()
+    assert h.scheduler.batch.prefilling[0].done == 16
+    h.handles["live"].cancel()
+    h.step()
+    account = h.ledger.account()
+    assert account.held_bytes == 0
+    assert account.cached_bytes == 2 * h.ledger.bytes_per_block  # the text's two blocks
