@@ -25,10 +25,21 @@
 #   AUTOGLM_MEMD_HOST_BUDGET_BYTES  host probe budget (default 4294967296)
 #   AUTOGLM_MEMD_DAEMON_METRICS_PORT  daemon Prometheus port (default 0 = off)
 #   AUTOGLM_MEMD_*                  any other daemon key (deploy/memd.example.toml)
+#   AUTOGLM_GPU_MEMORY_GIB          memory of each GPU (of the host without one), GiB: the
+#                                   service gets the weight precisions and KV budget that
+#                                   `autoglm-plan` chooses for the model (--model-dir or
+#                                   AUTOGLM_MODEL_DIR) on such cards, as AUTOGLM_DECODER_WEIGHTS,
+#                                   AUTOGLM_VISION_WEIGHTS and AUTOGLM_KV_BUDGET_MB, each
+#                                   unless already set (default: unset, no plan)
+#   AUTOGLM_PLAN_GPUS               cards the plan spreads the model over (default: the GPUs
+#                                   `nvidia-smi -L` lists)
+#   AUTOGLM_PLAN_AGENTS             phone agents that must fit at once (default 1)
+#   AUTOGLM_PLAN_CONTEXT            tokens each holds (default 25480, or the model's context)
 # When GPUs are present, PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True.
 #
 # Exit code: the service's (0 after a clean drain, 70 when its watchdog fired), else 1
-# if the daemon or the gateway failed, or the service never became SERVING.
+# if the daemon or the gateway failed, or the service never became SERVING; autoglm-plan's
+# (2) when the model does not fit AUTOGLM_GPU_MEMORY_GIB, before anything starts.
 set -euo pipefail
 
 tool() { if [ -n "${AUTOGLM_BIN:-}" ]; then echo "$AUTOGLM_BIN/$1"; else echo "$1"; fi; }
@@ -57,6 +68,36 @@ if [ "$GPUS" -gt 0 ]; then
     export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 fi
 MEMD_PROBE="${AUTOGLM_MEMD_DAEMON_PROBE:-$([ "$GPUS" -gt 0 ] && echo nvml || echo host)}"
+
+model_dir_in() {  # the --model-dir among the service's arguments, else AUTOGLM_MODEL_DIR
+    local dir="${AUTOGLM_MODEL_DIR:-}" previous=""
+    for arg in "$@"; do
+        case "$arg" in --model-dir=*) dir="${arg#--model-dir=}" ;; esac
+        if [ "$previous" = --model-dir ]; then dir="$arg"; fi
+        previous="$arg"
+    done
+    echo "$dir"
+}
+fp8_cards() {  # every GPU runs float8 (compute capability 8.9 or later)
+    nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null |
+        awk '{ seen = 1; if ($1 + 0 < 8.9) old = 1 } END { exit !(seen && !old) }'
+}
+if [ -n "${AUTOGLM_GPU_MEMORY_GIB:-}" ]; then
+    plan_args=(--gpus "${AUTOGLM_PLAN_GPUS:-$GPUS}" --gpu-memory-gib "$AUTOGLM_GPU_MEMORY_GIB"
+               --agents "${AUTOGLM_PLAN_AGENTS:-1}" --env)
+    if [ -n "${AUTOGLM_PLAN_CONTEXT:-}" ]; then plan_args+=(--context "$AUTOGLM_PLAN_CONTEXT"); fi
+    if [ "$GPUS" -gt 0 ] && fp8_cards; then plan_args+=(--fp8); fi
+    model_dir="$(model_dir_in "$@")"
+    if [ -n "$model_dir" ]; then plan_args=("$model_dir" "${plan_args[@]}"); fi
+    # autoglm-plan says on stderr why nothing fits
+    plan="$("$(tool autoglm-plan)" "${plan_args[@]}")" || exit $?
+    while IFS='=' read -r name value; do
+        if [ -z "${!name:-}" ]; then
+            export "$name=$value"
+            say "plan for ${AUTOGLM_GPU_MEMORY_GIB} GiB: $name=$value"
+        fi
+    done <<< "$plan"
+fi
 
 mkdir -p "$(dirname "$CONTROL_SOCKET")" "$(dirname "$PORT_FILE")"
 rm -f "$PORT_FILE"

@@ -19,6 +19,7 @@ from inference_svc.model.encoders import (
     WINDOW_BATCH,
     AudioEncoder,
     VisionEncoder,
+    vit_activation_bytes,
 )
 from inference_svc.model.inputs.live_audio import LiveAudio
 from inference_svc.model.inputs.media import (
@@ -36,9 +37,6 @@ from inference_svc.model.inputs.prompt import (
 )
 from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.units import ModuleUnit
-
-# Live tensors per encoder layer relative to its widest one (input, attention, MLP, output).
-ACTIVATION_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -100,10 +98,7 @@ class ModularModel(PagedForward, UnitModel):
         if "image" in self.encoders:
             with self.encoders["image"].use() as vision:
                 self._image_tokens = vision.tokens_per_image
-                vit = vision.vit.config
-                patches = (vit.image_size // vit.patch_size) ** 2 + 1
-                self._image_activation_bytes = (
-                    ACTIVATION_FACTOR * patches * vit.intermediate_size * element)
+                self._image_activation_bytes = vit_activation_bytes(vision.vit.config, element)
         if "audio" in self.encoders:
             with self.encoders["audio"].use() as audio:
                 self._audio_chunking = chunking = audio.chunking

@@ -97,7 +97,7 @@ checkpoint=$(find "$work" -mindepth 1 -maxdepth 1 -name "glm4v-*" 2>/dev/null | 
 if [ -n "$checkpoint" ]; then
   for gpus in "1 --gpu-memory-gib 79" "2 --gpu-memory-gib 24"; do
     # shellcheck disable=SC2086
-    timeout 30 "$PY" -m inference_svc.model.cli.plan --model-dir "$checkpoint" --gpus $gpus \
+    timeout 30 "$PY" -m inference_svc.model.cli.plan "$checkpoint" --gpus $gpus \
       --context 25480 >> "$OUT/glm4v.log" 2>&1
   done
 fi

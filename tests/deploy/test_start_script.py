@@ -165,3 +165,38 @@ def test_a_service_that_cannot_start_fails_the_script(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "the service exited before serving" in result.stderr
+
+
+def plan_env(*args: str) -> dict[str, str]:
+    out = subprocess.run([str(Path(BIN) / "autoglm-plan"), *args, "--env"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def test_given_only_the_card_size_the_script_starts_the_service_as_planned(
+        tiny_bundle, tmp_path):
+    """AUTOGLM_GPU_MEMORY_GIB: the service gets the plan's precisions and KV budget in its
+    environment, except where the operator set one (here the vision weights)."""
+    planned = plan_env(str(tiny_bundle), "--gpus", "0", "--gpu-memory-gib", "3")
+    with start_script(tmp_path, "--model-dir", str(tiny_bundle),
+                      AUTOGLM_MEMD_DAEMON_PROBE="host", AUTOGLM_GPU_MEMORY_GIB="3",
+                      AUTOGLM_VISION_WEIGHTS="fp32") as running:
+        environ = running.service().environ()
+        assert environ["AUTOGLM_DECODER_WEIGHTS"] == planned["AUTOGLM_DECODER_WEIGHTS"] == "auto"
+        assert environ["AUTOGLM_KV_BUDGET_MB"] == planned["AUTOGLM_KV_BUDGET_MB"]
+        assert int(planned["AUTOGLM_KV_BUDGET_MB"]) > 1024
+        assert environ["AUTOGLM_VISION_WEIGHTS"] == "fp32"
+        assert "plan for 3 GiB: AUTOGLM_KV_BUDGET_MB=" in running.log_path.read_text()
+        stop_cleanly(running)
+
+
+def test_a_card_too_small_for_the_model_stops_the_script_before_it_starts(tiny_bundle,
+                                                                          tmp_path):
+    env = {**os.environ, "AUTOGLM_BIN": BIN, "AUTOGLM_RUN_DIR": str(tmp_path),
+           "AUTOGLM_GPU_MEMORY_GIB": "0.5", "AUTOGLM_PLAN_GPUS": "0"}
+    result = subprocess.run([str(SCRIPT), f"--model-dir={tiny_bundle}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "does not fit a host with 0.5 GiB" in result.stderr
+    assert "service pid" not in result.stderr
+    assert not (tmp_path / "autoglm-port.json").exists()

@@ -1,6 +1,7 @@
-"""autoglm-plan: the memory plan from config files and safetensors headers only, on the
-tiny bundles, the tiny GLM-4.1V checkpoints and a config.json with GLM-4.1V-9B's real
-dimensions (AutoGLM-Phone-9B's architecture), written here without any weights."""
+"""autoglm-plan: the plan by card size from config files and safetensors headers only, on
+the tiny bundles, the tiny GLM-4.1V checkpoints and a config.json with GLM-4.1V-9B's real
+dimensions (AutoGLM-Phone-9B's architecture), written here without any weights. The
+arithmetic itself is checked by hand in test_sizing.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from inference_svc.model.cli.plan import main
+from inference_svc.model.cli.plan import TABLE_CARDS_GIB, main
+from tests.conftest import REPO
+from tests.fixtures.glm41v_9b import GLM41V_9B
 from tests.fixtures.tiny_models import (
     write_tiny_glm4v_checkpoint,
     write_tiny_phone_glm4v_checkpoint,
@@ -18,32 +21,18 @@ from tests.fixtures.tiny_models import (
 
 GIB = 1024**3
 
-# GLM-4.1V-9B-Thinking's config.json, the dimensions that matter for memory.
-GLM41V_9B = {
-    "architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v",
-    "image_token_id": 151343, "video_token_id": 151344, "image_start_token_id": 151339,
-    "image_end_token_id": 151340, "video_start_token_id": 151341,
-    "video_end_token_id": 151342, "tie_word_embeddings": False,
-    "text_config": {
-        "model_type": "glm4v_text", "vocab_size": 151552, "hidden_size": 4096,
-        "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 32,
-        "num_key_value_heads": 2, "max_position_embeddings": 65536, "attention_bias": True,
-        "rms_norm_eps": 1e-05, "partial_rotary_factor": 0.5,
-        "rope_scaling": {"type": "default", "mrope_section": [8, 12, 12]},
-    },
-    "vision_config": {
-        "model_type": "glm4v", "hidden_size": 1536, "depth": 24, "num_heads": 12,
-        "attention_bias": False, "intermediate_size": 13696, "hidden_act": "silu",
-        "image_size": 336, "patch_size": 14, "out_hidden_size": 4096, "rms_norm_eps": 1e-05,
-        "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
-    },
-}
-
 
 def run_plan(*args: str) -> dict:
     out = io.StringIO()
     assert main([*args, "--json"], out) == 0
     return json.loads(out.getvalue())
+
+
+def refused(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    out = io.StringIO()
+    assert main(list(args), out) == 2
+    assert out.getvalue() == ""
+    return capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -53,70 +42,153 @@ def glm41v_9b_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def test_glm41v_9b_on_one_80gb_card(glm41v_9b_config: Path) -> None:
-    plan = run_plan("--model-dir", str(glm41v_9b_config), "--gpus", "1",
-                    "--gpu-memory-gib", "80", "--kv-budget-mb", "51200")
-    assert plan["weights_source"].startswith("config.json")
-    assert plan["parameters"]["decoder"] == 9_400_279_040
-    assert plan["parameters"]["vision"] == 892_498_432
-    assert plan["weights_by_device"] == {"cuda:0": 2 * (9_400_279_040 + 892_498_432)}
+def test_glm41v_9b_on_one_80gb_card_keeps_full_precision(glm41v_9b_config: Path) -> None:
+    plan = run_plan(str(glm41v_9b_config), "--gpu-memory-gib", "80")
+    assert plan["weights_source"] == "config.json"
+    assert (plan["decoder_weights"], plan["vision_weights"]) == ("bf16", "bf16")
+    assert plan["parameters"] == {"decoder": 9_400_279_040, "vision": 892_498_432}
+    assert plan["weights_bytes"] == {"decoder": 2 * 9_400_279_040, "vision": 2 * 892_498_432}
     assert plan["kv_bytes_per_token_per_layer"] == 2 * 2 * 128 * 2
     assert plan["kv_bytes_per_token"] == 40_960
-    assert plan["kv_capacity_tokens"] == 51_200 * 1024**2 // 40_960 == 1_310_720
-    assert plan["image_tokens_per_screenshot"] == 3_354  # the processor's own max_pixels
-    assert plan["kv_bytes_per_session"] == 25_480 * 40_960
-    assert plan["concurrent_sessions"] == 51
+    assert plan["image_tokens_per_screenshot"] == 3_108  # the deployment's max_pixels
+    assert plan["context"] == 25_480
+    assert plan["kv_bytes_per_agent"] == 25_480 * 40_960
+    [card] = plan["cards"]
+    assert plan["kv_capacity_tokens"] == card["free_bytes"] // 40_960
+    assert plan["longest_context"] == 65_536  # the model's own, not the KV's
+    assert plan["agents_at_context"] == plan["kv_capacity_tokens"] // 25_480 == 54
 
 
-def test_glm41v_9b_on_the_reference_two_24gb_cards(glm41v_9b_config: Path) -> None:
-    plan = run_plan("--model-dir", str(glm41v_9b_config), "--gpus", "2",
-                    "--gpu-memory-gib", "24", "--max-pixels", "5000000")
-    weights = 2 * (9_400_279_040 + 892_498_432)
-    # the service keeps a GLM-4.1V checkpoint whole on the encoders' (last) card
-    assert plan["weights_by_device"] == {"cuda:0": 0, "cuda:1": weights}
-    assert plan["kv_device"] == "cuda:1"
-    free = 24 * GIB - weights - 1024**3
-    assert plan["kv_free_bytes"] == plan["kv_budget_bytes"] == free
-    assert plan["kv_capacity_tokens"] == free // 40_960
-    assert plan["concurrent_sessions"] == free // 40_960 // 25_480 == 3
-    assert plan["image_tokens_per_screenshot"] == 3_108
+def test_smaller_cards_step_down_the_decoder_first(glm41v_9b_config: Path) -> None:
+    chosen = {size: run_plan(str(glm41v_9b_config), "--gpu-memory-gib", size)
+              for size in ("24", "16", "12")}
+    assert [(p["decoder_weights"], p["vision_weights"]) for p in chosen.values()] == [
+        ("bf16", "bf16"), ("int8", "bf16"), ("int4", "bf16")]
+    for plan in chosen.values():
+        assert plan["agents_at_context"] >= 1
+    # a full-precision decoder leaves 24 GiB room for one agent only
+    assert chosen["24"]["agents_at_context"] == 1
+    assert chosen["24"]["longest_context"] == chosen["24"]["kv_capacity_tokens"] < 65_536
+
+
+def test_agents_ask_for_a_smaller_precision(glm41v_9b_config: Path) -> None:
+    plans = [run_plan(str(glm41v_9b_config), "--gpu-memory-gib", "16", "--agents", agents)
+             for agents in ("2", "3", "4")]
+    assert [(p["decoder_weights"], p["vision_weights"]) for p in plans] == [
+        ("int8", "bf16"), ("int8", "int8"), ("int4", "bf16")]
+    for plan, agents in zip(plans, (2, 3, 4), strict=True):
+        assert plan["agents_at_context"] >= agents
+    out = io.StringIO()
+    assert main([str(glm41v_9b_config), "--gpu-memory-gib", "16", "--agents", "4", "--env"],
+                out) == 0
+    assert out.getvalue().splitlines() == [
+        "AUTOGLM_DECODER_WEIGHTS=int4", "AUTOGLM_VISION_WEIGHTS=auto",
+        f"AUTOGLM_KV_BUDGET_MB={plans[2]['kv_budget_bytes'] // 1024**2}"]
+
+
+def test_fp8_comes_before_int8_where_the_card_runs_it(glm41v_9b_config: Path) -> None:
+    plan = run_plan(str(glm41v_9b_config), "--gpu-memory-gib", "16", "--fp8")
+    assert plan["decoder_weights"] == "fp8"
+    assert plan["weights_bytes"]["decoder"] < 2 * 9_400_279_040 // 2 + 2**30
+
+
+def test_two_24gb_cards_split_the_decoder(glm41v_9b_config: Path) -> None:
+    plan = run_plan(str(glm41v_9b_config), "--gpus", "2", "--gpu-memory-gib", "24")
+    first, second = plan["cards"]
+    assert (first["layers"], second["layers"]) == ([0, 20], [20, 40])
+    assert set(first["weights"]) == {"decoder", "vision"}
+    assert set(second["weights"]) == {"decoder"}
+    assert first["kv_bytes_per_token"] == second["kv_bytes_per_token"] == 20_480
+    # the reference article's setup: ~12-14 GB in use on each card before the KV grows
+    for card in plan["cards"]:
+        in_use = (sum(card["weights"].values()) + card["runtime_bytes"]
+                  + card["activation_bytes"])
+        assert 10 * GIB < in_use < 14 * GIB
+    assert plan["agents_at_context"] == 20
+
+
+def test_nothing_fits_is_refused_in_plain_words(glm41v_9b_config: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    err = refused(capsys, str(glm41v_9b_config), "--gpu-memory-gib", "8")
+    assert err.startswith("autoglm-plan: ")
+    assert "does not fit 1 x 8 GiB" in err
+    assert "one agent at 25,480 tokens needs 0.97 GiB of KV cache on cuda:0" in err
+    assert "decoder int4, vision int8" in err and "short" in err
+    assert "a larger card or more cards (--gpus)" in err
+    err = refused(capsys, str(glm41v_9b_config), "--gpu-memory-gib", "12", "--agents", "5")
+    assert "5 agents at 25,480 tokens need" in err and "fewer --agents" in err
+    err = refused(capsys, str(glm41v_9b_config), "--gpu-memory-gib", "80",
+                  "--context", "70000")
+    assert "70,000 tokens is longer than" in err and "65,536" in err
+
+
+def table_output(checkpoint: Path) -> list[str]:
+    out = io.StringIO()
+    assert main([str(checkpoint), "--table"], out) == 0
+    return out.getvalue().splitlines()
+
+
+def test_table_is_the_grid_of_card_sizes(glm41v_9b_config: Path) -> None:
+    lines = table_output(glm41v_9b_config)
+    assert lines[0].startswith("| card | cards | decoder | vision |")
+    assert len(lines) == 2 + 2 * len(TABLE_CARDS_GIB)
+    assert all(line.count("|") == 9 for line in lines)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        (f"{size} GiB", str(gpus)) for size in TABLE_CARDS_GIB for gpus in (1, 2)]
+    assert rows[0][2] == "does not fit"
+    assert rows[-1][2:4] == ["bf16", "bf16"]
+
+
+def test_the_docs_show_what_it_prints_for_glm41v_9b(glm41v_9b_config: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "\n".join(table_output(glm41v_9b_config)) in readme
+    out = io.StringIO()
+    assert main([str(glm41v_9b_config), "--gpus", "2", "--gpu-memory-gib", "24"], out) == 0
+    # the model's name is its directory's
+    shown = out.getvalue().replace(glm41v_9b_config.name, "glm-4.1v-9b-thinking", 1)
+    assert shown in (REPO / "docs" / "operations.md").read_text()
 
 
 def test_tiny_phone_glm4v_reads_its_headers_and_processor(tmp_path: Path) -> None:
     directory = write_tiny_phone_glm4v_checkpoint(tmp_path / "phone")
-    plan = run_plan("--model-dir", str(directory), "--gpus", "0", "--gpu-memory-gib", "4",
-                    "--dtype", "float32", "--context", "1000")
+    plan = run_plan(str(directory), "--gpus", "0", "--gpu-memory-gib", "4", "--context", "1000")
     assert plan["weights_source"] == "safetensors headers"
-    assert set(plan["weights_by_device"]) == {"cpu"}
+    assert plan["serving_dtype"] == "fp32"  # the service's auto on the CPU
+    assert [c["device"] for c in plan["cards"]] == ["cpu"]
     assert plan["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # 2 layers, 2 KV heads x 32
-    assert plan["image_tokens_per_screenshot"] == 3_354
-    assert plan["concurrent_sessions"] == plan["kv_capacity_tokens"] // 1000
+    assert plan["image_tokens_per_screenshot"] == 3_108
+    assert plan["agents_at_context"] == plan["kv_capacity_tokens"] // 1000
 
 
 def test_tiny_glm4v_uses_its_own_small_image_geometry(tmp_path: Path) -> None:
     directory = write_tiny_glm4v_checkpoint(tmp_path / "tiny")
-    plan = run_plan("--model-dir", str(directory), "--gpus", "1", "--gpu-memory-gib", "1")
+    plan = run_plan(str(directory), "--gpu-memory-gib", "2", "--context", "100")
     # its processor allows 64x64 px over two temporal frames, 4-px patches, 2x2 merge:
     # so a screenshot is at most half of an 8x8-token frame
     assert 0 < plan["image_tokens_per_screenshot"] <= (64 // 8) ** 2 // 2
 
 
-def test_tiny_bundle_spreads_the_decoder_and_puts_encoders_last(tiny_bundle: Path) -> None:
-    plan = run_plan("--model-dir", str(tiny_bundle), "--gpus", "2", "--gpu-memory-gib", "1",
-                    "--kv-budget-mb", "16")
+def test_tiny_bundle_over_two_cards_puts_the_encoders_where_there_is_room(
+        tiny_bundle: Path) -> None:
+    plan = run_plan(str(tiny_bundle), "--gpus", "2", "--gpu-memory-gib", "2")
     weights = plan["weights_bytes"]
     assert set(weights) == {"decoder", "vision", "audio"}
-    assert sum(plan["weights_by_device"].values()) == sum(weights.values())
-    assert plan["weights_by_device"]["cuda:1"] == weights["vision"] + weights["audio"]
+    assert sum(sum(c["weights"].values()) for c in plan["cards"]) == sum(weights.values())
+    holder = next(c for c in plan["cards"] if "vision" in c["weights"])
+    assert holder["weights"]["audio"] == weights["audio"]
     assert plan["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # bf16: 2 layers, 2 x 16
-    assert plan["kv_capacity_tokens"] == 16 * 1024**2 // plan["kv_bytes_per_token"]
+    assert plan["context"] == 2048  # the tiny decoder's own context, under 25,480
     assert plan["image_tokens_per_screenshot"] == 4  # 64 px / 16 px = 4x4 patches, 2x2 merge
 
 
 def test_text_output_and_bad_arguments(tiny_bundle: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = io.StringIO()
-    assert main(["--model-dir", str(tiny_bundle), "--gpus", "1"], out) == 0
-    assert "KV per token:" in out.getvalue() and "phone-agent sessions" in out.getvalue()
-    assert main(["--model-dir", str(tmp_path)], io.StringIO()) == 2
-    assert "autoglm-plan: error:" in capsys.readouterr().err
+    assert main([str(tiny_bundle), "--gpu-memory-gib", "2"], out) == 0
+    assert "KV per token:" in out.getvalue() and "phone agents at" in out.getvalue()
+    assert "autoglm-plan: error:" in refused(capsys, str(tmp_path), "--gpu-memory-gib", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_bundle)], io.StringIO())
+    assert exit_info.value.code == 2
+    assert "--gpu-memory-gib" in capsys.readouterr().err

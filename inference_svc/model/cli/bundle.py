@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from inference_svc.model.checkpoints.glm4v_checkpoint import (
     VISION_PREFIXES,
     glm4v_manifest,
 )
+from inference_svc.model.checkpoints.headers import safetensors_header
 from inference_svc.model.checkpoints.model_dir import ModelKind, NotAModelDirectory, model_kind
 
 PROG = "autoglm-bundle"
@@ -70,15 +70,6 @@ class BundleSummary:
     @property
     def untrained(self) -> list[str]:
         return [m.name for m in self.modules if not m.trained]
-
-
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file: 8-byte little-endian length, then JSON."""
-    with path.open("rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-    header.pop("__metadata__", None)
-    return header
 
 
 def tensor_table(files: list[Path]) -> dict[str, tuple[int, int]]:

@@ -1,13 +1,17 @@
-"""autoglm-plan: the memory plan for a checkpoint directory and a GPU set, from its config
-files and safetensors headers alone (no weights are loaded, so it runs on a CPU).
+"""autoglm-plan: which weight precisions, KV budget, longest context and how many phone
+agents at once fit a checkpoint onto cards of a given size, from its config files and
+safetensors headers alone (no weights are loaded, so it runs on a CPU in seconds).
 
-    autoglm-plan --model-dir DIR --gpus 2 --gpu-memory-gib 24 [--dtype bfloat16]
-                 [--context 25480] [--kv-budget-mb MB] [--activation-budget-mb 1024]
-                 [--kv-reserve-fraction 0.3] [--screenshot 1080x2400] [--max-pixels N] [--json]
+    autoglm-plan [CHECKPOINT] --gpu-memory-gib 24 [--gpus 2] [--context 25480] [--agents K]
+                 [--fp8] [--dtype auto] [--reserve-fraction 0.08] [--screenshot 1080x2400]
+                 [--max-pixels N] [--json | --env]
+    autoglm-plan [CHECKPOINT] --table
 
-Placement follows the service's: a native GLM-4.1V checkpoint goes whole onto one card
-(the last, as the encoders' device); a modular bundle's decoder is spread over the cards
-in order under (1 - kv_reserve_fraction) of each, its encoders on the last card.
+CHECKPOINT is a native GLM-4.1V checkpoint (a config.json alone will do) or a modular
+bundle; without it, the embedded default bundle. When nothing fits it says why on stderr
+and exits 2. `--env` prints the chosen precisions and KV budget as the service's
+environment (AUTOGLM_DECODER_WEIGHTS, AUTOGLM_VISION_WEIGHTS, AUTOGLM_KV_BUDGET_MB) for
+a start script; `--table` prints the plans for 8 to 80 GiB cards, one or two of them.
 """
 
 from __future__ import annotations
@@ -15,260 +19,221 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from inference_svc.model.checkpoints.bundle import Manifest
-from inference_svc.model.checkpoints.glm4v_checkpoint import VISION_PREFIXES
-from inference_svc.model.checkpoints.model_dir import ModelKind, model_kind
-from inference_svc.model.cli.bundle import BundleCliError, human_bytes, summarise
-from inference_svc.model.glm4v_vision import VisionGeometry
+from inference_svc.model.cli.bundle import human_bytes
+from inference_svc.model.sizing.cards import (
+    GIB,
+    RESERVE_FRACTION,
+    Cards,
+    Layout,
+    PlanError,
+    choose,
+)
+from inference_svc.model.sizing.model_spec import ModelSpec, read_model
+from inference_svc.model.sizing.weights import DTYPE_PRECISION
 
 PROG = "autoglm-plan"
-GIB = 1024**3
 MIB = 1024**2
-ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-IMAGE_MERGE = 2  # the modular vision encoder's 2x2 patch merge (encoders.IMAGE_MERGE)
+AGENT_CONTEXT = 25_480  # the phone agent's full context (Open-AutoGLM's max_model_len)
+TABLE_CARDS_GIB = (8, 12, 16, 24, 48, 80)
+TABLE_GPUS = (1, 2)
 
 
-@dataclass(frozen=True)
-class DecoderShape:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    context: int
-
-    def kv_bytes_per_token_per_layer(self, element: int) -> int:
-        return 2 * self.kv_heads * self.head_dim * element  # K and V
-
-    def kv_bytes_per_token(self, element: int) -> int:
-        return self.layers * self.kv_bytes_per_token_per_layer(element)
+def serving_precision(dtype: str, gpus: int) -> str:
+    """The service's own rule for --dtype auto: bf16 on a GPU, fp32 on the CPU."""
+    if dtype == "auto":
+        return "bf16" if gpus else "fp32"
+    return DTYPE_PRECISION[dtype]
 
 
-@dataclass(frozen=True)
-class MemoryPlan:
-    model: str
-    kind: str
-    dtype: str
-    gpus: int
-    gpu_memory_bytes: int
-    parameters: dict[str, int]
-    weights_bytes: dict[str, int]
-    weights_by_device: dict[str, int]
-    weights_source: str
-    layers: int
-    kv_heads: int
-    head_dim: int
-    kv_bytes_per_token_per_layer: int
-    kv_bytes_per_token: int
-    kv_device: str
-    activation_reserve_bytes: int
-    kv_free_bytes: int
-    kv_budget_bytes: int
-    kv_capacity_tokens: int
-    model_context: int
-    screenshot: str
-    image_tokens_per_screenshot: int
-    context: int
-    kv_bytes_per_session: int
-    concurrent_sessions: int
+def plan_record(spec: ModelSpec, cards: Cards, plan: Layout, *, context: int,
+                agents: int) -> dict:
+    """The plan as the JSON output's fields."""
+    return {
+        "model": spec.name, "kind": spec.kind, "weights_source": spec.tensors.source,
+        "serving_dtype": spec.full, "gpus": cards.count, "gpu_memory_bytes": cards.memory_bytes,
+        "reserve_fraction": cards.reserve_fraction,
+        "decoder_weights": plan.decoder, "vision_weights": plan.vision,
+        "parameters": spec.tensors.parameters(), "weights_bytes": plan.weights,
+        "cards": [{**asdict(c), "kv_tokens": c.kv_tokens} for c in plan.cards],
+        "layers": spec.kv.layers, "kv_heads": spec.kv.kv_heads, "head_dim": spec.kv.head_dim,
+        "kv_bytes_per_token_per_layer": spec.kv_bytes_per_token_per_layer,
+        "kv_bytes_per_token": spec.kv_bytes_per_token,
+        "kv_budget_bytes": plan.kv_budget_bytes, "kv_capacity_tokens": plan.kv_tokens,
+        "model_context": spec.context, "longest_context": min(plan.kv_tokens, spec.context),
+        "screenshot": f"{spec.screenshot[0]}x{spec.screenshot[1]}",
+        "image_tokens_per_screenshot": spec.image_tokens,
+        "vision_activation_bytes": spec.vision_activation_bytes,
+        "context": context, "agents": agents,
+        "kv_bytes_per_agent": context * spec.kv_bytes_per_token,
+        "agents_at_context": plan.agents(context),
+    }
 
 
-def decoder_shape(config: dict) -> DecoderShape:
-    text = config.get("text_config") or config
-    heads = int(text["num_attention_heads"])
-    head_dim = text.get("head_dim") or int(text["hidden_size"]) // heads
-    return DecoderShape(
-        layers=int(text["num_hidden_layers"]),
-        kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-        context=int(text.get("max_position_embeddings", 2048)),
-    )
-
-
-def meta_parameters(config_dir: Path, *, vision_prefixes: tuple[str, ...]) -> dict[str, int]:
-    """Parameter counts of a checkpoint that has no weight files: the model is built on
-    the meta device from its config (shapes only, no memory) and counted."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    counts = {"decoder": 0, "vision": 0}
-    for name, parameter in model.named_parameters():
-        vision = any(name.startswith(p.removeprefix("model.")) for p in vision_prefixes)
-        counts["vision" if vision else "decoder"] += parameter.numel()
-    if not getattr(config, "tie_word_embeddings", False):
-        text = getattr(config, "text_config", config)
-        counts["decoder"] += int(text.vocab_size) * int(text.hidden_size)  # the lm_head
-    return counts
-
-
-def image_geometry(directory: Path, kind: ModelKind) -> VisionGeometry | int:
-    """GLM-4.1V: its processor's resize rule; a modular bundle: a fixed token count."""
-    if kind is ModelKind.MODULAR:
-        manifest = Manifest.read(directory)
-        if "vision" not in manifest.modules:
-            return 0
-        vit = json.loads((directory / manifest.modules["vision"].path / "config.json")
-                         .read_text())
-        grid = int(vit["image_size"]) // int(vit["patch_size"])
-        return (grid // IMAGE_MERGE) ** 2
-    processor_file = directory / "preprocessor_config.json"
-    if not processor_file.is_file():
-        return VisionGeometry()  # GLM-4.1V-9B-Thinking's processor
-    processor = json.loads(processor_file.read_text())
-    size = processor.get("size") or {}
-    default = VisionGeometry()
-    return VisionGeometry(
-        patch_size=int(processor.get("patch_size", default.patch_size)),
-        merge_size=int(processor.get("merge_size", default.merge_size)),
-        temporal_patch_size=int(processor.get("temporal_patch_size",
-                                              default.temporal_patch_size)),
-        min_pixels=int(size.get("shortest_edge", default.min_pixels)),
-        max_pixels=int(size.get("longest_edge", default.max_pixels)),
-    )
-
-
-def place(weights: dict[str, int], kind: ModelKind, gpus: int, per_gpu: int,
-          reserve_fraction: float) -> tuple[dict[str, int], str]:
-    """Bytes per device as the service places them, and the device that holds the KV."""
-    if gpus == 0:
-        return {"cpu": sum(weights.values())}, "cpu"
-    last = f"cuda:{gpus - 1}"
-    placed = {f"cuda:{i}": 0 for i in range(gpus)}
-    if kind is not ModelKind.MODULAR or gpus == 1:
-        device = last if kind is not ModelKind.MODULAR else "cuda:0"
-        placed[device] = sum(weights.values())
-        return placed, device
-    left, cap = weights.get("decoder", 0), int(per_gpu * (1 - reserve_fraction))
-    for i in range(gpus):  # accelerate's "auto" map fills the cards in order
-        take = left if i == gpus - 1 else min(left, cap)
-        placed[f"cuda:{i}"] += take
-        left -= take
-    for name, size in weights.items():
-        if name != "decoder":
-            placed[last] += size
-    return placed, "cuda:0"
-
-
-def plan(directory: Path, *, gpus: int, gpu_memory_bytes: int, dtype: str, context: int,
-         kv_budget_bytes: int | None = None, activation_budget_bytes: int = 1024 * MIB,
-         kv_reserve_fraction: float = 0.3, screenshot: tuple[int, int] = (1080, 2400),
-         max_pixels: int | None = None) -> MemoryPlan:
-    summary = summarise(directory)
-    kind = model_kind(directory)
-    element = ELEMENT_BYTES[dtype]
-    parameters = {m.name: m.parameters for m in summary.modules}
-    source = "safetensors headers"
-    if kind is ModelKind.MODULAR:
-        decoder_dir = directory / Manifest.read(directory).modules["decoder"].path
-    else:
-        decoder_dir = directory
-    if not any(parameters.values()):
-        parameters = meta_parameters(decoder_dir, vision_prefixes=VISION_PREFIXES)
-        source = "config.json (meta-device model, no weight files)"
-    weights = {name: count * element for name, count in parameters.items()}
-    by_device, kv_device = place(weights, kind, gpus, gpu_memory_bytes, kv_reserve_fraction)
-    shape = decoder_shape(json.loads((decoder_dir / "config.json").read_text()))
-    per_token = shape.kv_bytes_per_token(element)
-    free = max(0, gpu_memory_bytes * max(gpus, 1) - sum(by_device.values())
-               - activation_budget_bytes) if kind is ModelKind.MODULAR and gpus > 1 else max(
-        0, gpu_memory_bytes - by_device[kv_device] - activation_budget_bytes)
-    budget = free if kv_budget_bytes is None else min(kv_budget_bytes, free)
-    capacity = budget // per_token
-    geometry = image_geometry(directory, kind)
-    if isinstance(geometry, VisionGeometry):
-        image_tokens = geometry.image_tokens(
-            geometry.grid(*screenshot, max_pixels=max_pixels))
-    else:
-        image_tokens = geometry
-    return MemoryPlan(
-        model=summary.name, kind=kind, dtype=dtype, gpus=gpus,
-        gpu_memory_bytes=gpu_memory_bytes, parameters=parameters, weights_bytes=weights,
-        weights_by_device=by_device, weights_source=source, layers=shape.layers,
-        kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-        kv_bytes_per_token_per_layer=shape.kv_bytes_per_token_per_layer(element),
-        kv_bytes_per_token=per_token, kv_device=kv_device,
-        activation_reserve_bytes=activation_budget_bytes, kv_free_bytes=free,
-        kv_budget_bytes=budget, kv_capacity_tokens=capacity, model_context=shape.context,
-        screenshot=f"{screenshot[0]}x{screenshot[1]}", image_tokens_per_screenshot=image_tokens,
-        context=context, kv_bytes_per_session=context * per_token,
-        concurrent_sessions=capacity // context if context else 0,
-    )
-
-
-def render(p: MemoryPlan) -> str:
-    devices = "cpu" if p.gpus == 0 else f"{p.gpus} x {human_bytes(p.gpu_memory_bytes)}"
-    lines = [f"{p.model}  ({p.kind}, {p.dtype}, {devices})",
-             f"weights ({p.weights_source}):"]
-    for name, size in p.weights_bytes.items():
-        lines.append(f"  {name:<8} {p.parameters[name]:>15,} params  {size:>16,} B"
+def render(r: dict) -> str:
+    devices = f"{r['gpus']} x {r['gpu_memory_bytes'] / GIB:g} GiB" if r["gpus"] else \
+        f"a host with {r['gpu_memory_bytes'] / GIB:g} GiB"
+    lines = [f"{r['model']}  ({r['kind']}, {devices}, serving dtype {r['serving_dtype']})",
+             f"weights: decoder {r['decoder_weights']}, vision {r['vision_weights']} "
+             f"(parameters from {r['weights_source']})"]
+    for name, size in r["weights_bytes"].items():
+        lines.append(f"  {name:<8} {r['parameters'][name]:>15,} params  {size:>16,} B"
                      f"  ({human_bytes(size)})")
-    lines.append("weights per device:")
-    for device, size in p.weights_by_device.items():
-        lines.append(f"  {device:<8} {size:>16,} B  ({human_bytes(size)})")
+    lines.append("per card: weights + runtime + vision activations + daemon reserve "
+                 "-> left for KV")
+    for c in r["cards"]:
+        first, stop = c["layers"]
+        kv = "no KV" if c["kv_tokens"] is None else \
+            f"{c['kv_tokens']:,} tokens at {c['kv_bytes_per_token']:,} B"
+        lines.append(
+            f"  {c['device']:<7} layers {first}-{stop - 1}: "
+            f"{human_bytes(sum(c['weights'].values()))} ({', '.join(c['weights'])}) + "
+            f"{human_bytes(c['runtime_bytes'])} + {human_bytes(c['activation_bytes'])} + "
+            f"{human_bytes(c['reserve_bytes'])} -> {human_bytes(max(0, c['free_bytes']))}: {kv}")
+    element = r["kv_bytes_per_token_per_layer"] // (2 * r["kv_heads"] * r["head_dim"])
     lines += [
-        f"KV per token: {p.kv_bytes_per_token_per_layer:,} B per layer (2 x {p.kv_heads} "
-        f"KV heads x {p.head_dim} x {ELEMENT_BYTES[p.dtype]} B) x {p.layers} layers = "
-        f"{p.kv_bytes_per_token:,} B",
-        f"KV budget on {p.kv_device}: {p.kv_budget_bytes:,} B ({human_bytes(p.kv_budget_bytes)}"
-        f"; free after weights and {human_bytes(p.activation_reserve_bytes)} activations: "
-        f"{human_bytes(p.kv_free_bytes)})",
-        f"KV capacity: {p.kv_capacity_tokens:,} tokens (model context {p.model_context:,})",
-        f"image tokens per {p.screenshot} screenshot: {p.image_tokens_per_screenshot:,}",
-        f"phone-agent sessions at {p.context:,} tokens: {p.kv_bytes_per_session:,} B each "
-        f"({human_bytes(p.kv_bytes_per_session)}), {p.concurrent_sessions:,} at full length "
-        f"at once",
+        f"KV per token: {r['kv_bytes_per_token_per_layer']:,} B per layer (2 x {r['kv_heads']} "
+        f"KV heads x {r['head_dim']} x {element} B) x {r['layers']} layers = "
+        f"{r['kv_bytes_per_token']:,} B",
+        f"KV budget: {r['kv_budget_bytes']:,} B ({human_bytes(r['kv_budget_bytes'])}) = "
+        f"{r['kv_capacity_tokens']:,} tokens",
+        f"longest context: {r['longest_context']:,} tokens ("
+        + ("the model's own limit)" if r["longest_context"] == r["model_context"]
+           else f"the KV budget's; the model's own is {r['model_context']:,})"),
+        f"one {r['screenshot']} screenshot: {r['image_tokens_per_screenshot']:,} image tokens, "
+        f"{human_bytes(r['vision_activation_bytes'])} of vision activations",
+        f"phone agents at {r['context']:,} tokens: {r['agents_at_context']:,} at once "
+        f"({human_bytes(r['kv_bytes_per_agent'])} of KV each)",
     ]
     return "\n".join(lines)
 
 
+def env_lines(r: dict) -> str:
+    """The plan as the service's environment; a full-precision module keeps `auto`."""
+    def flag(precision: str) -> str:
+        return "auto" if precision == r["serving_dtype"] else precision
+
+    return "\n".join([f"AUTOGLM_DECODER_WEIGHTS={flag(r['decoder_weights'])}",
+                      f"AUTOGLM_VISION_WEIGHTS={flag(r['vision_weights'])}",
+                      f"AUTOGLM_KV_BUDGET_MB={r['kv_budget_bytes'] // MIB}"])
+
+
+def table(directory: Path, args: argparse.Namespace) -> str:
+    spec = read_model(directory, full=serving_precision(args.dtype, 1),
+                      screenshot=args.screenshot, max_pixels=args.max_pixels)
+    context = min(AGENT_CONTEXT, spec.context) if args.context is None else args.context
+    lines = [f"| card | cards | decoder | vision | weights per card | KV budget | "
+             f"longest context | agents at {context:,} |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for size in TABLE_CARDS_GIB:
+        for gpus in TABLE_GPUS:
+            cards = Cards(gpus, size * GIB, args.reserve_fraction)
+            try:
+                plan = choose(spec, cards, context=context, agents=args.agents, fp8=args.fp8)
+            except PlanError:
+                lines.append(f"| {size} GiB | {gpus} | does not fit | | | | | |")
+                continue
+            per_card = " + ".join(f"{sum(c.weights.values()) / GIB:.1f}" for c in plan.cards)
+            lines.append(
+                f"| {size} GiB | {gpus} | {plan.decoder} | {plan.vision} | {per_card} GiB | "
+                f"{plan.kv_budget_bytes / GIB:.1f} GiB | "
+                f"{min(plan.kv_tokens, spec.context):,} | {plan.agents(context):,} |")
+    return "\n".join(lines)
+
+
+def screenshot_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from None
+    return width, height
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, required=True,
-                   help="a modular bundle or a native GLM-4.1V checkpoint")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs (0: CPU)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="memory of each GPU (or of the host with --gpus 0), GiB")
-    p.add_argument("--dtype", choices=sorted(ELEMENT_BYTES), default="bfloat16")
-    p.add_argument("--context", type=int, default=25_480,
-                   help="tokens one phone-agent session holds at full length")
-    p.add_argument("--kv-budget-mb", type=float, default=None,
-                   help="the service's --kv-budget-mb (default: all memory left)")
-    p.add_argument("--activation-budget-mb", type=float, default=1024.0)
-    p.add_argument("--kv-reserve-fraction", type=float, default=0.3)
-    p.add_argument("--screenshot", default="1080x2400", help="WIDTHxHEIGHT")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help="a native GLM-4.1V checkpoint or a modular bundle (default: the "
+                        "embedded default bundle)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory of each GPU (of the host with --gpus 0), GiB")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (0: the host's memory)")
+    p.add_argument("--context", type=int, default=None,
+                   help=f"tokens one phone-agent session holds at full length (default "
+                        f"{AGENT_CONTEXT:,}, or the model's context where shorter)")
+    p.add_argument("--agents", type=int, default=1,
+                   help="phone-agent sessions that must fit at --context at once")
+    p.add_argument("--fp8", action="store_true",
+                   help="the cards run float8 (compute capability 8.9+: RTX 4090, L4, H100): "
+                        "try a float8 decoder before int8")
+    p.add_argument("--dtype", choices=["auto", *DTYPE_PRECISION], default="auto",
+                   help="the service's --dtype (auto: bfloat16 on GPUs, float32 on the host)")
+    p.add_argument("--reserve-fraction", type=float, default=RESERVE_FRACTION,
+                   help="share of each card kept free for the memory daemon (default: above "
+                        "its hard mark; 0 without the daemon)")
+    p.add_argument("--screenshot", type=screenshot_size, default=(1080, 2400),
+                   help="WIDTHxHEIGHT")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help="the service's --max-pixels (GLM-4.1V's processor max_pixels)")
-    p.add_argument("--json", action="store_true")
+                   help="the service's --max-pixels (default: the model's own default)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--env", action="store_true",
+                     help="print the plan as the service's AUTOGLM_* environment")
+    out.add_argument("--table", action="store_true",
+                     help="print the plans for 8-80 GiB cards, one or two, as Markdown")
     return p
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.gpus < 0 or args.agents < 1 or (args.context is not None and args.context < 1):
+        parser.error("--gpus must not be negative; --agents and --context must be positive")
+    if not args.table and (args.gpu_memory_gib is None or args.gpu_memory_gib <= 0):
+        parser.error("--gpu-memory-gib must be given and positive (or ask for --table)")
+    if not 0 <= args.reserve_fraction < 1:
+        parser.error("--reserve-fraction must be in [0, 1)")
+    if args.fp8 and args.gpus == 0:
+        parser.error("--fp8 needs GPUs (--gpus 1 or more)")
+
+
+def default_checkpoint() -> Path:
+    # the server's own: written to the cache on first use
+    from inference_svc.model.checkpoints.default_bundle import (
+        default_cache_dir,
+        ensure_default_bundle,
+    )
+
+    return ensure_default_bundle(default_cache_dir())
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
+    check(parser, args)
     try:
-        width, height = (int(v) for v in args.screenshot.lower().split("x"))
-    except ValueError:
-        parser.error(f"--screenshot {args.screenshot!r} is not WIDTHxHEIGHT")
-    if args.gpus < 0 or args.gpu_memory_gib <= 0 or args.context < 0:
-        parser.error("--gpus, --gpu-memory-gib and --context must be positive")
-    try:
-        result = plan(
-            args.model_dir, gpus=args.gpus, gpu_memory_bytes=int(args.gpu_memory_gib * GIB),
-            dtype=args.dtype, context=args.context,
-            kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * MIB),
-            activation_budget_bytes=int(args.activation_budget_mb * MIB),
-            kv_reserve_fraction=args.kv_reserve_fraction, screenshot=(width, height),
-            max_pixels=args.max_pixels,
-        )
-    except (BundleCliError, FileNotFoundError, KeyError, ValueError) as exc:
+        directory = args.checkpoint or default_checkpoint()
+        if args.table:
+            out.write(table(directory, args) + "\n")
+            return 0
+        spec = read_model(directory, full=serving_precision(args.dtype, args.gpus),
+                          screenshot=args.screenshot,
+                          max_pixels=args.max_pixels)
+        context = min(AGENT_CONTEXT, spec.context) if args.context is None else args.context
+        cards = Cards(args.gpus, int(args.gpu_memory_gib * GIB), args.reserve_fraction)
+        plan = choose(spec, cards, context=context, agents=args.agents, fp8=args.fp8)
+    except PlanError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
-    out.write(json.dumps(asdict(result), indent=2) if args.json else render(result))
+    record = plan_record(spec, cards, plan, context=context, agents=args.agents)
+    if args.json:
+        out.write(json.dumps(record, indent=2))
+    else:
+        out.write(env_lines(record) if args.env else render(record))
     out.write("\n")
     return 0
 

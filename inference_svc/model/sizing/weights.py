@@ -1,0 +1,62 @@
+"""Bytes of a module's weights at a precision: full (the serving dtype) or quantized
+weight-only as torchao stores it.
+
+The layouts, per weight of `out` rows by `inp` columns (torchao 0.18):
+  int8  Int8WeightOnlyConfig: int8 weights, a float32 scale and an int8 zero point per row;
+  fp8   Float8WeightOnlyConfig: float8 weights, a float32 scale per row;
+  int4  Int4WeightOnlyConfig(group_size=128): two weights a byte, a bf16 scale and a bf16
+        zero point per group of 128 in a row; a Linear whose input width is not a
+        multiple of 128 cannot be grouped and stays at full precision;
+  int8 table  IntxWeightOnlyConfig(weight_dtype=int8, granularity=PerAxis(0)) on an
+        nn.Embedding: int8 weights, a scale in the serving dtype and an int8 zero point
+        per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from inference_svc.model.sizing.tensors import TensorSpec
+
+FULL_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+INT8_ROW_BYTES = 4 + 1
+FP8_ROW_BYTES = 4
+INT4_GROUP = 128
+INT4_GROUP_BYTES = 2 + 2
+TABLE_ZERO_BYTES = 1
+MODULE = "module"
+# What a module quantized to int8, fp8 or int4 does with each kind of tensor: one
+# assumption, shared with the loader that quantizes (--decoder-weights, --vision-weights).
+# Every nn.Linear weight takes the module's precision, the LM head included (untied in
+# GLM-4.1V: 0.62 B of the decoder's 9.4 B parameters). The token embedding is an
+# nn.Embedding, whose lookup reads a few rows, so a smaller table costs no time: it goes
+# to int8 per row under any quantized decoder, which saves 0.58 of GLM-4.1V-9B's 1.16 GiB
+# table, and no lower, as its rows are the model's input. Biases, norms, convolutions and
+# position tables stay at full precision; a tied LM head is the embedding itself.
+QUANTIZED_ROLES = {"linear": MODULE, "lm_head": MODULE, "embedding": "int8"}
+
+
+def tensor_bytes(tensor: TensorSpec, precision: str, full: str) -> int:
+    """One tensor's bytes in a module at `precision` (a full type, or a quantized one with
+    `full` for the tensors it leaves alone)."""
+    if precision in FULL_ELEMENT:
+        return tensor.numel * FULL_ELEMENT[precision]
+    element = FULL_ELEMENT[full]
+    role = QUANTIZED_ROLES.get(tensor.role)
+    if role is None:
+        return tensor.numel * element
+    out, inp = tensor.shape
+    if role != MODULE:  # the embedding's int8 table
+        return out * inp + out * (element + TABLE_ZERO_BYTES)
+    if precision == "int8":
+        return out * inp + out * INT8_ROW_BYTES
+    if precision == "fp8":
+        return out * inp + out * FP8_ROW_BYTES
+    if inp % INT4_GROUP:
+        return tensor.numel * element
+    return out * inp // 2 + out * (inp // INT4_GROUP) * INT4_GROUP_BYTES
+
+
+def weight_bytes(tensors: Iterable[TensorSpec], precision: str, full: str) -> int:
+    return sum(tensor_bytes(t, precision, full) for t in tensors)
