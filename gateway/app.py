@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from autoglm_common.bounds import quote
 from autoglm_common.ids import is_request_id
 
-from . import chat_completions
+from . import chat_completions, realtime
 from .body_limit import BodySizeLimitMiddleware
 from .checks import check_api_key, check_model
 from .config import GatewayConfig
@@ -137,6 +137,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
             media_type="text/event-stream",
             headers={"x-request-id": request_id, "cache-control": "no-cache"},
         )
+
+    @app.websocket("/v1/realtime")
+    async def realtime_session(websocket: WebSocket) -> None:
+        await realtime.serve(websocket, config=config, upstream=upstream, metrics=metrics)
 
     return app
 
