@@ -53,6 +53,10 @@ class GatewayMetrics:
         self.realtime_sessions = Gauge(
             "autoglm_gateway_realtime_sessions", "Realtime WebSocket sessions open",
             registry=self.registry)
+        self.realtime_live_streams = Gauge(
+            "autoglm_gateway_realtime_live_streams",
+            "GenerateLive calls open upstream for Realtime speech (sent as it is spoken)",
+            registry=self.registry)
         self.realtime_responses = Counter(
             "autoglm_gateway_realtime_responses",
             "Realtime responses ended, by status and by how the speech reached the service "

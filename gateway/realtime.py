@@ -265,8 +265,8 @@ class RealtimeSession:
                      for index, param in enumerate(params.input)]
         # the service's session follows the default conversation only
         session_id = self._session_id if in_conversation and params.input is None else ""
-        call, path = self._response_call(items, settings, session_id,
-                                         own_input=params.input is not None)
+        call, path = await self._response_call(items, settings, session_id,
+                                               own_input=params.input is not None)
         self._session_used |= bool(session_id)
         response = ResponseState(new_id("resp"), settings, params.metadata,
                                  self._conversation_id if in_conversation else None)
@@ -277,16 +277,19 @@ class RealtimeSession:
         self._num_responses += 1
         self._task = asyncio.create_task(self._respond(run, call))
 
-    def _response_call(self, items: list[Item], settings: Settings, session_id: str, *,
-                       own_input: bool) -> tuple[grpc.aio.Call, str]:
+    async def _response_call(self, items: list[Item], settings: Settings, session_id: str,
+                             *, own_input: bool) -> tuple[grpc.aio.Call, str]:
         """The finished GenerateLive call when it carries the last item and was opened
         with what this response asks for; else a Generate call."""
         live, self._live = self._live, None
-        if (live is not None and not own_input and live.usable and live.item_id is not None
-                and items and items[-1].id == live.item_id
-                and live.basis == generate_request(items[:-1], settings,
-                                                   session_id=session_id)):
-            return live.finish(), "live"
+        if (live is not None and not own_input and live.item_id is not None
+                and items and items[-1].id == live.item_id):
+            if not live.usable:  # the service ended it: say why, since Generate hides it
+                log.warning("realtime_live_lost", request_id=live.request_id,
+                            grpc_code=(await live.call.code()).name,
+                            details=await live.call.details())
+            elif live.basis == generate_request(items[:-1], settings, session_id=session_id):
+                return live.finish(), "live"
         if live is not None:
             live.cancel()
         request = generate_request(items, settings, session_id=session_id)
@@ -348,6 +351,8 @@ class RealtimeSession:
             self._upstream, basis, made_for=made_for, chunk_ms=self._config.realtime_chunk_ms,
             request_id=uuid.uuid4().hex,
             timeout=None if timeout is None else timeout + MAX_BUFFER_S)
+        self._metrics.realtime_live_streams.inc()
+        self._live.call.add_done_callback(lambda _: self._metrics.realtime_live_streams.dec())
         self._live.feed(bytes(self._buffer))
 
     def _reset_buffer(self) -> None:

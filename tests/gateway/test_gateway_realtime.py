@@ -134,6 +134,16 @@ def open_streams(port: int) -> float:
     return scrape(port)[("autoglm_live_audio_streams_open", SERVICE_MODEL)]
 
 
+def refused_live_calls(port: int) -> float:
+    method = "/autoglm.inference.v1.InferenceService/GenerateLive"
+    return scrape(port).get(
+        ("autoglm_rpcs_total", (("code", "INVALID_ARGUMENT"), ("method", method))), 0.0)
+
+
+def gateway_live_streams(gateway: str) -> float:
+    return scrape(int(gateway.rsplit(":", 1)[1]))[("autoglm_gateway_realtime_live_streams", ())]
+
+
 def responses_by_path(gateway: str, path: str) -> float:
     port = int(gateway.rsplit(":", 1)[1])
     return sum(value for (name, labels), value in scrape(port).items()
@@ -177,6 +187,7 @@ def test_speech_reaches_the_service_while_spoken_and_is_answered_as_generate_wou
         wait_until(lambda: received_seconds(port) >= received + 0.85, 30,
                    "the speech streamed before the commit")
         assert open_streams(port) == 1
+        assert gateway_live_streams(gateway) == 1
         connection.input_audio_buffer.commit()
         connection.response.create()
         events = turn_events(connection)
@@ -279,10 +290,73 @@ def test_speech_after_the_service_gave_up_waiting_is_sent_again_and_streams_on(
     wait_for_responses(gateway, "live", live + 1)
 
 
-def test_leaving_mid_speech_cancels_the_live_stream(client, metered):
+def test_leaving_mid_speech_cancels_the_live_stream(client, metered, gateway):
     _, port = metered
     with client.realtime.connect(model=MODEL) as connection:
         connection.recv()
         connection.input_audio_buffer.append(audio=pieces(speech(0.3), 1)[0])
         wait_until(lambda: open_streams(port) == 1, 30, "the live stream open")
     wait_until(lambda: open_streams(port) == 0, 30, "the live stream cancelled")
+    wait_until(lambda: gateway_live_streams(gateway) == 0, 30, "the gateway's call ended")
+
+
+def test_a_live_stream_the_service_refused_still_gets_its_answer_through_generate(
+        server, stub, metered):
+    _, port = metered
+    pcm = speech(1.2)
+    # chunks of 1 s: past the service's 500 ms, so it refuses the live stream
+    with running_gateway(GatewayConfig(upstream_target=server.target,
+                                       realtime_chunk_ms=1000)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+        with client.realtime.connect(model=MODEL) as connection:
+            connection.recv()
+            connection.session.update(session=GA_SESSION)
+            connection.recv()
+            refused = refused_live_calls(port)
+            connection.input_audio_buffer.append(audio=pieces(pcm, 1)[0])
+            wait_until(lambda: refused_live_calls(port) == refused + 1, 30,
+                       "the service refused the live stream")
+            wait_until(lambda: gateway_live_streams(url) == 0, 30,
+                       "the gateway saw the live stream end")
+            connection.input_audio_buffer.commit()
+            connection.response.create()
+            events = turn_events(connection)
+        wait_for_responses(url, "generate", 1)
+
+    assert_answers_as_generate(events, *generate(stub, [user(said(pcm))]))
+
+
+def test_an_audio_item_created_whole_is_answered_as_generate_would(client, stub):
+    pcm = speech(0.7)
+    with client.realtime.connect(model=MODEL) as connection:
+        connection.recv()
+        connection.session.update(session=GA_SESSION)
+        connection.recv()
+        connection.conversation.item.create(item={
+            "type": "message", "role": "user",
+            "content": [{"type": "input_audio", "audio": pieces(pcm, 1)[0]}]})
+        connection.response.create()
+        events = turn_events(connection)[2:]  # after the item's added and done
+
+    assert_answers_as_generate(events, *generate(stub, [user(said(pcm))]))
+
+
+def test_16_khz_speech_goes_to_the_service_as_it_is(client, stub, gateway):
+    t = np.arange(12_000) / 16_000
+    pcm = (np.sin(2 * np.pi * 300 * t) * 0.4 * 32767).astype("<i2").tobytes()
+    live = responses_by_path(gateway, "live")
+    with client.realtime.connect(model=MODEL) as connection:
+        connection.recv()
+        connection.session.update(session={
+            **GA_SESSION, "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16_000}}}})
+        assert connection.recv().session.audio.input.format.rate == 16_000
+        for piece in pieces(pcm, 3):
+            connection.input_audio_buffer.append(audio=piece)
+        connection.input_audio_buffer.commit()
+        connection.response.create()
+        events = turn_events(connection)
+
+    as_sent = pb.Part(audio=pb.Audio(pcm=pb.PcmAudio(data=pcm, sample_rate_hz=16_000,
+                                                     encoding=pb.PCM_ENCODING_S16LE)))
+    assert_answers_as_generate(events, *generate(stub, [user(as_sent)]))
+    wait_for_responses(gateway, "live", live + 1)

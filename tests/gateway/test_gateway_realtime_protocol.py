@@ -306,3 +306,26 @@ def test_the_api_key_is_checked_like_the_http_routes(make_gateway: GatewayFactor
                 "realtime", "openai-insecure-api-key.sk-test"]) as connection:
             assert connection.subprotocol == "realtime"
             assert Session(connection).created["type"] == "session.created"
+
+
+def test_the_input_buffer_holds_at_most_two_minutes(session: Session):
+    minute = base64.b64encode(bytes(2 * 24_000 * 60)).decode()
+    for _ in range(2):
+        session.send({"type": "input_audio_buffer.append", "audio": minute})
+    error = session.error_for({"type": "input_audio_buffer.append", "event_id": "evt_more",
+                               "audio": base64.b64encode(bytes(2 * 240)).decode()})
+    assert (error["code"], error["param"], error["event_id"]) == (
+        "input_audio_buffer_too_large", "audio", "evt_more")
+    session.send({"type": "input_audio_buffer.clear"})
+    assert session.recv()["type"] == "input_audio_buffer.cleared"
+    session.send({"type": "input_audio_buffer.append", "audio": minute})
+    session.send({"type": "input_audio_buffer.commit"})
+    assert session.recv()["type"] == "input_audio_buffer.committed"
+
+
+def test_the_input_rate_cannot_change_under_buffered_audio(session: Session):
+    session.send({"type": "input_audio_buffer.append",
+                  "audio": base64.b64encode(bytes(4800)).decode()})
+    error = session.error_for({"type": "session.update", "session": {"audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 16000}}}}})
+    assert (error["code"], error["param"]) == ("invalid_value", "session.audio.input.format")
