@@ -20,6 +20,10 @@ Layout: ``config`` (settings from flags and environment), ``openai_schema`` (the
 HTTP request models), ``request_mapping`` (OpenAI request -> ``GenerateRequest``),
 ``response_building`` (gRPC responses -> OpenAI JSON and SSE chunks),
 ``chat_completions`` (drives one call: whole answer or SSE stream, cancel on disconnect),
+``realtime`` (the /v1/realtime WebSocket: OpenAI's Realtime API, speech in, text out; its
+``realtime_schema``, ``realtime_events``, ``realtime_conversation``, ``realtime_upload``
+(speech streamed to GenerateLive while spoken), ``realtime_response``, and ``resample``),
+``checks`` (API key and model name),
 ``upstream`` (the one ``grpc.aio`` channel), ``errors`` (OpenAI error shape, gRPC status
 -> HTTP status), ``body_limit`` (413 before parsing), ``app`` (the FastAPI routes),
 ``cli``.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,15 +17,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from autoglm_common.bounds import quote
 from autoglm_common.ids import is_request_id
 
-from . import chat_completions
+from . import chat_completions, realtime
 from .body_limit import BodySizeLimitMiddleware
+from .checks import check_api_key, check_model
 from .config import GatewayConfig
 from .errors import (
-    AuthenticationFailed,
     BadRequest,
     GatewayError,
     MethodNotAllowed,
     NotFound,
+    bad_request_from_validation,
 )
 from .observability import AccessLogMiddleware, GatewayMetrics
 from .openai_schema import ChatCompletionRequest
@@ -66,16 +66,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     _install_error_handlers(app)
 
     async def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
-        if config.api_key is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), config.api_key.encode()
-        ):
-            raise AuthenticationFailed(
-                "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
+        check_api_key(config, authorization)
 
     authenticated = [Depends(require_api_key)]
 
@@ -93,7 +84,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", dependencies=authenticated)
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        _require_served_model(model_id, config, param=None)
+        check_model(model_id, config, param=None)
         return model_card()
 
     @app.get("/health")
@@ -110,7 +101,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         request: Request,
         x_request_id: Annotated[str | None, Header()] = None,
     ) -> JSONResponse | StreamingResponse:
-        _require_served_model(body.model, config, param="model")
+        check_model(body.model, config, param="model")
         structured = plan_structured(body)
         generate_request = to_generate_request(body, structured)
         request_id = _request_id(x_request_id)
@@ -147,17 +138,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
             headers={"x-request-id": request_id, "cache-control": "no-cache"},
         )
 
+    @app.websocket("/v1/realtime")
+    async def realtime_session(websocket: WebSocket) -> None:
+        await realtime.serve(websocket, config=config, upstream=upstream, metrics=metrics)
+
     return app
-
-
-def _require_served_model(model: str, config: GatewayConfig, *, param: str | None) -> None:
-    if model != config.served_model_name:
-        raise NotFound(
-            f"The model {quote(model)} does not exist; "
-            f"this gateway serves '{config.served_model_name}'",
-            param=param,
-            code="model_not_found",
-        )
 
 
 def _request_id(incoming: str | None) -> str:
@@ -179,7 +164,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _error_response(_bad_request_from_validation(error))
+        return _error_response(bad_request_from_validation(error.errors(), skip="body"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -210,17 +195,6 @@ class _StarletteError(GatewayError):
         super().__init__(message)
         self.status_code = status_code
         self.error_type = "invalid_request_error" if status_code < 500 else "server_error"
-
-
-def _bad_request_from_validation(error: RequestValidationError) -> BadRequest:
-    first = error.errors()[0]
-    location = [part for part in first.get("loc", ()) if part != "body"]
-    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location)
-    param = param.lstrip(".") or None
-    message = first.get("msg", "invalid request")
-    if param:
-        message = f"{param}: {message}"
-    return BadRequest(message, param=param, code="invalid_value")
 
 
 def _error_response(error: GatewayError) -> JSONResponse:

@@ -56,6 +56,9 @@ class GatewayConfig:
                                                 "health check")
     default_retry_after_s: int = setting(1, help=(
         "Retry-After sent with 429/503 when the service gives no hint of its own"))
+    realtime_chunk_ms: int = setting(100, help=(
+        "milliseconds of speech per chunk /v1/realtime streams to the service's GenerateLive "
+        "while the user speaks (within the service's --live-audio-min/max-chunk-ms)"))
     log_format: str = setting("auto", choices=LOG_FORMATS, help=(
         "JSON lines, or a console renderer (auto: console on a terminal)"))
     log_level: str = setting("info", help="least level logged: " + ", ".join(LOG_LEVELS))
@@ -79,6 +82,9 @@ class GatewayConfig:
         if self.default_retry_after_s < 0:
             raise ValueError("--default-retry-after-s must not be negative, got "
                              f"{self.default_retry_after_s}")
+        if not 1 <= self.realtime_chunk_ms <= 10_000:
+            raise ValueError(f"--realtime-chunk-ms must be in 1..10000, got "
+                             f"{self.realtime_chunk_ms}")
         self._check_tls()
         check_choices(self)
         if self.log_level.lower() not in LOG_LEVELS:

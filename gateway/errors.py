@@ -9,6 +9,7 @@ trailers say (reason, field, retry hint) is read by `autoglm_client.errors`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -146,3 +147,17 @@ def error_from_rpc(error: grpc.aio.AioRpcError, *, default_retry_after_s: int) -
         retry_after_s=(None if not issubclass(error_class, _RETRYABLE)
                        else default_retry_after_s if hint is None else math.ceil(hint)),
     )
+
+
+def bad_request_from_validation(errors: Sequence[Mapping[str, Any]], *,
+                                skip: str | None = None) -> BadRequest:
+    """The first of pydantic's validation errors, its location (less the `skip` part)
+    as the param: ``messages[0].content``."""
+    first = errors[0]
+    location = [part for part in first.get("loc", ()) if part != skip]
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location)
+    param = param.lstrip(".") or None
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    return BadRequest(message, param=param, code="invalid_value")

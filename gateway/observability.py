@@ -50,6 +50,18 @@ class GatewayMetrics:
             ["method", "route"], buckets=DURATION_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("autoglm_gateway_http_requests_in_flight",
                                "HTTP requests being served", registry=self.registry)
+        self.realtime_sessions = Gauge(
+            "autoglm_gateway_realtime_sessions", "Realtime WebSocket sessions open",
+            registry=self.registry)
+        self.realtime_live_streams = Gauge(
+            "autoglm_gateway_realtime_live_streams",
+            "GenerateLive calls open upstream for Realtime speech (sent as it is spoken)",
+            registry=self.registry)
+        self.realtime_responses = Counter(
+            "autoglm_gateway_realtime_responses",
+            "Realtime responses ended, by status and by how the speech reached the service "
+            "(live: streamed while spoken; generate: sent whole)",
+            ["status", "path"], registry=self.registry)
         info = Gauge("autoglm_gateway_info", "The model name this gateway serves",
                      ["model_name"], registry=self.registry)
         info.labels(model_name).set(1)

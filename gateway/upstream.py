@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
@@ -57,6 +58,21 @@ class InferenceUpstream:
         """
         return self._require(self._inference).Generate(
             request, **self._call_defaults.call_kwargs(None, request_id, request.session_id)
+        )
+
+    def generate_live(self, requests: AsyncIterator[pb.GenerateLiveRequest], *,
+                      request_id: str, session_id: str,
+                      timeout: float | None) -> grpc.aio.StreamStreamCall:
+        """Start a GenerateLive call that sends `requests`; the caller reads it and must
+        cancel it when abandoned."""
+        return self._require(self._inference).GenerateLive(
+            requests, **self._call_defaults.call_kwargs(timeout, request_id, session_id)
+        )
+
+    async def end_session(self, session_id: str) -> None:
+        """Drop a session's cached state (its KV) in the service."""
+        await self._require(self._inference).EndSession(
+            pb.EndSessionRequest(session_id=session_id), timeout=self._config.health_timeout_s
         )
 
     async def serving_status(self) -> str:

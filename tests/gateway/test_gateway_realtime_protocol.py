@@ -1,0 +1,331 @@
+"""/v1/realtime's protocol against the gRPC test double: what a session sends upstream,
+errors as `error` events on a connection that stays open, upstream statuses mapped as the
+HTTP routes map them, cancelling, leaving, and the checks before the upgrade."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import openai
+import pytest
+import websockets.sync.client as ws_client
+from gateway_harness import GatewayFactory
+from websockets.exceptions import InvalidStatus
+
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from tests.support.fake_inference import FakeInferenceService, echo, fail, prompt_of, reply
+
+MODEL = "autoglm-phone-9b"
+
+
+def url_of(gateway_url: str, query: str = f"?model={MODEL}") -> str:
+    return gateway_url.replace("http://", "ws://") + "/v1/realtime" + query
+
+
+class Session:
+    """A raw WebSocket client: sends events as JSON, reads them as dicts."""
+
+    def __init__(self, connection: ws_client.ClientConnection) -> None:
+        self.connection = connection
+        self.created = self.recv()
+
+    def send(self, event: dict[str, Any] | str) -> None:
+        self.connection.send(event if isinstance(event, str) else json.dumps(event))
+
+    def recv(self) -> dict[str, Any]:
+        return json.loads(self.connection.recv(timeout=30))
+
+    def until(self, kind: str) -> list[dict[str, Any]]:
+        events = [self.recv()]
+        while events[-1]["type"] != kind:
+            events.append(self.recv())
+        return events
+
+    def error_for(self, event: dict[str, Any] | str) -> dict[str, Any]:
+        """The error `event` causes (a running response's deltas may come before it)."""
+        self.send(event)
+        answers = self.until("error")
+        assert {answer["type"] for answer in answers[:-1]} <= {"response.output_text.delta"}
+        error = answers[-1]["error"]
+        assert set(error) == {"type", "code", "message", "param", "event_id"}
+        return error
+
+    def say(self, text: str, role: str = "user", **fields: Any) -> dict[str, Any]:
+        kind = "input_text" if role != "assistant" else "output_text"
+        self.send({"type": "conversation.item.create", **fields,
+                   "item": {"type": "message", "role": role,
+                            "content": [{"type": kind, "text": text}]}})
+        return self.until("conversation.item.done")[-1]["item"]
+
+
+@pytest.fixture
+def session(gateway_url: str, fake_service: FakeInferenceService) -> Iterator[Session]:
+    with ws_client.connect(url_of(gateway_url)) as connection:
+        yield Session(connection)
+
+
+def test_items_and_instructions_become_the_request_and_the_reply_joins_the_conversation(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = echo
+    session.send({"type": "session.update", "session": {
+        "type": "realtime", "instructions": "Be brief.", "max_output_tokens": 9,
+        "temperature": 0.5}})
+    assert session.recv()["type"] == "session.updated"
+    first = session.say("one")
+    session.say("zero", previous_item_id="root")
+    session.send({"type": "response.create"})
+    done = session.until("response.done")[-1]["response"]
+    session.say("two")
+    session.send({"type": "conversation.item.delete", "item_id": first["id"]})
+    assert session.until("conversation.item.deleted")[-1]["item_id"] == first["id"]
+    session.send({"type": "response.create"})
+    session.until("response.done")
+
+    assert done["status"] == "completed"
+    assert done["output"][0]["content"] == [
+        {"type": "output_text", "text": "echo: Be brief.zeroone"}]
+    first_request, second_request = fake_service.requests
+    assert [m.role for m in first_request.messages] == [pb.ROLE_SYSTEM, pb.ROLE_USER]
+    assert prompt_of(first_request) == "Be brief.zeroone"  # the user's items, one message
+    assert first_request.sampling.max_new_tokens == 9
+    assert first_request.sampling.temperature == pytest.approx(0.5)
+    assert first_request.session_id.startswith("realtime-")
+    assert [m.role for m in second_request.messages] == [
+        pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_USER]
+    assert prompt_of(second_request) == "Be brief.zeroecho: Be brief.zeroonetwo"
+
+
+def test_an_out_of_band_response_answers_its_own_input_and_stays_out(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = echo
+    session.say("in the conversation")
+    session.send({"type": "response.create", "response": {
+        "conversation": "none", "metadata": {"purpose": "summary"},
+        "input": [{"type": "message", "role": "user",
+                   "content": [{"type": "input_text", "text": "only this"}]}]}})
+    events = session.until("response.done")
+    session.send({"type": "response.create"})
+    session.until("response.done")
+
+    done = events[-1]["response"]
+    assert done["conversation_id"] is None and done["metadata"] == {"purpose": "summary"}
+    assert "conversation.item.added" not in [event["type"] for event in events]
+    out_of_band, in_band = fake_service.requests
+    assert prompt_of(out_of_band) == "only this" and not out_of_band.session_id
+    assert prompt_of(in_band) == "in the conversation"
+
+
+BAD_EVENTS = [
+    ("{not json", "invalid_json", None),
+    ("[1, 2]", "invalid_json", None),
+    ({"event_id": "e1"}, "missing_required_parameter", "type"),
+    ({"type": "conversation.item.truncate"}, "invalid_value", "type"),
+    ({"type": "input_audio_buffer.append", "audio": "%%%"}, "invalid_value", "audio"),
+    ({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()},
+     "invalid_value", "audio"),
+    ({"type": "input_audio_buffer.append"}, "invalid_value", "audio"),
+    ({"type": "input_audio_buffer.commit"}, "input_audio_buffer_commit_empty", None),
+    ({"type": "session.update", "session": {"temperature": 3}}, "invalid_value",
+     "session.temperature"),
+    ({"type": "session.update", "session": {"max_output_tokens": 0}}, "invalid_value",
+     "session.max_output_tokens"),
+    ({"type": "response.create", "response": {"max_response_output_tokens": "lots"}},
+     "invalid_value", "response.max_response_output_tokens"),
+    ({"type": "session.update", "session": {"output_modalities": ["audio"]}}, "invalid_value",
+     "session.output_modalities"),
+    ({"type": "session.update", "session": {"modalities": ["text", "audio"]}},
+     "invalid_value", "session.modalities"),
+    ({"type": "session.update", "session": {"turn_detection": {"type": "server_vad"}}},
+     "invalid_value", "session.turn_detection"),
+    ({"type": "session.update", "session": {"audio": {"input": {
+        "turn_detection": {"type": "semantic_vad"}}}}}, "invalid_value",
+     "session.audio.input.turn_detection"),
+    ({"type": "session.update", "session": {"audio": {"input": {
+        "format": {"type": "audio/pcmu"}}}}}, "invalid_value",
+     "session.audio.input.format.type"),
+    ({"type": "session.update", "session": {"audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 44100}}}}}, "invalid_value",
+     "session.audio.input.format.rate"),
+    ({"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}},
+     "invalid_value", "session.input_audio_format"),
+    ({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}},
+     "invalid_value", "session.tools"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call", "role": "user",
+                                                   "content": []}},
+     "invalid_value", "item.type"),
+    ({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "assistant",
+        "content": [{"type": "input_audio", "audio": ""}]}}, "invalid_value",
+     "item.content[0].type"),
+    ({"type": "conversation.item.create", "previous_item_id": "item_x", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}},
+     "item_not_found", "previous_item_id"),
+    ({"type": "conversation.item.delete", "item_id": "item_x"}, "item_not_found", "item_id"),
+    ({"type": "response.create", "response": {"conversation": "conv_1"}}, "invalid_value",
+     "response.conversation"),
+    ({"type": "response.create", "response": {"output_modalities": ["audio"]}},
+     "invalid_value", "response.output_modalities"),
+    ({"type": "response.cancel"}, "response_cancel_not_active", None),
+]
+
+
+@pytest.mark.parametrize(("event", "code", "param"), BAD_EVENTS,
+                         ids=[f"{i}-{code}" for i, (_, code, _) in enumerate(BAD_EVENTS)])
+def test_a_bad_event_is_an_error_event_and_the_session_goes_on(
+        session: Session, fake_service: FakeInferenceService, event, code, param):
+    if isinstance(event, dict):
+        event = {**event, "event_id": "evt_bad"}
+    error = session.error_for(event)
+
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == code and error["param"] == param, error
+    assert error["event_id"] == ("evt_bad" if isinstance(event, dict) else None)
+    session.say("still here")
+    session.send({"type": "response.create"})
+    assert session.until("response.done")[-1]["response"]["status"] == "completed"
+    # nothing of the bad event stayed: no instructions, no sampling
+    assert [m.role for m in fake_service.requests[0].messages] == [pb.ROLE_USER]
+    assert fake_service.requests[0].sampling == pb.SamplingParams()
+
+
+def test_an_upstream_refusal_is_an_error_event_and_a_failed_response(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV budget exhausted",
+                               trailing_metadata=(("retry-after-ms", "2500"),))
+    session.say("hi")
+    session.send({"type": "response.create"})
+    events = session.until("response.done")
+
+    error, done = events[-2], events[-1]["response"]
+    assert error["type"] == "error"
+    assert error["error"]["type"] == "rate_limit_error"
+    assert error["error"]["message"] == "KV budget exhausted"
+    assert done["status"] == "failed"
+    assert done["status_details"]["error"]["type"] == "rate_limit_error"
+    assert done["output"] == []
+
+
+def test_an_upstream_error_naming_a_field_names_it_as_param(session: Session):
+    session.send({"type": "response.create"})  # nothing to answer: no messages
+    events = session.until("response.done")
+
+    assert events[-2]["error"]["type"] == "invalid_request_error"
+    assert events[-2]["error"]["param"] == "messages"
+    assert events[-1]["response"]["status"] == "failed"
+
+
+def test_a_failure_mid_reply_keeps_what_came_as_an_incomplete_item(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = fail(grpc.StatusCode.UNAVAILABLE, "shutting down",
+                               after_pieces=("Hal", "f"))
+    session.say("hi")
+    session.send({"type": "response.create"})
+    events = session.until("response.done")
+
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == \
+        ["Hal", "f"]
+    item = events[-1]["response"]["output"][0]
+    assert item["status"] == "incomplete" and item["content"][0]["text"] == "Half"
+    assert events[-2]["error"]["type"] == "server_error"
+
+
+def test_a_length_limited_reply_is_incomplete(session: Session,
+                                               fake_service: FakeInferenceService):
+    fake_service.script = reply(["a", "b"], finish_reason=pb.FINISH_REASON_LENGTH)
+    session.say("hi")
+    session.send({"type": "response.create"})
+    done = session.until("response.done")[-1]["response"]
+
+    assert done["status"] == "incomplete"
+    assert done["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+    assert done["usage"]["input_tokens"] == 11 and done["usage"]["output_tokens"] == 5
+    assert done["usage"]["input_token_details"]["cached_tokens"] == 3
+
+
+def test_response_cancel_stops_the_upstream_call(session: Session,
+                                                 fake_service: FakeInferenceService):
+    fake_service.script = fake_service.endless()
+    session.say("hi")
+    session.send({"type": "response.create"})
+    created = session.until("response.output_text.delta")[0]
+    assert session.error_for({"type": "response.create"})["code"] == \
+        "conversation_already_has_active_response"
+    session.send({"type": "response.cancel", "response_id": created["response"]["id"]})
+    done = session.until("response.done")[-1]["response"]
+
+    assert done["status"] == "cancelled"
+    assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+    assert fake_service.endless_stream_ended.wait(timeout=10)
+
+
+def test_leaving_mid_reply_cancels_the_upstream_call(gateway_url: str,
+                                                     fake_service: FakeInferenceService):
+    fake_service.script = fake_service.endless()
+    with ws_client.connect(url_of(gateway_url)) as connection:
+        session = Session(connection)
+        session.say("hi")
+        session.send({"type": "response.create"})
+        session.until("response.output_text.delta")
+        assert not fake_service.endless_stream_ended.is_set()
+
+    assert fake_service.endless_stream_ended.wait(timeout=10)
+
+
+def refusal(url: str, **options: Any) -> tuple[int, dict[str, Any]]:
+    with pytest.raises(InvalidStatus) as info:
+        ws_client.connect(url, **options)
+    response = info.value.response
+    return response.status_code, json.loads(response.body)["error"]
+
+
+def test_the_model_is_checked_before_the_upgrade(gateway_url: str):
+    status, error = refusal(url_of(gateway_url, "?model=gpt-realtime"))
+    assert (status, error["code"], error["param"]) == (404, "model_not_found", "model")
+    status, error = refusal(url_of(gateway_url, ""))
+    assert (status, error["code"], error["param"]) == (400, "missing_required_parameter",
+                                                       "model")
+
+
+def test_the_api_key_is_checked_like_the_http_routes(make_gateway: GatewayFactory,
+                                                     fake_service: FakeInferenceService):
+    with make_gateway(api_key="sk-test") as url:
+        status, error = refusal(url_of(url))
+        assert (status, error["code"]) == (401, "invalid_api_key")
+        status, _ = refusal(url_of(url), additional_headers={"Authorization": "Bearer no"})
+        assert status == 401
+        # the SDK sends the key as a Bearer header
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
+        with client.realtime.connect(model=MODEL) as connection:
+            assert connection.recv().type == "session.created"
+        # a browser cannot set headers: it offers the key as a subprotocol
+        with ws_client.connect(url_of(url), subprotocols=[
+                "realtime", "openai-insecure-api-key.sk-test"]) as connection:
+            assert connection.subprotocol == "realtime"
+            assert Session(connection).created["type"] == "session.created"
+
+
+def test_the_input_buffer_holds_at_most_two_minutes(session: Session):
+    minute = base64.b64encode(bytes(2 * 24_000 * 60)).decode()
+    for _ in range(2):
+        session.send({"type": "input_audio_buffer.append", "audio": minute})
+    error = session.error_for({"type": "input_audio_buffer.append", "event_id": "evt_more",
+                               "audio": base64.b64encode(bytes(2 * 240)).decode()})
+    assert (error["code"], error["param"], error["event_id"]) == (
+        "input_audio_buffer_too_large", "audio", "evt_more")
+    session.send({"type": "input_audio_buffer.clear"})
+    assert session.recv()["type"] == "input_audio_buffer.cleared"
+    session.send({"type": "input_audio_buffer.append", "audio": minute})
+    session.send({"type": "input_audio_buffer.commit"})
+    assert session.recv()["type"] == "input_audio_buffer.committed"
+
+
+def test_the_input_rate_cannot_change_under_buffered_audio(session: Session):
+    session.send({"type": "input_audio_buffer.append",
+                  "audio": base64.b64encode(bytes(4800)).decode()})
+    error = session.error_for({"type": "session.update", "session": {"audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 16000}}}}})
+    assert (error["code"], error["param"]) == ("invalid_value", "session.audio.input.format")
