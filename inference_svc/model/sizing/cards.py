@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from inference_svc.model.sizing.model_spec import ModelSpec
 from inference_svc.model.sizing.weights import tensor_bytes, weight_bytes
-from memory_daemon.config import PolicyConfig
 
 GIB = 1024**3
 # Per card: the CUDA context and cuBLAS workspaces (~0.5 GiB before any tensor), the
@@ -29,7 +28,9 @@ GIB = 1024**3
 # activations (~0.2 GiB for GLM-4.1V-9B at 2,048 positions). On a host without a GPU the
 # same figure stands for the process's own libraries and buffers.
 RUNTIME_BYTES = int(1.25 * GIB)
-RESERVE_FRACTION = round(1.0 - PolicyConfig().hard_enter, 6)
+# The daemon's default hard mark is 0.92 of a card (memd --hard-enter; the service talks
+# to the daemon over gRPC only, so the number is repeated here, and a test compares them).
+RESERVE_FRACTION = 0.08
 DECODER_QUANTIZED = ("int8", "int4")
 VISION_QUANTIZED = ("int8",)
 
