@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     from inference_svc.model.checkpoints.glm4v_config import UnreadableCheckpoint
+    from inference_svc.model.precision import UnsupportedPrecision
     from inference_svc.server import serve
 
     try:
         return asyncio.run(serve(config))
-    except UnreadableCheckpoint as exc:
+    except (UnreadableCheckpoint, UnsupportedPrecision) as exc:
         print(f"autoglm-server: error: {exc}", file=sys.stderr)
         return 2
 

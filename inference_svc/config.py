@@ -15,6 +15,9 @@ from inference_svc.types import SamplingParams
 
 ENV_PREFIX = "AUTOGLM_"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# weight precision per module (inference_svc/model/precision.py)
+DECODER_WEIGHTS = ("auto", "fp32", "bf16", "fp16", "fp8", "int8", "int4")
+VISION_WEIGHTS = ("auto", "fp32", "bf16", "fp16", "int8")
 CONTENT_FORMATS = ("string", "openai")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -49,6 +52,13 @@ class ServerConfig:
                                                    "for KV cache (device `auto`)")
     dtype: str = setting("auto", choices=DTYPES, help="weights' type; auto: float32 on CPU, "
                                                       "bfloat16 on CUDA")
+    decoder_weights: str = setting("auto", choices=DECODER_WEIGHTS, help=(
+        "the decoder's weight precision (docs/operations.md): auto keeps --dtype; int8 and "
+        "int4 (groups of 128) are weight-only, fp8 also quantizes activations; int4 needs "
+        "CUDA compute capability 8.0+, fp8 8.9+, and both compute in bfloat16; the lm_head "
+        "and embeddings keep the floating type"))
+    vision_weights: str = setting("auto", choices=VISION_WEIGHTS, help=(
+        "the vision encoder's weight precision: auto keeps --dtype; int8 is weight-only"))
     chat_content_format: str = setting("string", choices=CONTENT_FORMATS, help=(
         "how a GLM-4.1V message's parts reach its chat template, as vLLM's "
         "--chat-template-content-format: string (one string, image placeholders first; "

@@ -10,9 +10,10 @@ import torch
 from inference_svc.config import ServerConfig
 from inference_svc.model.checkpoints.default_bundle import default_cache_dir, ensure_default_bundle
 from inference_svc.model.checkpoints.model_dir import ModelKind, model_kind
-from inference_svc.model.checkpoints.placement import plan_placement
+from inference_svc.model.checkpoints.placement import Placement, plan_placement
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.modular import ModularModel
+from inference_svc.model.precision import WeightPrecision, resolve_precision
 from inference_svc.model.units import weights_by_device
 from inference_svc.process_memory import host_memory_bytes
 
@@ -37,15 +38,35 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
     placement = plan_placement(config.device, encoder_device=config.encoder_device,
                                kv_reserve_fraction=config.kv_reserve_fraction)
     dtype = resolve_dtype(config.dtype, placement.encoder_device)
-    if model_kind(bundle) is ModelKind.MODULAR:
-        model = ModularModel(bundle, dtype=dtype, placement=placement)
+    modular = model_kind(bundle) is ModelKind.MODULAR
+    decoder_weights, vision_weights = weight_precisions(config, placement, dtype,
+                                                        modular=modular)
+    if modular:
+        model = ModularModel(bundle, dtype=dtype, placement=placement,
+                             decoder_weights=decoder_weights, vision_weights=vision_weights)
     else:
         model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype,
-                           content_format=config.chat_content_format)
+                           content_format=config.chat_content_format,
+                           decoder_weights=decoder_weights, vision_weights=vision_weights)
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
              dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2),
+             precision={u.name: u.precision for u in model.units},
              weight_bytes_by_device=weights_by_device(u.state() for u in model.units))
     return model
+
+
+def weight_precisions(config: ServerConfig, placement: Placement, dtype: torch.dtype, *,
+                      modular: bool) -> tuple[WeightPrecision, WeightPrecision]:
+    """The decoder's and the vision encoder's precisions, checked against the devices
+    they go to before anything loads (UnsupportedPrecision names the flag)."""
+    if placement.sharded:
+        decoder_devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    else:  # a GLM-4.1V checkpoint goes whole onto the encoders' device
+        decoder_devices = [placement.decoder_device if modular else placement.encoder_device]
+    return (resolve_precision("--decoder-weights", config.decoder_weights, dtype,
+                              decoder_devices),
+            resolve_precision("--vision-weights", config.vision_weights, dtype,
+                              [placement.encoder_device]))
 
 
 def kv_budget_bytes(config: ServerConfig, model) -> int:

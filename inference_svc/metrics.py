@@ -219,12 +219,14 @@ class _EngineCollector:
         weights = GaugeMetricFamily(
             "autoglm_module_weight_bytes",
             "Weight bytes of each module on each device; tier is where the module is "
-            "(cuda:N, cpu, or disk with no bytes resident)",
-            labels=["model_name", "module", "tier", "device"])
+            "(cuda:N, cpu, or disk with no bytes resident), precision what its Linear "
+            "weights are held in (fp32, bf16, fp16, int8, int4, fp8)",
+            labels=["model_name", "module", "tier", "device", "precision"])
         for unit in engine.model.units:
             state = unit.state()
             for device, size in (state.bytes_by_device or {state.tier: 0}).items():
-                weights.add_metric([*name, state.name, state.tier, device], size)
+                weights.add_metric([*name, state.name, state.tier, device, state.precision],
+                                   size)
         yield weights
         admission = GaugeMetricFamily("autoglm_admission_open",
                                       "1 while admission is open, 0 when limited or paused",

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import structlog
 
+from autoglm.control.v1 import control_service_pb2 as pb
 from memory_daemon.actuator import ControlClient, service_view
 from memory_daemon.config import DaemonConfig
 from memory_daemon.errors import ControlCallError
@@ -65,6 +66,7 @@ class Daemon:
     ticks: int = 0
     _service_down: bool = False
     _failing: dict[str, str] = field(default_factory=dict)  # device -> its error
+    _module_precisions: dict[str, str] = field(default_factory=dict)  # as last logged
 
     def __post_init__(self) -> None:
         if self.status_source is None and self.control is not None:
@@ -76,6 +78,8 @@ class Daemon:
         status = read.status if read is not None else None
         if status is not None and status.pid and isinstance(self.probe, HostProbe):
             self.probe.report_service_pid(status.pid)
+        if status is not None:
+            self._log_module_precisions(status)
         readings = self.probe.read()
         if self.recorder is not None:
             self.recorder.record(readings)
@@ -111,6 +115,16 @@ class Daemon:
             next_poll_s=round(interval, 3),
         )
         return interval
+
+    def _log_module_precisions(self, status: pb.MemoryStatus) -> None:
+        """The service's modules, their weight precision and bytes: logged when first seen
+        and when a restarted service holds them in other precisions."""
+        precisions = {m.name: m.weight_precision for m in status.modules}
+        if precisions != self._module_precisions:
+            log.info("memd.service_modules", modules={
+                m.name: {"precision": m.weight_precision, "weight_bytes": m.weight_bytes,
+                         "device": m.device} for m in status.modules})
+            self._module_precisions = precisions
 
     def _log_reading_changes(self, readings: list[DeviceReading]) -> None:
         """A device that starts failing (or fails differently), and one that recovers, are

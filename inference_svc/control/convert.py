@@ -21,6 +21,7 @@ def modules_to_pb(states: Iterable[UnitState]) -> list[pb.ModuleResidency]:
             name=s.name, modality=s.modality, tier=tier_to_pb(s.tier),
             device="" if s.tier == DISK else s.tier, weight_bytes=s.weight_bytes,
             active_requests=s.active_requests, idle_seconds=s.idle_seconds,
+            weight_precision=s.precision,
         )
         for s in states
     ]

@@ -55,6 +55,7 @@ from inference_svc.model.inputs.prompt import (
     media_parts,
 )
 from inference_svc.model.paged.forward import PagedForward
+from inference_svc.model.precision import WeightPrecision, quantize_linears
 from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
@@ -101,12 +102,19 @@ class Glm4vModel(PagedForward, UnitModel):
     default_max_pixels = DEPLOYMENT_MAX_PIXELS
 
     def __init__(self, checkpoint: Path, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, content_format: str = "string"):
+                 dtype: torch.dtype = torch.float32, content_format: str = "string",
+                 decoder_weights: WeightPrecision | None = None,
+                 vision_weights: WeightPrecision | None = None):
+        """`dtype` is both units' type unless `decoder_weights` or `vision_weights` give
+        that unit another precision (model/precision.py)."""
         if content_format not in CONTENT_FORMATS:
             raise ValueError(f"content format must be one of {', '.join(CONTENT_FORMATS)}")
         self.bundle = checkpoint
         self.device = device
-        self.dtype = dtype
+        self.decoder_weights = decoder_weights or WeightPrecision.of(dtype)
+        self.vision_weights = vision_weights or WeightPrecision.of(dtype)
+        self.dtype = self.decoder_weights.dtype  # the decoder's activations and its KV
+        self.vision_dtype = self.vision_weights.dtype
         self.content_format = content_format
         self.checkpoint_config = read_glm4v_config(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
@@ -125,10 +133,12 @@ class Glm4vModel(PagedForward, UnitModel):
              int(model.config.image_end_token_id)]))
         self._merge = int(self._vision_config.spatial_merge_size)
         self.geometry = self._geometry()
-        self._tower_shape = TowerShape.of(self._vision_config, dtype)
+        self._tower_shape = TowerShape.of(self._vision_config, self.vision_dtype)
         self.decoder_unit = ModuleUnit("decoder", "text",
-                                       _first_then(model, self._load_decoder), device)
-        vision = ModuleUnit("vision", "image", self._load_vision, device, pin_memory=True)
+                                       _first_then(model, self._load_decoder), device,
+                                       precision=self.decoder_weights.name)
+        vision = ModuleUnit("vision", "image", self._load_vision, device, pin_memory=True,
+                            precision=self.vision_weights.name)
         self.encoders: dict[str, ModuleUnit] = {"image": vision}
         del model
         self.decoder_unit.load()
@@ -149,10 +159,15 @@ class Glm4vModel(PagedForward, UnitModel):
         )
 
     def _load_full(self) -> Glm4vForConditionalGeneration:
+        """The whole model in the decoder's precision; a quantized decoder is quantized
+        tensor by tensor as it is read, its lm_head and the tower (dropped: the vision unit
+        loads its own) left in the decoder's floating type."""
         # config.json as read_glm4v_config reads it (transformers misreads the flat layout)
         return Glm4vForConditionalGeneration.from_pretrained(
-            self.bundle, config=copy.deepcopy(self.checkpoint_config.config), dtype=self.dtype,
+            self.bundle, config=copy.deepcopy(self.checkpoint_config.config),
             local_files_only=True,
+            **self.decoder_weights.pretrained_kwargs(keep=["lm_head", "model.visual"]),
+            **self.decoder_weights.placed_on(self.device),
         ).eval()
 
     def _files_read(self) -> dict:
@@ -182,12 +197,13 @@ class Glm4vModel(PagedForward, UnitModel):
         """Rebuild the tower and copy in its keys from the checkpoint's safetensors.
 
         Copied into memory of its own (not mapped from the file), so that dropping the
-        tower on offload really returns its bytes.
+        tower on offload really returns its bytes. A quantized tower is quantized after it
+        is whole, one Linear after another: its peak is the tower in its floating type.
         """
         with no_init_weights():
-            tower = Glm4vVisionModel._from_config(self._vision_config, dtype=self.dtype)
+            tower = Glm4vVisionModel._from_config(self._vision_config, dtype=self.vision_dtype)
         tower.load_state_dict(self._vision_state_dict(), strict=True)
-        return tower.eval()
+        return quantize_linears(tower, self.vision_weights).eval()
 
     def _vision_state_dict(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
@@ -197,7 +213,7 @@ class Glm4vModel(PagedForward, UnitModel):
                     prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
                     if prefix is not None:
                         tensor = weights.get_tensor(key)
-                        state[key.removeprefix(prefix)] = tensor.to(self.dtype)
+                        state[key.removeprefix(prefix)] = tensor.to(self.vision_dtype)
         if not state:
             raise FileNotFoundError(f"{self.bundle}: no vision tower weights in its safetensors")
         return state
@@ -379,7 +395,8 @@ class Glm4vModel(PagedForward, UnitModel):
         pixels = torch.cat([media.pixel_values[s.index] for s in needed])
         grids = torch.tensor([media.grids[s.index] for s in needed])
         with self.encoders["image"].use() as tower, torch.inference_mode():
-            features = tower(pixels.to(self.device, self.dtype), grid_thw=grids.to(self.device),
+            features = tower(pixels.to(self.device, self.vision_dtype),
+                             grid_thw=grids.to(self.device),
                              return_dict=True).pooler_output
         rows = []
         offset = 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from inference_svc.errors import InvalidRequest, ModalityUnavailable
 from inference_svc.model.audio_chunks import AudioChunking
@@ -36,6 +36,7 @@ from inference_svc.model.inputs.prompt import (
     render_prompt,
 )
 from inference_svc.model.paged.forward import PagedForward
+from inference_svc.model.precision import WeightPrecision, quantize_linears
 from inference_svc.model.units import ModuleUnit
 
 
@@ -45,26 +46,46 @@ class DecodedMedia:
     audios: list[DecodedAudio]
 
 
+def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict) -> nn.Module:
+    """The decoder in `precision`: a quantized one is quantized tensor by tensor as
+    transformers reads the checkpoint, so its full-precision weights are never all in
+    memory at once; the lm_head (and embeddings) stay in `precision.dtype`."""
+    config = AutoConfig.from_pretrained(directory)
+    # The embedded default's config still names the GGUF file its weights were
+    # dequantised from; its safetensors are plain, and a torchao config may not be merged
+    # with a GGUF one.
+    source = getattr(config, "quantization_config", None)
+    if isinstance(source, dict) and source.get("quant_method") == "gguf":
+        del config.quantization_config
+    return AutoModelForCausalLM.from_pretrained(
+        directory, config=config, **precision.pretrained_kwargs(keep=["lm_head"]),
+        **placed).eval()
+
+
 class ModularModel(PagedForward, UnitModel):
     """Loads a modular bundle; exposes prompt planning, encoding and the decoder."""
 
     def __init__(self, bundle: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None,
+                 decoder_weights: WeightPrecision | None = None,
+                 vision_weights: WeightPrecision | None = None):
+        """`dtype` is every module's type; `decoder_weights` and `vision_weights`, where
+        given, hold those modules in another precision (model/precision.py)."""
         self.bundle = bundle
         self.manifest = Manifest.read(bundle)
         placement = placement or Placement(device, device)
         self.placement = placement
-        self.dtype = dtype
+        decoder_weights = decoder_weights or WeightPrecision.of(dtype)
+        vision_weights = vision_weights or WeightPrecision.of(dtype)
+        self.dtype = decoder_weights.dtype  # the decoder's activations and its KV
         decoder_dir = bundle / self.manifest.modules["decoder"].path
         self.tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
         placed = {"device_map": "auto", "max_memory": placement.max_memory} if (
-            placement.sharded) else {}
+            placement.sharded) else decoder_weights.placed_on(placement.decoder_device)
         self.decoder_unit = ModuleUnit(
-            "decoder", "text",
-            lambda: AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype,
-                                                         **placed).eval(),
+            "decoder", "text", lambda: _load_decoder(decoder_dir, decoder_weights, placed),
             "cuda:0" if placement.sharded else placement.decoder_device,
-            placed_by_loader=placement.sharded,
+            placed_by_loader=placement.sharded, precision=decoder_weights.name,
         )
         self.decoder_unit.load()
         with self.decoder_unit.use() as decoder:
@@ -79,14 +100,15 @@ class ModularModel(PagedForward, UnitModel):
             path = bundle / self.manifest.modules["vision"].path
             self.encoders["image"] = ModuleUnit(
                 "vision", "image",
-                lambda path=path: VisionEncoder.load(path, hidden, dtype), device,
-                pin_memory=True,
+                lambda path=path: quantize_linears(
+                    VisionEncoder.load(path, hidden, vision_weights.dtype), vision_weights),
+                device, pin_memory=True, precision=vision_weights.name,
             )
         if "audio" in self.manifest.modules:
             path = bundle / self.manifest.modules["audio"].path
             self.encoders["audio"] = ModuleUnit(
                 "audio", "audio", lambda path=path: AudioEncoder.load(path, hidden, dtype), device,
-                pin_memory=True,
+                pin_memory=True, precision=WeightPrecision.of(dtype).name,
             )
         for unit in self.encoders.values():
             unit.load()
@@ -98,7 +120,8 @@ class ModularModel(PagedForward, UnitModel):
         if "image" in self.encoders:
             with self.encoders["image"].use() as vision:
                 self._image_tokens = vision.tokens_per_image
-                self._image_activation_bytes = vit_activation_bytes(vision.vit.config, element)
+                self._image_activation_bytes = vit_activation_bytes(
+                    vision.vit.config, vision_weights.dtype.itemsize)
         if "audio" in self.encoders:
             with self.encoders["audio"].use() as audio:
                 self._audio_chunking = chunking = audio.chunking

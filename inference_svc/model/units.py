@@ -46,6 +46,7 @@ class UnitState:
     idle_seconds: float
     parameters: int
     bytes_by_device: dict[str, int]
+    precision: str  # what its Linear weights are held in: "fp32", "bf16", "int8", ...
 
 
 def weights_by_device(states: Iterable[UnitState]) -> dict[str, int]:
@@ -67,12 +68,14 @@ class ModuleUnit:
         loader: Callable[[], nn.Module],
         home: str,
         *,
+        precision: str,
         pin_memory: bool = False,
         placed_by_loader: bool = False,
     ) -> None:
         self.name = name
         self.modality = modality
         self.home = home
+        self.precision = precision
         self._loader = loader
         self._pin_memory = pin_memory
         # a loader that places the module itself (an accelerate device map over several
@@ -99,6 +102,7 @@ class ModuleUnit:
                 weight_bytes=self._resident_bytes, active_requests=self._active,
                 idle_seconds=0.0 if self._active else time.monotonic() - self._last_used,
                 parameters=self._parameters, bytes_by_device=dict(self._bytes_by_device),
+                precision=self.precision,
             )
 
     def load(self) -> None:

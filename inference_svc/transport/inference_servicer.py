@@ -160,6 +160,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 trained=entry.trained, tier=tier_to_pb(state.tier),
                 device="" if state.tier == "disk" else state.tier,
                 weight_bytes=state.weight_bytes, note=entry.note,
+                weight_precision=state.precision,
             ))
         details = struct_pb2.Struct()
         details.update({"model": model.name, "bundle": str(model.bundle),

@@ -128,3 +128,62 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_eager_steps_output(tiny_b
         assert (model.decode_graphs is not None) is graphs
     assert model.decode_graphs.captures >= 2
     assert texts[True] == texts[False]
+
+
+def test_an_int8_decoder_decodes_the_same_through_cuda_graphs_as_eagerly(tiny_bundle):
+    """torchao's int8 weights are tensor subclasses under F.linear: the captured decode
+    steps replay them and give the eager steps' greedy text."""
+    from inference_svc.model.precision import resolve_precision
+    from tests.unit.test_engine_paged import greedy, run, started
+
+    precision = resolve_precision("--decoder-weights", "int8", torch.bfloat16, ["cuda:0"])
+    model = ModularModel(tiny_bundle, dtype=torch.bfloat16, placement=plan_placement("cuda:0"),
+                         decoder_weights=precision)
+    assert model.decoder_unit.state().precision == "int8"
+    requests = [greedy(f"q{i}", "Tell me about the sea " * (1 + 5 * i), 24) for i in range(3)]
+    texts = {}
+    for graphs in (False, True):
+        engine = started(model, cuda_graphs=graphs)
+        try:
+            texts[graphs] = [text for text, _ in run(engine, requests)]
+        finally:
+            engine.stop()
+    assert model.decode_graphs.captures >= 1
+    assert texts[True] == texts[False]
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+def test_quantized_linears_replay_in_a_cuda_graph_close_to_bfloat16(name):
+    from inference_svc.model.precision import (
+        UnsupportedPrecision,
+        quantize_linears,
+        resolve_precision,
+    )
+
+    try:
+        precision = resolve_precision("--decoder-weights", name, torch.bfloat16, ["cuda:0"])
+    except UnsupportedPrecision as error:
+        pytest.skip(str(error))
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(512, 1024, bias=False), torch.nn.SiLU(),
+                                 torch.nn.Linear(1024, 512, bias=False))
+    layers = layers.to("cuda:0", torch.bfloat16)
+    x = torch.randn(16, 512, device="cuda:0", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        reference = layers(x)
+        quantize_linears(layers, precision)
+        assert type(layers[0].weight).__name__ != "Parameter"
+        eager = layers(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layers(x)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layers(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager)
+    error = (eager.float() - reference.float()).norm() / reference.float().norm()
+    assert error < 0.1

@@ -90,7 +90,8 @@ def test_metrics_count_tokens_rpcs_lengths_and_latencies(metered):
     assert grew("autoglm_request_generation_tokens_bucket", (("le", "2.0"), *MODEL)) == 0
     assert grew("autoglm_request_prompt_tokens_sum") == grew("autoglm_prompt_tokens_total") > 0
     assert after[("autoglm_module_weight_bytes",
-                  (("device", "cpu"), *MODEL, ("module", "vision"), ("tier", "cpu")))] > 0
+                  (("device", "cpu"), *MODEL, ("module", "vision"), ("precision", "fp32"),
+                   ("tier", "cpu")))] > 0
     assert after[("autoglm_num_requests_running", MODEL)] == 0
     assert after[("autoglm_admission_open", MODEL)] == 1
     # reported by the engine as it schedules: present from the start

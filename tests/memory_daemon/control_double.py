@@ -21,6 +21,7 @@ class RecordingControl(pb_grpc.ControlServiceServicer):
         self.fail_next = 0
         self.admission = pb.ADMISSION_MODE_OPEN
         self.admission_limit = 0
+        self.modules: list[pb.ModuleResidency] = []
 
     async def _enter(self, name: str, request: object, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -40,7 +41,8 @@ class RecordingControl(pb_grpc.ControlServiceServicer):
 
     def status(self) -> pb.MemoryStatus:
         return pb.MemoryStatus(
-            pid=self.pid, admission_mode=self.admission, admission_limit=self.admission_limit
+            pid=self.pid, admission_mode=self.admission, admission_limit=self.admission_limit,
+            modules=self.modules,
         )
 
     async def GetMemoryStatus(self, request, context):

@@ -147,6 +147,38 @@ async def test_a_failing_device_is_logged_when_it_changes_not_every_tick(tmp_pat
     assert failures == len(errors)  # the metric still counts every failed reading
 
 
+async def test_module_precisions_are_logged_when_first_seen_and_when_they_change(tmp_path):
+    servicer = RecordingControl()
+    servicer.modules = [
+        pb.ModuleResidency(name="decoder", weight_precision="int8", weight_bytes=220 << 20,
+                           device="cpu"),
+        pb.ModuleResidency(name="vision", weight_precision="fp32", weight_bytes=24 << 20,
+                           device="cpu"),
+    ]
+    socket = tmp_path / "control.sock"
+    server, _ = await start_control(servicer, f"unix:{socket}")
+    trace = write_trace(tmp_path / "t.jsonl", 10, 0.5)
+    config = replay_config(trace, f"unix://{socket}", dry_run=True)
+    control = ControlClient(config.control, "cpu")
+    daemon = replay_daemon(config, control)
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                await daemon.tick()
+            servicer.modules[0].weight_precision = "fp32"  # a restart with other flags
+            await daemon.tick()
+    finally:
+        await control.close()
+        await server.stop(None)
+    seen = [event["modules"] for event in logs if event["event"] == "memd.service_modules"]
+    assert seen == [
+        {"decoder": {"precision": "int8", "weight_bytes": 220 << 20, "device": "cpu"},
+         "vision": {"precision": "fp32", "weight_bytes": 24 << 20, "device": "cpu"}},
+        {"decoder": {"precision": "fp32", "weight_bytes": 220 << 20, "device": "cpu"},
+         "vision": {"precision": "fp32", "weight_bytes": 24 << 20, "device": "cpu"}},
+    ]
+
+
 async def test_once_runs_a_single_tick(tmp_path):
     trace = write_trace(tmp_path / "t.jsonl", 20, 0.5)
     config = replay_config(trace, "unix:///nonexistent.sock", once=True, dry_run=True)

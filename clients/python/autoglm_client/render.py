@@ -73,7 +73,8 @@ def model_info_text(info: pb.GetModelInfoResponse) -> str:
     ]
     header += [f"{key + ':':<12} {value}" for key, value in MessageToDict(info.details).items()]
     modules = table(
-        ["MODULE", "ARCHITECTURE", "PARAMS", "TRAINED", "TIER", "DEVICE", "WEIGHTS", "NOTE"],
+        ["MODULE", "ARCHITECTURE", "PARAMS", "TRAINED", "TIER", "DEVICE", "WEIGHTS", "PRECISION",
+         "NOTE"],
         [
             [
                 m.name,
@@ -83,6 +84,7 @@ def model_info_text(info: pb.GetModelInfoResponse) -> str:
                 _tier_name(m.tier),
                 m.device or "-",
                 format_bytes(m.weight_bytes),
+                m.weight_precision or "-",
                 m.note,
             ]
             for m in info.modules
@@ -131,7 +133,7 @@ def memory_status_text(status: cpb.MemoryStatus) -> str:
         ],
     )
     modules = table(
-        ["MODULE", "MODALITY", "TIER", "DEVICE", "WEIGHTS", "ACTIVE", "IDLE"],
+        ["MODULE", "MODALITY", "TIER", "DEVICE", "WEIGHTS", "PRECISION", "ACTIVE", "IDLE"],
         [
             [
                 m.name,
@@ -139,6 +141,7 @@ def memory_status_text(status: cpb.MemoryStatus) -> str:
                 _tier_name(m.tier),
                 m.device or "-",
                 format_bytes(m.weight_bytes),
+                m.weight_precision or "-",
                 m.active_requests,
                 f"{m.idle_seconds:.1f}s",
             ]

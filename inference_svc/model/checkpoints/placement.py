@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 @dataclass(frozen=True)
@@ -57,5 +58,16 @@ def bytes_by_device(module: torch.nn.Module) -> dict[str, int]:
             continue
         seen.add(id(tensor))
         key = str(tensor.device)
-        totals[key] = totals.get(key, 0) + tensor.numel() * tensor.element_size()
+        totals[key] = totals.get(key, 0) + tensor_bytes(tensor)
     return totals
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; a quantized weight (a torchao tensor subclass, whose numel
+    and element size describe the floating tensor it stands for) counts its inner
+    tensors: int8 data and scales, packed int4 and their group scales, ..."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(inner) for inner in (getattr(tensor, n) for n in names)
+                   if inner is not None)
+    return tensor.numel() * tensor.element_size()

@@ -1,0 +1,137 @@
+"""Weight precision per module: what `--decoder-weights` and `--vision-weights` may say,
+what each device can run, and the torchao configuration that quantizes the Linear layers.
+
+Floating types (fp32, bf16, fp16) load as they are. The quantized precisions replace
+each Linear's weight with a torchao tensor subclass (weight-only int8 per output row,
+int4 in groups of 128, or float8 per row with float8 activations): it behaves as a
+weight under `F.linear`, so the model's own forward, the paged forward and CUDA graph
+capture run it unchanged. Embeddings, norms and the lm_head keep the module's floating
+type: SmolLM2's lm_head is its embedding table (tied), and on a CPU an int8 lm_head
+makes every decode step slower (tests/bench/test_quantization_quality.py).
+
+torchao is imported only when a module is quantized: a float-only service never loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torchao.core.config import AOBaseConfig
+
+FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOAT_NAMES = {dtype: name for name, dtype in FLOATS.items()}
+INT4_GROUP_SIZE = 128
+# int4 (tinygemm) and float8 kernels take bfloat16 activations only
+BF16_ONLY = ("int4", "fp8")
+# compute capability each quantized precision needs on a CUDA device; None: no CUDA kernel
+CUDA_CAPABILITY = {"int8": (0, 0), "int4": (8, 0), "fp8": (8, 9)}
+CPU_RUNS = ("int8",)
+
+
+class UnsupportedPrecision(ValueError):
+    """A weight precision the chosen device cannot run: a start-up error naming the flag."""
+
+
+@dataclass(frozen=True)
+class WeightPrecision:
+    """How a module's weights are held: `name` is what GetModelInfo reports ("fp32",
+    "bf16", "fp16", "int8", "int4" or "fp8"); `dtype` is its activations' type and that of
+    the weights left unquantized."""
+
+    name: str
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> WeightPrecision:
+        return cls(FLOAT_NAMES[dtype], dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return self.name not in FLOATS
+
+    def torchao_config(self) -> AOBaseConfig:
+        """The torchao configuration of this precision's Linear weights."""
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int4WeightOnlyConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
+        )
+        from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+        # set_inductor_config=False: nothing here compiles, and the setting is process-wide
+        if self.name == "int8":
+            return Int8WeightOnlyConfig(set_inductor_config=False)
+        if self.name == "int4":
+            return Int4WeightOnlyConfig(
+                group_size=INT4_GROUP_SIZE, set_inductor_config=False,
+                int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+        if self.name == "fp8":
+            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                             set_inductor_config=False)
+        raise ValueError(f"{self.name} weights are not quantized")
+
+    def placed_on(self, device: str) -> dict:
+        """`from_pretrained` keyword arguments that load a quantized module straight onto
+        its CUDA device: torchao's int4 and float8 layouts are made on the device that
+        runs them, and each weight is quantized there as it arrives."""
+        if self.quantized and device.startswith("cuda"):
+            return {"device_map": {"": device}}
+        return {}
+
+    def pretrained_kwargs(self, keep: list[str]) -> dict:
+        """`from_pretrained` keyword arguments that load in this precision, quantizing each
+        Linear weight as it is read (modules named in `keep` stay in `dtype`)."""
+        if not self.quantized:
+            return {"dtype": self.dtype}
+        from transformers import TorchAoConfig
+
+        return {"dtype": self.dtype,
+                "quantization_config": TorchAoConfig(self.torchao_config(),
+                                                     modules_to_not_convert=keep)}
+
+
+def quantize_linears(module: nn.Module, precision: WeightPrecision) -> nn.Module:
+    """Quantize `module`'s Linear weights in place, one layer after another (each full
+    precision weight is released as its quantized one replaces it)."""
+    if precision.quantized:
+        from torchao.quantization import quantize_
+
+        quantize_(module, precision.torchao_config())
+    return module
+
+
+def resolve_precision(flag: str, choice: str, dtype: torch.dtype,
+                      devices: list[str]) -> WeightPrecision:
+    """The precision `choice` of the flag means for a module of type `dtype` (what
+    `--dtype` gives it, and what `auto` keeps) on `devices`; UnsupportedPrecision,
+    naming the flag, where one of them cannot run it."""
+    if choice == "auto":
+        return WeightPrecision.of(dtype)
+    if choice in FLOATS:
+        return WeightPrecision.of(FLOATS[choice])
+    for device in devices:
+        _check_device(flag, choice, device)
+    return WeightPrecision(choice, torch.bfloat16 if choice in BF16_ONLY else dtype)
+
+
+def _check_device(flag: str, choice: str, device: str) -> None:
+    if not device.startswith("cuda"):
+        if choice not in CPU_RUNS:
+            raise UnsupportedPrecision(
+                f"{flag} {choice}: {device} cannot run {choice} weights (torchao has "
+                f"{choice} kernels for CUDA only); on a CPU the quantized choice is "
+                f"{' or '.join(CPU_RUNS)}")
+        return
+    need = CUDA_CAPABILITY[choice]
+    have = torch.cuda.get_device_capability(torch.device(device))
+    if have < need:
+        raise UnsupportedPrecision(
+            f"{flag} {choice}: {device} ({torch.cuda.get_device_name(torch.device(device))}, "
+            f"compute capability {have[0]}.{have[1]}) cannot run {choice} weights, which "
+            f"need compute capability {need[0]}.{need[1]} or newer")

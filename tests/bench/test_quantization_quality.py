@@ -1,0 +1,245 @@
+"""Weight precision on the embedded default (trained SmolLM2-135M weights, loaded as the
+service loads them): what each precision costs in quality, bytes and CPU speed.
+
+- perplexity over a fixed real text that ships with an installed package: the Mozilla
+  Public License 2.0 as orjson ships it (`orjson-*.dist-info/licenses/LICENSE-MPL-2.0`,
+  3,712 SmolLM2 tokens of English prose), in 1,024-token windows;
+- greedy agreement with fp32: 20 prompts, 64 tokens each, through the service's engine
+  (paged forward and decode steps); a prompt agrees when all 64 tokens are fp32's;
+- the decoder's weight bytes as the service reports them, and the peak resident memory
+  of a process loading the model in that precision;
+- single-stream greedy decode tokens/s through the engine, rounds alternating.
+
+`int8 + int8 lm_head` is int8 with the (tied) lm_head also quantized, untied from the
+embedding table: it measures whether quantizing the head pays. int4 and fp8 have no CPU
+kernels in torchao and are refused on a CPU (`--decoder-weights` names them).
+
+    .venv/bin/python -m pytest tests/bench/test_quantization_quality.py -m bench -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.model.checkpoints.placement import bytes_by_device
+from inference_svc.model.modular import ModularModel
+from inference_svc.model.precision import (
+    UnsupportedPrecision,
+    quantize_linears,
+    resolve_precision,
+)
+from inference_svc.types import (
+    ChatMessage,
+    Delta,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextPart,
+)
+from tests.bench.harness import median, print_load, repeats, report
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
+
+WINDOW = 1024
+AGREEMENT_TOKENS = 64
+SPEED_TOKENS = 128
+INT8_HEAD = "int8 + int8 lm_head"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child.",
+    "List three uses of a paperclip.",
+    "How do I boil an egg?",
+    "What is 17 times 23?",
+    "Give me a short motivational quote.",
+    "Describe a cat in two sentences.",
+    "What causes rain?",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "Suggest a name for a coffee shop.",
+    "What is the difference between weather and climate?",
+    "Write one sentence about autumn leaves.",
+    "How many legs does a spider have?",
+    "What does a phone's battery saver mode do?",
+    "Summarise the story of Cinderella in three sentences.",
+    "What is a prime number?",
+    "Tell me a fun fact about octopuses.",
+    "How can I open the settings app on an Android phone?",
+]
+
+
+def reference_text() -> tuple[Path, str]:
+    try:
+        files = importlib.metadata.files("orjson") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the reference text ships with orjson, which is not installed")
+    path = next(Path(f.locate()) for f in files if f.name == "LICENSE-MPL-2.0")
+    return path, path.read_text()
+
+
+def load(bundle: Path, name: str) -> ModularModel:
+    """The embedded default with its decoder in `name`, loaded as the service loads it."""
+    base = "int8" if name == INT8_HEAD else name
+    precision = resolve_precision("--decoder-weights", base, torch.float32, ["cpu"])
+    model = ModularModel(bundle, decoder_weights=precision)
+    if name == INT8_HEAD:
+        with model.decoder_unit.use() as decoder:
+            table = decoder.get_input_embeddings().weight
+            head = nn.Linear(table.shape[1], table.shape[0], bias=False)
+            head.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
+            decoder.lm_head = quantize_linears(head, precision)
+    return model
+
+
+def decoder_bytes(model: ModularModel) -> int:
+    with model.decoder_unit.use() as decoder:
+        return sum(bytes_by_device(decoder).values())
+
+
+@torch.inference_mode()
+def perplexity(model: ModularModel, text: str) -> float:
+    ids = model.tokenizer(text, return_tensors="pt").input_ids[0]
+    total, count = 0.0, 0
+    with model.decoder_unit.use() as decoder:
+        for start in range(0, len(ids) - 1, WINDOW):
+            window = ids[start:start + WINDOW + 1][None]
+            logits = decoder(window[:, :-1]).logits.float()
+            loss = nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum")
+            total += float(loss)
+            count += window.shape[1] - 1
+    return math.exp(total / count)
+
+
+def greedy(tokens: int, index: int, text: str) -> GenerationRequest:
+    return GenerationRequest(f"p{index}", [ChatMessage("user", [TextPart(text)])],
+                             SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens,
+                                            temperature=0, logprobs=0))
+
+
+async def stream(engine: Engine, request: GenerationRequest) -> tuple[list[int], list[float]]:
+    """The request's token ids and when each arrived."""
+    handle = await engine.submit(request)
+    ids: list[int] = []
+    times: list[float] = []
+    async for event in handle.events():
+        if isinstance(event, Delta):
+            now = time.perf_counter()
+            ids += [t.token_id for t in event.logprobs]
+            times += [now] * len(event.logprobs)
+        elif isinstance(event, Finished):
+            return ids, times
+    raise AssertionError(f"{request.request_id} ended without a final")
+
+
+def run_engine(model: ModularModel, requests: list[GenerationRequest]):
+    engine = Engine(model, EngineConfig(max_batch=len(requests), kv_budget_bytes=512 << 20))
+    engine.start()
+    try:
+        return asyncio.run(_gather(engine, requests))
+    finally:
+        engine.stop()
+
+
+async def _gather(engine: Engine, requests: list[GenerationRequest]):
+    return await asyncio.gather(*(stream(engine, r) for r in requests))
+
+
+def decode_rate(model: ModularModel) -> float:
+    [(ids, times)] = run_engine(model, [greedy(SPEED_TOKENS, 0, PROMPTS[4])])
+    return (len(ids) - 1) / (times[-1] - times[0])
+
+
+def peak_rss_loading(bundle: Path, name: str) -> tuple[int, int]:
+    """(peak, after) resident bytes of a fresh process that loads the model in `name`."""
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from inference_svc.model.modular import ModularModel\n"
+        "from inference_svc.model.precision import resolve_precision\n"
+        "p = resolve_precision('--decoder-weights', sys.argv[2], torch.float32, ['cpu'])\n"
+        "m = ModularModel(Path(sys.argv[1]), decoder_weights=p)\n"
+        "status = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+        "print(int(status['VmHWM'].split()[0]) * 1024, int(status['VmRSS'].split()[0]) * 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(bundle), name], check=True,
+                          capture_output=True, text=True)
+    peak, after = done.stdout.split()[-2:]
+    return int(peak), int(after)
+
+
+def agreement(reference: list[list[int]], ids: list[list[int]]) -> tuple[int, float, float]:
+    """Prompts whose tokens all match, mean matching prefix, share of equal positions."""
+    prefixes = []
+    for ref, got in zip(reference, ids, strict=True):
+        prefixes.append(next((i for i, (a, b) in enumerate(zip(ref, got, strict=True))
+                              if a != b), len(ref)))
+    same = sum(a == b for ref, got in zip(reference, ids, strict=True)
+               for a, b in zip(ref, got, strict=True))
+    return (sum(p == AGREEMENT_TOKENS for p in prefixes), sum(prefixes) / len(prefixes),
+            same / (len(reference) * AGREEMENT_TOKENS))
+
+
+def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
+    path, text = reference_text()
+    print_load("quantization_quality")
+    names = ["fp32", "bf16", "fp16", "int8", INT8_HEAD]
+    prompts = [greedy(AGREEMENT_TOKENS, i, p) for i, p in enumerate(PROMPTS)]
+    results: dict[str, dict] = {}
+    for name in names:
+        model = load(default_bundle, name)
+        ids = [ids for ids, _ in run_engine(model, prompts)]
+        results[name] = {"perplexity": perplexity(model, text), "ids": ids,
+                         "decoder_bytes": decoder_bytes(model)}
+        if name != INT8_HEAD:
+            results[name]["peak_rss"], results[name]["rss"] = peak_rss_loading(
+                default_bundle, name)
+        del model
+    speeds: dict[str, list[float]] = {"fp32": [], "int8": [], INT8_HEAD: []}
+    models = {name: load(default_bundle, name) for name in speeds}
+    for _ in range(repeats(3)):
+        for name, model in models.items():
+            speeds[name].append(decode_rate(model))
+    refused = {}
+    for name in ("int4", "fp8"):
+        with pytest.raises(UnsupportedPrecision) as error:
+            resolve_precision("--decoder-weights", name, torch.float32, ["cpu"])
+        refused[name] = str(error.value)
+
+    full = results["fp32"]["perplexity"]
+    rows = []
+    for name in names:
+        r = results[name]
+        identical, prefix, share = agreement(results["fp32"]["ids"], r["ids"])
+        r.update(identical=identical, mean_prefix=prefix, equal_positions=share)
+        rate = f"{median(speeds[name]):.1f}" if name in speeds else "-"
+        rows.append([name, f"{r['perplexity']:.3f}", f"{r['perplexity'] / full - 1:+.2%}",
+                     f"{identical}/{len(PROMPTS)}", f"{prefix:.1f}", f"{share:.1%}",
+                     f"{r['decoder_bytes'] / 2**20:.1f}",
+                     f"{r['peak_rss'] / 2**20:.0f}" if "peak_rss" in r else "-",
+                     f"{r['rss'] / 2**20:.0f}" if "rss" in r else "-", rate])
+    rows += [[name, "-", "-", "-", "-", "-", "-", "-", "-", "refused on a CPU"]
+             for name in refused]
+    report("quantization_quality",
+           f"Embedded default decoder per precision on {torch.get_num_threads()} CPU threads "
+           f"(perplexity over {path.name}, {AGREEMENT_TOKENS}-token greedy agreement with fp32 "
+           f"on {len(PROMPTS)} prompts, single-stream decode of {SPEED_TOKENS} tokens, median "
+           f"of {len(speeds['fp32'])} alternating rounds)",
+           ["precision", "perplexity", "vs fp32", "identical", "mean prefix", "equal tokens",
+            "decoder MiB", "load peak RSS MiB", "RSS MiB", "decode tok/s"], rows,
+           {"text": str(path), "results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"}
+                                           for k, v in results.items()},
+            "speeds": speeds, "refused": refused},
+           notes=[f"text: {path}", *(f"{k}: {v}" for k, v in refused.items())])
+    assert results["int8"]["perplexity"] < full * 1.01
+    assert results["int8"]["decoder_bytes"] < results["fp32"]["decoder_bytes"] / 2

@@ -1,0 +1,116 @@
+"""Weight precision per module: what each flag value means on this machine, the real
+bytes of quantized weights, and quantized units running the service's own forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from inference_svc.model.checkpoints.placement import bytes_by_device
+from inference_svc.model.glm4v import Glm4vModel
+from inference_svc.model.modular import ModularModel
+from inference_svc.model.paged.kv_pool import RowSlots
+from inference_svc.model.precision import (
+    UnsupportedPrecision,
+    WeightPrecision,
+    quantize_linears,
+    resolve_precision,
+)
+from inference_svc.model.units import DISK
+from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
+
+INT8 = WeightPrecision("int8", torch.float32)
+
+
+def test_auto_keeps_the_dtype_and_floats_name_their_own():
+    assert resolve_precision("--decoder-weights", "auto", torch.float32, ["cpu"]) == \
+        WeightPrecision("fp32", torch.float32)
+    assert resolve_precision("--vision-weights", "bf16", torch.float32, ["cpu"]) == \
+        WeightPrecision("bf16", torch.bfloat16)
+
+
+def test_int8_runs_on_a_cpu_in_the_modules_floating_type():
+    precision = resolve_precision("--decoder-weights", "int8", torch.float32, ["cpu"])
+    assert precision == INT8 and precision.quantized
+
+
+@pytest.mark.parametrize("choice", ["int4", "fp8"])
+def test_cuda_only_precisions_are_refused_on_a_cpu_naming_the_flag(choice):
+    with pytest.raises(UnsupportedPrecision, match=f"^--decoder-weights {choice}: cpu "):
+        resolve_precision("--decoder-weights", choice, torch.float32, ["cpu"])
+
+
+def test_a_quantized_module_loads_onto_its_cuda_device_to_be_quantized_there():
+    assert INT8.placed_on("cuda:1") == {"device_map": {"": "cuda:1"}}
+    assert INT8.placed_on("cpu") == {}
+    assert WeightPrecision.of(torch.bfloat16).placed_on("cuda:0") == {}  # loads as before
+
+
+def test_quantized_linears_count_their_real_bytes_and_stay_close():
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    x = torch.randn(4, 256)
+    before = bytes_by_device(layers)["cpu"]
+    expected = layers(x)
+    quantize_linears(layers, INT8)
+    after = bytes_by_device(layers)["cpu"]
+    # int8 data plus a float scale and an int8 zero point per output row; biases stay fp32
+    weights = 2 * 256 * 512
+    rows = 512 + 256
+    assert after == weights + rows * (4 + 1) + rows * 4
+    assert after < before / 3
+    torch.testing.assert_close(layers(x), expected, atol=0.02, rtol=0.02)
+
+
+def _greedy_paged(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens through the service's paged forwards (prompt, then decode steps)."""
+    block = 16
+    pool = model.new_kv_pool(block_size=block, blocks=8)
+    table = [1, 2, 3]
+    slots = torch.tensor([b * block + i for b in table for i in range(block)])
+    tokens = list(prompt)
+    n = len(prompt)
+    logits = model.forward_paged(pool, [RowSlots(slots[:n], slots[:n])],
+                                 [torch.tensor(prompt)])
+    for _ in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        length = len(tokens) - 1
+        logits = model.decode_paged(pool, [table], [length], [tokens[-1]])
+    return tokens[len(prompt):]
+
+
+def test_an_int8_modular_model_decodes_through_the_paged_path_and_reloads_int8(tiny_bundle):
+    plain = ModularModel(tiny_bundle)
+    quantized = ModularModel(tiny_bundle, decoder_weights=INT8, vision_weights=INT8)
+    states = {u.name: u.state() for u in quantized.units}
+    assert {n: s.precision for n, s in states.items()} == {
+        "decoder": "int8", "vision": "int8", "audio": "fp32"}
+    plain_bytes = {u.name: u.state().weight_bytes for u in plain.units}
+    assert states["decoder"].weight_bytes < plain_bytes["decoder"]
+    assert states["vision"].weight_bytes < plain_bytes["vision"]
+    assert states["audio"].weight_bytes == plain_bytes["audio"]
+    with quantized.decoder_unit.use() as decoder:
+        assert type(decoder.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+        assert decoder.get_input_embeddings().weight.dtype == torch.float32  # not quantized
+    prompt = quantized.tokenizer.encode("Hello, how are you?")
+    tokens = _greedy_paged(quantized, prompt, 6)
+    assert len(tokens) == 6
+    vision = quantized.encoders["image"]
+    vision.move_to(DISK)
+    vision.load()
+    assert vision.state().weight_bytes == states["vision"].weight_bytes
+    assert vision.state().precision == "int8"
+
+
+def test_a_glm4v_model_quantizes_its_decoder_but_not_its_tower_or_head(tmp_path):
+    model = Glm4vModel(write_tiny_glm4v_checkpoint(tmp_path / "glm4v"), decoder_weights=INT8)
+    assert {u.name: u.precision for u in model.units} == {"decoder": "int8", "vision": "fp32"}
+    with model.decoder_unit.use() as decoder:
+        layer = decoder.model.language_model.layers[0]
+        assert type(layer.self_attn.q_proj.weight).__name__ == "Int8Tensor"
+        assert decoder.lm_head.weight.dtype == torch.float32
+    with model.encoders["image"].use() as tower:
+        assert all(type(p) is nn.Parameter for p in tower.parameters())
+    prompt = model.tokenizer.encode("Hello")
+    assert len(_greedy_paged(model, prompt, 3)) == 3
