@@ -77,16 +77,16 @@ def int4_bytes(out: int, inp: int) -> int:
 
 def test_glm41v_9b_decoder_bytes_per_precision_by_hand(tmp_path: Path) -> None:
     tensors = read_model(config_dirs(tmp_path)[0], full="bf16").tensors.modules["decoder"]
-    small = 2 * (LAYERS * LAYER_SMALL + H)  # biases and norms stay bf16
-    matrices = [m for _ in range(LAYERS) for m in LAYER_MATRICES] + [(V, H)]  # + lm_head
-    embedding_int8 = V * H + V * 3  # int8 rows, a bf16 scale and an int8 zero per row
+    # biases, norms, the embedding table and the LM head stay bf16
+    small = 2 * (LAYERS * LAYER_SMALL + H) + 2 * 2 * V * H
+    matrices = [m for _ in range(LAYERS) for m in LAYER_MATRICES]
     assert weight_bytes(tensors, "bf16", "bf16") == 2 * DECODER_PARAMS
     assert weight_bytes(tensors, "int8", "bf16") == (
-        sum(o * i + o * 5 for o, i in matrices) + embedding_int8 + small)
+        sum(o * i + o * 5 for o, i in matrices) + small)
     assert weight_bytes(tensors, "fp8", "bf16") == (
-        sum(o * i + o * 4 for o, i in matrices) + embedding_int8 + small)
+        sum(o * i + o * 4 for o, i in matrices) + small)
     assert weight_bytes(tensors, "int4", "bf16") == (
-        sum(int4_bytes(o, i) for o, i in matrices) + embedding_int8 + small)
+        sum(int4_bytes(o, i) for o, i in matrices) + small)
 
 
 def test_one_24_gib_card_by_hand(tmp_path: Path) -> None:
@@ -187,20 +187,13 @@ def test_planned_bytes_are_what_the_loaded_default_reports(default_bundle: Path)
     counters = audio["num_hidden_layers"] * (8 - 4)
     assert reported["audio"] - planned["audio"] == table + counters
 
-    # int8: the decoder quantized with torchao as the plan assumes it (every Linear
-    # int8 weight-only, the tied embedding an int8 table) holds the planned bytes
-    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
+    # int8: the decoder as the service loads it with --decoder-weights int8 reports the
+    # planned bytes (and the same rotary buffers)
+    from inference_svc.model.precision import WeightPrecision
 
-    with model.decoder_unit.use() as decoder:
-        assert decoder.config.tie_word_embeddings
-        quantize_(decoder, Int8WeightOnlyConfig(),
-                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name != "lm_head")
-        quantize_(decoder, IntxWeightOnlyConfig(weight_dtype=torch.int8,
-                                                granularity=PerAxis(0)),
-                  filter_fn=lambda m, _: isinstance(m, torch.nn.Embedding))
-        decoder.lm_head.weight = decoder.get_input_embeddings().weight
-        quantized = stored_bytes(decoder)
+    del model
+    quantized = ModularModel(default_bundle, dtype=torch.float32,
+                             decoder_weights=WeightPrecision("int8", torch.float32))
     int8 = layout(spec, Cards(0, 64 * GIB), "int8", "fp32").weights["decoder"]
-    assert quantized - int8 == 2 * 32 * 4
+    assert quantized.decoder_unit.state().weight_bytes - int8 == 2 * 32 * 4
 

@@ -24,17 +24,13 @@ INT8_ROW_BYTES = 4 + 1
 FP8_ROW_BYTES = 4
 INT4_GROUP = 128
 INT4_GROUP_BYTES = 2 + 2
-TABLE_ZERO_BYTES = 1
 MODULE = "module"
-# What a module quantized to int8, fp8 or int4 does with each kind of tensor: one
-# assumption, shared with the loader that quantizes (--decoder-weights, --vision-weights).
-# Every nn.Linear weight takes the module's precision, the LM head included (untied in
-# GLM-4.1V: 0.62 B of the decoder's 9.4 B parameters). The token embedding is an
-# nn.Embedding, whose lookup reads a few rows, so a smaller table costs no time: it goes
-# to int8 per row under any quantized decoder, which saves 0.58 of GLM-4.1V-9B's 1.16 GiB
-# table, and no lower, as its rows are the model's input. Biases, norms, convolutions and
-# position tables stay at full precision; a tied LM head is the embedding itself.
-QUANTIZED_ROLES = {"linear": MODULE, "lm_head": MODULE, "embedding": "int8"}
+# What a module quantized to int8, fp8 or int4 does with each kind of tensor, as the
+# loader that quantizes does it (model/precision.py: --decoder-weights, --vision-weights):
+# every nn.Linear weight but the LM head takes the module's precision. The LM head, the
+# token embedding, biases, norms, convolutions and position tables stay at full precision
+# (an int8 LM head made each CPU decode step slower: tests/bench/test_quantization_quality.py).
+QUANTIZED_ROLES = {"linear": MODULE}
 
 
 def tensor_bytes(tensor: TensorSpec, precision: str, full: str) -> int:
@@ -47,8 +43,6 @@ def tensor_bytes(tensor: TensorSpec, precision: str, full: str) -> int:
     if role is None:
         return tensor.numel * element
     out, inp = tensor.shape
-    if role != MODULE:  # the embedding's int8 table
-        return out * inp + out * (element + TABLE_ZERO_BYTES)
     if precision == "int8":
         return out * inp + out * INT8_ROW_BYTES
     if precision == "fp8":
