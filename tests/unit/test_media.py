@@ -129,23 +129,16 @@ def test_float_samples_at_full_scale_are_accepted():
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 44100])
-def test_audio_shorter_than_the_encoders_minimum_names_the_minimum(rate):
-    too_short = np.zeros(rate * 20 // 1000, "<i2").tobytes()  # 20 ms
-    with pytest.raises(InvalidMedia) as info:
-        decode_pcm(too_short, sample_rate=rate, encoding="s16le", channels=1,
-                   field="messages[0].parts[1].audio.pcm", target_rate=16_000, min_samples=400)
-    assert "at least 25 ms" in info.value.message
-    assert info.value.field == "messages[0].parts[1].audio.pcm"
-    enough = np.zeros(rate * 25 // 1000, "<i2").tobytes()
-    decoded = decode_pcm(enough, sample_rate=rate, encoding="s16le", channels=1,
-                         field="p", target_rate=16_000, min_samples=400)
-    assert len(decoded.samples) >= 400
+def test_one_sample_of_audio_decodes(rate):
+    decoded = decode_pcm(np.zeros(1, "<i2").tobytes(), sample_rate=rate, encoding="s16le",
+                         channels=1, field="p", target_rate=16_000)
+    assert len(decoded.samples) >= 1
 
 
 def test_wav_without_frames_is_rejected():
     with pytest.raises(InvalidMedia) as info:
         decode_wav(wav_bytes(0.0), field="a", target_rate=16_000)
-    assert "ms long" in info.value.message
+    assert "ms long" in info.value.message and "at least one sample" in info.value.message
 
 
 def test_any_clip_of_one_sample_or_more_encodes_to_its_tokens():

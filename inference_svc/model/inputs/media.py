@@ -94,13 +94,8 @@ def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def decode_wav(
-    data: bytes, *, field: str, target_rate: int, min_samples: int = 1
-) -> DecodedAudio:
-    """Decode a RIFF/WAVE file (integer or float PCM) to mono float32 at target_rate.
-
-    `min_samples` is the fewest samples at target_rate the audio encoder can take.
-    """
+def decode_wav(data: bytes, *, field: str, target_rate: int) -> DecodedAudio:
+    """Decode a RIFF/WAVE file (integer or float PCM) to mono float32 at target_rate."""
     if not data:
         raise InvalidMedia(f"{field}: audio data is empty", field=field)
     try:
@@ -117,8 +112,7 @@ def decode_wav(
         raise
     except Exception as exc:  # libsndfile and its wrapper raise many types on hostile bytes
         raise InvalidMedia(f"{field}: cannot decode WAV audio: {exc}", field=field) from exc
-    return _finish_audio(samples, rate, field=field, target_rate=target_rate,
-                         min_samples=min_samples)
+    return _finish_audio(samples, rate, field=field, target_rate=target_rate)
 
 
 def decode_pcm(
@@ -129,7 +123,6 @@ def decode_pcm(
     channels: int,
     field: str,
     target_rate: int,
-    min_samples: int = 1,
 ) -> DecodedAudio:
     """Decode raw interleaved PCM (s16le or f32le) to mono float32 at target_rate."""
     if sample_rate < 1000 or sample_rate > 192_000:
@@ -153,12 +146,11 @@ def decode_pcm(
         raise InvalidMedia(f"{field}: audio longer than {MAX_AUDIO_SECONDS:.0f} s", field=field)
     samples = np.frombuffer(data, dtype=dtype).astype(np.float32) * scale
     return _finish_audio(samples.reshape(-1, channels), sample_rate, field=field,
-                         target_rate=target_rate, min_samples=min_samples)
+                         target_rate=target_rate)
 
 
 def _finish_audio(
-    frames: np.ndarray, rate: int, *, field: str, target_rate: int, min_samples: int
-) -> DecodedAudio:
+    frames: np.ndarray, rate: int, *, field: str, target_rate: int) -> DecodedAudio:
     """Check [frames, channels] samples, then mix to mono and resample to target_rate."""
     if not np.all(np.isfinite(frames)):
         raise InvalidMedia(f"{field}: audio contains NaN or infinite samples", field=field)
@@ -170,13 +162,9 @@ def _finish_audio(
         )
     mono = frames.mean(axis=1)
     samples = resample(mono, rate, target_rate) if len(mono) else mono
-    if len(samples) < max(min_samples, 1):
-        needed_ms = math.ceil(max(min_samples, 1) * 1000 / target_rate)
-        raise InvalidMedia(
-            f"{field}: audio is {len(mono) * 1000 / rate:.1f} ms long; the audio encoder "
-            f"needs at least {needed_ms} ms",
-            field=field,
-        )
+    if not len(samples):
+        raise InvalidMedia(f"{field}: audio is {len(mono) * 1000 / rate:.1f} ms long; it "
+                           f"needs at least one sample at {target_rate} Hz", field=field)
     return DecodedAudio(samples=samples, sample_rate=target_rate)
 
 
