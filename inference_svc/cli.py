@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # transformers imports torchao whenever it is installed; on a CPU build torchao says at
+    # import that its CUDA kernels do not load, and torch that its enums are registered
+    # the old way: nothing an operator can act on, on every start
+    for library in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(library).setLevel(logging.ERROR)
     from inference_svc.model.checkpoints.glm4v_config import UnreadableCheckpoint
     from inference_svc.model.precision import UnsupportedPrecision
     from inference_svc.server import serve
