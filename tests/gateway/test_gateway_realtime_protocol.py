@@ -502,6 +502,27 @@ def test_speech_during_a_response_cancels_it_and_is_the_next_turn(
     assert audio_of(request) == [audio[:at_ms(800)], audio[at_ms(800):at_ms(1700)]]
 
 
+def test_one_append_holding_two_utterances_is_two_turns_and_cuts_the_first_answer(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = fake_service.gated("first", " second")  # answers wait for release
+    detect_turns(session)
+    audio = tone(0.3) + silence(0.6) + tone(0.3) + silence(0.6)
+    append(session, audio, chunk_ms=2000)
+    first = session.until("response.done")
+    second = session.until("response.output_text.delta")
+    fake_service.released.set()
+    second += session.until("response.done")
+
+    assert first[-1]["response"]["status_details"] == {"type": "cancelled",
+                                                       "reason": "turn_detected"}
+    assert second[-1]["response"]["status"] == "completed"
+    assert [kind for kind in kinds(first + second) if kind.startswith("input_audio")] == [
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed"] * 2
+    assert [audio[:at_ms(800)], audio[at_ms(800):at_ms(1700)]] in [
+        audio_of(request) for request in fake_service.requests]
+
+
 def test_without_interrupt_response_speech_during_a_response_waits_for_response_create(
         session: Session, fake_service: FakeInferenceService):
     fake_service.script = fake_service.gated("first", " second")
