@@ -9,9 +9,16 @@ as it is asked (the conversation or settings changed since it opened, the respon
 its own input or overrides, the service dropped the call), the response is a Generate
 call with the whole conversation instead: slower, same answer.
 
+With `server_vad` turn detection the gateway commits and asks for the response itself:
+its detector (realtime_vad) watches the appended audio; silence before speech is kept only
+as far as `prefix_padding_ms` reaches back and never reaches the service; at speech start
+the GenerateLive call opens with that padding, and when the speech stops the buffer up to
+the end of the silence becomes the item and the response sends `end`. Speech starting
+while a response streams cancels it (`interrupt_response`).
+
 Errors are `error` events and the connection stays open; closing the socket cancels the
-upstream calls and ends the service-side session. No turn detection: the client commits
-(OpenAI's `turn_detection: null`).
+upstream calls and ends the service-side session. Without turn detection (OpenAI's
+`turn_detection: null`, this gateway's default) the client commits.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from .realtime_schema import (
     validate_event,
 )
 from .realtime_upload import LiveUpload
+from .realtime_vad import FRAME_SAMPLES, Boundary, SpeechDetector
 from .resample import Resampler
 from .upstream import InferenceUpstream
 
@@ -110,6 +118,11 @@ async def serve(websocket: WebSocket, *, config: GatewayConfig, upstream: Infere
         metrics.realtime_sessions.dec()
 
 
+def _samples(ms: float) -> int:
+    """At the service's rate."""
+    return int(ms * SERVICE_RATE_HZ // 1000)
+
+
 async def _refuse(websocket: WebSocket, error: GatewayError) -> None:
     """Answer the upgrade with the HTTP error the other routes give; a server without the
     denial-response extension closes with 1008 (policy violation) instead."""
@@ -137,6 +150,11 @@ class RealtimeSession:
         self._buffer = bytearray()
         self._resampler: Resampler | None = None
         self._received_samples = 0  # appended since the last commit, at the input rate
+        self._buffer_start = 0  # where the buffer begins in the session's 16 kHz audio
+        # under turn detection: the detector, whether the buffer holds speech, its item's id
+        self._detector: SpeechDetector | None = None
+        self._speaking = False
+        self._turn_item_id: str | None = None
         self._live: LiveUpload | None = None
         self._run: ResponseRun | None = None
         self._task: asyncio.Task[None] | None = None
@@ -188,38 +206,57 @@ class RealtimeSession:
 
     async def _update_session(self, event: SessionUpdate) -> None:
         settings = updated_session(self.settings, event.session)
-        if settings.input_rate_hz != self.settings.input_rate_hz and self._received_samples:
-            raise BadRequest("session.audio.input.format: the input audio buffer holds audio "
-                             "at the current rate; commit or clear it first",
-                             param="session.audio.input.format", code="invalid_value")
+        new_rate = settings.input_rate_hz != self.settings.input_rate_hz
+        new_turns = settings.turn_detection != self.settings.turn_detection
+        if (new_rate or new_turns) and self._turn_open():
+            param = ("session.audio.input.format" if new_rate
+                     else "session.turn_detection"
+                     if "turn_detection" in event.session.model_fields_set
+                     else "session.audio.input.turn_detection")
+            raise BadRequest(f"{param}: the input audio buffer holds "
+                             f"{'speech' if self._detector else 'audio'} taken under the "
+                             "current settings; commit or clear it first", param=param,
+                             code="invalid_value")
         self.settings = settings
+        if new_rate or new_turns:
+            self._restart_input()
         await self._send(self._events.session_updated(settings))
         await self._sync_live()
 
     async def _append(self, event: BufferAppend) -> None:
         pcm = decode_audio(event.audio, "audio")
         rate = self.settings.input_rate_hz
-        samples = self._received_samples + len(pcm) // 2
-        if samples > MAX_BUFFER_S * rate:
-            raise BadRequest(f"audio: the input audio buffer would pass {MAX_BUFFER_S:g} s; "
-                             "commit it (or clear it) first", param="audio",
-                             code="input_audio_buffer_too_large")
+        if self._detector is None:  # a detected turn ends by itself at this length
+            samples = self._received_samples + len(pcm) // 2
+            if samples > MAX_BUFFER_S * rate:
+                raise BadRequest(f"audio: the input audio buffer would pass {MAX_BUFFER_S:g} "
+                                 "s; commit it (or clear it) first", param="audio",
+                                 code="input_audio_buffer_too_large")
+            self._received_samples = samples
         if self._resampler is None:
             self._resampler = Resampler(rate, SERVICE_RATE_HZ)
-        self._received_samples = samples
         fresh = self._resampler.feed(pcm)
+        if self._detector is not None:
+            await self._detect_turns(self._detector, fresh)
+            return
         self._buffer += fresh
         await self._sync_live(fresh)
 
     async def _commit(self) -> None:
-        if not self._received_samples:
+        if not (self._buffer if self._detector else self._received_samples):
             raise BadRequest("the input audio buffer is empty; append audio before committing",
                              code="input_audio_buffer_commit_empty")
-        assert self._resampler is not None
-        tail = self._resampler.flush()
-        self._buffer += tail
-        await self._sync_live(tail)
-        item = Item(new_id("item"), "user", [Audio(bytes(self._buffer))])
+        if self._detector is not None:
+            self._detector.restart()  # the audio stream goes on; what follows is a new turn
+        else:
+            assert self._resampler is not None
+            tail = self._resampler.flush()
+            self._buffer += tail
+            await self._sync_live(tail)
+        await self._commit_buffer()
+
+    async def _commit_buffer(self) -> None:
+        item = Item(self._turn_item_id or new_id("item"), "user", [Audio(bytes(self._buffer))])
         if self._live is not None and self._live.item_id is None:
             self._live.item_id = item.id
         self._reset_buffer()
@@ -232,8 +269,71 @@ class RealtimeSession:
         if self._live is not None and self._live.item_id is None:
             self._live.cancel()
             self._live = None
+        if self._detector is not None:
+            self._detector.restart()
         self._reset_buffer()
         await self._send(self._events.buffer_cleared())
+
+    async def _detect_turns(self, detector: SpeechDetector, fresh: bytes) -> None:
+        """Take `fresh` audio under turn detection: it joins the buffer piece by piece, and
+        between the pieces speech starts or stops where the detector found it."""
+        origin = detector.position  # where `fresh` begins in the session's audio
+        taken = 0  # samples of `fresh` in the buffer
+        for boundary in detector.feed(fresh):
+            # a start may lie in a frame begun by earlier audio, already in the buffer
+            upto = max(boundary.at - origin, taken)
+            await self._take(fresh[2 * taken:2 * upto])
+            taken = upto
+            await self._at_boundary(boundary)
+        await self._take(fresh[2 * taken:])
+
+    async def _take(self, pcm: bytes) -> None:
+        self._buffer += pcm
+        if self._speaking:
+            await self._sync_live(pcm)
+            return
+        # no speech yet: keep what the padding may need, and the detector's partial frame
+        assert self.settings.turn_detection is not None
+        keep = _samples(self.settings.turn_detection.prefix_padding_ms) + FRAME_SAMPLES
+        self._drop_before(self._buffer_start + len(self._buffer) // 2 - keep)
+
+    async def _at_boundary(self, boundary: Boundary) -> None:
+        """Speech started: the turn's events and its live call; speech stopped: commit
+        and respond. The gateway's detector is the one source of truth: the live call goes
+        without the service's own silence watch (GenerateLiveStart.end_on_silence_ms),
+        which would judge by its own level and frames and could end the input before the
+        gateway saw the speech stop, dropping what follows; sending `end` here costs one
+        message's trip."""
+        vad = self.settings.turn_detection
+        assert vad is not None
+        if boundary.kind == "started":
+            self._drop_before(boundary.at - _samples(vad.prefix_padding_ms))
+            self._speaking = True
+            self._turn_item_id = new_id("item")
+            await self._send(self._events.speech_started(self._buffer_start,
+                                                         self._turn_item_id))
+            if self._run is not None and vad.interrupt_response:
+                self._run.cancel("turn_detected")
+            await self._sync_live()
+            return
+        assert self._turn_item_id is not None
+        await self._send(self._events.speech_stopped(boundary.at, self._turn_item_id))
+        if self._run is not None and self._run.cancel_requested and self._task is not None:
+            await asyncio.wait({self._task})  # its item joins the conversation first
+        await self._commit_buffer()
+        if not vad.create_response:
+            return
+        if self._run is not None:  # interrupt_response off: the client may ask later
+            log.info("realtime_turn_unanswered", response_id=self._run.response.id)
+            return
+        await self._create_response(ResponseCreate(type="response.create"))
+
+    def _drop_before(self, sample: int) -> None:
+        """Drop the buffer's audio before `sample` (an index in the session's audio)."""
+        excess = min(sample - self._buffer_start, len(self._buffer) // 2)
+        if excess > 0:
+            del self._buffer[:2 * excess]
+            self._buffer_start += excess
 
     async def _create_item(self, event: ItemCreate) -> None:
         item = to_item(event.item, item_id=event.item.id or new_id("item"),
@@ -325,13 +425,13 @@ class RealtimeSession:
         while a response could still use it. None is opened while a response runs, since
         its item will join the conversation first."""
         live = self._live
+        speech = self._speech()
         if live is not None and live.item_id is not None:
-            if (not self._buffer and self._run is None
-                    and self.conversation.last_id == live.item_id):
+            if not speech and self._run is None and self.conversation.last_id == live.item_id:
                 return
             live.cancel()
             self._live = live = None
-        if self._run is not None or not self._buffer:
+        if self._run is not None or not speech:
             return
         # what the basis depends on, cheaper to compare than the basis with its audio
         made_for = (self.conversation.version, self.settings)
@@ -353,12 +453,37 @@ class RealtimeSession:
             timeout=None if timeout is None else timeout + MAX_BUFFER_S)
         self._metrics.realtime_live_streams.inc()
         self._live.call.add_done_callback(lambda _: self._metrics.realtime_live_streams.dec())
-        self._live.feed(bytes(self._buffer))
+        self._live.feed(bytes(speech))
+
+    def _speech(self) -> bytearray:
+        """The uncommitted speech: the buffer, but under turn detection only once speech
+        started in it (the silence kept before is not sent)."""
+        return self._buffer if self._detector is None or self._speaking else bytearray()
+
+    def _turn_open(self) -> bool:
+        """The buffer holds a turn's audio: any under the client's commits, else speech."""
+        return self._speaking if self._detector is not None else self._received_samples > 0
 
     def _reset_buffer(self) -> None:
+        """Empty the buffer. Without turn detection the next append starts a new clip;
+        with it the audio stream goes on through the same resampler and detector."""
+        self._buffer_start += len(self._buffer) // 2
         self._buffer = bytearray()
-        self._resampler = None
         self._received_samples = 0
+        self._speaking = False
+        self._turn_item_id = None
+        if self._detector is None:
+            self._resampler = None
+
+    def _restart_input(self) -> None:
+        """The input's rate or turn detection changed (no turn open): the kept silence
+        goes, a new resampler and detector take the audio from here."""
+        self._reset_buffer()
+        self._resampler = None
+        vad = self.settings.turn_detection
+        self._detector = None if vad is None else SpeechDetector(
+            vad, max_turn_samples=_samples(MAX_BUFFER_S * 1000) - _samples(vad.prefix_padding_ms),
+            position=self._buffer_start)
 
     async def _send(self, event: Event) -> None:
         async with self._send_lock:

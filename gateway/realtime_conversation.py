@@ -23,6 +23,17 @@ _ROLES: dict[str, pb.Role.ValueType] = {
 
 
 @dataclass(frozen=True, slots=True)
+class ServerVad:
+    """OpenAI's `server_vad` turn detection, with OpenAI's defaults (see realtime_vad)."""
+
+    threshold: float = 0.5  # 0..1, louder audio needed as it grows
+    prefix_padding_ms: int = 300  # audio kept before the speech starts
+    silence_duration_ms: int = 500  # the silence that ends the speech
+    create_response: bool = True  # a response starts when the speech stops
+    interrupt_response: bool = True  # speech starting cancels the response in progress
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """What shapes a response: the session's, or a response's overrides of them."""
 
@@ -30,6 +41,7 @@ class Settings:
     temperature: float | None = None  # None: the service's default
     max_output_tokens: int | None = None  # None: OpenAI's "inf", the service's default
     input_rate_hz: int = 24_000  # of appended audio; OpenAI's pcm16 is 24 kHz
+    turn_detection: ServerVad | None = None  # None: the client commits
 
 
 @dataclass(frozen=True, slots=True)

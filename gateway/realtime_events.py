@@ -17,7 +17,7 @@ from typing import Any
 from autoglm.inference.v1 import inference_service_pb2 as pb
 
 from .errors import GatewayError
-from .realtime_conversation import Item, Settings
+from .realtime_conversation import SERVICE_RATE_HZ, Item, ServerVad, Settings
 
 Event = dict[str, Any]
 
@@ -58,6 +58,14 @@ class RealtimeEvents:
             "type": error.error_type, "code": error.code, "message": error.message,
             "param": error.param, "event_id": client_event_id,
         })
+
+    def speech_started(self, at_sample: int, item_id: str) -> Event:
+        return _event("input_audio_buffer.speech_started", audio_start_ms=_ms(at_sample),
+                      item_id=item_id)
+
+    def speech_stopped(self, at_sample: int, item_id: str) -> Event:
+        return _event("input_audio_buffer.speech_stopped", audio_end_ms=_ms(at_sample),
+                      item_id=item_id)
 
     def buffer_committed(self, item_id: str, previous_item_id: str | None) -> Event:
         return _event("input_audio_buffer.committed", previous_item_id=previous_item_id,
@@ -131,15 +139,16 @@ class RealtimeEvents:
                   "instructions": settings.instructions, "tools": [],
                   "temperature": settings.temperature}
         max_tokens = _max_tokens(settings)
+        turn_detection = _turn_detection(settings.turn_detection)
         if self.beta:
             return {**common, "modalities": ["text"], "input_audio_format": "pcm16",
-                    "turn_detection": None, "input_audio_transcription": None,
+                    "turn_detection": turn_detection, "input_audio_transcription": None,
                     "max_response_output_tokens": max_tokens}
         return {**common, "type": "realtime", "output_modalities": ["text"],
                 "max_output_tokens": max_tokens,
                 "audio": {"input": {
                     "format": {"type": "audio/pcm", "rate": settings.input_rate_hz},
-                    "turn_detection": None, "transcription": None}}}
+                    "turn_detection": turn_detection, "transcription": None}}}
 
     def _response(self, response: ResponseState) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -163,6 +172,20 @@ def _event(kind: str, **fields: Any) -> Event:
 def _at(response_id: str, item_id: str) -> dict[str, Any]:
     return {"response_id": response_id, "item_id": item_id, "output_index": 0,
             "content_index": 0}
+
+
+def _ms(samples: int) -> int:
+    return samples * 1000 // SERVICE_RATE_HZ
+
+
+def _turn_detection(vad: ServerVad | None) -> dict[str, Any] | None:
+    if vad is None:
+        return None
+    return {"type": "server_vad", "threshold": vad.threshold,
+            "prefix_padding_ms": vad.prefix_padding_ms,
+            "silence_duration_ms": vad.silence_duration_ms,
+            "create_response": vad.create_response,
+            "interrupt_response": vad.interrupt_response}
 
 
 def _max_tokens(settings: Settings) -> int | str:

@@ -2,8 +2,9 @@
 response's events: response.created; at the first reply the assistant item, its text
 part and text deltas; then the item's and the part's ends and response.done with usage.
 
-A response.cancel cancels the call and the response ends `cancelled`; an upstream error
-becomes an `error` event and a `failed` response.done whose status_details carry it.
+A response.cancel (or speech that interrupts it) cancels the call and the response ends
+`cancelled`; an upstream error becomes an `error` event and a `failed` response.done whose
+status_details carry it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ResponseRun:
                  path: str) -> None:
         self.response = response
         self.cancel_requested = False
+        self._cancel_reason = "client_cancelled"
         self._events = events
         self._send = send
         # adds the item to the conversation and returns the one before; None: out of band
@@ -40,14 +42,18 @@ class ResponseRun:
         self.path = path  # "live" or "generate", for the log and the metrics
         self._call: grpc.aio.Call | None = None
 
-    def cancel(self) -> None:
-        """response.cancel: stop generating; the response ends `cancelled`."""
+    def cancel(self, reason: str = "client_cancelled") -> None:
+        """Stop generating (response.cancel, or "turn_detected": the user spoke again); the
+        response ends `cancelled` with `reason`."""
         self.cancel_requested = True
+        self._cancel_reason = reason
         if self._call is not None:
             self._call.cancel()
 
     async def run(self, call: grpc.aio.Call) -> None:
         self._call = call
+        if self.cancel_requested:  # before the task began
+            call.cancel()
         response, events = self.response, self._events
         started = time.monotonic()
         item: Item | None = None
@@ -124,7 +130,7 @@ class ResponseRun:
                 "type": failure.error_type, "code": failure.code, "message": failure.message}}
         elif final is None:  # cancelled by the client before the final message
             response.status = "cancelled"
-            response.status_details = {"type": "cancelled", "reason": "client_cancelled"}
+            response.status_details = {"type": "cancelled", "reason": self._cancel_reason}
         elif final.finish_reason == pb.FINISH_REASON_LENGTH:
             response.status = "incomplete"
             response.status_details = {"type": "incomplete", "reason": "max_output_tokens"}

@@ -5,7 +5,8 @@ One model reads both spellings of OpenAI's protocol: the GA one (`output_modalit
 `max_output_tokens`, `audio.input.format`) and the beta one (`modalities`,
 `max_response_output_tokens`, `input_audio_format`). Fields the gateway cannot honour are
 ignored, except those whose silent loss would leave a client waiting for something that
-never comes (audio output, turn detection, tools): those are refused, naming the field.
+never comes (audio output, semantic turn detection, an idle timeout, tools): those are
+refused, naming the field.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from autoglm_common.bounds import quote
 
 from .errors import BadRequest, bad_request_from_validation
-from .realtime_conversation import SERVICE_RATE_HZ, Audio, Item, Part, Settings
+from .realtime_conversation import SERVICE_RATE_HZ, Audio, Item, Part, ServerVad, Settings
 from .resample import resample
 
 OPENAI_PCM_RATE_HZ = 24_000
 # GA's audio/pcm names its rate; 16 kHz (the service's own) is taken as an extension
 PCM_RATES_HZ = (OPENAI_PCM_RATE_HZ, SERVICE_RATE_HZ)
 _UINT32_MAX = 2**32 - 1
+_MAX_VAD_MS = 10_000  # of padding before the speech, or of silence that ends it
 
 MaxTokens = int | str  # 1 to 2**32 - 1, or "inf"; checked in `_shaped`
 
@@ -67,6 +69,16 @@ class SessionParams(_Shaping):
     input_audio_format: str | None = None
     audio: AudioConfig | None = None
     turn_detection: dict[str, Any] | None = None
+
+
+class ServerVadParams(_Lenient):
+    type: Literal["server_vad"]
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(default=300, ge=0, le=_MAX_VAD_MS)
+    silence_duration_ms: int = Field(default=500, ge=1, le=_MAX_VAD_MS)
+    create_response: bool = True
+    interrupt_response: bool = True
+    idle_timeout_ms: int | None = None
 
 
 class ContentParam(_Lenient):
@@ -181,13 +193,14 @@ def validate_event(event: dict[str, Any]) -> ClientEvent:
 def updated_session(settings: Settings, params: SessionParams) -> Settings:
     """`settings` with what a session.update sets; BadRequest for what cannot be done."""
     settings = _shaped(settings, params, "session")
-    given = params.model_fields_set
-    if "turn_detection" in given and params.turn_detection is not None:
-        raise _no_turn_detection("session.turn_detection")
+    if "turn_detection" in params.model_fields_set:
+        settings = replace(settings, turn_detection=_turn_detection(
+            params.turn_detection, "session.turn_detection"))
     if params.audio is not None and params.audio.input is not None:
         audio_in = params.audio.input
-        if "turn_detection" in audio_in.model_fields_set and audio_in.turn_detection is not None:
-            raise _no_turn_detection("session.audio.input.turn_detection")
+        if "turn_detection" in audio_in.model_fields_set:
+            settings = replace(settings, turn_detection=_turn_detection(
+                audio_in.turn_detection, "session.audio.input.turn_detection"))
         if audio_in.format is not None:
             settings = replace(settings, input_rate_hz=_pcm_rate(audio_in.format))
     if params.input_audio_format is not None:
@@ -278,7 +291,28 @@ def _pcm_rate(audio_format: AudioFormat) -> int:
     return rate
 
 
-def _no_turn_detection(param: str) -> BadRequest:
-    return BadRequest(f"{param}: turn detection is not supported; set it to null, commit the "
-                      "input audio buffer and send response.create yourself", param=param,
-                      code="invalid_value")
+def _turn_detection(params: dict[str, Any] | None, param: str) -> ServerVad | None:
+    if params is None:
+        return None
+    kind = params.get("type")
+    if kind != "server_vad":
+        problem = (f"{quote(kind)} is not supported" if isinstance(kind, str)
+                   else "is required" if kind is None else "must be a string")
+        raise BadRequest(f"{param}.type {problem}; use 'server_vad', or null "
+                         "to commit the input audio buffer and send response.create yourself",
+                         param=f"{param}.type",
+                         code="missing_required_parameter" if kind is None else "invalid_value")
+    try:
+        vad = ServerVadParams.model_validate(params)
+    except ValidationError as error:
+        prefix = tuple(param.split("."))
+        raise bad_request_from_validation(
+            [{**detail, "loc": (*prefix, *detail["loc"])} for detail in error.errors()]
+        ) from None
+    if vad.idle_timeout_ms is not None:
+        raise BadRequest(f"{param}.idle_timeout_ms: idle timeouts are not supported; leave it "
+                         "null", param=f"{param}.idle_timeout_ms", code="invalid_value")
+    return ServerVad(threshold=vad.threshold, prefix_padding_ms=vad.prefix_padding_ms,
+                     silence_duration_ms=vad.silence_duration_ms,
+                     create_response=vad.create_response,
+                     interrupt_response=vad.interrupt_response)

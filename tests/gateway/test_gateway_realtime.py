@@ -360,3 +360,96 @@ def test_16_khz_speech_goes_to_the_service_as_it_is(client, stub, gateway):
                                                      encoding=pb.PCM_ENCODING_S16LE)))
     assert_answers_as_generate(events, *generate(stub, [user(as_sent)]))
     wait_for_responses(gateway, "live", live + 1)
+
+
+GA_VAD_SESSION = {**GA_SESSION, "audio": {"input": {"turn_detection": {"type": "server_vad"}}}}
+SPEECH_EVENTS = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"]
+
+
+def quiet(seconds: float) -> bytes:
+    return bytes(2 * int(seconds * 24_000))
+
+
+def part_of(stream: bytes, started: Any, stopped: Any) -> pb.Part:
+    """What a detected turn holds of the 24 kHz `stream` appended since the session began,
+    at the service's 16 kHz."""
+    data = resample(stream, 24_000, 16_000)[32 * started.audio_start_ms:
+                                            32 * stopped.audio_end_ms]
+    return pb.Part(audio=pb.Audio(pcm=pb.PcmAudio(data=data, sample_rate_hz=16_000,
+                                                  encoding=pb.PCM_ENCODING_S16LE)))
+
+
+def test_server_vad_ends_the_turn_itself_and_answers_as_generate_would(
+        client, stub, metered, gateway):
+    _, port = metered
+    stream = quiet(1.0) + speech(0.8, frequency=520) + quiet(0.8)
+    received, live = received_seconds(port), responses_by_path(gateway, "live")
+    with client.realtime.connect(model=MODEL) as connection:
+        connection.recv()
+        connection.session.update(session=GA_VAD_SESSION)
+        updated = connection.recv()
+        for piece in pieces(stream, 26):  # no commit, no response.create
+            connection.input_audio_buffer.append(audio=piece)
+        events = turn_events(connection)
+
+    assert updated.session.audio.input.turn_detection.type == "server_vad"
+    assert shape(events) == SPEECH_EVENTS + GA_TURN  # with text deltas
+    started, stopped = events[:2]
+    # 300 ms of padding before the speech, the 500 ms of silence that ended it after
+    assert (started.audio_start_ms, stopped.audio_end_ms) == (700, 2300)
+    assert_answers_as_generate(events, *generate(stub, [user(part_of(stream, started, stopped))]))
+    # the turn went to the service while spoken, the silence before the padding never did
+    assert received_seconds(port) == pytest.approx(received + 1.6)
+    wait_for_responses(gateway, "live", live + 1)
+
+
+def test_server_vad_takes_no_turn_from_silence_and_a_second_turn_carries_the_first(
+        client, stub, metered):
+    _, port = metered
+    stream = quiet(2.0)
+    received = received_seconds(port)
+    with client.realtime.connect(model=MODEL) as connection:
+        connection.recv()
+        connection.session.update(session=GA_VAD_SESSION)
+        connection.recv()
+        for piece in pieces(stream, 20):
+            connection.input_audio_buffer.append(audio=piece)
+        connection.session.update(session=GA_VAD_SESSION)
+        assert connection.recv().type == "session.updated"  # nothing came before it
+        turns = []
+        for pcm in (speech(0.6, frequency=520), speech(0.5)):
+            stream += pcm + quiet(0.7)
+            for piece in pieces(pcm + quiet(0.7), 6):
+                connection.input_audio_buffer.append(audio=piece)
+            turns.append(turn_events(connection))
+
+    first, second = (part_of(stream, *turn[:2]) for turn in turns)
+    first_text, _ = generate(stub, [user(first)])
+    second_text, final = generate(stub, [user(first), assistant(first_text), user(second)])
+    assert shape(turns[0]) == SPEECH_EVENTS + GA_TURN
+    assert text_of(turns[0]) == first_text
+    # the tiny model's second answer may be tokens that decode to no text: no delta then
+    assert shape(turns[1]) == SPEECH_EVENTS + [
+        kind for kind in GA_TURN if second_text or not kind.endswith(".delta")]
+    assert_answers_as_generate(turns[1], second_text, final)
+    assert turns[1][-1].response.usage.input_token_details.cached_tokens > 0
+    spoken_ms = sum(turn[1].audio_end_ms - turn[0].audio_start_ms for turn in turns)
+    assert received_seconds(port) == pytest.approx(received + spoken_ms / 1000)
+
+
+def test_the_beta_client_sets_server_vad_on_the_session(client, stub):
+    stream = quiet(0.5) + speech(0.6, frequency=520) + quiet(0.6)
+    with client.beta.realtime.connect(model=MODEL) as connection:
+        connection.recv()
+        connection.session.update(session={
+            "modalities": ["text"], "instructions": INSTRUCTIONS, "temperature": 0,
+            "max_response_output_tokens": 8, "turn_detection": {"type": "server_vad"}})
+        updated = connection.recv()
+        for piece in pieces(stream, 8):
+            connection.input_audio_buffer.append(audio=piece)
+        events = turn_events(connection)
+
+    assert updated.session.turn_detection.type == "server_vad"
+    assert updated.session.turn_detection.silence_duration_ms == 500
+    assert shape(events) == SPEECH_EVENTS + BETA_TURN
+    assert_answers_as_generate(events, *generate(stub, [user(part_of(stream, *events[:2]))]))

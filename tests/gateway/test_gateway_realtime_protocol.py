@@ -1,6 +1,7 @@
 """/v1/realtime's protocol against the gRPC test double: what a session sends upstream,
 errors as `error` events on a connection that stays open, upstream statuses mapped as the
-HTTP routes map them, cancelling, leaving, and the checks before the upgrade."""
+HTTP routes map them, cancelling, leaving, the checks before the upgrade, and server_vad
+turn detection (its events, threshold, durations and interruptions)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 import openai
 import pytest
 import websockets.sync.client as ws_client
@@ -17,7 +19,14 @@ from gateway_harness import GatewayFactory
 from websockets.exceptions import InvalidStatus
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
-from tests.support.fake_inference import FakeInferenceService, echo, fail, prompt_of, reply
+from tests.support.fake_inference import (
+    FakeInferenceService,
+    audio_of,
+    echo,
+    fail,
+    prompt_of,
+    reply,
+)
 
 MODEL = "autoglm-phone-9b"
 
@@ -139,11 +148,20 @@ BAD_EVENTS = [
      "session.output_modalities"),
     ({"type": "session.update", "session": {"modalities": ["text", "audio"]}},
      "invalid_value", "session.modalities"),
-    ({"type": "session.update", "session": {"turn_detection": {"type": "server_vad"}}},
-     "invalid_value", "session.turn_detection"),
+    ({"type": "session.update", "session": {"turn_detection": {
+        "type": "server_vad", "threshold": 1.5}}}, "invalid_value",
+     "session.turn_detection.threshold"),
+    ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+        "type": "server_vad", "prefix_padding_ms": -1}}}}}, "invalid_value",
+     "session.audio.input.turn_detection.prefix_padding_ms"),
+    ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+        "type": "server_vad", "idle_timeout_ms": 5000}}}}}, "invalid_value",
+     "session.audio.input.turn_detection.idle_timeout_ms"),
     ({"type": "session.update", "session": {"audio": {"input": {
         "turn_detection": {"type": "semantic_vad"}}}}}, "invalid_value",
-     "session.audio.input.turn_detection"),
+     "session.audio.input.turn_detection.type"),
+    ({"type": "session.update", "session": {"turn_detection": {"threshold": 0.5}}},
+     "missing_required_parameter", "session.turn_detection.type"),
     ({"type": "session.update", "session": {"audio": {"input": {
         "format": {"type": "audio/pcmu"}}}}}, "invalid_value",
      "session.audio.input.format.type"),
@@ -329,3 +347,255 @@ def test_the_input_rate_cannot_change_under_buffered_audio(session: Session):
     error = session.error_for({"type": "session.update", "session": {"audio": {"input": {
         "format": {"type": "audio/pcm", "rate": 16000}}}}})
     assert (error["code"], error["param"]) == ("invalid_value", "session.audio.input.format")
+
+
+# server_vad turn detection: speech found in the appended audio, which a test builds from
+# tones and silence at 16 kHz (or 24 kHz), so that every boundary falls on a 20 ms frame
+VAD_DEFAULTS = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                "silence_duration_ms": 500, "create_response": True,
+                "interrupt_response": True}
+GA_VAD_TURN = [
+    "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+    "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done",
+    "response.created", "response.output_item.added", "conversation.item.added",
+    "response.content_part.added", "response.output_text.delta", "response.output_text.delta",
+    "response.output_text.done", "response.content_part.done", "response.output_item.done",
+    "conversation.item.done", "response.done",
+]
+
+
+def tone(seconds: float, dbfs: float = -10.0, rate: int = 16_000) -> bytes:
+    """A 400 Hz sine whose RMS level is `dbfs`."""
+    t = np.arange(round(seconds * rate)) / rate
+    peak = 10 ** (dbfs / 20) * np.sqrt(2) * 32767
+    return (np.sin(2 * np.pi * 400 * t) * peak).astype("<i2").tobytes()
+
+
+def silence(seconds: float, rate: int = 16_000) -> bytes:
+    return bytes(2 * round(seconds * rate))
+
+
+def at_ms(ms: int) -> int:
+    """The byte offset of `ms` in 16 kHz s16le audio."""
+    return ms * 32
+
+
+def detect_turns(session: Session, **fields: Any) -> dict[str, Any]:
+    """Turn server_vad on (GA, 16 kHz input); the session.updated event."""
+    session.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 16_000},
+        "turn_detection": {"type": "server_vad", **fields}}}}})
+    return session.recv()
+
+
+def append(session: Session, pcm: bytes, chunk_ms: int = 100, rate: int = 16_000) -> None:
+    size = 2 * rate * chunk_ms // 1000
+    for start in range(0, len(pcm), size):
+        session.send({"type": "input_audio_buffer.append",
+                      "audio": base64.b64encode(pcm[start:start + size]).decode()})
+
+
+def kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [event["type"] for event in events]
+
+
+def test_speech_then_silence_is_detected_committed_and_answered(
+        session: Session, fake_service: FakeInferenceService):
+    updated = detect_turns(session)
+    audio = silence(1.0) + tone(0.4) + silence(1.0)
+    append(session, audio)
+    events = session.until("response.done")
+
+    assert updated["session"]["audio"]["input"]["turn_detection"] == VAD_DEFAULTS
+    assert kinds(events) == GA_VAD_TURN
+    started, stopped, committed = events[:3]
+    # the padding reaches 300 ms back; the item ends with the 500 ms of silence
+    assert started["audio_start_ms"] == 700 and stopped["audio_end_ms"] == 1900
+    assert started["item_id"] == stopped["item_id"] == committed["item_id"] == \
+        events[3]["item"]["id"]
+    done = events[-1]["response"]
+    assert done["status"] == "completed"
+    assert done["output"][0]["content"][0]["text"] == "Hello, world"
+    (request,) = fake_service.requests
+    assert audio_of(request) == [audio[at_ms(700):at_ms(1900)]]
+
+
+def test_silence_alone_starts_no_turn_and_only_the_padding_is_kept(
+        session: Session, fake_service: FakeInferenceService):
+    detect_turns(session)
+    hum = np.random.default_rng(0).normal(0, 10 ** (-50 / 20) * 32767, 16_000)  # -50 dBFS
+    audio = silence(2.0) + hum.astype("<i2").tobytes()
+    append(session, audio)
+    session.send({"type": "input_audio_buffer.commit"})
+    assert session.recv()["type"] == "input_audio_buffer.committed"  # nothing before it
+    session.send({"type": "response.create"})
+    session.until("response.done")
+
+    (kept,) = audio_of(fake_service.requests[0])
+    assert at_ms(300) <= len(kept) <= at_ms(320)  # the padding and a partial frame
+    assert audio.endswith(kept)
+
+
+@pytest.mark.parametrize(("threshold", "dbfs", "heard"), [
+    (0.5, -30, True), (0.5, -50, False), (0.75, -30, False), (0.75, -10, True),
+    (0.25, -50, True)])
+def test_the_threshold_is_the_level_speech_must_reach(
+        session: Session, threshold: float, dbfs: float, heard: bool):
+    detect_turns(session, threshold=threshold, create_response=False)
+    append(session, tone(0.3, dbfs) + silence(0.6))
+    session.send({"type": "input_audio_buffer.commit"})
+    events = session.until("input_audio_buffer.committed")
+
+    # the level is 80 * (threshold - 1) dBFS: -40 at 0.5, -20 at 0.75, -60 at 0.25
+    assert kinds(events) == (["input_audio_buffer.speech_started",
+                              "input_audio_buffer.speech_stopped",
+                              "input_audio_buffer.committed"] if heard
+                             else ["input_audio_buffer.committed"])
+
+
+def test_a_pause_shorter_than_the_silence_duration_stays_in_the_turn(
+        session: Session, fake_service: FakeInferenceService):
+    detect_turns(session, silence_duration_ms=400, prefix_padding_ms=200,
+                 create_response=False)
+    # a pause of 300 ms goes on with the turn, one of 500 ms ends it 400 ms in
+    audio = (silence(0.5) + tone(0.2) + silence(0.3) + tone(0.2) + silence(0.5) + tone(0.2)
+             + silence(0.6))
+    append(session, audio)
+    events = session.until("input_audio_buffer.committed")
+    events += session.until("input_audio_buffer.committed")
+    session.send({"type": "response.create"})
+    session.until("response.done")
+
+    started = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    stopped = [e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert [e["audio_start_ms"] for e in started] == [300, 1600]  # padding up to turn 1
+    assert [e["audio_end_ms"] for e in stopped] == [1600, 2300]
+    assert audio_of(fake_service.requests[0]) == [audio[at_ms(300):at_ms(1600)],
+                                                  audio[at_ms(1600):at_ms(2300)]]
+
+
+def test_speech_during_a_response_cancels_it_and_is_the_next_turn(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = fake_service.endless()
+    detect_turns(session)
+    audio = tone(0.3) + silence(0.6) + tone(0.3) + silence(0.6)
+    append(session, audio[:at_ms(900)])
+    session.until("response.output_text.delta")
+    fake_service.script = reply(["Again"])
+    append(session, audio[at_ms(900):at_ms(1200)])
+    interrupted = session.until("response.done")
+    assert fake_service.endless_stream_ended.wait(timeout=10)
+    append(session, audio[at_ms(1200):])
+    second = session.until("response.done")
+
+    assert "input_audio_buffer.speech_started" in kinds(interrupted)
+    assert interrupted[-1]["response"]["status_details"] == {"type": "cancelled",
+                                                             "reason": "turn_detected"}
+    assert kinds(second)[:2] == ["input_audio_buffer.speech_stopped",
+                                 "input_audio_buffer.committed"]
+    assert second[-1]["response"]["status"] == "completed"
+    request = fake_service.requests[-1]
+    assert [m.role for m in request.messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT,
+                                                  pb.ROLE_USER]
+    assert prompt_of(request).startswith("tok ")  # what the cancelled response said
+    # the second turn's padding stops where the first turn ended
+    assert audio_of(request) == [audio[:at_ms(800)], audio[at_ms(800):at_ms(1700)]]
+
+
+def test_one_append_holding_two_utterances_is_two_turns_and_cuts_the_first_answer(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = fake_service.gated("first", " second")  # answers wait for release
+    detect_turns(session)
+    audio = tone(0.3) + silence(0.6) + tone(0.3) + silence(0.6)
+    append(session, audio, chunk_ms=2000)
+    first = session.until("response.done")
+    second = session.until("response.output_text.delta")
+    fake_service.released.set()
+    second += session.until("response.done")
+
+    assert first[-1]["response"]["status_details"] == {"type": "cancelled",
+                                                       "reason": "turn_detected"}
+    assert second[-1]["response"]["status"] == "completed"
+    assert [kind for kind in kinds(first + second) if kind.startswith("input_audio")] == [
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed"] * 2
+    assert [audio[:at_ms(800)], audio[at_ms(800):at_ms(1700)]] in [
+        audio_of(request) for request in fake_service.requests]
+
+
+def test_without_interrupt_response_speech_during_a_response_waits_for_response_create(
+        session: Session, fake_service: FakeInferenceService):
+    fake_service.script = fake_service.gated("first", " second")
+    detect_turns(session, interrupt_response=False)
+    append(session, tone(0.3) + silence(0.6))
+    session.until("response.output_text.delta")
+    append(session, tone(0.3) + silence(0.6))
+    spoken = session.until("conversation.item.done")
+    fake_service.released.set()
+    done = session.until("response.done")[-1]["response"]
+    session.send({"type": "response.create"})
+    answer = session.until("response.done")
+
+    assert kinds(spoken) == ["input_audio_buffer.speech_started",
+                             "input_audio_buffer.speech_stopped",
+                             "input_audio_buffer.committed", "conversation.item.added",
+                             "conversation.item.done"]
+    assert done["status"] == "completed"
+    assert done["output"][0]["content"][0]["text"] == "first second"
+    assert answer[0]["type"] == "response.created"  # no response of its own came before
+    assert [m.role for m in fake_service.requests[-1].messages] == [
+        pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_USER]
+
+
+def test_the_beta_dialect_sets_turn_detection_on_the_session(
+        gateway_url: str, fake_service: FakeInferenceService):
+    with ws_client.connect(url_of(gateway_url),
+                           additional_headers={"OpenAI-Beta": "realtime=v1"}) as connection:
+        session = Session(connection)
+        session.send({"type": "session.update", "session": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}})
+        updated = session.recv()
+        append(session, tone(0.4, rate=24_000) + silence(0.5, rate=24_000), rate=24_000)
+        events = session.until("response.done")
+
+    assert updated["session"]["turn_detection"] == {**VAD_DEFAULTS, "silence_duration_ms": 300}
+    assert kinds(events)[:5] == [
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed", "conversation.item.created", "response.created"]
+    assert "response.text.delta" in kinds(events)
+    assert events[1]["audio_end_ms"] == 700
+
+
+def test_turn_detection_cannot_change_while_speech_is_buffered(session: Session):
+    detect_turns(session)
+    append(session, tone(0.3))
+    assert session.recv()["type"] == "input_audio_buffer.speech_started"
+    error = session.error_for({"type": "session.update", "session": {
+        "audio": {"input": {"turn_detection": None}}}})
+    session.send({"type": "input_audio_buffer.clear"})
+    assert session.recv()["type"] == "input_audio_buffer.cleared"
+    session.send({"type": "session.update", "session": {
+        "audio": {"input": {"turn_detection": None}}}})
+    updated = session.recv()
+
+    assert (error["code"], error["param"]) == ("invalid_value",
+                                               "session.audio.input.turn_detection")
+    assert updated["session"]["audio"]["input"]["turn_detection"] is None
+
+
+def test_speech_that_never_falls_silent_is_cut_at_the_longest_buffer(
+        session: Session, fake_service: FakeInferenceService):
+    detect_turns(session, prefix_padding_ms=0, create_response=False)
+    audio = tone(121.0)
+    append(session, audio, chunk_ms=10_000)
+    events = session.until("conversation.item.done")
+    events.append(session.recv())
+    session.send({"type": "response.create"})
+    session.until("response.done")
+
+    assert kinds(events) == ["input_audio_buffer.speech_started",
+                             "input_audio_buffer.speech_stopped",
+                             "input_audio_buffer.committed", "conversation.item.added",
+                             "conversation.item.done", "input_audio_buffer.speech_started"]
+    assert events[1]["audio_end_ms"] == events[5]["audio_start_ms"] == 120_000
+    assert audio_of(fake_service.requests[0]) == [audio[:at_ms(120_000)]]

@@ -4,8 +4,10 @@ tests (the real server is exercised everywhere else, through tests/conftest.py).
 It produces on demand what the real tiny model cannot: reasoning deltas, chosen finish
 reasons, RESOURCE_EXHAUSTED with a retry hint, a stream without a final message, and an
 endless stream whose end it records. Each Generate call is recorded and answered by the
-current `script`. It runs on a thread-pool gRPC server so that sync and async tests alike
-can call it (or a gateway in front of it) while it answers.
+current `script`; a GenerateLive call, once its `end` came, is a Generate call of its
+start's request with the speech as the last user part (as the service joins it). It runs
+on a thread-pool gRPC server so that sync and async tests alike can call it (or a gateway
+in front of it) while it answers.
 """
 
 from __future__ import annotations
@@ -101,6 +103,12 @@ def prompt_of(request: pb.GenerateRequest | pb.CountTokensRequest) -> str:
     return "".join(part.text for message in request.messages for part in message.parts)
 
 
+def audio_of(request: pb.GenerateRequest) -> list[bytes]:
+    """The PCM of each audio part, in order."""
+    return [part.audio.pcm.data for message in request.messages for part in message.parts
+            if part.HasField("audio")]
+
+
 def images_of(request: pb.GenerateRequest | pb.CountTokensRequest) -> list[pb.Image]:
     return [part.image for message in request.messages for part in message.parts
             if part.HasField("image")]
@@ -163,6 +171,30 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
                 rpc_status.to_status(_bad_request("messages", "at least one message is needed"))
             )
         yield from self.script(request, context, request_id)
+
+    def GenerateLive(self, requests: Iterator[pb.GenerateLiveRequest],
+                     context: grpc.ServicerContext):
+        pcm = bytearray()
+        try:
+            start = next(requests).start
+            for message in requests:
+                if message.HasField("end"):
+                    break
+                pcm += message.audio.data
+            else:
+                return  # the client left (cancelled the call) before its end
+        except (StopIteration, grpc.RpcError):
+            return
+        request = pb.GenerateRequest()
+        request.CopyFrom(start.request)
+        speech = pb.Part(audio=pb.Audio(pcm=pb.PcmAudio(
+            data=bytes(pcm), sample_rate_hz=start.format.sample_rate_hz,
+            encoding=start.format.encoding, channels=1)))
+        if request.messages and request.messages[-1].role == pb.ROLE_USER:
+            request.messages[-1].parts.append(speech)
+        else:
+            request.messages.append(pb.Message(role=pb.ROLE_USER, parts=[speech]))
+        yield from self.Generate(request, context)
 
     def GetModelInfo(self, request, context):
         return pb.GetModelInfoResponse(
