@@ -10,6 +10,10 @@ service loads them): what each precision costs in quality, bytes and CPU speed.
   of a process loading the model in that precision;
 - single-stream greedy decode tokens/s through the engine, rounds alternating.
 
+At AutoGLM-Phone-9B's size (random weights, so no perplexity): two GLM-4.1V-9B decoder
+layers quantized as the service does it, their contribution to the hidden state in int8
+and bf16 against fp32, beside int8's rounding of the weights alone.
+
 `int8 + int8 lm_head` is int8 with the (tied) lm_head also quantized, untied from the
 embedding table: it measures whether quantizing the head pays. int4 and fp8 have no CPU
 kernels in torchao and are refused on a CPU (`--decoder-weights` names them).
@@ -243,3 +247,66 @@ def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
            notes=[f"text: {path}", *(f"{k}: {v}" for k, v in refused.items())])
     assert results["int8"]["perplexity"] < full * 1.01
     assert results["int8"]["decoder_bytes"] < results["fp32"]["decoder_bytes"] / 2
+
+
+
+def test_9b_shape_layers_in_int8_stay_within_the_quantization_error():
+    """Two GLM-4.1V-9B decoder layers (random weights at the real widths, bf16, as the
+    service quantizes them): the layers' contribution to the hidden state in int8 and
+    in bf16 against fp32, beside what int8 per-row rounding does to the weights alone."""
+    import copy
+
+    from transformers.models.glm4v.modeling_glm4v import (
+        Glm4vTextConfig,
+        Glm4vTextDecoderLayer,
+        Glm4vTextRotaryEmbedding,
+    )
+
+    from inference_svc.model.precision import WeightPrecision
+    from tests.fixtures.glm41v_9b import GLM41V_9B
+
+    config = Glm4vTextConfig(**GLM41V_9B["text_config"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layers = []
+    for index in range(2):
+        layer = Glm4vTextDecoderLayer(config, index).eval()
+        for weight in (p for p in layer.parameters() if p.dim() == 2):
+            nn.init.normal_(weight, std=config.initializer_range)
+        layers.append(layer.to(torch.bfloat16))
+    tokens = 16
+    hidden = torch.randn(1, tokens, config.hidden_size)
+    positions = torch.arange(tokens)[None].expand(3, 1, tokens)
+    rope = Glm4vTextRotaryEmbedding(config)
+
+    def contribution(stack: list[nn.Module], dtype: torch.dtype) -> torch.Tensor:
+        state = hidden.to(dtype)
+        angles = rope(state, positions)
+        with torch.inference_mode():
+            for layer in stack:
+                out = layer(state, position_embeddings=angles, attention_mask=None,
+                            position_ids=positions)
+                state = out[0] if isinstance(out, tuple) else out
+        return state.float() - hidden
+
+    reference = contribution([copy.deepcopy(layer).float() for layer in layers], torch.float32)
+    int8_layers = [quantize_linears(copy.deepcopy(layer), WeightPrecision("int8", torch.bfloat16))
+                   for layer in layers]
+    errors = {name: float((contribution(stack, torch.bfloat16) - reference).norm()
+                          / reference.norm())
+              for name, stack in (("bf16", layers), ("int8", int8_layers))}
+    rounding = max(float((torch.round(w / s) * s - w).norm() / w.norm())
+                   for w in (p.detach().float() for layer in layers for p in layer.parameters()
+                             if p.dim() == 2)
+                   for s in [w.abs().amax(dim=1, keepdim=True) / 127])
+    report("quantization_9b_layers",
+           "GLM-4.1V-9B widths, 2 decoder layers, 16 positions: error of the layers' "
+           "contribution against fp32",
+           ["precision", "relative error"],
+           [["bf16", f"{errors['bf16']:.2%}"], ["int8 (weights; bf16 compute)",
+                                                f"{errors['int8']:.2%}"],
+            ["int8 rounding of the weights alone (worst matrix)", f"{rounding:.2%}"]],
+           {"errors": errors, "weight_rounding": rounding})
+    # each layer chains about four matrices (q/k/v -> o, gate_up -> down): their rounding
+    # errors add in quadrature on top of bf16's own
+    assert errors["int8"] <= errors["bf16"] + 4 * rounding
