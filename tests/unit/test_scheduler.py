@@ -314,3 +314,23 @@ def test_a_live_prompt_cancelled_mid_speech_keeps_only_the_text_before_it_cached
     account = h.ledger.account()
     assert account.held_bytes == 0
     assert account.cached_bytes == 2 * h.ledger.bytes_per_block  # the text's two blocks
+
+
+def test_a_live_prompt_preempted_for_room_comes_back_with_its_speech(harness):
+    h = harness(budget_blocks=10, prefix_caching=False)
+    h.submit("a", 12, max_new=20)  # 8 blocks at its longest
+    audio = submit_live(h, "live", list(range(1, 9)))
+    audio.append(np.zeros(80, "float32"))  # 8 tokens of speech: 4 blocks with the text
+    while h.scheduler.requests.preemptions == 0:
+        h.step()
+    assert "live" not in [p.key for p in h.scheduler.batch.prefilling]  # gave its blocks up
+    assert h.decoding == ["a"]
+    while not h.handles["a"].ended:
+        h.step()
+    audio.seal()
+    while not h.handles["live"].ended:
+        h.step()
+    final = h.final("live")
+    assert final.reason is FinishReason.LENGTH
+    assert final.usage.prompt_tokens == 8 + 8 + 2 and final.usage.audio_tokens == 8
+    assert h.ledger.account().held_bytes == 0
