@@ -320,3 +320,24 @@ def test_after_an_end_on_silence_a_second_start_is_still_invalid(stub):
                                              audio(quiet), start(), END])))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_of(error) == "start" and "follows end" in error.details()
+
+
+def test_two_choices_of_one_utterance_answer_as_generate_s(stub):
+    pcm = samples(1.0)
+    first = start(n=2)
+    live = list(stub.GenerateLive(iter(utterance(first, chunked(pcm, 100)))))
+    whole = pb.Part(audio=pb.Audio(pcm=pb.PcmAudio(data=pcm, sample_rate_hz=RATE,
+                                                   encoding=pb.PCM_ENCODING_S16LE)))
+    request = pb.GenerateRequest(messages=[user(pb.Part(text="What is said?"), whole)],
+                                 sampling=GREEDY, n=2)
+    generated = list(stub.Generate(request))
+
+    def texts(responses: list[pb.GenerateResponse]) -> dict[int, str]:
+        by_index: dict[int, str] = {0: "", 1: ""}
+        for response in responses:
+            by_index[response.index] += response.text_delta
+        return by_index
+
+    assert texts(live) == texts(generated)
+    assert len(live[-1].final.choices) == 2
+    assert live[-1].final.usage.prompt_tokens == generated[-1].final.usage.prompt_tokens

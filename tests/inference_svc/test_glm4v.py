@@ -366,3 +366,14 @@ def test_preempted_image_requests_finish_with_the_output_of_an_unpreempted_run(m
     assert [text for text, _ in runs.got] == [text for text, _ in runs.expected]
     assert runs.tight.preemptions > 0
     assert (runs.tight.swaps > 0) if chunk == 8 else (runs.tight.swaps == 0)
+
+
+def test_live_audio_is_invalid_argument_naming_the_audio_before_any_is_sent(stub):
+    start = pb.GenerateLiveRequest(start=pb.GenerateLiveStart(
+        request=pb.GenerateRequest(messages=[pb.Message(
+            role=pb.ROLE_USER, parts=[pb.Part(text="listen")])]),
+        format=pb.LiveAudioFormat(sample_rate_hz=16_000, encoding=pb.PCM_ENCODING_S16LE)))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.GenerateLive(iter([start])))  # refused at start: no audio, no end needed
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("audio")
