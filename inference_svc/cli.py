@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     for library in ("torchao", "torch.utils._pytree"):
         logging.getLogger(library).setLevel(logging.ERROR)
     from inference_svc.model.checkpoints.glm4v_config import UnreadableCheckpoint
+    from inference_svc.model.checkpoints.placement import UnplaceableDevice
     from inference_svc.model.precision import UnsupportedPrecision
     from inference_svc.server import serve
 
     try:
         return asyncio.run(serve(config))
-    except (UnreadableCheckpoint, UnsupportedPrecision) as exc:
+    except (UnreadableCheckpoint, UnsupportedPrecision, UnplaceableDevice) as exc:
         print(f"autoglm-server: error: {exc}", file=sys.stderr)
         return 2
 

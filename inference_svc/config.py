@@ -44,8 +44,11 @@ class ServerConfig:
         "a modular bundle or a GLM-4.1V checkpoint directory"))
     cache_dir: Path | None = setting(None, shown="$XDG_CACHE_HOME/autoglm-serve", help=(
         "where the embedded default is converted and cached"))
-    device: str = setting("cpu", help="`cpu`, `cuda:N`, or `auto` (the decoder over every "
-                                      "GPU with accelerate)")
+    device: str = setting("cpu", help=(
+        "`cpu`, `cuda:N`, `auto` (the decoder over every GPU: a GLM-4.1V checkpoint's layers "
+        "split evenly in order, a modular bundle's by accelerate), or a list such as "
+        "`cuda:0,cuda:1` or `cuda:0,cpu` (a GLM-4.1V checkpoint's layers split over those, "
+        "each device holding its layers' KV)"))
     encoder_device: str = setting("", shown="the decoder's", help=(
         "card for the encoders (with `auto`: the last GPU)"))
     kv_reserve_fraction: float = setting(0.3, help="share of each GPU kept free of weights "

@@ -10,7 +10,11 @@ import torch
 from inference_svc.config import ServerConfig
 from inference_svc.model.checkpoints.default_bundle import default_cache_dir, ensure_default_bundle
 from inference_svc.model.checkpoints.model_dir import ModelKind, model_kind
-from inference_svc.model.checkpoints.placement import Placement, plan_placement
+from inference_svc.model.checkpoints.placement import (
+    Placement,
+    UnplaceableDevice,
+    plan_placement,
+)
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.precision import WeightPrecision, resolve_precision
@@ -39,6 +43,13 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
                                kv_reserve_fraction=config.kv_reserve_fraction)
     dtype = resolve_dtype(config.dtype, placement.encoder_device)
     modular = model_kind(bundle) is ModelKind.MODULAR
+    if not modular and placement.sharded:  # GLM-4.1V: its layers over every GPU, in order
+        placement = Placement("split", placement.encoder_device, layer_devices=tuple(
+            f"cuda:{index}" for index in range(torch.cuda.device_count())))
+    if modular and placement.layer_devices:
+        raise UnplaceableDevice(f"--device {config.device}: a device list splits a GLM-4.1V "
+                                "checkpoint's layers; the modular bundle's decoder spreads "
+                                "over the GPUs with --device auto")
     decoder_weights, vision_weights = weight_precisions(config, placement, dtype,
                                                         modular=modular)
     if modular:
@@ -47,7 +58,8 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
     else:
         model = Glm4vModel(bundle, device=placement.encoder_device, dtype=dtype,
                            content_format=config.chat_content_format,
-                           decoder_weights=decoder_weights, vision_weights=vision_weights)
+                           decoder_weights=decoder_weights, vision_weights=vision_weights,
+                           layer_devices=placement.layer_devices)
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
              dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2),
              precision={u.name: u.precision for u in model.units},
@@ -61,6 +73,8 @@ def weight_precisions(config: ServerConfig, placement: Placement, dtype: torch.d
     they go to before anything loads (UnsupportedPrecision names the flag)."""
     if placement.sharded:
         decoder_devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    elif placement.layer_devices:
+        decoder_devices = list(placement.layer_devices)
     else:  # a GLM-4.1V checkpoint goes whole onto the encoders' device
         decoder_devices = [placement.decoder_device if modular else placement.encoder_device]
     return (resolve_precision("--decoder-weights", config.decoder_weights, dtype,

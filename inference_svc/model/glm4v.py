@@ -40,6 +40,7 @@ from inference_svc.errors import ModalityUnavailable
 from inference_svc.model.base import PromptInputs, UnitModel
 from inference_svc.model.checkpoints.glm4v_checkpoint import VISION_PREFIXES, glm4v_manifest
 from inference_svc.model.checkpoints.glm4v_config import read_glm4v_config
+from inference_svc.model.checkpoints.placement import split_layers
 from inference_svc.model.glm4v_vision import (
     DEPLOYMENT_MAX_PIXELS,
     TowerShape,
@@ -104,13 +105,18 @@ class Glm4vModel(PagedForward, UnitModel):
     def __init__(self, checkpoint: Path, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, content_format: str = "string",
                  decoder_weights: WeightPrecision | None = None,
-                 vision_weights: WeightPrecision | None = None):
+                 vision_weights: WeightPrecision | None = None,
+                 layer_devices: tuple[str, ...] = ()):
         """`dtype` is both units' type unless `decoder_weights` or `vision_weights` give
-        that unit another precision (model/precision.py)."""
+        that unit another precision (model/precision.py). The whole model goes on
+        `device`, or with `layer_devices` the decoder's layers are split over those in
+        order (checkpoints/placement.py) and the vision tower stays on `device`."""
         if content_format not in CONTENT_FORMATS:
             raise ValueError(f"content format must be one of {', '.join(CONTENT_FORMATS)}")
         self.bundle = checkpoint
-        self.device = device
+        self.layer_devices = layer_devices
+        self.vision_device = device
+        self.device = layer_devices[0] if layer_devices else device  # the decoder's input
         self.decoder_weights = decoder_weights or WeightPrecision.of(dtype)
         self.vision_weights = vision_weights or WeightPrecision.of(dtype)
         self.dtype = self.decoder_weights.dtype  # the decoder's activations and its KV
@@ -135,9 +141,11 @@ class Glm4vModel(PagedForward, UnitModel):
         self.geometry = self._geometry()
         self._tower_shape = TowerShape.of(self._vision_config, self.vision_dtype)
         self.decoder_unit = ModuleUnit("decoder", "text",
-                                       _first_then(model, self._load_decoder), device,
-                                       precision=self.decoder_weights.name)
-        vision = ModuleUnit("vision", "image", self._load_vision, device, pin_memory=True,
+                                       _first_then(model, self._load_decoder), self.device,
+                                       precision=self.decoder_weights.name,
+                                       placed_by_loader=bool(layer_devices))
+        vision = ModuleUnit("vision", "image", self._load_vision, self.vision_device,
+                            pin_memory=True,
                             precision=self.vision_weights.name)
         self.encoders: dict[str, ModuleUnit] = {"image": vision}
         del model
@@ -163,12 +171,26 @@ class Glm4vModel(PagedForward, UnitModel):
         tensor by tensor as it is read, its lm_head and the tower (dropped: the vision unit
         loads its own) left in the decoder's floating type."""
         # config.json as read_glm4v_config reads it (transformers misreads the flat layout)
+        placed = {"device_map": self._device_map()} if self.layer_devices else \
+            self.decoder_weights.placed_on(self.device)
         return Glm4vForConditionalGeneration.from_pretrained(
             self.bundle, config=copy.deepcopy(self.checkpoint_config.config),
             local_files_only=True,
             **self.decoder_weights.pretrained_kwargs(keep=["lm_head", "model.visual"]),
-            **self.decoder_weights.placed_on(self.device),
+            **placed,
         ).eval()
+
+    def _device_map(self) -> dict[str, str]:
+        """The decoder's layers over `layer_devices`, the embedding with the first and the
+        final norm and LM head with the last; the tower, loaded here only to be dropped
+        (the vision unit loads its own), on the host."""
+        layers = int(self.checkpoint_config.config.text_config.num_hidden_layers)
+        first, last = self.layer_devices[0], self.layer_devices[-1]
+        text = "model.language_model"
+        return {f"{text}.embed_tokens": first, f"{text}.rotary_emb": first,
+                **{f"{text}.layers.{index}": device for index, device
+                   in enumerate(split_layers(layers, self.layer_devices))},
+                f"{text}.norm": last, "lm_head": last, "model.visual": "cpu"}
 
     def _files_read(self) -> dict:
         """What GetModelInfo shows of the checkpoint's own files."""
@@ -395,8 +417,8 @@ class Glm4vModel(PagedForward, UnitModel):
         pixels = torch.cat([media.pixel_values[s.index] for s in needed])
         grids = torch.tensor([media.grids[s.index] for s in needed])
         with self.encoders["image"].use() as tower, torch.inference_mode():
-            features = tower(pixels.to(self.device, self.vision_dtype),
-                             grid_thw=grids.to(self.device),
+            features = tower(pixels.to(self.vision_device, self.vision_dtype),
+                             grid_thw=grids.to(self.vision_device),
                              return_dict=True).pooler_output
         rows = []
         offset = 0

@@ -377,3 +377,41 @@ def test_live_audio_is_invalid_argument_naming_the_audio_before_any_is_sent(stub
         list(stub.GenerateLive(iter([start])))  # refused at start: no audio, no end needed
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("audio")
+
+
+def test_layers_split_over_a_device_list_decode_as_on_one_device(model, checkpoint):
+    """`--device cpu,cpu`: the decoder's layers placed by an explicit device map, a
+    pipeline (on a GPU host: cuda:0,cuda:1 or cuda:0,cpu, tests/inference_svc/test_gpu.py);
+    greedy replies to image requests equal the whole model's, and the KV pool holds each
+    layer on its layer's device."""
+    split = Glm4vModel(checkpoint, layer_devices=("cpu", "cpu"))
+    layers = split.checkpoint_config.config.text_config.num_hidden_layers
+    assert split._device_map()["model.language_model.layers.0"] == "cpu"
+    assert split.new_kv_pool(block_size=16, blocks=1).layer_devices == ["cpu"] * layers
+    requests = [GenerationRequest(f"r{i}", [ChatMessage("user", [
+        ImagePart(png_bytes(color=(80 * i, 30, 0)), "image/png", "messages[0].parts[0].image"),
+        TextPart(f"request {i}")])], SamplingParams(max_new_tokens=12, min_new_tokens=12,
+                                                    temperature=0.0)) for i in range(2)]
+    replies = []
+    for served in (model, split):
+        engine = started(served, prefix_caching=False)
+        try:
+            replies.append([text for text, _ in run(engine, requests)])
+        finally:
+            engine.stop()
+    assert replies[0] == replies[1]
+
+
+def test_a_device_list_is_split_evenly_in_order():
+    from inference_svc.model.checkpoints.placement import (
+        UnplaceableDevice,
+        plan_placement,
+        split_layers,
+    )
+
+    assert split_layers(5, ["cuda:0", "cpu"]) == ["cuda:0"] * 3 + ["cpu"] * 2
+    assert split_layers(40, ["cuda:0", "cuda:1"]) == ["cuda:0"] * 20 + ["cuda:1"] * 20
+    placement = plan_placement("cpu, cpu")
+    assert placement.layer_devices == ("cpu", "cpu") and placement.encoder_device == "cpu"
+    with pytest.raises(UnplaceableDevice, match="cpu and cuda:N"):
+        plan_placement("cpu,mps")

@@ -187,3 +187,39 @@ def test_quantized_linears_replay_in_a_cuda_graph_close_to_bfloat16(name):
     torch.testing.assert_close(captured, eager)
     error = (eager.float() - reference.float()).norm() / reference.float().norm()
     assert error < 0.1
+
+
+def test_glm4v_layers_over_cuda0_and_cpu_decode_as_on_one_device(tmp_path):
+    """The two-card pipeline placement exercised on one GPU: the first half of the
+    decoder's layers (and their KV) on cuda:0, the rest on the host; greedy replies equal
+    the model's on cuda:0 alone."""
+    from inference_svc.model.glm4v import Glm4vModel
+    from inference_svc.types import (
+        ChatMessage,
+        GenerationRequest,
+        ImagePart,
+        SamplingParams,
+        TextPart,
+    )
+    from tests.conftest import png_bytes
+    from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
+    from tests.unit.test_engine_paged import run, started
+
+    checkpoint = write_tiny_glm4v_checkpoint(tmp_path / "glm4v")
+    whole = Glm4vModel(checkpoint, device="cuda:0")
+    split = Glm4vModel(checkpoint, device="cuda:0", layer_devices=("cuda:0", "cpu"))
+    layers = split.checkpoint_config.config.text_config.num_hidden_layers
+    pool = split.new_kv_pool(block_size=16, blocks=1)
+    assert pool.layer_devices == ["cuda:0"] * (layers - layers // 2) + ["cpu"] * (layers // 2)
+    requests = [GenerationRequest(f"r{i}", [ChatMessage("user", [
+        ImagePart(png_bytes(color=(80 * i, 30, 0)), "image/png", "messages[0].parts[0].image"),
+        TextPart(f"request {i}")])], SamplingParams(max_new_tokens=12, min_new_tokens=12,
+                                                    temperature=0.0)) for i in range(2)]
+    replies = []
+    for model in (whole, split):
+        engine = started(model, prefix_caching=False)
+        try:
+            replies.append([text for text, _ in run(engine, requests)])
+        finally:
+            engine.stop()
+    assert replies[0] == replies[1]

@@ -1,12 +1,17 @@
-"""Where modules go: one device, or the decoder spread over every GPU with accelerate.
+"""Where modules go: one device, the decoder spread over every GPU with accelerate, or
+the decoder's layers split over a list of devices.
 
 `device="auto"` with CUDA present loads the decoder with accelerate's device map under a
 per-GPU `max_memory` that leaves a fraction of each card for the KV cache, and puts the
-encoders on a chosen card (the last one by default).
+encoders on a chosen card (the last one by default). `device="cuda:0,cuda:1"` (any list,
+`cpu` included) splits the decoder's layers over those devices evenly and in order, a
+pipeline as the reference deployment spreads GLM-4.1V over two cards: each device holds
+its layers and their KV; the encoders go to the first device unless told otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +20,33 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 @dataclass(frozen=True)
 class Placement:
-    decoder_device: str  # "cpu", "cuda:N", or "auto" (device map over all GPUs)
+    decoder_device: str  # "cpu", "cuda:N", "auto" (device map over all GPUs) or "split"
     encoder_device: str
     max_memory: dict[int | str, int] | None = None
+    layer_devices: tuple[str, ...] = ()  # "split": the decoder's layers over these
 
     @property
     def sharded(self) -> bool:
         return self.decoder_device == "auto"
+
+
+class UnplaceableDevice(ValueError):
+    """`--device` names devices this machine does not have, or a split the model cannot
+    take: a start-up error (exit 2), not a crash."""
+
+
+def split_layers(layers: int, devices: Sequence[str]) -> list[str]:
+    """Each of `layers` decoder layers' device: the devices in order, as evenly as they
+    divide (the first ones take one more when they do not)."""
+    share, extra = divmod(layers, len(devices))
+    return [device for index, device in enumerate(devices)
+            for _ in range(share + (index < extra))]
+
+
+def _checked(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnplaceableDevice(f"--device {device}: CUDA is not available")
+    return device
 
 
 def gpu_max_memory(kv_reserve_fraction: float) -> dict[int | str, int]:
@@ -45,9 +70,13 @@ def plan_placement(device: str, *, encoder_device: str = "",
             return Placement("cuda:0", encoder_device or "cuda:0")
         return Placement("auto", encoder_device or f"cuda:{count - 1}",
                          gpu_max_memory(kv_reserve_fraction))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
-    return Placement(device, encoder_device or device)
+    if "," in device:
+        devices = tuple(_checked(d.strip()) for d in device.split(","))
+        if not all(d == "cpu" or d.startswith("cuda:") for d in devices):
+            raise UnplaceableDevice(f"--device {device}: a device list splits the decoder's "
+                                    "layers over cpu and cuda:N devices only")
+        return Placement("split", encoder_device or devices[0], layer_devices=devices)
+    return Placement(_checked(device), encoder_device or device)
 
 
 def bytes_by_device(module: torch.nn.Module) -> dict[str, int]:
