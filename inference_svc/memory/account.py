@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -94,7 +95,7 @@ def memory_account(engine: Engine) -> MemoryAccount:
     kv_bytes = kv.held_bytes + kv.cached_bytes
     return MemoryAccount(
         taken_at=taken_at,
-        devices=device_memory(modules, kv_bytes, kv_device=str(engine.model.device)),
+        devices=device_memory(modules, kv_bytes, kv_layers=engine.ledger.pool.layer_devices),
         modules=modules, requests=requests, sessions=sessions, kv_bytes=kv_bytes,
         cached_kv_bytes=kv.cached_bytes, shared_kv_bytes=kv.shared_bytes,
         swapped_kv_bytes=kv.swapped_bytes, kv_block_tokens=kv.block_size,
@@ -106,18 +107,26 @@ def memory_account(engine: Engine) -> MemoryAccount:
     )
 
 
+def kv_by_device(kv_bytes: int, kv_layers: list[str]) -> dict[str, int]:
+    """The KV bytes each device holds: every block has a slice on each layer's device, so a
+    decoder split over devices holds its KV in their layers' shares."""
+    counts = Counter(kv_layers)
+    return {device: kv_bytes * count // len(kv_layers) for device, count in counts.items()}
+
+
 def device_memory(modules: list[UnitState], kv_bytes: int, *,
-                  kv_device: str) -> list[DeviceMemory]:
-    """Per device: weights of every resident module, KV, allocator and total bytes."""
+                  kv_layers: list[str]) -> list[DeviceMemory]:
+    """Per device: weights of every resident module, KV (`kv_layers`: each decoder layer's
+    device), allocator and total bytes."""
     weights = weights_by_device(modules)
+    kv = kv_by_device(kv_bytes, kv_layers)
     accounts = [DeviceMemory(device="cpu", weight_bytes=weights.get("cpu", 0),
-                             kv_bytes=kv_bytes if kv_device == "cpu" else 0,
-                             total_bytes=host_memory_bytes())]
+                             kv_bytes=kv.get("cpu", 0), total_bytes=host_memory_bytes())]
     for device in cuda_devices():
         _, total = torch.cuda.mem_get_info(device)
         accounts.append(DeviceMemory(
             device=device, uuid=f"GPU-{torch.cuda.get_device_properties(device).uuid}",
-            weight_bytes=weights.get(device, 0), kv_bytes=kv_bytes if kv_device == device else 0,
+            weight_bytes=weights.get(device, 0), kv_bytes=kv.get(device, 0),
             total_bytes=total, allocated_bytes=torch.cuda.memory_allocated(device),
             reserved_bytes=torch.cuda.memory_reserved(device),
         ))

@@ -415,3 +415,13 @@ def test_a_device_list_is_split_evenly_in_order():
     assert placement.layer_devices == ("cpu", "cpu") and placement.encoder_device == "cpu"
     with pytest.raises(UnplaceableDevice, match="cpu and cuda:N"):
         plan_placement("cpu,mps")
+
+
+def test_the_memory_account_puts_each_layers_kv_on_its_device():
+    from inference_svc.memory.account import kv_by_device
+
+    # a 40-layer decoder over two cards holds half its KV on each
+    assert kv_by_device(4_000, ["cuda:0"] * 20 + ["cuda:1"] * 20) == {
+        "cuda:0": 2_000, "cuda:1": 2_000}
+    assert kv_by_device(3_000, ["cuda:0", "cuda:0", "cpu"]) == {"cuda:0": 2_000, "cpu": 1_000}
+    assert kv_by_device(512, ["cpu"] * 3) == {"cpu": 512}
