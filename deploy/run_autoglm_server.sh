@@ -29,8 +29,10 @@
 #                                   service gets the weight precisions and KV budget that
 #                                   `autoglm-plan` chooses for the model (--model-dir or
 #                                   AUTOGLM_MODEL_DIR) on such cards, as AUTOGLM_DECODER_WEIGHTS,
-#                                   AUTOGLM_VISION_WEIGHTS and AUTOGLM_KV_BUDGET_MB, each
-#                                   unless already set (default: unset, no plan)
+#                                   AUTOGLM_VISION_WEIGHTS, AUTOGLM_KV_BUDGET_MB and
+#                                   AUTOGLM_DEVICE (a GLM-4.1V checkpoint's layers split over
+#                                   the planned cards), each unless already set (default:
+#                                   unset, no plan)
 #   AUTOGLM_PLAN_GPUS               cards the plan spreads the model over (default: the GPUs
 #                                   `nvidia-smi -L` lists)
 #   AUTOGLM_PLAN_AGENTS             phone agents that must fit at once (default 1)

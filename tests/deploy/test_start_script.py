@@ -186,6 +186,7 @@ def test_given_only_the_card_size_the_script_starts_the_service_as_planned(
         assert environ["AUTOGLM_KV_BUDGET_MB"] == planned["AUTOGLM_KV_BUDGET_MB"]
         assert int(planned["AUTOGLM_KV_BUDGET_MB"]) > 1024
         assert environ["AUTOGLM_VISION_WEIGHTS"] == "fp32"
+        assert environ["AUTOGLM_DEVICE"] == planned["AUTOGLM_DEVICE"] == "cpu"
         assert "plan for 3 GiB: AUTOGLM_KV_BUDGET_MB=" in running.log_path.read_text()
         stop_cleanly(running)
 

@@ -83,7 +83,8 @@ def test_agents_ask_for_a_smaller_precision(glm41v_9b_config: Path) -> None:
                 out) == 0
     assert out.getvalue().splitlines() == [
         "AUTOGLM_DECODER_WEIGHTS=int4", "AUTOGLM_VISION_WEIGHTS=auto",
-        f"AUTOGLM_KV_BUDGET_MB={plans[2]['kv_budget_bytes'] // 1024**2}"]
+        f"AUTOGLM_KV_BUDGET_MB={plans[2]['kv_budget_bytes'] // 1024**2}",
+        "AUTOGLM_DEVICE=cuda:0"]
 
 
 def test_fp8_comes_before_int8_where_the_card_runs_it(glm41v_9b_config: Path) -> None:
@@ -193,3 +194,10 @@ def test_text_output_and_bad_arguments(tiny_bundle: Path, tmp_path: Path,
         main([str(tiny_bundle)], io.StringIO())
     assert exit_info.value.code == 2
     assert "--gpu-memory-gib" in capsys.readouterr().err
+
+
+def test_the_environment_splits_glm41v_over_the_planned_cards(glm41v_9b_config: Path) -> None:
+    out = io.StringIO()
+    assert main([str(glm41v_9b_config), "--gpus", "2", "--gpu-memory-gib", "24", "--env"],
+                out) == 0
+    assert "AUTOGLM_DEVICE=cuda:0,cuda:1" in out.getvalue().splitlines()

@@ -10,7 +10,8 @@ safetensors headers alone (no weights are loaded, so it runs on a CPU in seconds
 CHECKPOINT is a native GLM-4.1V checkpoint (a config.json alone will do) or a modular
 bundle; without it, the embedded default bundle. When nothing fits it says why on stderr
 and exits 2. `--env` prints the chosen precisions and KV budget as the service's
-environment (AUTOGLM_DECODER_WEIGHTS, AUTOGLM_VISION_WEIGHTS, AUTOGLM_KV_BUDGET_MB) for
+environment (AUTOGLM_DECODER_WEIGHTS, AUTOGLM_VISION_WEIGHTS, AUTOGLM_KV_BUDGET_MB,
+AUTOGLM_DEVICE) for
 a start script; `--table` prints the plans for 8 to 80 GiB cards, one or two of them.
 """
 
@@ -112,13 +113,19 @@ def render(r: dict) -> str:
 
 
 def env_lines(r: dict) -> str:
-    """The plan as the service's environment; a full-precision module keeps `auto`."""
+    """The plan as the service's environment; a full-precision module keeps `auto`, and
+    a GLM-4.1V checkpoint on several cards has its layers split over them in order as
+    planned (a modular bundle's decoder spreads by accelerate: `auto`)."""
     def flag(precision: str) -> str:
         return "auto" if precision == r["serving_dtype"] else precision
 
+    devices = [card["device"] for card in r["cards"]]
+    device = devices[0] if len(devices) == 1 else (
+        ",".join(devices) if r["kind"] == "glm4v" else "auto")
     return "\n".join([f"AUTOGLM_DECODER_WEIGHTS={flag(r['decoder_weights'])}",
                       f"AUTOGLM_VISION_WEIGHTS={flag(r['vision_weights'])}",
-                      f"AUTOGLM_KV_BUDGET_MB={r['kv_budget_bytes'] // MIB}"])
+                      f"AUTOGLM_KV_BUDGET_MB={r['kv_budget_bytes'] // MIB}",
+                      f"AUTOGLM_DEVICE={device}"])
 
 
 def table(directory: Path, args: argparse.Namespace) -> str:
