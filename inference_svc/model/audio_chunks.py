@@ -55,7 +55,6 @@ class AudioChunking:
     """The geometry of an encoder's chunks, in samples."""
 
     token_samples: int  # samples per audio token (frame stride x frames merged)
-    merge: int  # frames per token
     chunk_tokens: int
     left_tokens: int
     lookahead: int  # zero samples after a window: what its last frame reads past the end
@@ -64,7 +63,7 @@ class AudioChunking:
     def of(cls, conv: list[tuple[int, int]], merge: int, settings: ChunkSettings
            ) -> AudioChunking:
         stride = math.prod(s for _, s in conv)
-        return cls(stride * merge, merge, settings.chunk_tokens, settings.left_tokens,
+        return cls(stride * merge, settings.chunk_tokens, settings.left_tokens,
                    conv_receptive_field(conv) - stride)
 
     @property

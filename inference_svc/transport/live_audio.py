@@ -100,7 +100,7 @@ class Utterance:
 
 class SilenceWatch:
     """Whether the speech has been followed by `ms` of silence: 20 ms frames quieter than
-    SILENCE_DBFS after at least one louder frame."""
+    -40 dBFS (SILENCE_RMS) after at least one louder frame."""
 
     def __init__(self, ms: int) -> None:
         self.needed = ms * SAMPLE_RATE_HZ // 1000

@@ -266,8 +266,7 @@ def submit_live(h: Harness, name: str, before: list[int]):
     from inference_svc.model.inputs.live_audio import LiveAudio
     from inference_svc.model.inputs.prompt import MediaSpan
 
-    chunking = AudioChunking(token_samples=10, merge=1, chunk_tokens=2, left_tokens=0,
-                             lookahead=0)
+    chunking = AudioChunking(token_samples=10, chunk_tokens=2, left_tokens=0, lookahead=0)
     ids = [*before, 8, 9]
     base = PromptPlan(ids, [MediaSpan("audio", 0, len(before), 0, live=True)], content=ids)
     audio = LiveAudio(chunking, digest=name.encode())

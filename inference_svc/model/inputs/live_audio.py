@@ -36,11 +36,6 @@ class LiveAudio:
         self.on_input: Callable[[], None] = _ignore  # more to prefill (the engine's wake-up)
         self.on_encoded: Callable[[float], None] = _ignore  # seconds per chunk (metrics)
 
-    @property
-    def num_samples(self) -> int:
-        with self._lock:
-            return len(self._pcm) // 4
-
     def append(self, samples: np.ndarray) -> None:
         with self._lock:
             if self._sealed:
