@@ -56,7 +56,7 @@ from inference_svc.model.inputs.prompt import (
     media_parts,
 )
 from inference_svc.model.paged.forward import PagedForward
-from inference_svc.model.precision import WeightPrecision, quantize_linears
+from inference_svc.model.precision import WeightPrecision, quantize_linears, with_host_kernels
 from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
@@ -173,12 +173,13 @@ class Glm4vModel(PagedForward, UnitModel):
         # config.json as read_glm4v_config reads it (transformers misreads the flat layout)
         placed = {"device_map": self._device_map()} if self.layer_devices else \
             self.decoder_weights.placed_on(self.device)
-        return Glm4vForConditionalGeneration.from_pretrained(
+        model = Glm4vForConditionalGeneration.from_pretrained(
             self.bundle, config=copy.deepcopy(self.checkpoint_config.config),
             local_files_only=True,
             **self.decoder_weights.pretrained_kwargs(keep=["lm_head", "model.visual"]),
             **placed,
         ).eval()
+        return with_host_kernels(model, self.decoder_weights)
 
     def _device_map(self) -> dict[str, str]:
         """The decoder's layers over `layer_devices`, the embedding with the first and the

@@ -36,7 +36,7 @@ from inference_svc.model.inputs.prompt import (
     render_prompt,
 )
 from inference_svc.model.paged.forward import PagedForward
-from inference_svc.model.precision import WeightPrecision, quantize_linears
+from inference_svc.model.precision import WeightPrecision, quantize_linears, with_host_kernels
 from inference_svc.model.units import ModuleUnit
 
 
@@ -57,9 +57,10 @@ def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict) -> 
     source = getattr(config, "quantization_config", None)
     if isinstance(source, dict) and source.get("quant_method") == "gguf":
         del config.quantization_config
-    return AutoModelForCausalLM.from_pretrained(
+    decoder = AutoModelForCausalLM.from_pretrained(
         directory, config=config, **precision.pretrained_kwargs(keep=["lm_head"]),
         **placed).eval()
+    return with_host_kernels(decoder, precision)
 
 
 class ModularModel(PagedForward, UnitModel):

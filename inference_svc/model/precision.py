@@ -103,6 +103,16 @@ def quantize_linears(module: nn.Module, precision: WeightPrecision) -> nn.Module
         from torchao.quantization import quantize_
 
         quantize_(module, precision.torchao_config())
+    return with_host_kernels(module, precision)
+
+
+def with_host_kernels(module: nn.Module, precision: WeightPrecision) -> nn.Module:
+    """`module` (quantized by torchao) with its int8 Linear layers on a CPU multiplying
+    their int8 bytes directly (model/int8_rows.py)."""
+    if precision.name == "int8":
+        from inference_svc.model.int8_rows import repack_int8_linears
+
+        repack_int8_linears(module)
     return module
 
 

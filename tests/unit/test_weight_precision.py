@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchao.quantization import quantize_
 
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
+from inference_svc.model.int8_rows import PACKED_ROWS, Int8RowsLinear, repack_int8_linears
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.paged.kv_pool import RowSlots
 from inference_svc.model.precision import (
@@ -55,10 +57,10 @@ def test_quantized_linears_count_their_real_bytes_and_stay_close():
     expected = layers(x)
     quantize_linears(layers, INT8)
     after = bytes_by_device(layers)["cpu"]
-    # int8 data plus a float scale and an int8 zero point per output row; biases stay fp32
+    # on a CPU: int8 data plus a bf16 scale per output row; biases stay fp32
     weights = 2 * 256 * 512
     rows = 512 + 256
-    assert after == weights + rows * (4 + 1) + rows * 4
+    assert after == weights + rows * 2 + rows * 4
     assert after < before / 3
     torch.testing.assert_close(layers(x), expected, atol=0.02, rtol=0.02)
 
@@ -91,7 +93,8 @@ def test_an_int8_modular_model_decodes_through_the_paged_path_and_reloads_int8(t
     assert states["vision"].weight_bytes < plain_bytes["vision"]
     assert states["audio"].weight_bytes == plain_bytes["audio"]
     with quantized.decoder_unit.use() as decoder:
-        assert type(decoder.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+        down = decoder.model.layers[0].mlp.down_proj
+        assert isinstance(down, Int8RowsLinear) and down.qdata.dtype == torch.int8
         assert decoder.get_input_embeddings().weight.dtype == torch.float32  # not quantized
     prompt = quantized.tokenizer.encode("Hello, how are you?")
     tokens = _greedy_paged(quantized, prompt, 6)
@@ -108,9 +111,28 @@ def test_a_glm4v_model_quantizes_its_decoder_but_not_its_tower_or_head(tmp_path)
     assert {u.name: u.precision for u in model.units} == {"decoder": "int8", "vision": "fp32"}
     with model.decoder_unit.use() as decoder:
         layer = decoder.model.language_model.layers[0]
-        assert type(layer.self_attn.q_proj.weight).__name__ == "Int8Tensor"
+        assert isinstance(layer.self_attn.q_proj, Int8RowsLinear)
         assert decoder.lm_head.weight.dtype == torch.float32
     with model.encoders["image"].use() as tower:
         assert all(type(p) is nn.Parameter for p in tower.parameters())
     prompt = model.tokenizer.encode("Hello")
     assert len(_greedy_paged(model, prompt, 3)) == 3
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_ROWS, PACKED_ROWS + 1, 64])
+def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows):
+    """Decode-sized inputs take the int8 kernel (bf16 activations), wider ones a float
+    matmul by the dequantized weight: both equal torchao's own int8 layer."""
+    torch.manual_seed(rows)
+    layer = nn.Linear(96, 160)
+    quantize_(layer, WeightPrecision("int8", torch.float32).torchao_config())
+    x = torch.randn(2, rows, 96)
+    expected = layer(x)
+    qdata = layer.weight.qdata.clone()
+    packed = nn.Sequential(layer)
+    repack_int8_linears(packed)
+    assert isinstance(packed[0], Int8RowsLinear)
+    assert torch.equal(packed[0].qdata, qdata)  # the same int8 bytes, not rounded again
+    got = packed(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0.02, rtol=0.01)

@@ -47,7 +47,7 @@ class PagedForward:
     def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool:
         """Block storage for this decoder's KV, each layer's on that layer's device."""
         with self.decoder_unit.use() as decoder:
-            devices = [str(layer.self_attn.k_proj.weight.device)
+            devices = [str(layer.input_layernorm.weight.device)
                        for layer in self._decoder_layers(decoder)]
         return KVPool(layer_devices=devices, kv_heads=self._kv_heads, head_dim=self._head_dim,
                       dtype=self.dtype, block_size=block_size, blocks=blocks)

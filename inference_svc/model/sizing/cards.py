@@ -119,12 +119,13 @@ def layout(spec: ModelSpec, cards: Cards, decoder: str, vision: str) -> Layout:
             i = card_of_layer[tensor.layer]
         else:
             i = 0 if tensor.role == "embedding" else last
-        decoder_on[i] += tensor_bytes(tensor, decoder, spec.full)
+        decoder_on[i] += tensor_bytes(tensor, decoder, spec.full, host=cards.count == 0)
     precisions = {"decoder": decoder, "vision": vision}
     weights = {"decoder": sum(decoder_on)}
     for name, tensors in spec.tensors.modules.items():
         if name != "decoder":
-            weights[name] = weight_bytes(tensors, precisions.get(name, spec.full), spec.full)
+            weights[name] = weight_bytes(tensors, precisions.get(name, spec.full), spec.full,
+                                         host=cards.count == 0)
     encoders = sum(weights.values()) - weights["decoder"]
     runtime, reserve = RUNTIME_BYTES, int(cards.memory_bytes * cards.reserve_fraction)
     room = [cards.memory_bytes - d - runtime - reserve for d in decoder_on]

@@ -3,6 +3,8 @@ weight-only as torchao stores it.
 
 The layouts, per weight of `out` rows by `inp` columns (torchao 0.18):
   int8  Int8WeightOnlyConfig: int8 weights, a float32 scale and an int8 zero point per row;
+        on the host the service keeps the int8 weights and a bf16 scale per row
+        (model/int8_rows.py);
   fp8   Float8WeightOnlyConfig: float8 weights, a float32 scale per row;
   int4  Int4WeightOnlyConfig(group_size=128): two weights a byte, a bf16 scale and a bf16
         zero point per group of 128 in a row; a Linear whose input width is not a
@@ -21,6 +23,7 @@ from inference_svc.model.sizing.tensors import TensorSpec
 FULL_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 INT8_ROW_BYTES = 4 + 1
+INT8_HOST_ROW_BYTES = 2
 FP8_ROW_BYTES = 4
 INT4_GROUP = 128
 INT4_GROUP_BYTES = 2 + 2
@@ -33,9 +36,9 @@ MODULE = "module"
 QUANTIZED_ROLES = {"linear": MODULE}
 
 
-def tensor_bytes(tensor: TensorSpec, precision: str, full: str) -> int:
+def tensor_bytes(tensor: TensorSpec, precision: str, full: str, *, host: bool = False) -> int:
     """One tensor's bytes in a module at `precision` (a full type, or a quantized one with
-    `full` for the tensors it leaves alone)."""
+    `full` for the tensors it leaves alone), on a GPU or on the `host`."""
     if precision in FULL_ELEMENT:
         return tensor.numel * FULL_ELEMENT[precision]
     element = FULL_ELEMENT[full]
@@ -44,7 +47,7 @@ def tensor_bytes(tensor: TensorSpec, precision: str, full: str) -> int:
         return tensor.numel * element
     out, inp = tensor.shape
     if precision == "int8":
-        return out * inp + out * INT8_ROW_BYTES
+        return out * inp + out * (INT8_HOST_ROW_BYTES if host else INT8_ROW_BYTES)
     if precision == "fp8":
         return out * inp + out * FP8_ROW_BYTES
     if inp % INT4_GROUP:
@@ -52,5 +55,6 @@ def tensor_bytes(tensor: TensorSpec, precision: str, full: str) -> int:
     return out * inp // 2 + out * (inp // INT4_GROUP) * INT4_GROUP_BYTES
 
 
-def weight_bytes(tensors: Iterable[TensorSpec], precision: str, full: str) -> int:
-    return sum(tensor_bytes(t, precision, full) for t in tensors)
+def weight_bytes(tensors: Iterable[TensorSpec], precision: str, full: str, *,
+                 host: bool = False) -> int:
+    return sum(tensor_bytes(t, precision, full, host=host) for t in tensors)
