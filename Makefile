@@ -13,7 +13,7 @@ TORCH_ARGS := $(foreach word,$(TORCH_SPEC),'$(word)') $(if $(TORCH_INDEX),--inde
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' "$(TORCH_SPEC) $(TORCH_INDEX)" | cksum | cut -d' ' -f1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench bench-phone protos clean
+.PHONY: install run test lint bench bench-phone bench-llamacpp protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,18 @@ bench: install
 # The phone agent's workload; PHONE_ARGS='--model glm4v-phone -k 4 --steps 5' picks a part.
 bench-phone: install
 	$(BIN)/python -m tests.bench.phone_agent $(PHONE_ARGS)
+
+# llama.cpp beside the service on this CPU (tests/bench/test_llama_cpp.py). pip builds it
+# from source (minutes); llama.cpp's AMX kernels crash on the hosts seen here, so the
+# build names its x86 features instead of -march=native and leaves AMX out.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+bench-llamacpp: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/pip install -q '$(LLAMA_CPP_SPEC)'
+	$(BIN)/python -m pytest tests/bench/test_llama_cpp.py -m bench -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info autoglm

