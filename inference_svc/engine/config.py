@@ -51,6 +51,10 @@ class EngineConfig:
     cuda_graphs: bool = setting(True, help=(
         "replay decode steps as CUDA graphs captured per batch size and context bucket "
         "(where the KV pool is on one GPU; off: eager steps)"))
+    paged_attention: str = setting("gather", choices=("gather", "flex"), help=(
+        "how decode steps read the KV pool: gather copies each row's keys into a dense "
+        "tensor; flex attends over the pool in place through a block mask from the block "
+        "tables (compiled flex_attention; steps eagerly, no CUDA graphs)"))
 
     def __post_init__(self) -> None:
         if self.max_queued < 1:

@@ -52,7 +52,9 @@ class Engine:
         pool = model.new_kv_pool(block_size=config.kv_block_tokens, blocks=1)
         self.ledger = BlockLedger(pool, budget_blocks=max(
             2, config.kv_budget_bytes // pool.bytes_per_block))
-        model.capture_decode_steps(pool, config.max_batch if config.cuda_graphs else 0)
+        model.read_kv_by(config.paged_attention)
+        captured = model.capture_decode_steps(pool, config.max_batch if config.cuda_graphs else 0)
+        log.info("decode_steps", paged_attention=config.paged_attention, cuda_graphs=captured)
         self.sessions = SessionStore(
             self.ledger, idle_ttl_s=config.session_idle_ttl_s, device=model.device,
             prefix_caching=config.prefix_caching)

@@ -58,17 +58,23 @@ class Int8RowsLinear(nn.Module):
 
 
 def repack_int8_linears(module: nn.Module) -> nn.Module:
-    """Replace, in place, each Linear of `module` on a CPU whose weight is torchao's int8
-    weight-only per-row tensor with an `Int8RowsLinear` over the same int8 bytes."""
+    """`module` with each Linear on a CPU whose weight is torchao's int8 weight-only
+    per-row tensor replaced by an `Int8RowsLinear` over the same int8 bytes: in place,
+    or, where `module` is such a Linear itself, its replacement."""
+    if isinstance(module, nn.Linear) and _per_row_int8(module.weight):
+        return _repacked(module)
     targets = [(name, child) for name, child in module.named_modules()
                if isinstance(child, nn.Linear) and _per_row_int8(child.weight)]
     for name, child in targets:
         parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        weight = child.weight
-        bias = None if child.bias is None else child.bias.detach()
-        setattr(parent, attribute, Int8RowsLinear(weight.qdata, weight.scale, bias))
+        setattr(parent, attribute, _repacked(child))
     return module
+
+
+def _repacked(linear: nn.Linear) -> Int8RowsLinear:
+    bias = None if linear.bias is None else linear.bias.detach()
+    return Int8RowsLinear(linear.weight.qdata, linear.weight.scale, bias)
 
 
 def _per_row_int8(weight: torch.Tensor) -> bool:

@@ -112,7 +112,7 @@ def with_host_kernels(module: nn.Module, precision: WeightPrecision) -> nn.Modul
     if precision.name == "int8":
         from inference_svc.model.int8_rows import repack_int8_linears
 
-        repack_int8_linears(module)
+        return repack_int8_linears(module)
     return module
 
 

@@ -123,10 +123,11 @@ def main() -> dict:
     seeds = iter(range(10_000))
     split = StepSplit(model, device)
 
-    def decode_rates(mode: str, graphs: bool) -> None:
+    def decode_rates(mode: str, graphs: bool, attention: str = "gather") -> None:
         """One engine's decode tokens/s and step split for one and four agents."""
         engine = Engine(model, EngineConfig(max_pixels=AGENT_MAX_PIXELS, prefix_caching=False,
                                             prefill_chunk_tokens=PROMPT_PASS, cuda_graphs=graphs,
+                                            paged_attention=attention,
                                             kv_budget_bytes=8 * GIB if on_gpu else GIB))
         first_tokens = results.setdefault("ttft_s", {}).setdefault(mode, {})
         splits = results.setdefault("step_split_ms", {}).setdefault(mode, {})
@@ -153,9 +154,11 @@ def main() -> dict:
         finally:
             engine.stop()
 
-    # decode steps as captured CUDA graphs (the default) and eager, one engine after the other
+    # decode steps as captured CUDA graphs (the default), eager, and eager reading the pool
+    # in place (--paged-attention flex), one engine after the other
     decode_rates("graphs", graphs=True)
     decode_rates("eager", graphs=False)
+    decode_rates("flex", graphs=False, attention="flex")
     if on_gpu:
         results["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
     report(results)

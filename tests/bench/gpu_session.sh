@@ -74,7 +74,8 @@ timeout 60 "$PY" -m memory_daemon --probe nvml --once >> "$OUT/gpu.txt" 2>&1
 echo "memory_daemon --probe nvml --once: exit $?" >> "$OUT/gpu.txt"
 mark "gpu tests"
 AUTOGLM_BIN=$BIN timeout 170 "$PY" -m pytest -p no:cacheprovider -o addopts= -m gpu -q -rs \
-  tests/inference_svc/test_gpu.py tests/memory_daemon/test_memd_nvml_probe.py \
+  tests/inference_svc/test_gpu.py tests/unit/test_flex_decode.py \
+  tests/memory_daemon/test_memd_nvml_probe.py \
   tests/deploy/test_start_script.py > "$OUT/gpu_tests.log" 2>&1
 echo "pytest -m gpu: exit $?" >> "$OUT/gpu_tests.log"
 tail -25 "$OUT/gpu_tests.log"

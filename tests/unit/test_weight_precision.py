@@ -136,3 +136,10 @@ def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows):
     got = packed(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=0.02, rtol=0.01)
+
+
+def test_a_bare_int8_linear_is_replaced_by_its_host_layer():
+    """quantize_linears on a Linear itself (an lm_head made int8) returns the new layer."""
+    head = quantize_linears(nn.Linear(64, 300, bias=False), INT8)
+    assert isinstance(head, Int8RowsLinear)
+    assert head(torch.randn(1, 64)).shape == (1, 300)

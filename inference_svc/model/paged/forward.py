@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 from inference_svc.model.paged.decode_graphs import CaptureFailed, DecodeGraphs
+from inference_svc.model.paged.flex_decode import (
+    PAGED_ATTENTION,
+    FlexPagedStep,
+    flex_decode_attention,
+)
 from inference_svc.model.paged.kv_pool import KVPool, PagedStep, RowSlots
 from inference_svc.model.paged.segment_step import SegmentStep, segment_attention
 from inference_svc.model.units import ModuleUnit
@@ -25,6 +30,7 @@ class PagedForward:
     dtype: torch.dtype
     config: object  # the decoder's (text) config
     decode_graphs: DecodeGraphs | None = None
+    paged_attention: str = "gather"  # decode steps: "gather" or "flex" (flex_decode.py)
 
     @staticmethod
     def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
@@ -82,6 +88,8 @@ class PagedForward:
         next-token logits [sequences, vocab]."""
         with self.decoder_unit.use() as decoder, torch.inference_mode():
             table = decoder.get_input_embeddings()
+            if self.paged_attention == "flex":
+                return self._flex_decode(decoder, pool, tables, lengths, tokens, offsets)
             if self.decode_graphs is not None and len(tokens) <= self.decode_graphs.max_rows:
                 try:
                     return self.decode_graphs.step(
@@ -94,12 +102,32 @@ class PagedForward:
             ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
             return self._run_decoder(decoder, step, table(ids)[:, None])
 
+    def _flex_decode(self, decoder: nn.Module, pool: KVPool, tables: list[list[int]],
+                     lengths: list[int], tokens: list[int], offsets: list[int] | None
+                     ) -> torch.Tensor:
+        step = FlexPagedStep.decode(pool, tables, lengths, self.dtype, offsets)
+        table = decoder.get_input_embeddings()
+        embeds = table(torch.tensor(tokens, dtype=torch.long, device=table.weight.device))
+        with flex_decode_attention(self._decoder_layers(decoder)):
+            out = decoder(inputs_embeds=embeds[:, None],
+                          position_ids=step.positions.to(embeds.device), cache=step,
+                          flex_step=step, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def read_kv_by(self, attention: str) -> None:
+        """Decode steps read the pool by `attention`: "gather" or "flex" (flex_decode.py);
+        call before `capture_decode_steps` (flex steps are not captured)."""
+        if attention not in PAGED_ATTENTION:
+            raise ValueError(f"paged attention {attention!r}: one of {PAGED_ATTENTION}")
+        self.paged_attention = attention
+
     def capture_decode_steps(self, pool: KVPool, max_rows: int) -> bool:
         """Replay decode steps of up to `max_rows` sequences as CUDA graphs from now on
         (model/paged/decode_graphs.py); False, and eager steps, where `max_rows` is 0 or the
         pool is not on one CUDA device."""
         self.decode_graphs = DecodeGraphs(pool.layer_devices[0], max_rows) if (
-            max_rows > 0 and DecodeGraphs.usable(pool)) else None
+            max_rows > 0 and DecodeGraphs.usable(pool)
+            and self.paged_attention == "gather") else None
         return self.decode_graphs is not None
 
     @staticmethod

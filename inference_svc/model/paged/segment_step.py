@@ -161,13 +161,18 @@ AttentionInterface.register(SEGMENTS, _attention)
 
 
 @contextmanager
-def segment_attention(layers: list[nn.Module]) -> Iterator[None]:
-    """The decoder attends through `SegmentStep.attend` for the length of the block (the
-    layers share one config; the model thread alone runs decoder forwards)."""
+def attention_implementation(layers: list[nn.Module], name: str) -> Iterator[None]:
+    """The decoder attends through the registered attention `name` for the length of the
+    block (the layers share one config; the model thread alone runs decoder forwards)."""
     config = layers[0].self_attn.config
     previous = config._attn_implementation
-    config._attn_implementation = SEGMENTS
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+def segment_attention(layers: list[nn.Module]):
+    """The decoder attends through `SegmentStep.attend` for the length of the block."""
+    return attention_implementation(layers, SEGMENTS)
