@@ -31,14 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     # the old way: nothing an operator can act on, on every start
     for library in ("torchao", "torch.utils._pytree"):
         logging.getLogger(library).setLevel(logging.ERROR)
+    from inference_svc.engine.kv_pool_sizing import NoRoomForKV
     from inference_svc.model.checkpoints.glm4v_config import UnreadableCheckpoint
     from inference_svc.model.checkpoints.placement import UnplaceableDevice
+    from inference_svc.model.paged.flex_decode import UnsupportedPagedAttention
     from inference_svc.model.precision import UnsupportedPrecision
     from inference_svc.server import serve
 
     try:
         return asyncio.run(serve(config))
-    except (UnreadableCheckpoint, UnsupportedPrecision, UnplaceableDevice) as exc:
+    except (UnreadableCheckpoint, UnsupportedPrecision, UnplaceableDevice, NoRoomForKV,
+            UnsupportedPagedAttention) as exc:
         print(f"autoglm-server: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ from memory_daemon.metrics import DaemonMetrics
 from memory_daemon.policy import Action, ActionKind, PolicyState, decide, poll_interval
 from memory_daemon.probes.host import HostProbe
 from memory_daemon.probes.replay import ReplayProbe, TraceRecorder
-from memory_daemon.readings import DeviceReading, Probe
+from memory_daemon.readings import DeviceReading, Probe, counting_free_kv
 from memory_daemon.status import ServiceStatus, StatusSource, status_source
 
 log = structlog.get_logger(__name__)
@@ -83,6 +83,9 @@ class Daemon:
         readings = self.probe.read()
         if self.recorder is not None:
             self.recorder.record(readings)
+        if status is not None:
+            readings = counting_free_kv(readings, {d.uuid: d.kv_pool_free_bytes
+                                                   for d in status.devices if d.uuid})
         self._log_reading_changes(readings)
         dry_run = self.config.daemon.dry_run
         decision = decide(

@@ -1,6 +1,6 @@
 """What a probe reports: one reading per device per tick."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 
@@ -26,6 +26,21 @@ class DeviceReading:
     @classmethod
     def failed(cls, device: str, timestamp: float, error: str) -> "DeviceReading":
         return cls(device=device, timestamp=timestamp, ok=False, error=error)
+
+
+def counting_free_kv(readings: list[DeviceReading], free_kv: dict[str, int]
+                     ) -> list[DeviceReading]:
+    """Readings with the service's KV pool that holds no token (by device UUID) counted
+    as free: the service sizes a GPU's pool once at start-up, so the card looks that
+    much fuller than the service's work makes it, and the pool's free blocks are room the
+    service hands out without allocating."""
+    adjusted = []
+    for reading in readings:
+        extra = free_kv.get(reading.device, 0) if reading.ok else 0
+        extra = min(extra, reading.used_bytes)
+        adjusted.append(replace(reading, free_bytes=reading.free_bytes + extra,
+                                used_bytes=reading.used_bytes - extra) if extra else reading)
+    return adjusted
 
 
 class Probe(Protocol):

@@ -38,7 +38,7 @@ def account_to_pb(account: MemoryAccount,
         devices=[pb.DeviceMemory(
             device=d.device, uuid=d.uuid, weight_bytes=d.weight_bytes, kv_bytes=d.kv_bytes,
             allocated_bytes=d.allocated_bytes, reserved_bytes=d.reserved_bytes,
-            total_bytes=d.total_bytes,
+            total_bytes=d.total_bytes, kv_pool_free_bytes=d.kv_pool_free_bytes,
         ) for d in account.devices],
         modules=modules_to_pb(account.modules),
         requests=[pb.RequestKv(request_id=r.request_id, session_id=r.session_id,

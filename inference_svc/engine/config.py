@@ -54,7 +54,7 @@ class EngineConfig:
     paged_attention: str = setting("gather", choices=("gather", "flex"), help=(
         "how decode steps read the KV pool: gather copies each row's keys into a dense "
         "tensor; flex attends over the pool in place through a block mask from the block "
-        "tables (compiled flex_attention; steps eagerly, no CUDA graphs)"))
+        "tables (compiled flex_attention; GPU pools only; steps eagerly, no CUDA graphs)"))
 
     def __post_init__(self) -> None:
         if self.max_queued < 1:

@@ -22,6 +22,14 @@ from inference_svc.engine.config import EngineConfig, default_prefill_chunk
 from inference_svc.engine.constraints import GrammarCompiler
 from inference_svc.engine.jobs import Admission, Failed, RequestHandle, RunningInfo
 from inference_svc.engine.kv_blocks import BlockLedger, KVAccount
+from inference_svc.engine.kv_pool_sizing import (
+    GRAPH_ALLOWANCE,
+    CardRoom,
+    block_bytes_by_device,
+    blocks_that_fit,
+    cuda_devices,
+    reserved_bytes,
+)
 from inference_svc.engine.live_prompt import LivePrompt
 from inference_svc.engine.logprobs import MAX_TOP_LOGPROBS
 from inference_svc.engine.model_loop import ModelLoop
@@ -32,6 +40,8 @@ from inference_svc.model.base import PagedDecoder
 from inference_svc.model.inputs.live_audio import LiveAudio
 from inference_svc.model.inputs.prompt import PromptPlan
 from inference_svc.model.modular import DecodedMedia
+from inference_svc.model.paged.flex_decode import check_served
+from inference_svc.model.paged.kv_pool import KVPool
 from inference_svc.types import GenerationRequest, SamplingParams
 
 log = structlog.get_logger(__name__)
@@ -52,9 +62,19 @@ class Engine:
         pool = model.new_kv_pool(block_size=config.kv_block_tokens, blocks=1)
         self.ledger = BlockLedger(pool, budget_blocks=max(
             2, config.kv_budget_bytes // pool.bytes_per_block))
+        check_served(config.paged_attention, pool.layer_devices)
+        if cuda_devices(pool):
+            self._size_gpu_pool(pool, config)
         model.read_kv_by(config.paged_attention)
         captured = model.capture_decode_steps(pool, config.max_batch if config.cuda_graphs else 0)
         log.info("decode_steps", paged_attention=config.paged_attention, cuda_graphs=captured)
+        if captured:
+            started = time.perf_counter()
+            memory = reserved_bytes(pool)
+            graphs = model.capture_ahead(pool)
+            log.info("decode_graphs_ready", graphs=graphs,
+                     seconds=round(time.perf_counter() - started, 2),
+                     bytes=reserved_bytes(pool) - memory)
         self.sessions = SessionStore(
             self.ledger, idle_ttl_s=config.session_idle_ttl_s, device=model.device,
             prefix_caching=config.prefix_caching)
@@ -66,6 +86,21 @@ class Engine:
         self.grammars = GrammarCompiler(
             model.tokenizer, vocab_size=int(getattr(model.config, "vocab_size", 0) or 0),
             eos_ids=model.eos_token_ids)
+
+    def _size_gpu_pool(self, pool: KVPool, config: EngineConfig) -> None:
+        """The pool at the most blocks the cards hold, once (engine/kv_pool_sizing.py)."""
+        rooms = [CardRoom.read(device) for device in cuda_devices(pool)]
+        asked = self.ledger.budget_blocks
+        blocks = blocks_that_fit(asked, block_bytes_by_device(pool), rooms,
+                                 config.activation_budget_bytes + GRAPH_ALLOWANCE)
+        self.ledger.preallocate(blocks)
+        sizes = {room.device: {"free_gib": round(room.free_bytes / 2**30, 2)}
+                 for room in rooms}
+        if blocks < asked:
+            log.warning("kv_budget_clamped", asked_blocks=asked, blocks=blocks, cards=sizes,
+                        reason="the cards cannot hold the configured --kv-budget-mb")
+        log.info("kv_pool_sized", blocks=blocks, tokens=blocks * pool.block_size,
+                 bytes=blocks * pool.bytes_per_block, cards=sizes)
 
     def start(self) -> None:
         self._loop.start()
@@ -333,3 +368,4 @@ def validate(request: GenerationRequest) -> None:
     for ok, name, message in checks:
         if not ok:
             raise InvalidRequest(f"{name} {message}", field=name)
+

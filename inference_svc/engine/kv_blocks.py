@@ -68,6 +68,13 @@ class KVAccount:
     def shared_bytes(self) -> int:
         return self.shared_blocks * self.bytes_per_block
 
+    @property
+    def free_pool_bytes(self) -> int:
+        """Bytes of the allocated pool that hold no token (its null block aside): what a
+        GPU pool sized at start-up has taken from the card but not yet used."""
+        return (self.capacity_blocks - 1 - self.held_blocks - self.cached_blocks) * (
+            self.bytes_per_block)
+
 
 def block_hash(parent: bytes, content: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", content).tobytes(), digest_size=16).digest()
@@ -133,15 +140,28 @@ class BlockLedger:
         self._held += 1
         return block
 
+    def preallocate(self, blocks: int) -> None:
+        """Allocate the pool at `blocks` now and make that the budget, where it is less:
+        a GPU pool sized once at start-up (engine/kv_pool_sizing.py)."""
+        self.budget_blocks = min(self.budget_blocks, blocks)
+        self.min_blocks = min(self.min_blocks, self.budget_blocks)
+        if self.pool.capacity < self.budget_blocks:
+            self._resize_to(self.budget_blocks)
+
     def _grow(self) -> None:
         """More blocks: on the host, the whole budget at once (its pages are committed
         only as blocks are written, so growing in steps would only add copies); on a
-        GPU, double (device memory is committed when allocated)."""
-        old = self.pool.capacity
+        GPU, double (device memory is committed when allocated; a pool preallocated at
+        start-up grows only after a trim gave some back)."""
         if self.pool.on_host:
             new = self.budget_blocks
         else:
-            new = min(self.budget_blocks, max(old * GROWTH_FACTOR, self.min_blocks))
+            new = min(self.budget_blocks, max(self.pool.capacity * GROWTH_FACTOR,
+                                              self.min_blocks))
+        self._resize_to(new)
+
+    def _resize_to(self, new: int) -> None:
+        old = self.pool.capacity
         self.pool.resize(new)
         self._refs.extend([0] * (new - old))
         self._free = list(range(new - 1, old - 1, -1)) + self._free

@@ -30,6 +30,7 @@ class DeviceMemory:
     uuid: str = ""  # NVML's spelling, "GPU-..."; empty for the host
     allocated_bytes: int = 0  # the CUDA caching allocator's; zero for the host
     reserved_bytes: int = 0
+    kv_pool_free_bytes: int = 0  # KV pool allocated on a GPU that holds no token
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def memory_account(engine: Engine) -> MemoryAccount:
     kv_bytes = kv.held_bytes + kv.cached_bytes
     return MemoryAccount(
         taken_at=taken_at,
-        devices=device_memory(modules, kv_bytes, kv_layers=engine.ledger.pool.layer_devices),
+        devices=device_memory(modules, kv_bytes, kv_layers=engine.ledger.pool.layer_devices,
+                              kv_pool_free_bytes=kv.free_pool_bytes),
         modules=modules, requests=requests, sessions=sessions, kv_bytes=kv_bytes,
         cached_kv_bytes=kv.cached_bytes, shared_kv_bytes=kv.shared_bytes,
         swapped_kv_bytes=kv.swapped_bytes, kv_block_tokens=kv.block_size,
@@ -114,12 +116,13 @@ def kv_by_device(kv_bytes: int, kv_layers: list[str]) -> dict[str, int]:
     return {device: kv_bytes * count // len(kv_layers) for device, count in counts.items()}
 
 
-def device_memory(modules: list[UnitState], kv_bytes: int, *,
-                  kv_layers: list[str]) -> list[DeviceMemory]:
+def device_memory(modules: list[UnitState], kv_bytes: int, *, kv_layers: list[str],
+                  kv_pool_free_bytes: int = 0) -> list[DeviceMemory]:
     """Per device: weights of every resident module, KV (`kv_layers`: each decoder layer's
-    device), allocator and total bytes."""
+    device) and the pool allocated there that holds none, allocator and total bytes."""
     weights = weights_by_device(modules)
     kv = kv_by_device(kv_bytes, kv_layers)
+    pool_free = kv_by_device(kv_pool_free_bytes, kv_layers)
     accounts = [DeviceMemory(device="cpu", weight_bytes=weights.get("cpu", 0),
                              kv_bytes=kv.get("cpu", 0), total_bytes=host_memory_bytes())]
     for device in cuda_devices():
@@ -129,5 +132,6 @@ def device_memory(modules: list[UnitState], kv_bytes: int, *,
             weight_bytes=weights.get(device, 0), kv_bytes=kv.get(device, 0),
             total_bytes=total, allocated_bytes=torch.cuda.memory_allocated(device),
             reserved_bytes=torch.cuda.memory_reserved(device),
+            kv_pool_free_bytes=pool_free.get(device, 0),
         ))
     return accounts

@@ -154,11 +154,12 @@ def main() -> dict:
         finally:
             engine.stop()
 
-    # decode steps as captured CUDA graphs (the default), eager, and eager reading the pool
-    # in place (--paged-attention flex), one engine after the other
+    # decode steps as captured CUDA graphs (the default), eager, and on a GPU eager reading
+    # the pool in place (--paged-attention flex), one engine after the other
     decode_rates("graphs", graphs=True)
     decode_rates("eager", graphs=False)
-    decode_rates("flex", graphs=False, attention="flex")
+    if on_gpu:
+        decode_rates("flex", graphs=False, attention="flex")
     if on_gpu:
         results["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
     report(results)

@@ -130,6 +130,26 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_eager_steps_output(tiny_b
     assert texts[True] == texts[False]
 
 
+def test_the_pool_is_sized_and_every_row_bucket_captured_before_the_first_request(tiny_bundle):
+    """On a GPU the KV pool is allocated once at start-up and a decode graph is captured
+    for each row bucket at the first key bucket: requests within them capture nothing and
+    the pool never grows (nor do its graphs drop)."""
+    from tests.unit.test_engine_paged import greedy, run, started
+
+    model = ModularModel(tiny_bundle, dtype=torch.float32, placement=plan_placement("cuda:0"))
+    engine = started(model, cuda_graphs=True, max_batch=8, kv_budget_bytes=64 << 20)
+    try:
+        capacity = engine.ledger.pool.capacity
+        assert capacity == engine.ledger.budget_blocks > 2
+        assert model.decode_graphs.captures == 4  # rows 1, 2, 4 and 8
+        texts = run(engine, [greedy(f"s{i}", "Hello there", 20) for i in range(3)])
+        assert all(text for text, _ in texts)
+        assert model.decode_graphs.captures == 4
+        assert engine.ledger.pool.capacity == capacity
+    finally:
+        engine.stop()
+
+
 def test_an_int8_decoder_decodes_the_same_through_cuda_graphs_as_eagerly(tiny_bundle):
     """torchao's int8 weights are tensor subclasses under F.linear: the captured decode
     steps replay them and give the eager steps' greedy text."""

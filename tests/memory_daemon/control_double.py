@@ -22,6 +22,7 @@ class RecordingControl(pb_grpc.ControlServiceServicer):
         self.admission = pb.ADMISSION_MODE_OPEN
         self.admission_limit = 0
         self.modules: list[pb.ModuleResidency] = []
+        self.devices: list[pb.DeviceMemory] = []
 
     async def _enter(self, name: str, request: object, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -42,7 +43,7 @@ class RecordingControl(pb_grpc.ControlServiceServicer):
     def status(self) -> pb.MemoryStatus:
         return pb.MemoryStatus(
             pid=self.pid, admission_mode=self.admission, admission_limit=self.admission_limit,
-            modules=self.modules,
+            modules=self.modules, devices=self.devices,
         )
 
     async def GetMemoryStatus(self, request, context):

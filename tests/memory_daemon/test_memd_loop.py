@@ -46,6 +46,29 @@ def replay_daemon(config, control: ControlClient | None) -> Daemon:
     return Daemon(config, probe, clock, control)
 
 
+async def test_a_gpu_kv_pool_that_holds_no_token_counts_as_free(tmp_path):
+    """The card reads 85% used, but a fifth of it is the service's KV pool, allocated at
+    start-up and holding nothing yet: 65% is the service's work, under the soft mark, so
+    the daemon leaves it alone (the same reading without the pool acts: the test below)."""
+    servicer = RecordingControl()
+    servicer.devices = [pb.DeviceMemory(device="cuda:0", uuid="GPU-aaaa", total_bytes=TOTAL,
+                                        kv_pool_free_bytes=int(0.20 * TOTAL))]
+    socket = tmp_path / "control.sock"
+    server, _ = await start_control(servicer, f"unix:{socket}")
+    config = replay_config(write_trace(tmp_path / "t.jsonl", 10, 0.85), f"unix://{socket}")
+    control = ControlClient(config.control, "cpu")
+    daemon = replay_daemon(config, control)
+    try:
+        await daemon.run(asyncio.Event())
+    finally:
+        await control.close()
+        await server.stop(None)
+    assert servicer.count("GetMemoryStatus") + servicer.count("WatchMemory") >= 10
+    assert servicer.actions() == []
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("memd_device_level", {"device": "GPU-aaaa"}) == 0
+
+
 async def test_the_loop_acts_through_the_control_service(tmp_path):
     servicer = RecordingControl()
     socket = tmp_path / "control.sock"

@@ -234,3 +234,19 @@ def test_recorded_readings_replay_identically(tmp_path):
     replayed = {r.device: r for r in probe.read()}
     assert (replayed["g0"].used_bytes, replayed["g0"].free_bytes) == (45, 50)
     assert replayed["g1"].error == "GpuIsLost"
+
+
+def test_an_empty_kv_pool_counts_as_free_on_its_card_only():
+    from memory_daemon.readings import DeviceReading, counting_free_kv
+
+    gib = 1 << 30
+    readings = [DeviceReading("GPU-a", 1.0, total_bytes=24 * gib, used_bytes=20 * gib,
+                              free_bytes=4 * gib),
+                DeviceReading("GPU-b", 1.0, total_bytes=24 * gib, used_bytes=2 * gib,
+                              free_bytes=22 * gib),
+                DeviceReading.failed("GPU-c", 1.0, "lost")]
+    free_kv = {"GPU-a": 6 * gib, "GPU-b": 5 * gib, "GPU-c": gib}
+    a, b, c = counting_free_kv(readings, free_kv)
+    assert (a.used_bytes, a.free_bytes) == (14 * gib, 10 * gib)
+    assert (b.used_bytes, b.free_bytes) == (0, 24 * gib)  # never more than was used
+    assert c == readings[2]

@@ -8,7 +8,8 @@ gpu_step_overhead.py). vLLM and SGLang capture their decode step per batch size 
 same reason.
 
 A graph replays fixed shapes at fixed addresses, so a step is captured per (rows, keys)
-bucket: rows rounded up to a power of two (padding rows feed the placeholder token,
+bucket (every row bucket at the first key bucket at start-up, the rest as contexts reach
+them): rows rounded up to a power of two (padding rows feed the placeholder token,
 attend to one null slot and write into the null block, whose contents nothing reads
 unmasked), keys rounded up to a multiple of KEY_BUCKET (masked like any padding). The
 step's inputs (token ids, positions, mask, slots) are copied into the bucket's static
@@ -95,6 +96,18 @@ class DecodeGraphs:
         captured.tokens.copy_(torch.tensor([*tokens, *[pad_token] * padding]))
         captured.graph.replay()
         return captured.logits[:rows].clone()
+
+    def capture_ahead(self, pool: KVPool, embedding: torch.nn.Module, run: Runner,
+                      dtype: torch.dtype) -> int:
+        """Capture every row bucket up to `max_rows` at the first key bucket now (at
+        start-up, so that no request waits for them); the graphs captured."""
+        self._forget_if_moved(pool, embedding)
+        buckets = sorted({row_bucket(rows) for rows in range(1, self.max_rows + 1)})
+        for rows in buckets:
+            shape = (rows, KEY_BUCKET)
+            if shape not in self._captured:
+                self._captured[shape] = self._capture(pool, embedding, run, shape, dtype)
+        return len(buckets)
 
     def _forget_if_moved(self, pool: KVPool, embedding: torch.nn.Module) -> None:
         addresses = (embedding.weight.data_ptr(), pool.keys[0].data_ptr(),

@@ -14,7 +14,7 @@ a row's partial block (eager, it scores the whole pool and ignores the block lis
 it always runs compiled: once per process, with dynamic shapes. The gather path stays
 the reference and the default; the two give the same logits
 (tests/unit/test_flex_decode.py). A flex step runs eagerly, not in a captured decode
-graph.
+graph. The service offers it for a pool on GPUs only (`check_served`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,20 @@ from inference_svc.model.paged.segment_step import attention_implementation
 
 FLEX = "autoglm_paged_flex"
 PAGED_ATTENTION = ("gather", "flex")
+
+
+class UnsupportedPagedAttention(ValueError):
+    """`--paged-attention flex` where the KV pool is not on a GPU: a start-up error."""
+
+
+def check_served(attention: str, layer_devices: list[str]) -> None:
+    """The service reads a host pool by gathering: on a CPU the compiled flex kernel
+    measured no faster, and it once aborted the process (SIGABRT inside the generated
+    kernel, in a full test run; not reproduced alone), which no request may risk."""
+    if attention == "flex" and not all(d.startswith("cuda") for d in layer_devices):
+        raise UnsupportedPagedAttention(
+            f"--paged-attention flex: the KV pool is on {', '.join(sorted(set(layer_devices)))}"
+            f"; flex reads a pool on CUDA devices only (use gather)")
 
 
 @cache

@@ -121,6 +121,21 @@ class PagedForward:
             raise ValueError(f"paged attention {attention!r}: one of {PAGED_ATTENTION}")
         self.paged_attention = attention
 
+    def capture_ahead(self, pool: KVPool) -> int:
+        """Capture the decode graphs every batch size needs at the first context bucket
+        now; the graphs captured (0 where steps are eager)."""
+        if self.decode_graphs is None:
+            return 0
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
+            try:
+                return self.decode_graphs.capture_ahead(
+                    pool, decoder.get_input_embeddings(),
+                    lambda step, embeds: self._run_decoder(decoder, step, embeds), self.dtype)
+            except CaptureFailed as error:
+                log.warning("decode_graphs_off", error=str(error))
+                self.decode_graphs = None
+                return 0
+
     def capture_decode_steps(self, pool: KVPool, max_rows: int) -> bool:
         """Replay decode steps of up to `max_rows` sequences as CUDA graphs from now on
         (model/paged/decode_graphs.py); False, and eager steps, where `max_rows` is 0 or the
