@@ -17,7 +17,8 @@
 # tokenizer_config.json, chat_template.jinja; the machine has no model of its own),
 # .gpu/glm41v-files GLM-4.1V-9B-Thinking's small files (a copy of
 # shared/fixtures/glm-4.1v-9b-thinking: the 9B-size checkpoint takes its shape from its
-# config.json), autoglm the generated protobuf code; all three git-ignored):
+# config.json), autoglm the generated protobuf code; all three git-ignored, and all three
+# made here by `bash tests/bench/gpu_prepare.sh`):
 #   run(command="bash tests/bench/gpu_session.sh", carry=[".whl", ".gpu", "autoglm"],
 #       timeout_s=570)
 # Here, as a check of the script itself: GPU_SESSION_CPU=1 bash tests/bench/gpu_session.sh
