@@ -24,6 +24,11 @@ STEPS = 4  # past a block boundary, the rows of one step spanning one to three b
 def decode(model, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
     """Each step's logits [rows, vocab]: the prompts prefilled, then greedy decode steps."""
     pool = model.new_kv_pool(block_size=BLOCK, blocks=64)
+    if not pool.zeroed:
+        # what never-written host memory may hold, every time: a path that reads an
+        # unwritten slot (or a pool that should be zeroed and is not) shows as NaN
+        for layer in (*pool.keys, *pool.values):
+            layer[:, BLOCK:] = float("nan")
     tables, next_block = [], 1
     for prompt in prompts:
         need = -(-(len(prompt) + steps) // BLOCK)
@@ -45,7 +50,8 @@ def decode(model, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
 
 def compare(model, tolerance: float, *, argmax: bool) -> None:
     """Gather, then flex, on the same prompts: AssertionError where they differ, or where
-    flex did not attend in every layer of every step."""
+    flex did not attend in every layer of every step. The gather path's pool starts with
+    NaN in every slot it has not written; flex's is zeroed (KVPool `zeroed`)."""
     torch.manual_seed(0)
     prompts = [torch.randint(3, model.config.vocab_size, (n,)).tolist()
                for n in PROMPT_LENGTHS]

@@ -56,7 +56,8 @@ class PagedForward:
             devices = [str(layer.input_layernorm.weight.device)
                        for layer in self._decoder_layers(decoder)]
         return KVPool(layer_devices=devices, kv_heads=self._kv_heads, head_dim=self._head_dim,
-                      dtype=self.dtype, block_size=block_size, blocks=blocks)
+                      dtype=self.dtype, block_size=block_size, blocks=blocks,
+                      zeroed=self.paged_attention == "flex")
 
     def forward_paged(self, pool: KVPool, segments: list[RowSlots],
                       inputs: list[torch.Tensor],

@@ -32,8 +32,13 @@ class KVPool:
     """Every layer's KV slots; grows and shrinks by reallocation (rare, amortized)."""
 
     def __init__(self, *, layer_devices: list[str], kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, block_size: int, blocks: int) -> None:
+                 dtype: torch.dtype, block_size: int, blocks: int,
+                 zeroed: bool = False) -> None:
+        """`zeroed`: every slot starts at zero, not only the null block's (so does a pool
+        on a GPU): flex attention reads a row's last block whole, its unwritten slots
+        masked, and a masked slot's garbage NaN would still reach the output (0 x NaN)."""
         self.layer_devices = layer_devices
+        self.zeroed = zeroed
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
@@ -43,11 +48,14 @@ class KVPool:
         self.capacity = blocks
 
     def _empty(self, blocks: int, device: str) -> torch.Tensor:
-        """Storage for `blocks`; only the zero block is written. Uninitialized host memory
-        is committed page by page as blocks are first written, so a pool sized for the
-        whole budget costs what its tokens use (slots are always written before read)."""
-        tensor = torch.empty((self.kv_heads, blocks * self.block_size, self.head_dim),
-                             dtype=self.dtype, device=device)
+        """Storage for `blocks`; on the host, unless `zeroed`, only the null block is
+        written: uninitialized host memory is committed page by page as blocks are first
+        written, so a pool sized for the whole budget costs what its tokens use (the gather
+        path reads a slot only after writing it)."""
+        shape = (self.kv_heads, blocks * self.block_size, self.head_dim)
+        if self.zeroed or device.startswith("cuda"):  # device memory is committed anyway
+            return torch.zeros(shape, dtype=self.dtype, device=device)
+        tensor = torch.empty(shape, dtype=self.dtype, device=device)
         tensor[:, NULL_BLOCK * self.block_size:(NULL_BLOCK + 1) * self.block_size] = 0
         return tensor
 
