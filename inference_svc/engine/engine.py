@@ -368,4 +368,3 @@ def validate(request: GenerationRequest) -> None:
     for ok, name, message in checks:
         if not ok:
             raise InvalidRequest(f"{name} {message}", field=name)
-

@@ -28,7 +28,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 
 from inference_svc.model.paged.kv_pool import KVPool, PagedStep
-from inference_svc.model.paged.segment_step import attention_implementation
+from inference_svc.model.paged.segment_step import attention_implementation, step_attention
 
 FLEX = "autoglm_paged_flex"
 PAGED_ATTENTION = ("gather", "flex")
@@ -87,8 +87,7 @@ class FlexPagedStep(PagedStep):
 
     @classmethod
     def decode(cls, pool: KVPool, tables: list[list[int]], lengths: list[int],
-               dtype: torch.dtype, offsets: list[int] | None = None, *,
-               keys: int | None = None) -> FlexPagedStep:
+               dtype: torch.dtype, offsets: list[int] | None = None) -> FlexPagedStep:
         step = super().decode(pool, tables, lengths, dtype, offsets)
         step._tables, step._keys = tables, [n + 1 for n in lengths]
         step._masks = {}
@@ -96,12 +95,7 @@ class FlexPagedStep(PagedStep):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                kwargs: dict | None = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, heads, _, dim = key_states.shape
-        write_slots, _ = self._indices(key_states.device)
-        for new, store in ((key_states, self.pool.keys), (value_states, self.pool.values)):
-            pool = store[layer_idx]
-            pool.index_copy_(1, write_slots, new.transpose(0, 1).reshape(heads, batch, dim)
-                             .to(pool.dtype))
+        self.write(key_states, value_states, layer_idx)
         return key_states, value_states
 
     def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -123,17 +117,7 @@ class FlexPagedStep(PagedStep):
         return self._masks[key]
 
 
-def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, attention_mask: torch.Tensor | None, *,
-               scaling: float | None = None, flex_step: FlexPagedStep | None = None,
-               **_: object) -> tuple[torch.Tensor, None]:
-    if flex_step is None:
-        raise RuntimeError(f"{FLEX} attention runs only inside a FlexPagedStep forward")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return flex_step.attend(module.layer_idx, query, scale), None
-
-
-AttentionInterface.register(FLEX, _attention)
+AttentionInterface.register(FLEX, step_attention)
 
 
 def flex_decode_attention(layers: list[nn.Module]):

@@ -78,7 +78,7 @@ class PagedForward:
             embeds = torch.cat([table(x.to(device)) if x.dtype == torch.long
                                 else x.to(device, table.weight.dtype) for x in inputs])
             out = decoder(inputs_embeds=embeds[None], position_ids=step.positions.to(device),
-                          cache=step, segment_step=step, use_cache=False,
+                          cache=step, paged_step=step, use_cache=False,
                           logits_to_keep=torch.tensor(step.last, device=device))
             return out.logits[0]
 
@@ -112,7 +112,7 @@ class PagedForward:
         with flex_decode_attention(self._decoder_layers(decoder)):
             out = decoder(inputs_embeds=embeds[:, None],
                           position_ids=step.positions.to(embeds.device), cache=step,
-                          flex_step=step, use_cache=False, logits_to_keep=1)
+                          paged_step=step, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1]
 
     def read_kv_by(self, attention: str) -> None:

@@ -203,15 +203,21 @@ class PagedStep:
             self._on[key] = (self._write_slots.to(device), self._read.to(device))
         return self._on[key]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               kwargs: dict | None = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor,
+              layer_idx: int) -> None:
+        """The new tokens' keys and values [rows, kv_heads, 1, dim] into their slots."""
         batch, heads, _, dim = key_states.shape
-        write_slots, read = self._indices(key_states.device)
-        out = []
+        write_slots, _ = self._indices(key_states.device)
         for new, store in ((key_states, self.pool.keys), (value_states, self.pool.values)):
             pool = store[layer_idx]
-            flat = new.transpose(0, 1).reshape(heads, batch, dim)
-            pool.index_copy_(1, write_slots, flat.to(pool.dtype))
-            gathered = pool.index_select(1, read).view(heads, batch, self.keys, dim)
-            out.append(gathered.transpose(0, 1))
-        return out[0], out[1]
+            pool.index_copy_(1, write_slots, new.transpose(0, 1).reshape(heads, batch, dim)
+                             .to(pool.dtype))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               kwargs: dict | None = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+        self.write(key_states, value_states, layer_idx)
+        batch, heads, _, dim = key_states.shape
+        _, read = self._indices(key_states.device)
+        gathered = [store[layer_idx].index_select(1, read).view(heads, batch, self.keys, dim)
+                    .transpose(0, 1) for store in (self.pool.keys, self.pool.values)]
+        return gathered[0], gathered[1]

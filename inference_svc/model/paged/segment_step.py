@@ -147,17 +147,20 @@ def _padded_reads(reads: list[torch.Tensor], block_size: int
     return padded.reshape(-1), real
 
 
-def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, attention_mask: torch.Tensor | None, *,
-               scaling: float | None = None, segment_step: SegmentStep | None = None,
-               **_: object) -> tuple[torch.Tensor, None]:
-    if segment_step is None:
-        raise RuntimeError(f"{SEGMENTS} attention runs only inside a SegmentStep forward")
+def step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                   scaling: float | None = None, paged_step: object | None = None,
+                   **_: object) -> tuple[torch.Tensor, None]:
+    """An attention implementation for transformers that hands each layer's queries to
+    the forward's step (`paged_step`: a SegmentStep, or flex_decode's FlexPagedStep),
+    which reads the keys from the paged pool itself."""
+    if paged_step is None:
+        raise RuntimeError("paged attention runs only inside a forward given its paged_step")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return segment_step.attend(module.layer_idx, query, scale), None
+    return paged_step.attend(module.layer_idx, query, scale), None
 
 
-AttentionInterface.register(SEGMENTS, _attention)
+AttentionInterface.register(SEGMENTS, step_attention)
 
 
 @contextmanager
