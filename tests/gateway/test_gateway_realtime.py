@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,16 @@ def client(gateway) -> openai.OpenAI:
     # the beta client goes to wss:// unless told the WebSocket address
     return openai.OpenAI(base_url=f"{gateway}/v1", websocket_base_url=f"ws://127.0.0.1:{port}/v1",
                          api_key="EMPTY", max_retries=0)
+
+
+@contextmanager
+def ga_session(client: openai.OpenAI) -> Iterator:
+    """A Realtime connection past its session.created and its GA session's update."""
+    with client.realtime.connect(model=MODEL) as connection:
+        connection.recv()
+        connection.session.update(session=GA_SESSION)
+        connection.recv()
+        yield connection
 
 
 def speech(seconds: float, frequency: float = 330.0) -> bytes:
@@ -205,10 +216,7 @@ def test_the_next_turn_carries_the_conversation_and_reuses_its_cached_state(
         client, stub, gateway):
     first, second = speech(0.6), speech(0.5, frequency=520)
     live = responses_by_path(gateway, "live")
-    with client.realtime.connect(model=MODEL) as connection:
-        connection.recv()
-        connection.session.update(session=GA_SESSION)
-        connection.recv()
+    with ga_session(client) as connection:
         turns = []
         for pcm in (first, second):
             for piece in pieces(pcm, 3):
@@ -249,10 +257,7 @@ def test_a_response_asking_for_other_settings_sends_the_conversation_whole(
         client, stub, gateway):
     pcm = speech(0.5)
     whole = responses_by_path(gateway, "generate")
-    with client.realtime.connect(model=MODEL) as connection:
-        connection.recv()
-        connection.session.update(session=GA_SESSION)
-        connection.recv()
+    with ga_session(client) as connection:
         connection.conversation.item.create(item={
             "type": "message", "role": "user",
             "content": [{"type": "input_text", "text": "Listen:"}]})
@@ -272,10 +277,7 @@ def test_speech_after_the_service_gave_up_waiting_is_sent_again_and_streams_on(
     _, port = metered
     before, after = speech(0.3), speech(0.4, frequency=440)
     live = responses_by_path(gateway, "live")
-    with client.realtime.connect(model=MODEL) as connection:
-        connection.recv()
-        connection.session.update(session=GA_SESSION)
-        connection.recv()
+    with ga_session(client) as connection:
         connection.input_audio_buffer.append(audio=pieces(before, 1)[0])
         wait_until(lambda: open_streams(port) == 1, 30, "the live stream open")
         # the user pauses past the service's idle timeout: it ends the stream
@@ -308,10 +310,7 @@ def test_a_live_stream_the_service_refused_still_gets_its_answer_through_generat
     with running_gateway(GatewayConfig(upstream_target=server.target,
                                        realtime_chunk_ms=1000)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
-        with client.realtime.connect(model=MODEL) as connection:
-            connection.recv()
-            connection.session.update(session=GA_SESSION)
-            connection.recv()
+        with ga_session(client) as connection:
             refused = refused_live_calls(port)
             connection.input_audio_buffer.append(audio=pieces(pcm, 1)[0])
             wait_until(lambda: refused_live_calls(port) == refused + 1, 30,
@@ -328,10 +327,7 @@ def test_a_live_stream_the_service_refused_still_gets_its_answer_through_generat
 
 def test_an_audio_item_created_whole_is_answered_as_generate_would(client, stub):
     pcm = speech(0.7)
-    with client.realtime.connect(model=MODEL) as connection:
-        connection.recv()
-        connection.session.update(session=GA_SESSION)
-        connection.recv()
+    with ga_session(client) as connection:
         connection.conversation.item.create(item={
             "type": "message", "role": "user",
             "content": [{"type": "input_audio", "audio": pieces(pcm, 1)[0]}]})

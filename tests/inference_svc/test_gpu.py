@@ -214,16 +214,8 @@ def test_glm4v_layers_over_cuda0_and_cpu_decode_as_on_one_device(tmp_path):
     decoder's layers (and their KV) on cuda:0, the rest on the host; greedy replies equal
     the model's on cuda:0 alone."""
     from inference_svc.model.glm4v import Glm4vModel
-    from inference_svc.types import (
-        ChatMessage,
-        GenerationRequest,
-        ImagePart,
-        SamplingParams,
-        TextPart,
-    )
-    from tests.conftest import png_bytes
     from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
-    from tests.unit.test_engine_paged import run, started
+    from tests.inference_svc.test_glm4v import image_replies
 
     checkpoint = write_tiny_glm4v_checkpoint(tmp_path / "glm4v")
     whole = Glm4vModel(checkpoint, device="cuda:0")
@@ -231,15 +223,4 @@ def test_glm4v_layers_over_cuda0_and_cpu_decode_as_on_one_device(tmp_path):
     layers = split.checkpoint_config.config.text_config.num_hidden_layers
     pool = split.new_kv_pool(block_size=16, blocks=1)
     assert pool.layer_devices == ["cuda:0"] * (layers - layers // 2) + ["cpu"] * (layers // 2)
-    requests = [GenerationRequest(f"r{i}", [ChatMessage("user", [
-        ImagePart(png_bytes(color=(80 * i, 30, 0)), "image/png", "messages[0].parts[0].image"),
-        TextPart(f"request {i}")])], SamplingParams(max_new_tokens=12, min_new_tokens=12,
-                                                    temperature=0.0)) for i in range(2)]
-    replies = []
-    for model in (whole, split):
-        engine = started(model, prefix_caching=False)
-        try:
-            replies.append([text for text, _ in run(engine, requests)])
-        finally:
-            engine.stop()
-    assert replies[0] == replies[1]
+    assert image_replies(split) == image_replies(whole)

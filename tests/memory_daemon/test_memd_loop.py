@@ -46,16 +46,14 @@ def replay_daemon(config, control: ControlClient | None) -> Daemon:
     return Daemon(config, probe, clock, control)
 
 
-async def test_a_gpu_kv_pool_that_holds_no_token_counts_as_free(tmp_path):
-    """The card reads 85% used, but a fifth of it is the service's KV pool, allocated at
-    start-up and holding nothing yet: 65% is the service's work, under the soft mark, so
-    the daemon leaves it alone (the same reading without the pool acts: the test below)."""
-    servicer = RecordingControl()
-    servicer.devices = [pb.DeviceMemory(device="cuda:0", uuid="GPU-aaaa", total_bytes=TOTAL,
-                                        kv_pool_free_bytes=int(0.20 * TOTAL))]
+async def replay_against(servicer: RecordingControl, tmp_path: Path, fraction: float,
+                         **daemon_settings: object) -> Daemon:
+    """A daemon run to the end of a 10-second trace (GPU-aaaa at `fraction` used) against
+    `servicer` on a Unix socket; the daemon, for its metrics."""
     socket = tmp_path / "control.sock"
     server, _ = await start_control(servicer, f"unix:{socket}")
-    config = replay_config(write_trace(tmp_path / "t.jsonl", 10, 0.85), f"unix://{socket}")
+    config = replay_config(write_trace(tmp_path / "t.jsonl", 10, fraction), f"unix://{socket}",
+                           **daemon_settings)
     control = ControlClient(config.control, "cpu")
     daemon = replay_daemon(config, control)
     try:
@@ -63,6 +61,17 @@ async def test_a_gpu_kv_pool_that_holds_no_token_counts_as_free(tmp_path):
     finally:
         await control.close()
         await server.stop(None)
+    return daemon
+
+
+async def test_a_gpu_kv_pool_that_holds_no_token_counts_as_free(tmp_path):
+    """The card reads 85% used, but a fifth of it is the service's KV pool, allocated at
+    start-up and holding nothing yet: 65% is the service's work, under the soft mark, so
+    the daemon leaves it alone (the same reading without the pool acts: the test below)."""
+    servicer = RecordingControl()
+    servicer.devices = [pb.DeviceMemory(device="cuda:0", uuid="GPU-aaaa", total_bytes=TOTAL,
+                                        kv_pool_free_bytes=int(0.20 * TOTAL))]
+    daemon = await replay_against(servicer, tmp_path, 0.85)
     assert servicer.count("GetMemoryStatus") + servicer.count("WatchMemory") >= 10
     assert servicer.actions() == []
     registry = daemon.metrics.registry
@@ -71,16 +80,7 @@ async def test_a_gpu_kv_pool_that_holds_no_token_counts_as_free(tmp_path):
 
 async def test_the_loop_acts_through_the_control_service(tmp_path):
     servicer = RecordingControl()
-    socket = tmp_path / "control.sock"
-    server, _ = await start_control(servicer, f"unix:{socket}")
-    config = replay_config(write_trace(tmp_path / "t.jsonl", 10, 0.85), f"unix://{socket}")
-    control = ControlClient(config.control, "cpu")
-    daemon = replay_daemon(config, control)
-    try:
-        await daemon.run(asyncio.Event())
-    finally:
-        await control.close()
-        await server.stop(None)
+    daemon = await replay_against(servicer, tmp_path, 0.85)
     assert [name for name, _ in servicer.actions()] == [
         "CollectGarbage",
         "TrimKvCache",
@@ -104,17 +104,7 @@ async def test_the_loop_acts_through_the_control_service(tmp_path):
 
 async def test_dry_run_decides_without_calling(tmp_path):
     servicer = RecordingControl()
-    socket = tmp_path / "control.sock"
-    server, _ = await start_control(servicer, f"unix:{socket}")
-    trace = write_trace(tmp_path / "t.jsonl", 10, 0.85)
-    config = replay_config(trace, f"unix://{socket}", dry_run=True)
-    control = ControlClient(config.control, "cpu")
-    daemon = replay_daemon(config, control)
-    try:
-        await daemon.run(asyncio.Event())
-    finally:
-        await control.close()
-        await server.stop(None)
+    daemon = await replay_against(servicer, tmp_path, 0.85, dry_run=True)
     assert servicer.actions() == []
     assert {name for name, _ in servicer.calls} == {"GetMemoryStatus"}
     dry = daemon.metrics.registry.get_sample_value(
