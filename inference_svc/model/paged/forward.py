@@ -19,6 +19,7 @@ from inference_svc.model.paged.flex_decode import (
     flex_decode_attention,
 )
 from inference_svc.model.paged.kv_pool import KVPool, PagedStep, RowSlots
+from inference_svc.model.paged.llama_decode import HostDecoders
 from inference_svc.model.paged.segment_step import SegmentStep, segment_attention
 from inference_svc.model.units import ModuleUnit
 
@@ -31,6 +32,7 @@ class PagedForward:
     config: object  # the decoder's (text) config
     decode_graphs: DecodeGraphs | None = None
     paged_attention: str = "gather"  # decode steps: "gather" or "flex" (flex_decode.py)
+    _host_decoders: HostDecoders | None = None
 
     @staticmethod
     def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
@@ -101,7 +103,11 @@ class PagedForward:
                     self.decode_graphs = None
             step = PagedStep.decode(pool, tables, lengths, self.dtype, offsets)
             ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
-            return self._run_decoder(decoder, step, table(ids)[:, None])
+            if self._host_decoders is None:
+                self._host_decoders = HostDecoders()
+            lean = self._host_decoders.step_for(decoder)  # model/paged/llama_decode.py
+            run = lean or (lambda s, e: self._run_decoder(decoder, s, e))
+            return run(step, table(ids)[:, None])
 
     def _flex_decode(self, decoder: nn.Module, pool: KVPool, tables: list[list[int]],
                      lengths: list[int], tokens: list[int], offsets: list[int] | None
