@@ -10,7 +10,13 @@ from torchao.quantization import quantize_
 
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
-from inference_svc.model.int8_rows import PACKED_ROWS, Int8RowsLinear, repack_int8_linears
+from inference_svc.model.int8_rows import (
+    PACKED_ROWS,
+    Int8RowsLinear,
+    Int8RowsSlice,
+    repack_int8_linears,
+    sibling_outputs,
+)
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.paged.kv_pool import RowSlots
 from inference_svc.model.precision import (
@@ -111,7 +117,8 @@ def test_a_glm4v_model_quantizes_its_decoder_but_not_its_tower_or_head(tmp_path)
     assert {u.name: u.precision for u in model.units} == {"decoder": "int8", "vision": "fp32"}
     with model.decoder_unit.use() as decoder:
         layer = decoder.model.language_model.layers[0]
-        assert isinstance(layer.self_attn.q_proj, Int8RowsLinear)
+        assert isinstance(layer.self_attn.q_proj, Int8RowsSlice)  # of q, k and v's rows
+        assert isinstance(layer.self_attn.qkv_rows, Int8RowsLinear)
         assert decoder.lm_head.weight.dtype == torch.float32
     with model.encoders["image"].use() as tower:
         assert all(type(p) is nn.Parameter for p in tower.parameters())
@@ -143,3 +150,26 @@ def test_a_bare_int8_linear_is_replaced_by_its_host_layer():
     head = quantize_linears(nn.Linear(64, 300, bias=False), INT8)
     assert isinstance(head, Int8RowsLinear)
     assert head(torch.randn(1, 64)).shape == (1, 300)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_projections_of_one_input_share_their_int8_rows_and_compute_what_they_did(bias):
+    """q, k and v (and an MLP's gate and up) become slices of one int8 weight: the same
+    bytes, counted once, each projection's output unchanged, all three from one call."""
+    torch.manual_seed(3)
+    owner = nn.Module()
+    for name, rows in (("q_proj", 96), ("k_proj", 32), ("v_proj", 32)):
+        setattr(owner, name, nn.Linear(64, rows, bias=bias))
+    quantize_(owner, INT8.torchao_config())
+    x = torch.randn(1, 3, 64)
+    wide = torch.randn(1, PACKED_ROWS + 5, 64)
+    before = [owner.q_proj(x), owner.k_proj(x), owner.v_proj(x), owner.q_proj(wide)]
+    repack_int8_linears(owner)
+    assert all(isinstance(getattr(owner, n), Int8RowsSlice) for n in ("q_proj", "k_proj", "v_proj"))
+    assert sum(p.numel() for p in owner.parameters()) == 160 * 64 + 160 * bias  # held once
+    after = [owner.q_proj(x), owner.k_proj(x), owner.v_proj(x), owner.q_proj(wide)]
+    for got, expected in zip(after, before, strict=True):
+        torch.testing.assert_close(got, expected, atol=0.02, rtol=0.01)
+    together = sibling_outputs(owner, "qkv_rows", x)
+    for got, alone in zip(together, after[:3], strict=True):
+        assert torch.equal(got, alone)

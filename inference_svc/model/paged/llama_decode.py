@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from inference_svc.model.int8_rows import sibling_outputs
 from inference_svc.model.paged.kv_pool import PagedStep
 
 DecodeStep = Callable[[PagedStep, torch.Tensor], torch.Tensor]
@@ -67,9 +68,8 @@ def llama_decode(decoder: LlamaForCausalLM, step: PagedStep, embeds: torch.Tenso
     for layer in model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         x = _rms_norm(layer.input_layernorm, hidden)
-        query, key, value = (_heads(projection.forward(x), attention.head_dim)
-                             for projection in (attention.q_proj, attention.k_proj,
-                                                attention.v_proj))
+        query, key, value = (_heads(projected, attention.head_dim)
+                             for projected in sibling_outputs(attention, "qkv_rows", x))
         key, value = step.update(_rope(key, cos, sin), value, attention.layer_idx)
         # the query heads that share a KV head as that head's queries (transformers'
         # pack_gqa for one new token): keys are read once per KV head, not repeated
@@ -78,8 +78,8 @@ def llama_decode(decoder: LlamaForCausalLM, step: PagedStep, embeds: torch.Tenso
                                                   scale=attention.scaling)
         hidden = hidden + attention.o_proj.forward(attended.reshape(rows, 1, -1))
         x = _rms_norm(layer.post_attention_layernorm, hidden)
-        hidden = hidden + mlp.down_proj.forward(
-            mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+        gate, up = sibling_outputs(mlp, "gate_up_rows", x)
+        hidden = hidden + mlp.down_proj.forward(mlp.act_fn(gate) * up)
     return decoder.lm_head.forward(_rms_norm(model.norm, hidden))[:, -1]
 
 
