@@ -19,7 +19,7 @@ from inference_svc.model.paged.flex_decode import (
     flex_decode_attention,
 )
 from inference_svc.model.paged.kv_pool import KVPool, PagedStep, RowSlots
-from inference_svc.model.paged.llama_decode import HostDecoders
+from inference_svc.model.paged.lean_decode import HostDecoders
 from inference_svc.model.paged.segment_step import SegmentStep, segment_attention
 from inference_svc.model.units import ModuleUnit
 
@@ -105,8 +105,8 @@ class PagedForward:
             ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
             if self._host_decoders is None:
                 self._host_decoders = HostDecoders()
-            lean = self._host_decoders.step_for(decoder)  # model/paged/llama_decode.py
-            run = lean or (lambda s, e: self._run_decoder(decoder, s, e))
+            lean = self._host_decoders.step_for(decoder) if pool.on_host else None
+            run = lean or (lambda s, e: self._run_decoder(decoder, s, e))  # lean_decode.py
             return run(step, table(ids)[:, None])
 
     def _flex_decode(self, decoder: nn.Module, pool: KVPool, tables: list[list[int]],
