@@ -59,7 +59,7 @@ class ServerConfig:
         "the decoder's weight precision (docs/operations.md): auto keeps --dtype; int8 and "
         "int4 (groups of 128) are weight-only, fp8 also quantizes activations; int4 needs "
         "CUDA compute capability 8.0+, fp8 8.9+, and both compute in bfloat16; the lm_head "
-        "and embeddings keep the floating type; on a CPU int8 decodes ~1.3x faster than "
+        "and embeddings keep the floating type; on a CPU int8 decodes ~1.35x faster than "
         "fp32 at +0.5% perplexity"))
     vision_weights: str = setting("auto", choices=VISION_WEIGHTS, help=(
         "the vision encoder's weight precision: auto keeps --dtype; int8 is weight-only"))
