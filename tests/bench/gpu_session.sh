@@ -8,10 +8,12 @@
 #      autoglm-plan on that checkpoint;
 #   3. issue 10: the throughput table against `transformers serve --continuous-batching`
 #      (tests/bench/gpu_throughput.py) in the time left;
+#   0. issue 24: GLM-4.1V-9B's decoder matmuls per weight precision and kernel
+#      (tests/bench/gpu_precision.py: bf16, torchao int8/int4/fp8, int8pack), first, 90 s;
 #   and, where GPU_SESSION_PARTS names it, `overhead`: kernel launch time against one
 #      decode step of the throughput model, eager and as a CUDA graph
 #      (tests/bench/gpu_step_overhead.py), first of all.
-# GPU_SESSION_PARTS picks parts (default tests,glm4v,throughput).
+# GPU_SESSION_PARTS picks parts (default precision,tests,glm4v,throughput).
 # On the device machine (see .library/device/README.md; .whl holds the wheels its image
 # lacks, .gpu/tokenizer the embedded default's tokenizer files (tokenizer.json,
 # tokenizer_config.json, chat_template.jinja; the machine has no model of its own),
@@ -58,7 +60,7 @@ fi
 "$PY" -c "import torch, transformers, grpc, google.protobuf as p; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-PARTS=",${GPU_SESSION_PARTS:-tests,glm4v,throughput},"
+PARTS=",${GPU_SESSION_PARTS:-precision,tests,glm4v,throughput},"
 wants() { case $PARTS in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if wants overhead; then
@@ -66,6 +68,14 @@ if wants overhead; then
   timeout 90 "$PY" tests/bench/gpu_step_overhead.py > "$OUT/overhead.log" 2>&1
   echo "gpu_step_overhead.py: exit $?" >> "$OUT/overhead.log"
   tail -20 "$OUT/overhead.log"
+fi
+
+# ---- 0. issue 24 ---------------------------------------------------------------------
+if wants precision; then
+  mark "decoder matmuls per precision"
+  BENCH_OUT=$OUT timeout 90 "$PY" tests/bench/gpu_precision.py > "$OUT/precision.log" 2>&1
+  echo "gpu_precision.py: exit $?" >> "$OUT/precision.log"
+  tail -12 "$OUT/precision.log"
 fi
 
 # ---- 1. issue 12 ---------------------------------------------------------------------
