@@ -94,7 +94,7 @@ def sibling_outputs(owner: nn.Module, shared: str, x: torch.Tensor) -> list[torc
     """Each of `SIBLINGS[shared]`'s outputs for `x`: from one multiplication where `owner`
     holds them as shared rows, else from each projection."""
     names = SIBLINGS[shared]
-    whole = getattr(owner, shared, None)
+    whole = owner._modules.get(shared)  # a miss through getattr costs an exception
     if whole is None:
         return [getattr(owner, name).forward(x) for name in names]
     return list(whole.forward(x).split([getattr(owner, n).out_features for n in names], -1))

@@ -61,13 +61,15 @@ class Architecture:
     rope: Rope  # applied to [rows, heads, 1, head_dim] with the rotary embedding's cos, sin
     rope_axes: int  # position rows the rotary embedding takes (3: GLM-4.1V's mrope)
     sandwich_norms: bool  # GLM-4's norms after attention and after the MLP
+    gate_up_proj: bool  # GLM's MLP: gate and up in one projection (Llama's: two)
 
 
 ARCHITECTURES: dict[type, Architecture] = {
-    LlamaForCausalLM: Architecture(lambda d: d.model, _rotate_halves, 1, False),
-    GlmForCausalLM: Architecture(lambda d: d.model, modeling_glm.apply_rotary_pos_emb, 1, False),
+    LlamaForCausalLM: Architecture(lambda d: d.model, _rotate_halves, 1, False, False),
+    GlmForCausalLM: Architecture(lambda d: d.model, modeling_glm.apply_rotary_pos_emb, 1,
+                                 False, True),
     Glm4vForConditionalGeneration: Architecture(
-        lambda d: d.model.language_model, modeling_glm4v.apply_rotary_pos_emb, 3, True),
+        lambda d: d.model.language_model, modeling_glm4v.apply_rotary_pos_emb, 3, True, True),
 }
 
 
@@ -143,21 +145,17 @@ def lean_decode(decoder: nn.Module, architecture: Architecture, step: PagedStep,
         if architecture.sandwich_norms:
             attended = _rms_norm(layer.post_self_attn_layernorm, attended)
         hidden = hidden + attended
-        x = _mlp(mlp, _rms_norm(layer.post_attention_layernorm, hidden))
+        x = _rms_norm(layer.post_attention_layernorm, hidden)
+        if architecture.gate_up_proj:  # as GLM's MLP computes it
+            gate, up = mlp.gate_up_proj.forward(x).chunk(2, dim=-1)
+            x = mlp.down_proj.forward(up * mlp.activation_fn(gate))
+        else:  # Llama's two projections, one int8 call where they share rows
+            gate, up = sibling_outputs(mlp, "gate_up_rows", x)
+            x = mlp.down_proj.forward(mlp.act_fn(gate) * up)
         if architecture.sandwich_norms:
             x = _rms_norm(layer.post_mlp_layernorm, x)
         hidden = hidden + x
     return decoder.lm_head.forward(_rms_norm(model.norm, hidden))[:, -1]
-
-
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A gated MLP: GLM's one gate-and-up projection as its forward computes it, or
-    Llama's two (one int8 call where they share rows)."""
-    if hasattr(mlp, "gate_up_proj"):
-        gate, up = mlp.gate_up_proj.forward(x).chunk(2, dim=-1)
-        return mlp.down_proj.forward(up * mlp.activation_fn(gate))
-    gate, up = sibling_outputs(mlp, "gate_up_rows", x)
-    return mlp.down_proj.forward(mlp.act_fn(gate) * up)
 
 
 def _heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
