@@ -23,11 +23,9 @@ from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.paged.kv_pool import KVPool, PagedStep
 from inference_svc.model.paged.lean_decode import ARCHITECTURES, HostDecoders, lean_decode
 from inference_svc.model.precision import quantize_linears, resolve_precision
-from tests.fixtures.tiny_models import _tiny_glm4v_config
+from tests.fixtures.tiny_models import tiny_glm4v_config
 
 BLOCK = 4
-
-
 SMALL = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
          "head_dim": 16, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
@@ -40,7 +38,7 @@ def tiny_decoder(architecture: str, seed: int = 0) -> nn.Module:
     elif architecture == "glm":
         decoder = GlmForCausalLM(GlmConfig(**SMALL, pad_token_id=0, attn_implementation="sdpa"))
     else:
-        config = _tiny_glm4v_config(patch=4, max_positions=512, vision={
+        config = tiny_glm4v_config(patch=4, max_positions=512, vision={
             "depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
             "image_size": 32})
         config.text_config.vocab_size = SMALL["vocab_size"]
