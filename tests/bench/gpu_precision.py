@@ -26,7 +26,6 @@ per second it implies. A variant this device cannot run says why.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from inference_svc.model.precision import WeightPrecision
-from tests.bench.harness import bench_out_dir, render_table
+from tests.bench.harness import report
 from tests.fixtures.glm41v_9b import GLM41V_9B
 
 ROWS = (1, 4, 16)
@@ -106,7 +105,7 @@ def main() -> dict:
     repeats = 30 if on_gpu else 1
     shapes = SHAPES if on_gpu else [(n, i, o, min(count, 2)) for n, i, o, count in SHAPES]
     results: dict = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-                     "rows": ROWS if on_gpu else ROWS[:1], "ms": {}, "unsupported": {}}
+                     "row_counts": ROWS if on_gpu else ROWS[:1], "ms": {}, "unsupported": {}}
     weight_bytes = 0
     for name, inp, out, count in shapes:
         torch.manual_seed(0)
@@ -117,7 +116,7 @@ def main() -> dict:
             if isinstance(multiply, str):
                 results["unsupported"][variant] = multiply
                 continue
-            for rows in results["rows"]:
+            for rows in results["row_counts"]:
                 x = torch.randn(rows, inp, dtype=torch.bfloat16, device=device)
                 ms = timed_ms(multiply, x, repeats)
                 results["ms"].setdefault(variant, {}).setdefault(str(rows), {})[name] = (
@@ -126,11 +125,11 @@ def main() -> dict:
         if on_gpu:
             torch.cuda.empty_cache()
     results["bf16_weight_gb"] = round(weight_bytes / 1e9, 2)
-    report(results)
+    summarize(results)
     return results
 
 
-def report(results: dict) -> None:
+def summarize(results: dict) -> None:
     passes = {variant: {rows: sum(ms * count for ms, count in shapes.values())
                         for rows, shapes in by_rows.items()}
               for variant, by_rows in results["ms"].items()}
@@ -139,21 +138,19 @@ def report(results: dict) -> None:
     table = []
     for variant, by_rows in passes.items():
         row = [variant]
-        for rows in map(str, results["rows"]):
+        for rows in map(str, results["row_counts"]):
             ms = by_rows[rows]
             ratio = passes["bf16"][rows] / ms
             row.append(f"{ms:.2f} ({ratio:.2f}x)")
         row.append(f"{results['bf16_weight_gb'] / (by_rows['1'] / 1000):.0f}")
         table.append(row)
-    print(f"\nGLM-4.1V-9B decoder matmuls, one decode pass, on {results['device']} "
-          f"({results['bf16_weight_gb']} GB of bf16 weights)")
-    print(render_table(["variant", *(f"{r} rows: ms (vs bf16)" for r in results["rows"]),
-                        "bf16-equivalent GB/s at 1 row"], table))
-    for variant, why in results["unsupported"].items():
-        print(f"{variant}: not run here: {why}")
-    path = bench_out_dir() / "gpu_precision.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"numbers written to {path}")
+    report("gpu_precision",
+           f"GLM-4.1V-9B decoder matmuls, one decode pass, on {results['device']} "
+           f"({results['bf16_weight_gb']} GB of bf16 weights)",
+           ["variant", *(f"{r} rows: ms (vs bf16)" for r in results["row_counts"]),
+            "bf16-equivalent GB/s at 1 row"], table, results,
+           [f"{variant}: not run here: {why}"
+            for variant, why in results["unsupported"].items()])
 
 
 if __name__ == "__main__":
