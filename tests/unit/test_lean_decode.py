@@ -1,7 +1,7 @@
 """The lean host decode step (model/paged/lean_decode.py) against transformers' own
 forward through the same paged step, for each architecture it serves (Llama, GLM, and
 GLM-4.1V with its rope offsets): bitwise the same logits and the same KV written, step
-after step, for rows of different lengths, in fp32 and in int8; and the step is taken
+after step, for rows of different lengths, in fp32, bf16 and int8; and the step is taken
 only where it applies."""
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ def text_config(decoder: nn.Module):
 
 def pool_for(decoder: nn.Module) -> KVPool:
     config = text_config(decoder)
+    dtype = decoder.get_input_embeddings().weight.dtype
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads)
     return KVPool(layer_devices=["cpu"] * config.num_hidden_layers,
                   kv_heads=config.num_key_value_heads, head_dim=head_dim,
-                  dtype=torch.float32, block_size=BLOCK, blocks=40, zeroed=True)
+                  dtype=dtype, block_size=BLOCK, blocks=40, zeroed=True)
 
 
 def transformers_step(decoder: nn.Module, step: PagedStep, embeds: torch.Tensor
@@ -80,7 +81,7 @@ def decode_steps(decoder, run) -> tuple[list[torch.Tensor], KVPool]:
     lengths, tokens, offsets = [0, 0, 0], [17, 101, 250], [0, 40, 7]
     logits_seen = []
     for count in [1] * 6 + [2] * 3 + [3] * 7:
-        step = PagedStep.decode(pool, tables[:count], lengths[:count], torch.float32,
+        step = PagedStep.decode(pool, tables[:count], lengths[:count], pool.dtype,
                                 offsets[:count])
         with torch.inference_mode():
             embeds = decoder.get_input_embeddings()(torch.tensor(tokens[:count]))[:, None]
@@ -92,10 +93,12 @@ def decode_steps(decoder, run) -> tuple[list[torch.Tensor], KVPool]:
     return logits_seen, pool
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("architecture", ["llama", "glm", "glm4v"])
 def test_the_lean_step_gives_transformers_logits_and_kv(architecture, weights):
     decoder = tiny_decoder(architecture)
+    if weights == "bf16":
+        decoder = decoder.to(torch.bfloat16)
     if weights == "int8":
         precision = resolve_precision("--decoder-weights", "int8", torch.float32, ["cpu"])
         decoder = quantize_linears(decoder, precision)
