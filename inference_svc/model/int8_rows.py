@@ -20,7 +20,7 @@ as they are (no second rounding).
 
 Projections that read one input (attention's q, k and v; an MLP's gate and up) are held
 as one int8 weight, their rows end to end (`SIBLINGS`): a decode step that wants all of
-them calls the kernel once (model/paged/lean_decode.py; one row of the embedded default
+them calls the kernel once (model/paged/lean_forward.py; one row of the embedded default
 in int8: 24.2 -> 21.8 ms a step on 2 cores, fewer calls and bf16 conversions), and
 each projection alone is a slice of those rows, computing exactly what it did.
 """

@@ -19,7 +19,12 @@ from inference_svc.model.paged.flex_decode import (
     flex_decode_attention,
 )
 from inference_svc.model.paged.kv_pool import KVPool, PagedStep, RowSlots
-from inference_svc.model.paged.lean_decode import HostDecoders
+from inference_svc.model.paged.lean_forward import (
+    Architecture,
+    HostDecoders,
+    lean_decode,
+    lean_segments,
+)
 from inference_svc.model.paged.segment_step import SegmentStep, segment_attention
 from inference_svc.model.units import ModuleUnit
 
@@ -73,15 +78,19 @@ class PagedForward:
         [segments, vocab].
         """
         step = SegmentStep(pool, segments, positions)
-        with self.decoder_unit.use() as decoder, torch.inference_mode(), \
-                segment_attention(self._decoder_layers(decoder)):
+        with self.decoder_unit.use() as decoder, torch.inference_mode():
             table = decoder.get_input_embeddings()
             device = table.weight.device
             embeds = torch.cat([table(x.to(device)) if x.dtype == torch.long
                                 else x.to(device, table.weight.dtype) for x in inputs])
-            out = decoder(inputs_embeds=embeds[None], position_ids=step.positions.to(device),
-                          cache=step, paged_step=step, use_cache=False,
-                          logits_to_keep=torch.tensor(step.last, device=device))
+            lean = self._lean_architecture(decoder, pool)
+            if lean is not None:
+                return lean_segments(decoder, lean, step, embeds[None])
+            with segment_attention(self._decoder_layers(decoder)):
+                out = decoder(inputs_embeds=embeds[None],
+                              position_ids=step.positions.to(device), cache=step,
+                              paged_step=step, use_cache=False,
+                              logits_to_keep=torch.tensor(step.last, device=device))
             return out.logits[0]
 
     def decode_paged(self, pool: KVPool, tables: list[list[int]], lengths: list[int],
@@ -102,12 +111,19 @@ class PagedForward:
                     log.warning("decode_graphs_off", error=str(error))
                     self.decode_graphs = None
             step = PagedStep.decode(pool, tables, lengths, self.dtype, offsets)
-            ids = torch.tensor(tokens, dtype=torch.long, device=table.weight.device)
-            if self._host_decoders is None:
-                self._host_decoders = HostDecoders()
-            lean = self._host_decoders.step_for(decoder) if pool.on_host else None
-            run = lean or (lambda s, e: self._run_decoder(decoder, s, e))  # lean_decode.py
-            return run(step, table(ids)[:, None])
+            embeds = table(torch.tensor(tokens, dtype=torch.long, device=table.weight.device))
+            lean = self._lean_architecture(decoder, pool)
+            if lean is not None:
+                return lean_decode(decoder, lean, step, embeds[:, None])
+            return self._run_decoder(decoder, step, embeds[:, None])
+
+    def _lean_architecture(self, decoder: nn.Module, pool: KVPool) -> Architecture | None:
+        """Where this pass can skip transformers' per-layer plumbing (lean_forward.py)."""
+        if not pool.on_host:
+            return None
+        if self._host_decoders is None:
+            self._host_decoders = HostDecoders()
+        return self._host_decoders.architecture_for(decoder)
 
     def _flex_decode(self, decoder: nn.Module, pool: KVPool, tables: list[list[int]],
                      lengths: list[int], tokens: list[int], offsets: list[int] | None

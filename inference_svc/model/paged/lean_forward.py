@@ -1,21 +1,23 @@
-"""Decode steps on the host without transformers' per-layer plumbing.
+"""Decoder passes on the host without transformers' per-layer plumbing.
 
 On a CPU one decode row of the embedded default is ~22 ms of matmuls (its fp32 weights
 read once) and ~2,000 small operations. transformers' layers wrap those operations in
 keyword plumbing, deprecation shims, an attention-function lookup, rope and mask helpers
-and output objects, and on two cores that wrapping costs about a tenth of the step (one
-row at 200 keys: 36.9 -> 33.3 ms in fp32, 30.2 -> 25.9 ms in int8). Here the same
-arithmetic runs on the same modules' weights in the same order: the layers' own
-projections (whatever precision they hold), norms' weights, rotary embedding, rope
-function and MLP, the step's KV write and gather, and SDPA called as transformers' sdpa
-attention calls it for one new token; the logits and the KV written are bitwise
-transformers'. vLLM, SGLang and nano-vllm own their model forwards for the same reason.
+and output objects, and on two cores that wrapping costs about a tenth of a decode step
+(one row at 200 keys: 36.9 -> 33.3 ms in fp32, 30.2 -> 25.9 ms in int8), the same few
+milliseconds on every pass. Here the same arithmetic runs on the same modules' weights in
+the same order: the layers' own projections (whatever precision they hold), norms'
+weights, rotary embedding, rope function and MLP, and the step's own KV write and
+attention (a decode step's SDPA called as transformers' sdpa attention calls it for one
+new token; a pack of segments' `SegmentStep.attend`, as the registered attention
+function calls it); the logits and the KV written are bitwise transformers'. vLLM, SGLang
+and nano-vllm own their model forwards for the same reason.
 
 It serves the decoders the service runs (`ARCHITECTURES`: the embedded default's Llama,
 GLM and GLM-4.1V's text decoder), wholly on the host and with no module hooks (a hook,
 accelerate's placement among them, would be skipped). transformers' forward stays the
-reference and the path for everything else: prompt chunks, other architectures, and
-steps replayed from captured CUDA graphs (where launches, not Python, are the cost).
+reference and the path for everything else: other architectures, decoders on a GPU
+(where a captured CUDA graph removes the same cost) or split over devices.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,10 @@ from transformers.models.glm4v import modeling_glm4v
 
 from inference_svc.model.int8_rows import sibling_outputs
 from inference_svc.model.paged.kv_pool import PagedStep
+from inference_svc.model.paged.segment_step import SegmentStep
 
-DecodeStep = Callable[[PagedStep, torch.Tensor], torch.Tensor]
+# a layer's attention of its queries over the new keys and values and what the pool holds
+Attend = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Rope = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                 tuple[torch.Tensor, torch.Tensor]]
 
@@ -83,14 +86,15 @@ class HostDecoders:
         self._architecture: Architecture | None = None
         self._modules: list[weakref.ref] = []
 
-    def step_for(self, decoder: nn.Module) -> DecodeStep | None:
+    def architecture_for(self, decoder: nn.Module) -> Architecture | None:
+        """`decoder`'s architecture where this step of it can run lean, else None."""
         if self._decoder is None or self._decoder() is not decoder:
             self._decoder = weakref.ref(decoder)
             self._architecture = _servable(decoder)
             self._modules = [weakref.ref(m) for m in decoder.modules()]
         if self._architecture is None or _hooked(self._modules):
             return None
-        return partial(lean_decode, decoder, self._architecture)
+        return self._architecture
 
 
 def _servable(decoder: nn.Module) -> Architecture | None:
@@ -122,11 +126,43 @@ def lean_decode(decoder: nn.Module, architecture: Architecture, step: PagedStep,
                 embeds: torch.Tensor) -> torch.Tensor:
     """One decode step: `embeds` [rows, 1, hidden], one new token per row; next-token
     logits [rows, vocab], as `decoder(..., cache=step, logits_to_keep=1)` gives them."""
-    model = architecture.text_model(decoder)
     rows = embeds.shape[0]
-    positions = step.positions
-    if architecture.rope_axes > 1:
-        positions = positions[None].expand(architecture.rope_axes, rows, -1)
+
+    def attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor) -> torch.Tensor:
+        key, value = step.update(key, value, attention.layer_idx)
+        # the query heads that share a KV head as that head's queries (transformers'
+        # pack_gqa for one new token): keys are read once per KV head, not repeated
+        query = query.reshape(rows, key.shape[1], -1, query.shape[-1])
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=step.mask,
+                                              scale=attention.scaling)
+
+    hidden = _through_layers(decoder, architecture, embeds, step.positions, attend)
+    return decoder.lm_head.forward(hidden)[:, -1]
+
+
+def lean_segments(decoder: nn.Module, architecture: Architecture, step: SegmentStep,
+                  embeds: torch.Tensor) -> torch.Tensor:
+    """One forward over a pack of segments (model/paged/segment_step.py): `embeds`
+    [1, tokens, hidden]; the logits after each segment's last token [segments, vocab], as
+    `decoder(..., cache=step, paged_step=step, logits_to_keep=step.last)` gives them."""
+
+    def attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor) -> torch.Tensor:
+        step.update(key, value, attention.layer_idx)
+        return step.attend(attention.layer_idx, query, attention.scaling)
+
+    hidden = _through_layers(decoder, architecture, embeds, step.positions, attend)
+    return decoder.lm_head.forward(hidden[:, step.last])[0]
+
+
+def _through_layers(decoder: nn.Module, architecture: Architecture, embeds: torch.Tensor,
+                    positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """The decoder's layers and final norm over `embeds` [batch, tokens, hidden]; each
+    layer's attention over the new keys and values is `attend`'s."""
+    model = architecture.text_model(decoder)
+    if architecture.rope_axes > 1 and positions.dim() == 2:  # one position for every axis
+        positions = positions[None].expand(architecture.rope_axes, positions.shape[0], -1)
     cos, sin = model.rotary_emb.forward(embeds, positions)
     hidden = embeds
     for layer in model.layers:
@@ -135,13 +171,8 @@ def lean_decode(decoder: nn.Module, architecture: Architecture, step: PagedStep,
         query, key, value = (_heads(projected, attention.head_dim)
                              for projected in sibling_outputs(attention, "qkv_rows", x))
         query, key = architecture.rope(query, key, cos, sin)
-        key, value = step.update(key, value, attention.layer_idx)
-        # the query heads that share a KV head as that head's queries (transformers'
-        # pack_gqa for one new token): keys are read once per KV head, not repeated
-        query = query.reshape(rows, key.shape[1], -1, query.shape[-1])
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=step.mask,
-                                                  scale=attention.scaling)
-        attended = attention.o_proj.forward(attended.reshape(rows, 1, -1))
+        attended = attend(attention, query, key, value)
+        attended = attention.o_proj.forward(attended.reshape(*hidden.shape[:2], -1))
         if architecture.sandwich_norms:
             attended = _rms_norm(layer.post_self_attn_layernorm, attended)
         hidden = hidden + attended
@@ -155,12 +186,12 @@ def lean_decode(decoder: nn.Module, architecture: Architecture, step: PagedStep,
         if architecture.sandwich_norms:
             x = _rms_norm(layer.post_mlp_layernorm, x)
         hidden = hidden + x
-    return decoder.lm_head.forward(_rms_norm(model.norm, hidden))[:, -1]
+    return _rms_norm(model.norm, hidden)
 
 
 def _heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[rows, 1, heads * head_dim] -> [rows, heads, 1, head_dim]."""
-    return projected.view(projected.shape[0], 1, -1, head_dim).transpose(1, 2)
+    """[batch, tokens, heads * head_dim] -> [batch, heads, tokens, head_dim]."""
+    return projected.view(*projected.shape[:2], -1, head_dim).transpose(1, 2)
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
