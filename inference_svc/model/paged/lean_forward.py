@@ -61,7 +61,7 @@ class Architecture:
     """Where a decoder keeps its text model, and what its layers do differently."""
 
     text_model: Callable[[nn.Module], nn.Module]  # has .layers, .norm, .rotary_emb
-    rope: Rope  # applied to [rows, heads, 1, head_dim] with the rotary embedding's cos, sin
+    rope: Rope  # applied to [batch, heads, tokens, head_dim] with the rotary cos, sin
     rope_axes: int  # position rows the rotary embedding takes (3: GLM-4.1V's mrope)
     sandwich_norms: bool  # GLM-4's norms after attention and after the MLP
     gate_up_proj: bool  # GLM's MLP: gate and up in one projection (Llama's: two)
@@ -77,7 +77,7 @@ ARCHITECTURES: dict[type, Architecture] = {
 
 
 class HostDecoders:
-    """Which decoders take the lean host step: the architecture and placement are looked
+    """Which decoders take the lean host passes: the architecture and placement are looked
     at once per loaded decoder (one reloaded after an offload is a new object), hooks at
     every step (a fault injector or a profiler may add one at any time)."""
 
@@ -87,7 +87,7 @@ class HostDecoders:
         self._modules: list[weakref.ref] = []
 
     def architecture_for(self, decoder: nn.Module) -> Architecture | None:
-        """`decoder`'s architecture where this step of it can run lean, else None."""
+        """`decoder`'s architecture where this pass of it can run lean, else None."""
         if self._decoder is None or self._decoder() is not decoder:
             self._decoder = weakref.ref(decoder)
             self._architecture = _servable(decoder)
