@@ -144,9 +144,11 @@ class Service:
                  control_tcp_tls=_tls_mode(config.control_tls) if config.control_tcp else None)
         self._write_port_file(serving=False)
         model = await asyncio.to_thread(load_model, config)
-        engine = Engine(model, replace(config.engine,
-                                       kv_budget_bytes=kv_budget_bytes(config, model)),
-                        observer=self.metrics)
+        # off the event loop: capturing CUDA graphs or compiling host steps takes a while,
+        # and health checks must answer NOT_SERVING meanwhile, not time out
+        engine = await asyncio.to_thread(
+            Engine, model, replace(config.engine, kv_budget_bytes=kv_budget_bytes(config, model)),
+            observer=self.metrics)
         engine.start()
         self.state.engine = engine
         if config.watchdog_timeout_s > 0:

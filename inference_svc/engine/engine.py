@@ -14,10 +14,12 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import structlog
 
+from inference_svc.engine.compute_threads import use_compute_threads
 from inference_svc.engine.config import EngineConfig, default_prefill_chunk
 from inference_svc.engine.constraints import GrammarCompiler
 from inference_svc.engine.jobs import Admission, Failed, RequestHandle, RunningInfo
@@ -75,6 +77,8 @@ class Engine:
             log.info("decode_graphs_ready", graphs=graphs,
                      seconds=round(time.perf_counter() - started, 2),
                      bytes=reserved_bytes(pool) - memory)
+        if config.host_compile:
+            self._compile_host_steps(model, pool, config)
         self.sessions = SessionStore(
             self.ledger, idle_ttl_s=config.session_idle_ttl_s, device=model.device,
             prefix_caching=config.prefix_caching)
@@ -86,6 +90,17 @@ class Engine:
         self.grammars = GrammarCompiler(
             model.tokenizer, vocab_size=int(getattr(model.config, "vocab_size", 0) or 0),
             eos_ids=model.eos_token_ids)
+
+    @staticmethod
+    def _compile_host_steps(model: PagedDecoder, pool: KVPool, config: EngineConfig) -> None:
+        """Compile the host decode step before the first request, on the threads the
+        model loop computes on (inductor sizes its kernels' thread teams by them)."""
+        started = time.perf_counter()
+        with ThreadPoolExecutor(1, initializer=use_compute_threads,
+                                initargs=(config.compute_threads,)) as thread:
+            compiled = thread.submit(model.compile_host_steps, pool).result()
+        log.info("host_compile", compiled=compiled,
+                 seconds=round(time.perf_counter() - started, 1))
 
     def _size_gpu_pool(self, pool: KVPool, config: EngineConfig) -> None:
         """The pool at the most blocks the cards hold, once (engine/kv_pool_sizing.py)."""

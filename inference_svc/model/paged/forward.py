@@ -18,6 +18,7 @@ from inference_svc.model.paged.flex_decode import (
     FlexPagedStep,
     flex_decode_attention,
 )
+from inference_svc.model.paged.host_compile import CompiledDecode, warm
 from inference_svc.model.paged.kv_pool import KVPool, PagedStep, RowSlots
 from inference_svc.model.paged.lean_forward import (
     Architecture,
@@ -38,6 +39,7 @@ class PagedForward:
     decode_graphs: DecodeGraphs | None = None
     paged_attention: str = "gather"  # decode steps: "gather" or "flex" (flex_decode.py)
     _host_decoders: HostDecoders | None = None
+    _compiled_decode: CompiledDecode | None = None  # host decode steps, where compiled
 
     @staticmethod
     def _decoder_layers(decoder: nn.Module) -> list[nn.Module]:
@@ -114,8 +116,29 @@ class PagedForward:
             embeds = table(torch.tensor(tokens, dtype=torch.long, device=table.weight.device))
             lean = self._lean_architecture(decoder, pool)
             if lean is not None:
-                return lean_decode(decoder, lean, step, embeds[:, None])
+                compiled = self._compiled_decode
+                decode = compiled if compiled and compiled.serves(decoder) else lean_decode
+                return decode(decoder, lean, step, embeds[:, None])
             return self._run_decoder(decoder, step, embeds[:, None])
+
+    def compile_host_steps(self, pool: KVPool) -> bool:
+        """Compile the lean decode step (model/paged/host_compile.py) and run it once for
+        every graph it needs; False, and eager steps, where steps on `pool` do not run
+        lean or compiling fails."""
+        with self.decoder_unit.use() as decoder:
+            if self._lean_architecture(decoder, pool) is None:
+                return False
+            if self._compiled_decode is None or not self._compiled_decode.serves(decoder):
+                self._compiled_decode = CompiledDecode(decoder)
+        try:
+            warm(lambda tables, lengths, tokens: self.decode_paged(pool, tables, lengths,
+                                                                   tokens), token=0)
+        except Exception as error:  # a missing compiler, an inductor error: stay eager
+            first_line = next(iter(str(error).splitlines()), "")
+            log.warning("host_compile_off", error=f"{type(error).__name__}: {first_line}")
+            self._compiled_decode = None
+            return False
+        return True
 
     def _lean_architecture(self, decoder: nn.Module, pool: KVPool) -> Architecture | None:
         """Where this pass can skip transformers' per-layer plumbing (lean_forward.py)."""

@@ -1,0 +1,66 @@
+"""The compiled host decode step (model/paged/host_compile.py): the lean step's logits
+and KV from a few graphs for every batch size and context; warmed before the first
+request; eager where compiling fails or the decoder is not the one it was warmed on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from inference_svc.model.modular import ModularModel
+from inference_svc.model.paged.host_compile import CompiledDecode
+from inference_svc.model.paged.lean_forward import ARCHITECTURES
+from tests.unit.test_lean_forward import decode_steps, in_weights, our_step, tiny_decoder
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Dynamo's graphs and counters start empty: graphs are kept per function (and limited
+    in number), whichever test compiled it."""
+    torch.compiler.reset()
+    counters.clear()
+    yield
+    torch.compiler.reset()
+
+
+def test_compiled_steps_give_the_lean_steps_logits_and_kv_from_three_graphs():
+    decoder = in_weights(tiny_decoder("glm4v"), "int8")  # sandwich norms, mrope, int8 rows
+    compiled = CompiledDecode(decoder)
+    ours, our_pool = decode_steps(
+        decoder, lambda d, step, embeds: compiled(d, ARCHITECTURES[type(d)], step, embeds))
+    # 16 steps of 1, 2 and 3 rows over 1 to 16 keys: one graph for a row over one key
+    # (a prompt-less first step, which the engine never takes), one for a row over any
+    # number, one for more rows; no graph per step
+    assert counters["stats"]["unique_graphs"] == 3
+    theirs, their_pool = decode_steps(decoder, our_step)
+    for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(a, b, msg=f"step {index}")
+    for mine, reference in zip([*our_pool.keys, *our_pool.values],
+                               [*their_pool.keys, *their_pool.values], strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_warm_up_compiles_every_graph_a_step_needs_and_failure_leaves_steps_eager(
+        model: ModularModel):
+    pool = model.new_kv_pool(block_size=16, blocks=4)
+    with model.decoder_unit.use() as decoder:
+        reference = model.decode_paged(pool, [[1]], [3], [40])
+
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",),
+                                       "fx_graph_cache": False}):
+        assert not model.compile_host_steps(pool)
+    assert model._compiled_decode is None
+    assert torch.equal(model.decode_paged(pool, [[1]], [3], [40]), reference)
+
+    assert model.compile_host_steps(pool)
+    assert counters["stats"]["unique_graphs"] == 2  # one row, and any other count
+    compiled = model._compiled_decode
+    assert compiled is not None and compiled.serves(decoder)
+    assert not compiled.serves(tiny_decoder("llama"))  # a reloaded decoder steps eagerly
+    torch.testing.assert_close(model.decode_paged(pool, [[1]], [3], [40]), reference)
+    # a step of three rows at another context length takes the graphs warm-up compiled
+    model.decode_paged(pool, [[1], [2], [3]], [3, 20, 7], [40, 41, 42])
+    assert counters["stats"]["unique_graphs"] == 2
