@@ -6,8 +6,9 @@ each Linear's weight with a torchao tensor subclass (weight-only int8 per output
 int4 in groups of 128, or float8 per row with float8 activations): it behaves as a
 weight under `F.linear`, so the model's own forward, the paged forward and CUDA graph
 capture run it unchanged. Embeddings, norms and the lm_head keep the module's floating
-type: SmolLM2's lm_head is its embedding table (tied), and on a CPU an int8 lm_head
-makes every decode step slower (tests/bench/test_quantization_quality.py).
+type: SmolLM2's lm_head is its embedding table (tied), so an int8 lm_head would be a
+second copy of it (27 MiB, 13% of the int8 decoder) for ~1.1-1.2x faster CPU decode
+steps (tests/bench/test_llama_cpp.py), which the plan does not spend.
 
 torchao is imported only when a module is quantized: a float-only service never loads it.
 """

@@ -50,7 +50,8 @@ GGUF_TYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "F32": "LLAMA_FTYPE_ALL_F32"}
 # with it); its first round compiles, outside the tokens/s measured.
 COMPILED = " --host-compile"
 SERVICE = {"fp32": ("fp32", False), "int8": ("int8", False), INT8_HEAD: (INT8_HEAD, False),
-           "fp32" + COMPILED: ("fp32", True), INT8_HEAD + COMPILED: (INT8_HEAD, True)}
+           "fp32" + COMPILED: ("fp32", True), "int8" + COMPILED: ("int8", True),
+           INT8_HEAD + COMPILED: (INT8_HEAD, True)}
 
 
 def requantized(source: Path, kind: str, directory: Path) -> Path:

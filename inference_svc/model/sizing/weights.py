@@ -32,7 +32,7 @@ MODULE = "module"
 # loader that quantizes does it (model/precision.py: --decoder-weights, --vision-weights):
 # every nn.Linear weight but the LM head takes the module's precision. The LM head, the
 # token embedding, biases, norms, convolutions and position tables stay at full precision
-# (an int8 LM head made each CPU decode step slower: tests/bench/test_quantization_quality.py).
+# (a tied LM head in int8 would be a second copy of the embedding: model/precision.py).
 QUANTIZED_ROLES = {"linear": MODULE}
 
 
