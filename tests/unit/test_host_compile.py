@@ -64,3 +64,15 @@ def test_warm_up_compiles_every_graph_a_step_needs_and_failure_leaves_steps_eage
     # a step of three rows at another context length takes the graphs warm-up compiled
     model.decode_paged(pool, [[1], [2], [3]], [3, 20, 7], [40, 41, 42])
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_a_compiled_step_that_fails_runs_eagerly_and_steps_stay_eager(model: ModularModel):
+    pool = model.new_kv_pool(block_size=16, blocks=4)
+    eager = model.decode_paged(pool, [[1]], [3], [40])
+    assert model.compile_host_steps(pool)
+    torch.compiler.reset()  # the graphs are gone: the next step compiles again
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",),
+                                       "fx_graph_cache": False}):
+        assert torch.equal(model.decode_paged(pool, [[1]], [3], [40]), eager)
+    assert model._compiled_decode is None
+    assert torch.equal(model.decode_paged(pool, [[1]], [3], [40]), eager)

@@ -116,10 +116,23 @@ class PagedForward:
             embeds = table(torch.tensor(tokens, dtype=torch.long, device=table.weight.device))
             lean = self._lean_architecture(decoder, pool)
             if lean is not None:
-                compiled = self._compiled_decode
-                decode = compiled if compiled and compiled.serves(decoder) else lean_decode
-                return decode(decoder, lean, step, embeds[:, None])
+                return self._lean_decode(decoder, lean, step, embeds[:, None])
             return self._run_decoder(decoder, step, embeds[:, None])
+
+    def _lean_decode(self, decoder: nn.Module, lean: Architecture, step: PagedStep,
+                     embeds: torch.Tensor) -> torch.Tensor:
+        """The lean step, compiled where it was for this decoder. A compiled step that
+        fails (a recompile without a working compiler, an inductor error) turns compiled
+        steps off and runs eagerly: the KV slots it may have written are written again."""
+        compiled = self._compiled_decode
+        if compiled is not None and compiled.serves(decoder):
+            try:
+                return compiled(decoder, lean, step, embeds)
+            except Exception as error:
+                first_line = next(iter(str(error).splitlines()), "")
+                log.warning("host_compile_off", error=f"{type(error).__name__}: {first_line}")
+                self._compiled_decode = None
+        return lean_decode(decoder, lean, step, embeds)
 
     def compile_host_steps(self, pool: KVPool) -> bool:
         """Compile the lean decode step (model/paged/host_compile.py) and run it once for
@@ -130,15 +143,10 @@ class PagedForward:
                 return False
             if self._compiled_decode is None or not self._compiled_decode.serves(decoder):
                 self._compiled_decode = CompiledDecode(decoder)
-        try:
-            warm(lambda tables, lengths, tokens: self.decode_paged(pool, tables, lengths,
-                                                                   tokens), token=0)
-        except Exception as error:  # a missing compiler, an inductor error: stay eager
-            first_line = next(iter(str(error).splitlines()), "")
-            log.warning("host_compile_off", error=f"{type(error).__name__}: {first_line}")
-            self._compiled_decode = None
-            return False
-        return True
+        # a step whose compiling fails turns compiled steps off (_lean_decode)
+        warm(lambda tables, lengths, tokens: self.decode_paged(pool, tables, lengths, tokens),
+             token=0)
+        return self._compiled_decode is not None
 
     def _lean_architecture(self, decoder: nn.Module, pool: KVPool) -> Architecture | None:
         """Where this pass can skip transformers' per-layer plumbing (lean_forward.py)."""
