@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.paged.host_compile import CompiledDecode
+from inference_svc.model.paged.kv_pool import KVPool
 from inference_svc.model.paged.lean_forward import ARCHITECTURES
 from tests.unit.test_lean_forward import decode_steps, in_weights, our_step, tiny_decoder
 
@@ -24,6 +25,13 @@ def fresh_dynamo() -> Iterator[None]:
     counters.clear()
     yield
     torch.compiler.reset()
+
+
+@pytest.fixture
+def model(tiny_bundle) -> ModularModel:
+    """A model of its own for each test: one a test compiled would step compiled in the
+    next, whose eager reference would then not be eager."""
+    return ModularModel(tiny_bundle)
 
 
 def test_compiled_steps_give_the_lean_steps_logits_and_kv_from_three_graphs():
@@ -43,9 +51,18 @@ def test_compiled_steps_give_the_lean_steps_logits_and_kv_from_three_graphs():
         torch.testing.assert_close(mine, reference)
 
 
+def zeroed_pool(model: ModularModel) -> KVPool:
+    """A pool whose unwritten slots read as zeros, not as whatever memory held (a step
+    over them could give NaN, which no two runs compare equal on)."""
+    pool = model.new_kv_pool(block_size=16, blocks=4)
+    for store in (*pool.keys, *pool.values):
+        store.zero_()
+    return pool
+
+
 def test_warm_up_compiles_every_graph_a_step_needs_and_failure_leaves_steps_eager(
         model: ModularModel):
-    pool = model.new_kv_pool(block_size=16, blocks=4)
+    pool = zeroed_pool(model)
     with model.decoder_unit.use() as decoder:
         reference = model.decode_paged(pool, [[1]], [3], [40])
 
@@ -67,7 +84,7 @@ def test_warm_up_compiles_every_graph_a_step_needs_and_failure_leaves_steps_eage
 
 
 def test_a_compiled_step_that_fails_runs_eagerly_and_steps_stay_eager(model: ModularModel):
-    pool = model.new_kv_pool(block_size=16, blocks=4)
+    pool = zeroed_pool(model)
     eager = model.decode_paged(pool, [[1]], [3], [40])
     assert model.compile_host_steps(pool)
     torch.compiler.reset()  # the graphs are gone: the next step compiles again
