@@ -56,7 +56,12 @@ from inference_svc.model.inputs.prompt import (
     media_parts,
 )
 from inference_svc.model.paged.forward import PagedForward
-from inference_svc.model.precision import WeightPrecision, quantize_linears, with_host_kernels
+from inference_svc.model.precision import (
+    WeightPrecision,
+    quantize_linears,
+    with_host_head,
+    with_host_kernels,
+)
 from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
 
@@ -168,8 +173,9 @@ class Glm4vModel(PagedForward, UnitModel):
 
     def _load_full(self) -> Glm4vForConditionalGeneration:
         """The whole model in the decoder's precision; a quantized decoder is quantized
-        tensor by tensor as it is read, its lm_head and the tower (dropped: the vision unit
-        loads its own) left in the decoder's floating type."""
+        tensor by tensor as it is read, its lm_head (but on the host: `with_host_head`)
+        and the tower (dropped: the vision unit loads its own) left in the decoder's
+        floating type."""
         # config.json as read_glm4v_config reads it (transformers misreads the flat layout)
         placed = {"device_map": self._device_map()} if self.layer_devices else \
             self.decoder_weights.placed_on(self.device)
@@ -179,7 +185,10 @@ class Glm4vModel(PagedForward, UnitModel):
             **self.decoder_weights.pretrained_kwargs(keep=["lm_head", "model.visual"]),
             **placed,
         ).eval()
-        return with_host_kernels(model, self.decoder_weights)
+        model = with_host_kernels(model, self.decoder_weights)
+        if self.device == "cpu" and not self.layer_devices:
+            return with_host_head(model, self.decoder_weights)
+        return model
 
     def _device_map(self) -> dict[str, str]:
         """The decoder's layers over `layer_devices`, the embedding with the first and the

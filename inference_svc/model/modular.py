@@ -36,7 +36,12 @@ from inference_svc.model.inputs.prompt import (
     render_prompt,
 )
 from inference_svc.model.paged.forward import PagedForward
-from inference_svc.model.precision import WeightPrecision, quantize_linears, with_host_kernels
+from inference_svc.model.precision import (
+    WeightPrecision,
+    quantize_linears,
+    with_host_head,
+    with_host_kernels,
+)
 from inference_svc.model.units import ModuleUnit
 
 
@@ -46,10 +51,12 @@ class DecodedMedia:
     audios: list[DecodedAudio]
 
 
-def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict) -> nn.Module:
+def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict, *,
+                  host: bool) -> nn.Module:
     """The decoder in `precision`: a quantized one is quantized tensor by tensor as
     transformers reads the checkpoint, so its full-precision weights are never all in
-    memory at once; the lm_head (and embeddings) stay in `precision.dtype`."""
+    memory at once; the embeddings stay in `precision.dtype`, and so does the lm_head
+    but on the `host` (`with_host_head`)."""
     config = AutoConfig.from_pretrained(directory)
     # The embedded default's config still names the GGUF file its weights were
     # dequantised from; its safetensors are plain, and a torchao config may not be merged
@@ -60,7 +67,8 @@ def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict) -> 
     decoder = AutoModelForCausalLM.from_pretrained(
         directory, config=config, **precision.pretrained_kwargs(keep=["lm_head"]),
         **placed).eval()
-    return with_host_kernels(decoder, precision)
+    decoder = with_host_kernels(decoder, precision)
+    return with_host_head(decoder, precision) if host else decoder
 
 
 class ModularModel(PagedForward, UnitModel):
@@ -84,7 +92,9 @@ class ModularModel(PagedForward, UnitModel):
         placed = {"device_map": "auto", "max_memory": placement.max_memory} if (
             placement.sharded) else decoder_weights.placed_on(placement.decoder_device)
         self.decoder_unit = ModuleUnit(
-            "decoder", "text", lambda: _load_decoder(decoder_dir, decoder_weights, placed),
+            "decoder", "text", lambda: _load_decoder(
+                decoder_dir, decoder_weights, placed,
+                host=not placement.sharded and placement.decoder_device == "cpu"),
             "cuda:0" if placement.sharded else placement.decoder_device,
             placed_by_loader=placement.sharded, precision=decoder_weights.name,
         )

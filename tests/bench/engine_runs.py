@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from inference_svc.engine.compute_threads import TORCH_DEFAULT_THREADS, torch_on_one_thread
 from inference_svc.engine.engine import Engine, EngineConfig
 from inference_svc.model.modular import ModularModel
-from inference_svc.model.precision import quantize_linears, resolve_precision
+from inference_svc.model.precision import resolve_precision
 from inference_svc.types import (
     ChatMessage,
     Delta,
@@ -31,22 +30,10 @@ torch_on_one_thread()
 COMPUTE_THREADS = TORCH_DEFAULT_THREADS
 SPEED_TOKENS = 128
 SPEED_PROMPT = "How do I boil an egg?"
-INT8_HEAD = "int8 + int8 lm_head"
-
-
 def load(bundle: Path, name: str) -> ModularModel:
-    """The embedded default with its decoder in `name` (a --decoder-weights value, or
-    INT8_HEAD: int8 with the tied lm_head untied and quantized too)."""
-    base = "int8" if name == INT8_HEAD else name
-    precision = resolve_precision("--decoder-weights", base, torch.float32, ["cpu"])
-    model = ModularModel(bundle, decoder_weights=precision)
-    if name == INT8_HEAD:
-        with model.decoder_unit.use() as decoder:
-            table = decoder.get_input_embeddings().weight
-            head = nn.Linear(table.shape[1], table.shape[0], bias=False)
-            head.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
-            decoder.lm_head = quantize_linears(head, precision)
-    return model
+    """The embedded default with its decoder in `name` (a --decoder-weights value)."""
+    precision = resolve_precision("--decoder-weights", name, torch.float32, ["cpu"])
+    return ModularModel(bundle, decoder_weights=precision)
 
 
 def greedy(tokens: int, index: int, text: str, *,

@@ -32,7 +32,6 @@ from inference_svc.model.modular import DecodedMedia
 from inference_svc.types import ChatMessage, TextPart
 from tests.bench.engine_runs import (
     COMPUTE_THREADS,
-    INT8_HEAD,
     SPEED_PROMPT,
     SPEED_TOKENS,
     decode_run,
@@ -45,13 +44,13 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="make bench-llamacpp install
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
 
 GGUF_TYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "F32": "LLAMA_FTYPE_ALL_F32"}
-# side -> (--decoder-weights or INT8_HEAD, --host-compile); Q8_0 holds its output (the
-# tied head) in 8 bits too. A compiled side is a model of its own (its compiled step stays
-# with it); its first round compiles, outside the tokens/s measured.
+# side -> (--decoder-weights, --host-compile); the service's int8 on the host holds its
+# (tied) head in int8 too, as Q8_0 does its output. A compiled side is a model of its own
+# (its compiled step stays with it); its first round compiles, outside the tokens/s
+# measured.
 COMPILED = " --host-compile"
-SERVICE = {"fp32": ("fp32", False), "int8": ("int8", False), INT8_HEAD: (INT8_HEAD, False),
-           "fp32" + COMPILED: ("fp32", True), "int8" + COMPILED: ("int8", True),
-           INT8_HEAD + COMPILED: (INT8_HEAD, True)}
+SERVICE = {"fp32": ("fp32", False), "int8": ("int8", False),
+           "fp32" + COMPILED: ("fp32", True), "int8" + COMPILED: ("int8", True)}
 
 
 def requantized(source: Path, kind: str, directory: Path) -> Path:

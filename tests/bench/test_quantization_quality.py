@@ -14,9 +14,9 @@ At AutoGLM-Phone-9B's size (random weights, so no perplexity): two GLM-4.1V-9B d
 layers quantized as the service does it, their contribution to the hidden state in int8
 and bf16 against fp32, beside int8's rounding of the weights alone.
 
-`int8 + int8 lm_head` is int8 with the (tied) lm_head also quantized, untied from the
-embedding table: it measures whether quantizing the head pays. int4 and fp8 have no CPU
-kernels in torchao and are refused on a CPU (`--decoder-weights` names them).
+int8 on the host holds the (tied) lm_head in int8 too, as an untied copy beside the
+embedding table (model/precision.py `with_host_head`). int4 and fp8 have no CPU kernels in
+torchao and are refused on a CPU (`--decoder-weights` names them).
 
     .venv/bin/python -m pytest tests/bench/test_quantization_quality.py -m bench -s
 """
@@ -42,7 +42,6 @@ from inference_svc.model.precision import (
 )
 from tests.bench.engine_runs import (
     COMPUTE_THREADS,
-    INT8_HEAD,
     SPEED_TOKENS,
     decode_run,
     greedy,
@@ -140,7 +139,7 @@ def agreement(reference: list[list[int]], ids: list[list[int]]) -> tuple[int, fl
 def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
     path, text = reference_text()
     print_load("quantization_quality")
-    names = ["fp32", "bf16", "fp16", "int8", INT8_HEAD]
+    names = ["fp32", "bf16", "fp16", "int8"]
     prompts = [greedy(AGREEMENT_TOKENS, i, p) for i, p in enumerate(PROMPTS)]
     results: dict[str, dict] = {}
     for name in names:
@@ -148,11 +147,10 @@ def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
         ids = [ids for ids, _ in run_engine(model, prompts)]
         results[name] = {"perplexity": perplexity(model, text), "ids": ids,
                          "decoder_bytes": decoder_bytes(model)}
-        if name != INT8_HEAD:
-            results[name]["peak_rss"], results[name]["rss"] = peak_rss_loading(
-                default_bundle, name)
+        results[name]["peak_rss"], results[name]["rss"] = peak_rss_loading(
+            default_bundle, name)
         del model
-    speeds: dict[str, list[float]] = {"fp32": [], "int8": [], INT8_HEAD: []}
+    speeds: dict[str, list[float]] = {"fp32": [], "int8": []}
     models = {name: load(default_bundle, name) for name in speeds}
     for _ in range(repeats(3)):
         for name, model in models.items():
@@ -173,8 +171,7 @@ def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
         rows.append([name, f"{r['perplexity']:.3f}", f"{r['perplexity'] / full - 1:+.2%}",
                      f"{identical}/{len(PROMPTS)}", f"{prefix:.1f}", f"{share:.1%}",
                      f"{r['decoder_bytes'] / 2**20:.1f}",
-                     f"{r['peak_rss'] / 2**20:.0f}" if "peak_rss" in r else "-",
-                     f"{r['rss'] / 2**20:.0f}" if "rss" in r else "-", rate])
+                     f"{r['peak_rss'] / 2**20:.0f}", f"{r['rss'] / 2**20:.0f}", rate])
     rows += [[name, "-", "-", "-", "-", "-", "-", "-", "-", "refused on a CPU"]
              for name in refused]
     report("quantization_quality",

@@ -24,6 +24,7 @@ from inference_svc.model.precision import (
     WeightPrecision,
     quantize_linears,
     resolve_precision,
+    with_host_head,
 )
 from inference_svc.model.units import DISK
 from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
@@ -101,7 +102,14 @@ def test_an_int8_modular_model_decodes_through_the_paged_path_and_reloads_int8(t
     with quantized.decoder_unit.use() as decoder:
         down = decoder.model.layers[0].mlp.down_proj
         assert isinstance(down, Int8RowsLinear) and down.qdata.dtype == torch.int8
-        assert decoder.get_input_embeddings().weight.dtype == torch.float32  # not quantized
+        table = decoder.get_input_embeddings().weight
+        assert table.dtype == torch.float32  # not quantized
+        # on the host the head is int8 too, and computes what the float head does
+        assert isinstance(decoder.lm_head, Int8RowsLinear)
+        with plain.decoder_unit.use() as float_decoder, torch.no_grad():
+            hidden = torch.randn(1, table.shape[1])
+            torch.testing.assert_close(decoder.lm_head(hidden),
+                                       float_decoder.lm_head(hidden), atol=0.05, rtol=0.02)
     prompt = quantized.tokenizer.encode("Hello, how are you?")
     tokens = _greedy_paged(quantized, prompt, 6)
     assert len(tokens) == 6
@@ -110,16 +118,22 @@ def test_an_int8_modular_model_decodes_through_the_paged_path_and_reloads_int8(t
     vision.load()
     assert vision.state().weight_bytes == states["vision"].weight_bytes
     assert vision.state().precision == "int8"
+    decoder_unit = quantized.decoder_unit
+    decoder_unit.move_to(DISK)
+    decoder_unit.load()  # a reload holds the same int8 head
+    assert decoder_unit.state().weight_bytes == states["decoder"].weight_bytes
 
 
-def test_a_glm4v_model_quantizes_its_decoder_but_not_its_tower_or_head(tmp_path):
+def test_a_glm4v_model_on_the_host_quantizes_its_decoder_and_head_but_not_its_tower(
+        tmp_path):
     model = Glm4vModel(write_tiny_glm4v_checkpoint(tmp_path / "glm4v"), decoder_weights=INT8)
     assert {u.name: u.precision for u in model.units} == {"decoder": "int8", "vision": "fp32"}
     with model.decoder_unit.use() as decoder:
         layer = decoder.model.language_model.layers[0]
         assert isinstance(layer.self_attn.q_proj, Int8RowsSlice)  # of q, k and v's rows
         assert isinstance(layer.self_attn.qkv_rows, Int8RowsLinear)
-        assert decoder.lm_head.weight.dtype == torch.float32
+        assert isinstance(decoder.lm_head, Int8RowsLinear)  # untied: quantized in place
+        assert decoder.get_input_embeddings().weight.dtype == torch.float32
     with model.encoders["image"].use() as tower:
         assert all(type(p) is nn.Parameter for p in tower.parameters())
     prompt = model.tokenizer.encode("Hello")
@@ -143,6 +157,28 @@ def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows):
     got = packed(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=0.02, rtol=0.01)
+
+
+def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table():
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(0)
+    decoder = GlmForCausalLM(GlmConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+        tie_word_embeddings=True)).eval()
+    table = decoder.get_input_embeddings().weight
+    assert decoder.lm_head.weight is table
+    hidden = torch.randn(2, 64)
+    with torch.no_grad():
+        expected = hidden @ table.T
+        assert with_host_head(decoder, WeightPrecision.of(torch.float32)) is decoder
+        assert decoder.lm_head.weight is table  # a float decoder keeps its tied head
+        with_host_head(decoder, INT8)
+        assert isinstance(decoder.lm_head, Int8RowsLinear)
+        assert decoder.get_input_embeddings().weight is table  # the lookups stay float
+        assert table.dtype == torch.float32
+        torch.testing.assert_close(decoder.lm_head(hidden), expected, atol=0.05, rtol=0.02)
 
 
 def test_a_bare_int8_linear_is_replaced_by_its_host_layer():

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from inference_svc.model.sizing.model_spec import ModelSpec
-from inference_svc.model.sizing.weights import tensor_bytes, weight_bytes
+from inference_svc.model.sizing.weights import held_tensors, tensor_bytes, weight_bytes
 
 GIB = 1024**3
 # Per card: the CUDA context and cuBLAS workspaces (~0.5 GiB before any tensor), the
@@ -114,18 +114,19 @@ def layout(spec: ModelSpec, cards: Cards, decoder: str, vision: str) -> Layout:
     card_of_layer = {layer: i for i, (start, stop) in enumerate(bounds)
                      for layer in range(start, stop)}
     decoder_on = [0] * len(devices)
-    for tensor in spec.tensors.modules["decoder"]:
+    on_host = cards.count == 0
+    for tensor in held_tensors(spec.tensors.modules["decoder"], decoder, host=on_host):
         if tensor.layer is not None:
             i = card_of_layer[tensor.layer]
         else:
             i = 0 if tensor.role == "embedding" else last
-        decoder_on[i] += tensor_bytes(tensor, decoder, spec.full, host=cards.count == 0)
+        decoder_on[i] += tensor_bytes(tensor, decoder, spec.full, host=on_host)
     precisions = {"decoder": decoder, "vision": vision}
     weights = {"decoder": sum(decoder_on)}
     for name, tensors in spec.tensors.modules.items():
         if name != "decoder":
             weights[name] = weight_bytes(tensors, precisions.get(name, spec.full), spec.full,
-                                         host=cards.count == 0)
+                                         host=on_host)
     encoders = sum(weights.values()) - weights["decoder"]
     runtime, reserve = RUNTIME_BYTES, int(cards.memory_bytes * cards.reserve_fraction)
     room = [cards.memory_bytes - d - runtime - reserve for d in decoder_on]

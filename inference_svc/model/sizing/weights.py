@@ -31,9 +31,11 @@ MODULE = "module"
 # What a module quantized to int8, fp8 or int4 does with each kind of tensor, as the
 # loader that quantizes does it (model/precision.py: --decoder-weights, --vision-weights):
 # every nn.Linear weight but the LM head takes the module's precision. The LM head, the
-# token embedding, biases, norms, convolutions and position tables stay at full precision
-# (a tied LM head in int8 would be a second copy of the embedding: model/precision.py).
+# token embedding, biases, norms, convolutions and position tables stay at full precision,
+# but for the LM head of an int8 decoder on the host (model/precision.py
+# `with_host_head`), which is int8 too.
 QUANTIZED_ROLES = {"linear": MODULE}
+HOST_INT8_ROLES = {"linear": MODULE, "lm_head": MODULE}
 
 
 def tensor_bytes(tensor: TensorSpec, precision: str, full: str, *, host: bool = False) -> int:
@@ -42,7 +44,8 @@ def tensor_bytes(tensor: TensorSpec, precision: str, full: str, *, host: bool = 
     if precision in FULL_ELEMENT:
         return tensor.numel * FULL_ELEMENT[precision]
     element = FULL_ELEMENT[full]
-    role = QUANTIZED_ROLES.get(tensor.role)
+    roles = HOST_INT8_ROLES if host and precision == "int8" else QUANTIZED_ROLES
+    role = roles.get(tensor.role)
     if role is None:
         return tensor.numel * element
     out, inp = tensor.shape
@@ -58,3 +61,13 @@ def tensor_bytes(tensor: TensorSpec, precision: str, full: str, *, host: bool = 
 def weight_bytes(tensors: Iterable[TensorSpec], precision: str, full: str, *,
                  host: bool = False) -> int:
     return sum(tensor_bytes(t, precision, full, host=host) for t in tensors)
+
+
+def held_tensors(decoder: list[TensorSpec], precision: str, *,
+                 host: bool = False) -> list[TensorSpec]:
+    """The decoder's tensors as the service holds them: an int8 decoder on the host gives
+    an LM head tied to the token embedding an int8 copy of its own (`with_host_head`)."""
+    if not host or precision != "int8" or any(t.role == "lm_head" for t in decoder):
+        return decoder
+    table = next(t for t in decoder if t.role == "embedding")
+    return [*decoder, TensorSpec("lm_head.weight", table.shape)]
