@@ -75,6 +75,15 @@ def test_the_cuda_image_starts_from_cuda_and_the_cpu_image_from_slim_python():
     assert "whl/cpu" in " ".join(a for op, a in cpu if op == "ARG")
 
 
+def test_the_cpu_image_has_a_compiler_for_host_compile_and_keeps_its_graphs_in_the_volume():
+    final = final_stage(DOCKERFILES[1])
+    assert ("ARG", "HOST_COMPILER=g++") in final
+    assert any(op == "RUN" and '"${HOST_COMPILER}"' in args for op, args in final)
+    env, volume = dict(final)["ENV"], dict(final)["VOLUME"]
+    assert "TORCHINDUCTOR_CACHE_DIR=/var/cache/autoglm/inductor" in env
+    assert '"/var/cache/autoglm"' in volume  # a restart finds the compiled graphs
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_every_copied_path_exists_and_survives_dockerignore(dockerfile):
     sources = []
