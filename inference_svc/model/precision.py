@@ -31,6 +31,7 @@ BF16_ONLY = ("int4", "fp8")
 # compute capability each quantized precision needs on a CUDA device; None: no CUDA kernel
 CUDA_CAPABILITY = {"int8": (0, 0), "int4": (8, 0), "fp8": (8, 9)}
 CPU_RUNS = ("int8",)
+HEAD_ROWS_AT_ONCE = 4096
 
 
 class UnsupportedPrecision(ValueError):
@@ -111,17 +112,29 @@ def with_host_head(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
     on the embedded default that makes a decode step ~1.12x faster eager and ~1.18x
     compiled for +0.04% perplexity (docs/operations.md). A head tied to the token
     embedding becomes an int8 copy beside the floating table the inputs are looked up in
-    (+27 MiB there); an untied one is quantized in place. The plan counts the same
+    (+27 MiB there); an untied one is replaced. The plan counts the same
     (model/sizing/weights.py `held_tensors`)."""
     if precision.name != "int8":
         return decoder
+    from inference_svc.model.int8_rows import Int8RowsLinear
+
     head = decoder.get_output_embeddings()
-    if head.weight is decoder.get_input_embeddings().weight:
-        copy = nn.Linear(head.in_features, head.out_features, bias=False,
-                         dtype=head.weight.dtype, device=head.weight.device)
-        copy.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        head = copy
-    decoder.set_output_embeddings(quantize_linears(head, precision))
+    weight = head.weight.detach()
+    qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    # a block of rows at a time: quantizing makes float temporaries the size of what it
+    # quantizes, and a head is the largest matrix there is (a whole one added ~300 MiB to
+    # the embedded default's peak); rows are quantized each on its own, so the result is
+    # the whole head's
+    for start in range(0, weight.shape[0], HEAD_ROWS_AT_ONCE):
+        rows = slice(start, start + HEAD_ROWS_AT_ONCE)
+        block = nn.Linear(weight.shape[1], qdata[rows].shape[0], bias=False,
+                          dtype=weight.dtype, device=weight.device)
+        block.weight = nn.Parameter(weight[rows], requires_grad=False)
+        quantized = quantize_linears(block, precision)
+        qdata[rows], scale[rows] = quantized.qdata, quantized.scale
+    bias = None if head.bias is None else head.bias.detach()
+    decoder.set_output_embeddings(Int8RowsLinear(qdata, scale, bias))
     return decoder
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 
+from inference_svc.model import precision
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.int8_rows import (
@@ -159,9 +160,10 @@ def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows):
     torch.testing.assert_close(got, expected, atol=0.02, rtol=0.01)
 
 
-def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table():
+def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table(monkeypatch):
     from transformers import GlmConfig, GlmForCausalLM
 
+    monkeypatch.setattr(precision, "HEAD_ROWS_AT_ONCE", 128)  # 300 rows: 128, 128, 44
     torch.manual_seed(0)
     decoder = GlmForCausalLM(GlmConfig(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -172,6 +174,9 @@ def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table():
     hidden = torch.randn(2, 64)
     with torch.no_grad():
         expected = hidden @ table.T
+        whole_source = nn.Linear(64, 300, bias=False)
+        whole_source.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
+        whole = quantize_linears(whole_source, INT8)
         assert with_host_head(decoder, WeightPrecision.of(torch.float32)) is decoder
         assert decoder.lm_head.weight is table  # a float decoder keeps its tied head
         with_host_head(decoder, INT8)
@@ -179,6 +184,9 @@ def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table():
         assert decoder.get_input_embeddings().weight is table  # the lookups stay float
         assert table.dtype == torch.float32
         torch.testing.assert_close(decoder.lm_head(hidden), expected, atol=0.05, rtol=0.02)
+        # quantized a block of rows at a time, it holds what quantizing it whole gives
+        assert torch.equal(decoder.lm_head.qdata, whole.qdata)
+        assert torch.equal(decoder.lm_head.scale, whole.scale)
 
 
 def test_a_bare_int8_linear_is_replaced_by_its_host_layer():
