@@ -38,12 +38,17 @@ class Int8RowsLinear(nn.Module):
     """y = x W^T (+ b) with W held as int8 [out, in] and one scale per output row."""
 
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
+                 bias: torch.Tensor | None, *, copy: bool = False) -> None:
+        """`copy`: the weight is a copy of one the model holds elsewhere (a head tied to
+        the embedding), kept as a buffer so that the model's parameter count stays its
+        own; otherwise a parameter, as the Linear's weight was."""
         super().__init__()
         self.in_features = qdata.shape[1]
         self.out_features = qdata.shape[0]
-        # parameters, as the Linear's were: a module's parameter count stays its weights'
-        self.qdata = nn.Parameter(qdata.contiguous(), requires_grad=False)
+        if copy:
+            self.register_buffer("qdata", qdata.contiguous())
+        else:
+            self.qdata = nn.Parameter(qdata.contiguous(), requires_grad=False)
         self.register_buffer("scale", scale.reshape(-1).to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 

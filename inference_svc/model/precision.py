@@ -119,6 +119,7 @@ def with_host_head(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
     from inference_svc.model.int8_rows import Int8RowsLinear
 
     head = decoder.get_output_embeddings()
+    tied = head.weight is decoder.get_input_embeddings().weight
     weight = head.weight.detach()
     qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
@@ -134,7 +135,7 @@ def with_host_head(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
         quantized = quantize_linears(block, precision)
         qdata[rows], scale[rows] = quantized.qdata, quantized.scale
     bias = None if head.bias is None else head.bias.detach()
-    decoder.set_output_embeddings(Int8RowsLinear(qdata, scale, bias))
+    decoder.set_output_embeddings(Int8RowsLinear(qdata, scale, bias, copy=tied))
     return decoder
 
 

@@ -97,6 +97,7 @@ def test_an_int8_modular_model_decodes_through_the_paged_path_and_reloads_int8(t
     assert {n: s.precision for n, s in states.items()} == {
         "decoder": "int8", "vision": "int8", "audio": "fp32"}
     plain_bytes = {u.name: u.state().weight_bytes for u in plain.units}
+    assert states["decoder"].parameters == plain.decoder_unit.state().parameters
     assert states["decoder"].weight_bytes < plain_bytes["decoder"]
     assert states["vision"].weight_bytes < plain_bytes["vision"]
     assert states["audio"].weight_bytes == plain_bytes["audio"]
@@ -127,7 +128,10 @@ def test_an_int8_modular_model_decodes_through_the_paged_path_and_reloads_int8(t
 
 def test_a_glm4v_model_on_the_host_quantizes_its_decoder_and_head_but_not_its_tower(
         tmp_path):
-    model = Glm4vModel(write_tiny_glm4v_checkpoint(tmp_path / "glm4v"), decoder_weights=INT8)
+    checkpoint = write_tiny_glm4v_checkpoint(tmp_path / "glm4v")
+    full = Glm4vModel(checkpoint).decoder_unit.state().parameters
+    model = Glm4vModel(checkpoint, decoder_weights=INT8)
+    assert model.decoder_unit.state().parameters == full  # the head replaced, not added
     assert {u.name: u.precision for u in model.units} == {"decoder": "int8", "vision": "fp32"}
     with model.decoder_unit.use() as decoder:
         layer = decoder.model.language_model.layers[0]
@@ -171,6 +175,7 @@ def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table(mon
         tie_word_embeddings=True)).eval()
     table = decoder.get_input_embeddings().weight
     assert decoder.lm_head.weight is table
+    parameters = sum(p.numel() for p in decoder.parameters())
     hidden = torch.randn(2, 64)
     with torch.no_grad():
         expected = hidden @ table.T
@@ -187,6 +192,8 @@ def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table(mon
         # quantized a block of rows at a time, it holds what quantizing it whole gives
         assert torch.equal(decoder.lm_head.qdata, whole.qdata)
         assert torch.equal(decoder.lm_head.scale, whole.scale)
+    # the copy is a buffer: the model's parameters are what they were
+    assert sum(p.numel() for p in decoder.parameters()) == parameters
 
 
 def test_a_bare_int8_linear_is_replaced_by_its_host_layer():
