@@ -8,15 +8,26 @@ bfloat16 activations on the fast path (its float32 form is several times slower 
 float32 Linear). It pays for the few rows of a decode step, where the weight's bytes
 are the cost; a prefill chunk's many rows are compute, where a float matmul is faster.
 
-    rows  fp32 Linear  int8pack (bf16 in)  dequantize + fp32   (1536x576, 2 threads, ms)
-       1     0.048        0.033               0.093
-       4     0.059        0.051               0.116
-      16     0.166        0.188               0.226
-     256     1.414        2.827               1.566
+Measured on 2 cores (ms a call; fp32 is the Linear before quantization, for scale):
 
-So a layer of up to `PACKED_ROWS` rows takes the int8 kernel and a wider one multiplies by
-the weight dequantized for that call. The weights and scales are torchao's, taken over
-as they are (no second rounding).
+    matrix       rows  fp32 Linear  int8pack (bf16 in)  dequantize + fp32
+    1536x576        1     0.047        0.051               0.404
+                   16     0.266        0.284               0.612
+                   32     0.369        0.535               0.707
+                   64     0.571        1.327               1.162
+    49152x576       1     2.29         1.38               73.8
+    (the head)     16    11.2         10.1                89.1
+                   64    25.3         41.3               100.0
+                  128    40.0        122.5               121.6
+
+So a layer of up to `PACKED_ROWS` rows takes the int8 kernel and a wider one (a prefill
+chunk) multiplies by the weight dequantized for that call; a weight too large for the
+caches dequantizes at memory speed, so it takes the int8 kernel up to `LARGE_PACKED_ROWS`
+rows (an int8 decode step of 16 rows of the embedded default: 244 ms with both limits at
+8, 107 ms with these). A compiled decode step (model/paged/host_compile.py) always takes
+the int8 kernel: a branch on the row count there would compile another graph, on the
+request path, the first time a step passed the limit. The weights and scales are
+torchao's, taken over as they are (no second rounding).
 
 Projections that read one input (attention's q, k and v; an MLP's gate and up) are held
 as one int8 weight, their rows end to end (`SIBLINGS`): a decode step that wants all of
@@ -31,7 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACKED_ROWS = 8
+PACKED_ROWS = 32
+LARGE_WEIGHT_BYTES = 8 << 20
+LARGE_PACKED_ROWS = 128
 
 
 class Int8RowsLinear(nn.Module):
@@ -82,7 +95,8 @@ class Int8RowsSlice(nn.Module):
 def _multiply(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
     flat = x.reshape(-1, qdata.shape[1])
-    if flat.shape[0] <= PACKED_ROWS:
+    if torch.compiler.is_compiling() or flat.shape[0] <= (
+            LARGE_PACKED_ROWS if qdata.numel() >= LARGE_WEIGHT_BYTES else PACKED_ROWS):
         out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), qdata, scale).to(x.dtype)
     else:
         out = F.linear(flat, qdata.to(x.dtype) * scale.to(x.dtype)[:, None])

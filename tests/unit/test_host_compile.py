@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from inference_svc.model import int8_rows
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.paged.host_compile import CompiledDecode
 from inference_svc.model.paged.kv_pool import KVPool
 from inference_svc.model.paged.lean_forward import ARCHITECTURES
+from inference_svc.model.precision import WeightPrecision
 from tests.unit.test_lean_forward import decode_steps, in_weights, our_step, tiny_decoder
 
 
@@ -93,3 +95,19 @@ def test_a_compiled_step_that_fails_runs_eagerly_and_steps_stay_eager(model: Mod
         assert torch.equal(model.decode_paged(pool, [[1]], [3], [40]), eager)
     assert model._compiled_decode is None
     assert torch.equal(model.decode_paged(pool, [[1]], [3], [40]), eager)
+
+
+def test_an_int8_step_wider_than_the_int8_kernels_limit_takes_the_warmed_graphs(
+        tiny_bundle, monkeypatch):
+    """Eagerly, an int8 layer of more rows than `PACKED_ROWS` multiplies by its weight
+    dequantized; compiled, a step of any width takes the int8 kernel, so that passing the
+    limit compiles no graph on the request path."""
+    monkeypatch.setattr(int8_rows, "PACKED_ROWS", 2)
+    model = ModularModel(tiny_bundle, decoder_weights=WeightPrecision("int8", torch.float32))
+    pool = zeroed_pool(model)
+    tables, lengths, tokens = [[1], [2], [3]], [3, 20, 7], [40, 41, 42]
+    eager = model.decode_paged(pool, tables, lengths, tokens)
+    assert model.compile_host_steps(pool)
+    compiled = model.decode_paged(pool, tables, lengths, tokens)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0.02)  # bf16 activations
