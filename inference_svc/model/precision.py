@@ -129,9 +129,10 @@ def with_host_head(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
     # the whole head's
     for start in range(0, weight.shape[0], HEAD_ROWS_AT_ONCE):
         rows = slice(start, start + HEAD_ROWS_AT_ONCE)
-        block = nn.Linear(weight.shape[1], qdata[rows].shape[0], bias=False,
-                          dtype=weight.dtype, device=weight.device)
-        block.weight = nn.Parameter(weight[rows], requires_grad=False)
+        part = weight[rows]
+        # made on the meta device: its own (random) weight would be made only to be replaced
+        block = nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta")
+        block.weight = nn.Parameter(part, requires_grad=False)
         quantized = quantize_linears(block, precision)
         qdata[rows], scale[rows] = quantized.qdata, quantized.scale
     bias = None if head.bias is None else head.bias.detach()
