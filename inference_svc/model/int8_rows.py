@@ -29,26 +29,30 @@ the int8 kernel: a branch on the row count there would compile another graph, on
 request path, the first time a step passed the limit. The weights and scales are
 torchao's, taken over as they are (no second rounding).
 
-Projections that read one input (attention's q, k and v; an MLP's gate and up) are held
-as one int8 weight, their rows end to end (`SIBLINGS`): a decode step that wants all of
-them calls the kernel once (model/paged/lean_forward.py; one row of the embedded default
-in int8: 24.2 -> 21.8 ms a step on 2 cores, fewer calls and bf16 conversions), and
-each projection alone is a slice of those rows, computing exactly what it did.
+Projections that read one input share one int8 weight, their rows end to end
+(model/host_linears.py `SIBLINGS`).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from inference_svc.model.host_linears import HostLinear, replace_linears
 
 PACKED_ROWS = 32
 LARGE_WEIGHT_BYTES = 8 << 20
 LARGE_PACKED_ROWS = 128
 
 
-class Int8RowsLinear(nn.Module):
+class Int8RowsLinear(HostLinear):
     """y = x W^T (+ b) with W held as int8 [out, in] and one scale per output row."""
+
+    ROW_DIMS: ClassVar[dict[str, int]] = {"qdata": 0, "scale": 0}
+    SHARES_ROWS = True
 
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None, *, copy: bool = False) -> None:
@@ -67,6 +71,13 @@ class Int8RowsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _multiply(x, self.qdata, self.scale, self.bias)
+
+    def with_rows(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, *,
+                  copy: bool = False) -> Int8RowsLinear:
+        return Int8RowsLinear(tensors["qdata"], tensors["scale"], bias, copy=copy)
+
+    def rows(self, start: int, stop: int) -> Int8RowsSlice:
+        return Int8RowsSlice(self, start, stop)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -105,57 +116,16 @@ def _multiply(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     return out.reshape(*x.shape[:-1], qdata.shape[0])
 
 
-# the attribute an owner keeps its siblings' shared rows under -> the siblings, in order
-SIBLINGS = {"qkv_rows": ("q_proj", "k_proj", "v_proj"), "gate_up_rows": ("gate_proj", "up_proj")}
-
-
-def sibling_outputs(owner: nn.Module, shared: str, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each of `SIBLINGS[shared]`'s outputs for `x`: from one multiplication where `owner`
-    holds them as shared rows, else from each projection."""
-    names = SIBLINGS[shared]
-    whole = owner._modules.get(shared)  # a miss through getattr costs an exception
-    if whole is None:
-        return [getattr(owner, name).forward(x) for name in names]
-    return list(whole.forward(x).split([getattr(owner, n).out_features for n in names], -1))
-
-
 def repack_int8_linears(module: nn.Module) -> nn.Module:
     """`module` with each Linear on a CPU whose weight is torchao's int8 weight-only
     per-row tensor replaced by an `Int8RowsLinear` over the same int8 bytes: in place,
     or, where `module` is such a Linear itself, its replacement."""
-    if isinstance(module, nn.Linear) and _per_row_int8(module.weight):
-        return _repacked(module)
-    targets = [(name, child) for name, child in module.named_modules()
-               if isinstance(child, nn.Linear) and _per_row_int8(child.weight)]
-    for name, child in targets:
-        parent_name, _, attribute = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attribute, _repacked(child))
-    for owner in list(module.modules()):
-        for shared, names in SIBLINGS.items():
-            _share_rows(owner, shared, names)
-    return module
+    return replace_linears(module, _repacked)
 
 
-def _share_rows(owner: nn.Module, shared: str, names: tuple[str, ...]) -> None:
-    """`owner`'s projections `names`, where all are int8 host layers over one input with
-    a bias each or none, as slices of one weight registered as `shared`."""
-    parts = [getattr(owner, name, None) for name in names]
-    if not all(type(p) is Int8RowsLinear for p in parts):
-        return
-    if len({p.in_features for p in parts}) != 1 or len({p.bias is None for p in parts}) != 1:
-        return
-    bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
-    whole = Int8RowsLinear(torch.cat([p.qdata for p in parts]),
-                           torch.cat([p.scale for p in parts]), bias)
-    setattr(owner, shared, whole)
-    start = 0
-    for name, part in zip(names, parts, strict=True):
-        setattr(owner, name, Int8RowsSlice(whole, start, start + part.out_features))
-        start += part.out_features
-
-
-def _repacked(linear: nn.Linear) -> Int8RowsLinear:
+def _repacked(linear: nn.Linear) -> Int8RowsLinear | None:
+    if not _per_row_int8(linear.weight):
+        return None
     bias = None if linear.bias is None else linear.bias.detach()
     return Int8RowsLinear(linear.weight.qdata, linear.weight.scale, bias)
 

@@ -3,11 +3,13 @@ what each device can run, and the torchao configuration that quantizes the Linea
 
 Floating types (fp32, bf16, fp16) load as they are. The quantized precisions replace
 each Linear's weight with a torchao tensor subclass (weight-only int8 per output row,
-int4 in groups of 128, or float8 per row with float8 activations): it behaves as a
-weight under `F.linear`, so the model's own forward, the paged forward and CUDA graph
-capture run it unchanged. Embeddings and norms keep the module's floating type; so does
-the lm_head, except on the host in int8 (`with_host_head`), where the head is the widest
-matrix a decode step reads.
+int4 in groups of 128 on CUDA and 32 on the host, or float8 per row with float8
+activations): it behaves as a weight under `F.linear`, so the model's own forward, the
+paged forward and CUDA graph capture run it unchanged (on the host each quantized Linear
+then becomes a layer of our own over the same bytes: `with_host_kernels`). Embeddings
+and norms keep the module's floating type; so does the lm_head, except on the host under
+int8 or int4 (`with_host_head`), where the head is the widest matrix a decode step reads
+and becomes int8.
 
 torchao is imported only when a module is quantized: a float-only service never loads it.
 """
@@ -25,13 +27,17 @@ if TYPE_CHECKING:
 
 FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOAT_NAMES = {dtype: name for name, dtype in FLOATS.items()}
-INT4_GROUP_SIZE = 128
-# int4 (tinygemm) and float8 kernels take bfloat16 activations only
+# CUDA's int4 (tinygemm) and float8 kernels take bfloat16 activations only; on the host
+# the int4 and int8 layers cast to it around their kernels
 BF16_ONLY = ("int4", "fp8")
 # compute capability each quantized precision needs on a CUDA device; None: no CUDA kernel
 CUDA_CAPABILITY = {"int8": (0, 0), "int4": (8, 0), "fp8": (8, 9)}
-CPU_RUNS = ("int8",)
+CPU_RUNS = ("int8", "int4")
 HEAD_ROWS_AT_ONCE = 4096
+# a decoder's precision on the host -> its LM head's: int8 under int4 too, as llama.cpp's
+# 4-bit types keep the output matrix at 6 bits or more (on the embedded default an int4
+# head cost +4.0% perplexity for 1.12x decode speed, an int8 one +0.06%)
+HOST_HEADS = {"int8": "int8", "int4": "int8"}
 
 
 class UnsupportedPrecision(ValueError):
@@ -59,19 +65,17 @@ class WeightPrecision:
         """The torchao configuration of this precision's Linear weights."""
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
-            Int4WeightOnlyConfig,
             Int8WeightOnlyConfig,
             PerRow,
         )
-        from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
         # set_inductor_config=False: nothing here compiles, and the setting is process-wide
         if self.name == "int8":
             return Int8WeightOnlyConfig(set_inductor_config=False)
         if self.name == "int4":
-            return Int4WeightOnlyConfig(
-                group_size=INT4_GROUP_SIZE, set_inductor_config=False,
-                int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+            from inference_svc.model.int4_groups import Int4WeightByDeviceConfig
+
+            return Int4WeightByDeviceConfig()
         if self.name == "fp8":
             return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
                                                              set_inductor_config=False)
@@ -108,45 +112,53 @@ def quantize_linears(module: nn.Module, precision: WeightPrecision) -> nn.Module
 
 
 def with_host_head(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
-    """`decoder`, loaded on the host, with its LM head in int8 where the decoder is int8:
-    on the embedded default that makes a decode step ~1.12x faster eager and ~1.18x
-    compiled for +0.04% perplexity (docs/operations.md). A head tied to the token
-    embedding becomes an int8 copy beside the floating table the inputs are looked up in
-    (+27 MiB there); an untied one is replaced. The plan counts the same
-    (model/sizing/weights.py `held_tensors`)."""
-    if precision.name != "int8":
+    """`decoder`, loaded on the host, with its LM head in int8 where the decoder is int8
+    or int4 (`HOST_HEADS`): in an int8 decoder that makes a decode step of the embedded
+    default ~1.12x faster eager and ~1.18x compiled for +0.04% perplexity
+    (docs/operations.md). A head
+    tied to the token embedding becomes a quantized copy beside the floating table the
+    inputs are looked up in (+27 MiB there in int8); an untied one is replaced. The plan
+    counts the same (model/sizing/weights.py `held_tensors`)."""
+    if precision.name not in HOST_HEADS:
         return decoder
-    from inference_svc.model.int8_rows import Int8RowsLinear
+    precision = WeightPrecision(HOST_HEADS[precision.name], precision.dtype)
+    from inference_svc.model.host_linears import stacked
 
     head = decoder.get_output_embeddings()
     tied = head.weight is decoder.get_input_embeddings().weight
     weight = head.weight.detach()
-    qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
     # a block of rows at a time: quantizing makes float temporaries the size of what it
     # quantizes, and a head is the largest matrix there is (a whole one added ~300 MiB to
     # the embedded default's peak); rows are quantized each on its own, so the result is
     # the whole head's
-    for start in range(0, weight.shape[0], HEAD_ROWS_AT_ONCE):
-        rows = slice(start, start + HEAD_ROWS_AT_ONCE)
-        part = weight[rows]
-        # made on the meta device: its own (random) weight would be made only to be replaced
-        block = nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta")
-        block.weight = nn.Parameter(part, requires_grad=False)
-        quantized = quantize_linears(block, precision)
-        qdata[rows], scale[rows] = quantized.qdata, quantized.scale
     bias = None if head.bias is None else head.bias.detach()
-    decoder.set_output_embeddings(Int8RowsLinear(qdata, scale, bias, copy=tied))
+    rows = weight.shape[0]
+    blocks = (_quantized_rows(weight[start:start + HEAD_ROWS_AT_ONCE], precision)
+              for start in range(0, rows, HEAD_ROWS_AT_ONCE))
+    quantized = stacked(blocks, rows, bias, copy=tied)
+    if quantized is not None:
+        decoder.set_output_embeddings(quantized)
     return decoder
 
 
+def _quantized_rows(rows: torch.Tensor, precision: WeightPrecision) -> nn.Module:
+    # made on the meta device: its own (random) weight would be made only to be replaced
+    block = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device="meta")
+    block.weight = nn.Parameter(rows, requires_grad=False)
+    return quantize_linears(block, precision)
+
+
 def with_host_kernels(module: nn.Module, precision: WeightPrecision) -> nn.Module:
-    """`module` (quantized by torchao) with its int8 Linear layers on a CPU multiplying
-    their int8 bytes directly (model/int8_rows.py)."""
+    """`module` (quantized by torchao) with its int8 and int4 Linear layers on a CPU
+    multiplying their bytes directly (model/int8_rows.py, model/int4_groups.py)."""
     if precision.name == "int8":
         from inference_svc.model.int8_rows import repack_int8_linears
 
         return repack_int8_linears(module)
+    if precision.name == "int4":
+        from inference_svc.model.int4_groups import repack_int4_linears
+
+        return repack_int4_linears(module)
     return module
 
 
@@ -161,7 +173,8 @@ def resolve_precision(flag: str, choice: str, dtype: torch.dtype,
         return WeightPrecision.of(FLOATS[choice])
     for device in devices:
         _check_device(flag, choice, device)
-    return WeightPrecision(choice, torch.bfloat16 if choice in BF16_ONLY else dtype)
+    on_cuda = any(device.startswith("cuda") for device in devices)
+    return WeightPrecision(choice, torch.bfloat16 if choice in BF16_ONLY and on_cuda else dtype)
 
 
 def _check_device(flag: str, choice: str, device: str) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from inference_svc.model.checkpoints.placement import bytes_by_device
+from inference_svc.model.host_linears import parameter_count
 
 DISK = "disk"
 
@@ -172,6 +173,6 @@ class ModuleUnit:
 
     def _load_module(self) -> None:
         module = own_memory(self._loader())
-        self._parameters = sum(p.numel() for p in module.parameters())
+        self._parameters = parameter_count(module)
         self.architecture = getattr(module, "architecture", type(module).__name__)
         self._module = module

@@ -14,9 +14,13 @@ At AutoGLM-Phone-9B's size (random weights, so no perplexity): two GLM-4.1V-9B d
 layers quantized as the service does it, their contribution to the hidden state in int8
 and bf16 against fp32, beside int8's rounding of the weights alone.
 
-int8 on the host holds the (tied) lm_head in int8 too, as an untied copy beside the
-embedding table (model/precision.py `with_host_head`). int4 and fp8 have no CPU kernels in
-torchao and are refused on a CPU (`--decoder-weights` names them).
+int8 and int4 on the host hold the (tied) lm_head in int8, as an untied copy beside the
+embedding table (model/precision.py `with_host_head`); int4 is grouped by 32 columns on
+the host (model/int4_groups.py). The embedded default was made from a Q4_1 GGUF (4 bits
+in blocks of 32), so int4 there holds nearly its own weights: its perplexity says what
+int4 costs this model, not what it costs one trained in float (the 9B-shape layers
+below measure int4's rounding on normal weights). fp8 has no CPU kernel and is refused on
+a CPU (`--decoder-weights` names it).
 
     .venv/bin/python -m pytest tests/bench/test_quantization_quality.py -m bench -s
 """
@@ -139,7 +143,7 @@ def agreement(reference: list[list[int]], ids: list[list[int]]) -> tuple[int, fl
 def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
     path, text = reference_text()
     print_load("quantization_quality")
-    names = ["fp32", "bf16", "fp16", "int8"]
+    names = ["fp32", "bf16", "fp16", "int8", "int4"]
     prompts = [greedy(AGREEMENT_TOKENS, i, p) for i, p in enumerate(PROMPTS)]
     results: dict[str, dict] = {}
     for name in names:
@@ -150,13 +154,13 @@ def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
         results[name]["peak_rss"], results[name]["rss"] = peak_rss_loading(
             default_bundle, name)
         del model
-    speeds: dict[str, list[float]] = {"fp32": [], "int8": []}
+    speeds: dict[str, list[float]] = {"fp32": [], "int8": [], "int4": []}
     models = {name: load(default_bundle, name) for name in speeds}
     for _ in range(repeats(3)):
         for name, model in models.items():
             speeds[name].append(decode_run(model)[1])
     refused = {}
-    for name in ("int4", "fp8"):
+    for name in ("fp8",):
         with pytest.raises(UnsupportedPrecision) as error:
             resolve_precision("--decoder-weights", name, torch.float32, ["cpu"])
         refused[name] = str(error.value)
@@ -186,14 +190,27 @@ def test_quality_bytes_and_cpu_speed_per_precision(default_bundle):
             "speeds": speeds, "refused": refused},
            notes=[f"text: {path}", *(f"{k}: {v}" for k, v in refused.items())])
     assert results["int8"]["perplexity"] < full * 1.01
+    assert results["int4"]["perplexity"] < full * 1.05
     assert results["int8"]["decoder_bytes"] < results["fp32"]["decoder_bytes"] / 2
+    assert results["int4"]["decoder_bytes"] < results["int8"]["decoder_bytes"]
 
 
 
-def test_9b_shape_layers_in_int8_stay_within_the_quantization_error():
+def int4_rounding(weight: torch.Tensor, group: int = 32) -> float:
+    """What int4 in groups of `group` (asymmetric: min and max of each group, as torchao's
+    tinygemm parameters) does to `weight` alone, relative to it."""
+    groups = weight.reshape(-1, group)
+    low, high = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
+    scale = (high - low).clamp(min=1e-6) / 15
+    rounded = torch.round((groups - low) / scale).clamp(0, 15) * scale + low
+    return float((rounded - groups).norm() / groups.norm())
+
+
+def test_9b_shape_layers_quantized_stay_within_the_quantization_error():
     """Two GLM-4.1V-9B decoder layers (random weights at the real widths, bf16, as the
-    service quantizes them): the layers' contribution to the hidden state in int8 and
-    in bf16 against fp32, beside what int8 per-row rounding does to the weights alone."""
+    service quantizes them on the host): the layers' contribution to the hidden state in
+    int8, int4 and bf16 against fp32, beside what each rounding does to the weights
+    alone."""
     import copy
 
     from transformers.models.glm4v.modeling_glm4v import (
@@ -230,23 +247,30 @@ def test_9b_shape_layers_in_int8_stay_within_the_quantization_error():
         return state.float() - hidden
 
     reference = contribution([copy.deepcopy(layer).float() for layer in layers], torch.float32)
-    int8_layers = [quantize_linears(copy.deepcopy(layer), WeightPrecision("int8", torch.bfloat16))
-                   for layer in layers]
+    stacks = {"bf16": layers}
+    for name in ("int8", "int4"):
+        stacks[name] = [quantize_linears(copy.deepcopy(layer),
+                                         WeightPrecision(name, torch.bfloat16))
+                        for layer in layers]
     errors = {name: float((contribution(stack, torch.bfloat16) - reference).norm()
                           / reference.norm())
-              for name, stack in (("bf16", layers), ("int8", int8_layers))}
+              for name, stack in stacks.items()}
+    weights = [p.detach().float() for layer in layers for p in layer.parameters()
+               if p.dim() == 2]
     rounding = max(float((torch.round(w / s) * s - w).norm() / w.norm())
-                   for w in (p.detach().float() for layer in layers for p in layer.parameters()
-                             if p.dim() == 2)
-                   for s in [w.abs().amax(dim=1, keepdim=True) / 127])
+                   for w in weights for s in [w.abs().amax(dim=1, keepdim=True) / 127])
+    rounding4 = max(int4_rounding(w) for w in weights)
     report("quantization_9b_layers",
            "GLM-4.1V-9B widths, 2 decoder layers, 16 positions: error of the layers' "
            "contribution against fp32",
            ["precision", "relative error"],
-           [["bf16", f"{errors['bf16']:.2%}"], ["int8 (weights; bf16 compute)",
-                                                f"{errors['int8']:.2%}"],
-            ["int8 rounding of the weights alone (worst matrix)", f"{rounding:.2%}"]],
-           {"errors": errors, "weight_rounding": rounding})
+           [["bf16", f"{errors['bf16']:.2%}"],
+            ["int8 (weights; bf16 compute)", f"{errors['int8']:.2%}"],
+            ["int4, groups of 32 (weights; bf16 compute)", f"{errors['int4']:.2%}"],
+            ["int8 rounding of the weights alone (worst matrix)", f"{rounding:.2%}"],
+            ["int4 rounding of the weights alone (worst matrix)", f"{rounding4:.2%}"]],
+           {"errors": errors, "weight_rounding": rounding, "int4_weight_rounding": rounding4})
     # each layer chains about four matrices (q/k/v -> o, gate_up -> down): their rounding
     # errors add in quadrature on top of bf16's own
     assert errors["int8"] <= errors["bf16"] + 4 * rounding
+    assert errors["int4"] <= errors["bf16"] + 4 * rounding4

@@ -1,4 +1,4 @@
-"""--decoder-weights and --vision-weights through a real server: it answers in int8,
+"""--decoder-weights and --vision-weights through a real server: it answers in int8 and int4,
 reports each module's precision and real bytes, and refuses what this machine cannot run."""
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ def test_an_int8_server_answers(stub):
     assert "".join(r.text_delta for r in replies)
 
 
+def test_an_int4_server_answers_and_reports_its_decoder_in_int4(tiny_bundle, tmp_path,
+                                                                  inference_server):
+    with running_server(tmp_path, tiny_bundle, "--decoder-weights", "int4") as server:
+        info, plain = model_info(server.target), model_info(inference_server.target)
+        with grpc.insecure_channel(server.target) as channel:
+            replies = list(pb_grpc.InferenceServiceStub(channel).Generate(text_request(
+                "Hello, how are you?", max_new_tokens=6, min_new_tokens=6)))
+    assert replies[-1].final.usage.completion_tokens == 6
+    assert {n: m.weight_precision for n, m in info.items()} == {
+        "decoder": "int4", "vision": "fp32", "audio": "fp32"}
+    assert info["decoder"].parameters == plain["decoder"].parameters
+    assert info["decoder"].weight_bytes < plain["decoder"].weight_bytes
+
+
 def test_model_info_reports_each_modules_precision_and_fewer_bytes(server, inference_server):
     quantized, plain = model_info(server.target), model_info(inference_server.target)
     assert {n: m.weight_precision for n, m in quantized.items()} == {
@@ -72,7 +86,7 @@ def start_failing(tiny_bundle, *flags: str, env: dict[str, str] | None = None
 
 
 @pytest.mark.parametrize(("flags", "env", "named"), [
-    (("--decoder-weights", "int4"), None, "--decoder-weights int4: cpu cannot run int4"),
+    (("--decoder-weights", "fp8"), None, "--decoder-weights fp8: cpu cannot run fp8"),
     ((), {"AUTOGLM_DECODER_WEIGHTS": "fp8"}, "--decoder-weights fp8: cpu cannot run fp8"),
 ])
 def test_a_precision_this_device_cannot_run_is_a_start_up_error_naming_the_flag(

@@ -36,8 +36,10 @@ def model(tiny_bundle) -> ModularModel:
     return ModularModel(tiny_bundle)
 
 
-def test_compiled_steps_give_the_lean_steps_logits_and_kv_from_three_graphs():
-    decoder = in_weights(tiny_decoder("glm4v"), "int8")  # sandwich norms, mrope, int8 rows
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_compiled_steps_give_the_lean_steps_logits_and_kv_from_three_graphs(weights):
+    # sandwich norms, mrope, the host's int8 rows or int4 groups
+    decoder = in_weights(tiny_decoder("glm4v"), weights)
     compiled = CompiledDecode(decoder)
     ours, our_pool = decode_steps(
         decoder, lambda d, step, embeds: compiled(d, ARCHITECTURES[type(d)], step, embeds))

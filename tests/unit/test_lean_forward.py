@@ -102,8 +102,8 @@ def decode_steps(decoder, run) -> tuple[list[torch.Tensor], KVPool]:
 def in_weights(decoder: nn.Module, weights: str) -> nn.Module:
     if weights == "bf16":
         return decoder.to(torch.bfloat16)
-    if weights == "int8":
-        precision = resolve_precision("--decoder-weights", "int8", torch.float32, ["cpu"])
+    if weights in ("int8", "int4"):
+        precision = resolve_precision("--decoder-weights", weights, torch.float32, ["cpu"])
         return quantize_linears(decoder, precision)
     return decoder
 
@@ -117,7 +117,7 @@ def assert_same(ours: list[torch.Tensor], our_pool: KVPool, theirs: list[torch.T
         assert torch.equal(mine, reference)
 
 
-WEIGHTS = pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+WEIGHTS = pytest.mark.parametrize("weights", ["fp32", "bf16", "int8", "int4"])
 ARCHITECTURE_NAMES = pytest.mark.parametrize("architecture", ["llama", "glm", "glm4v"])
 
 

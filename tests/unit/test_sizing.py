@@ -89,6 +89,16 @@ def test_glm41v_9b_decoder_bytes_per_precision_by_hand(tmp_path: Path) -> None:
         sum(int4_bytes(o, i) for o, i in matrices) + small)
 
 
+def test_glm41v_9b_on_the_host_in_int4_by_hand(tmp_path: Path) -> None:
+    """On the host int4 groups 32 columns, and the LM head is int8 (bf16 scales)."""
+    tensors = read_model(config_dirs(tmp_path)[0], full="fp32").tensors.modules["decoder"]
+    small = 4 * (LAYERS * LAYER_SMALL + H) + 4 * V * H  # the embedding table stays fp32
+    matrices = [m for _ in range(LAYERS) for m in LAYER_MATRICES]
+    host_int4 = sum(o * i // 2 + o * (i // 32) * 4 for o, i in matrices)
+    assert weight_bytes(tensors, "int4", "fp32", host=True) == (
+        host_int4 + V * H + V * 2 + small)
+
+
 def test_one_24_gib_card_by_hand(tmp_path: Path) -> None:
     spec = read_model(config_dirs(tmp_path)[0], full="bf16")
     plan = layout(spec, Cards(1, 24 * GIB), "bf16", "bf16")
@@ -187,13 +197,15 @@ def test_planned_bytes_are_what_the_loaded_default_reports(default_bundle: Path)
     counters = audio["num_hidden_layers"] * (8 - 4)
     assert reported["audio"] - planned["audio"] == table + counters
 
-    # int8: the decoder as the service loads it with --decoder-weights int8 reports the
-    # planned bytes (and the same rotary buffers)
+    # int8 and int4: the decoder as the service loads it with --decoder-weights reports
+    # the planned bytes (and the same rotary buffers)
     from inference_svc.model.precision import WeightPrecision
 
     del model
-    quantized = ModularModel(default_bundle, dtype=torch.float32,
-                             decoder_weights=WeightPrecision("int8", torch.float32))
-    int8 = layout(spec, Cards(0, 64 * GIB), "int8", "fp32").weights["decoder"]
-    assert quantized.decoder_unit.state().weight_bytes - int8 == 2 * 32 * 4
+    for name in ("int8", "int4"):
+        quantized = ModularModel(default_bundle, dtype=torch.float32,
+                                 decoder_weights=WeightPrecision(name, torch.float32))
+        planned_bytes = layout(spec, Cards(0, 64 * GIB), name, "fp32").weights["decoder"]
+        assert quantized.decoder_unit.state().weight_bytes - planned_bytes == 2 * 32 * 4
+        del quantized
 

@@ -11,12 +11,12 @@ from torchao.quantization import quantize_
 from inference_svc.model import precision
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
+from inference_svc.model.host_linears import sibling_outputs
 from inference_svc.model.int8_rows import (
     PACKED_ROWS,
     Int8RowsLinear,
     Int8RowsSlice,
     repack_int8_linears,
-    sibling_outputs,
 )
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.paged.kv_pool import RowSlots
@@ -40,15 +40,15 @@ def test_auto_keeps_the_dtype_and_floats_name_their_own():
         WeightPrecision("bf16", torch.bfloat16)
 
 
-def test_int8_runs_on_a_cpu_in_the_modules_floating_type():
-    precision = resolve_precision("--decoder-weights", "int8", torch.float32, ["cpu"])
-    assert precision == INT8 and precision.quantized
+@pytest.mark.parametrize("choice", ["int8", "int4"])
+def test_int8_and_int4_run_on_a_cpu_in_the_modules_floating_type(choice):
+    precision = resolve_precision("--decoder-weights", choice, torch.float32, ["cpu"])
+    assert precision == WeightPrecision(choice, torch.float32) and precision.quantized
 
 
-@pytest.mark.parametrize("choice", ["int4", "fp8"])
-def test_cuda_only_precisions_are_refused_on_a_cpu_naming_the_flag(choice):
-    with pytest.raises(UnsupportedPrecision, match=f"^--decoder-weights {choice}: cpu "):
-        resolve_precision("--decoder-weights", choice, torch.float32, ["cpu"])
+def test_fp8_is_refused_on_a_cpu_naming_the_flag_and_what_runs_there():
+    with pytest.raises(UnsupportedPrecision, match=r"^--decoder-weights fp8: cpu .* int8 or int4$"):
+        resolve_precision("--decoder-weights", "fp8", torch.float32, ["cpu"])
 
 
 def test_a_quantized_module_loads_onto_its_cuda_device_to_be_quantized_there():

@@ -34,7 +34,7 @@ from transformers import Glm4vForConditionalGeneration, GlmForCausalLM, LlamaFor
 from transformers.models.glm import modeling_glm
 from transformers.models.glm4v import modeling_glm4v
 
-from inference_svc.model.int8_rows import sibling_outputs
+from inference_svc.model.host_linears import sibling_outputs
 from inference_svc.model.paged.kv_pool import PagedStep
 from inference_svc.model.paged.segment_step import SegmentStep
 
