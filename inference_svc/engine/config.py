@@ -54,9 +54,10 @@ class EngineConfig:
     host_compile: bool = setting(False, help=(
         "compile decode steps on the CPU with torch.compile at start-up: fused kernels in "
         "place of ~50 small operations a layer (the embedded default, one stream on 2 "
-        "cores: ~1.25-1.7x in int8, ~1.2-1.4x in fp32); start-up takes ~1.5-2 min longer the "
-        "first time, ~25 s once inductor's cache (TORCHINDUCTOR_CACHE_DIR) holds the "
-        "graphs; where the decoder runs wholly on the host"))
+        "cores: ~1.25-1.7x in int8, ~1.3x in int4, ~1.05-1.4x in fp32); start-up takes "
+        "~1.5-2 min longer the first time, ~25 s once inductor's cache "
+        "(TORCHINDUCTOR_CACHE_DIR) holds the graphs; where the decoder runs wholly on the "
+        "host"))
     paged_attention: str = setting("gather", choices=("gather", "flex"), help=(
         "how decode steps read the KV pool: gather copies each row's keys into a dense "
         "tensor; flex attends over the pool in place through a block mask from the block "

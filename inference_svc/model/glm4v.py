@@ -61,6 +61,7 @@ from inference_svc.model.precision import (
     quantize_linears,
     with_host_head,
     with_host_kernels,
+    with_host_table,
 )
 from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
@@ -173,9 +174,9 @@ class Glm4vModel(PagedForward, UnitModel):
 
     def _load_full(self) -> Glm4vForConditionalGeneration:
         """The whole model in the decoder's precision; a quantized decoder is quantized
-        tensor by tensor as it is read, its lm_head (but on the host: `with_host_head`)
-        and the tower (dropped: the vision unit loads its own) left in the decoder's
-        floating type."""
+        tensor by tensor as it is read, its lm_head and token table (but on the host:
+        `with_host_head`, `with_host_table`) and the tower (dropped: the vision unit loads
+        its own) left in the decoder's floating type."""
         # config.json as read_glm4v_config reads it (transformers misreads the flat layout)
         placed = {"device_map": self._device_map()} if self.layer_devices else \
             self.decoder_weights.placed_on(self.device)
@@ -187,7 +188,8 @@ class Glm4vModel(PagedForward, UnitModel):
         ).eval()
         model = with_host_kernels(model, self.decoder_weights)
         if self.device == "cpu" and not self.layer_devices:
-            return with_host_head(model, self.decoder_weights)
+            return with_host_table(with_host_head(model, self.decoder_weights),
+                                   self.decoder_weights)
         return model
 
     def _device_map(self) -> dict[str, str]:

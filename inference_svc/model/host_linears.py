@@ -71,7 +71,8 @@ def replace_linears(module: nn.Module,
     the projections of one input sharing their rows: in place, or, where `module` is such
     a Linear itself, its replacement."""
     if isinstance(module, nn.Linear):
-        return convert(module) or module
+        layer = convert(module)
+        return module if layer is None else layer
     for name, child in list(module.named_modules()):
         if isinstance(child, nn.Linear) and (layer := convert(child)) is not None:
             parent_name, _, attribute = name.rpartition(".")

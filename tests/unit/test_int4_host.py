@@ -121,7 +121,25 @@ def test_a_glm4v_model_on_the_host_runs_in_int4(tmp_path):
         layer = decoder.model.language_model.layers[0]
         assert isinstance(layer.mlp.down_proj, Int4GroupsLinear)
         assert isinstance(decoder.lm_head, Int8RowsLinear)
+        assert decoder.get_input_embeddings().weight.dtype == torch.bfloat16
         ids = torch.tensor([model.tokenizer.encode("Hello")])
         with torch.no_grad():
             logits = decoder(input_ids=ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_weight_on_cuda_takes_torchaos_own_int4_configuration(monkeypatch):
+    """Off the host the config hands the layer to torchao's Int4WeightOnlyConfig as the
+    service used it before int4 ran on a CPU: groups of 128, tinygemm's tile layout."""
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
+    from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
+
+    seen = []
+    monkeypatch.setitem(_QUANTIZE_CONFIG_HANDLER, Int4WeightOnlyConfig,
+                        lambda module, config: seen.append(config) or module)
+    layer = nn.Linear(256, 64, device="meta")  # any device but the CPU
+    quantize_(layer, INT4.torchao_config())
+    [config] = seen
+    assert config.group_size == 128
+    assert config.int4_packing_format == Int4PackingFormat.TILE_PACKED_TO_4D

@@ -21,6 +21,7 @@ from inference_svc.model.int8_rows import (
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.paged.kv_pool import RowSlots
 from inference_svc.model.precision import (
+    NarrowTable,
     UnsupportedPrecision,
     WeightPrecision,
     quantize_linears,
@@ -104,8 +105,15 @@ def test_an_int8_modular_model_decodes_through_the_paged_path_and_reloads_int8(t
     with quantized.decoder_unit.use() as decoder:
         down = decoder.model.layers[0].mlp.down_proj
         assert isinstance(down, Int8RowsLinear) and down.qdata.dtype == torch.int8
-        table = decoder.get_input_embeddings().weight
-        assert table.dtype == torch.float32  # not quantized
+        lookups = decoder.get_input_embeddings()
+        table = lookups.weight
+        # not quantized: held in bf16, its rows coming out in the decoder's float32
+        assert isinstance(lookups, NarrowTable) and table.dtype == torch.bfloat16
+        ids = torch.tensor([[1, 5, 9]])
+        with plain.decoder_unit.use() as float_decoder, torch.no_grad():
+            float_rows = float_decoder.get_input_embeddings()(ids)
+        assert lookups(ids).dtype == torch.float32
+        assert torch.equal(lookups(ids), float_rows.bfloat16().float())
         # on the host the head is int8 too, and computes what the float head does
         assert isinstance(decoder.lm_head, Int8RowsLinear)
         with plain.decoder_unit.use() as float_decoder, torch.no_grad():
@@ -138,7 +146,8 @@ def test_a_glm4v_model_on_the_host_quantizes_its_decoder_and_head_but_not_its_to
         assert isinstance(layer.self_attn.q_proj, Int8RowsSlice)  # of q, k and v's rows
         assert isinstance(layer.self_attn.qkv_rows, Int8RowsLinear)
         assert isinstance(decoder.lm_head, Int8RowsLinear)  # untied: quantized in place
-        assert decoder.get_input_embeddings().weight.dtype == torch.float32
+        assert decoder.get_input_embeddings().weight.dtype == torch.bfloat16
+        assert decoder.get_input_embeddings()(torch.tensor([3])).dtype == torch.float32
     with model.encoders["image"].use() as tower:
         assert all(type(p) is nn.Parameter for p in tower.parameters())
     prompt = model.tokenizer.encode("Hello")

@@ -84,7 +84,7 @@ class PagedForward:
             table = decoder.get_input_embeddings()
             device = table.weight.device
             embeds = torch.cat([table(x.to(device)) if x.dtype == torch.long
-                                else x.to(device, table.weight.dtype) for x in inputs])
+                                else x.to(device, self.dtype) for x in inputs])
             lean = self._lean_architecture(decoder, pool)
             if lean is not None:
                 return lean_segments(decoder, lean, step, embeds[None])

@@ -37,10 +37,12 @@ MODULE = "module"
 # every nn.Linear weight but the LM head takes the module's precision. The LM head, the
 # token embedding, biases, norms, convolutions and position tables stay at full precision,
 # but for the LM head of an int8 or int4 decoder on the host (model/precision.py
-# `with_host_head`), which is int8.
+# `with_host_head`), which is int8,
 QUANTIZED_ROLES = {"linear": MODULE}
-HOST_ROLES = {"int8": {"linear": MODULE, "lm_head": "int8"},
-              "int4": {"linear": MODULE, "lm_head": "int8"}}
+# and for the token table of an int8 or int4 decoder on the host (`with_host_table`),
+# which is bf16.
+HOST_ROLES = {"int8": {"linear": MODULE, "lm_head": "int8", "embedding": "bf16"},
+              "int4": {"linear": MODULE, "lm_head": "int8", "embedding": "bf16"}}
 
 
 def tensor_bytes(tensor: TensorSpec, precision: str, full: str, *, host: bool = False) -> int:
@@ -54,6 +56,8 @@ def tensor_bytes(tensor: TensorSpec, precision: str, full: str, *, host: bool = 
     if role is None:
         return tensor.numel * element
     precision = precision if role == MODULE else role
+    if precision in FULL_ELEMENT:
+        return tensor.numel * FULL_ELEMENT[precision]
     out, inp = tensor.shape
     if precision == "int8":
         return out * inp + out * (INT8_HOST_ROW_BYTES if host else INT8_ROW_BYTES)
