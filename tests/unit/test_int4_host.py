@@ -24,7 +24,7 @@ from inference_svc.model.precision import (
 )
 from inference_svc.model.sizing.tensors import TensorSpec
 from inference_svc.model.sizing.weights import tensor_bytes
-from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
+from tests.fixtures.tiny_models import tiny_glm_decoder, write_tiny_glm4v_checkpoint
 
 INT4 = WeightPrecision("int4", torch.float32)
 
@@ -74,13 +74,7 @@ def test_a_layer_the_kernel_cannot_pack_keeps_its_float_weight_and_the_plan_agre
 
 
 def test_an_int4_decoder_on_the_host_gets_an_int8_head_copy_beside_its_float_table():
-    from transformers import GlmConfig, GlmForCausalLM
-
-    torch.manual_seed(0)
-    decoder = GlmForCausalLM(GlmConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
-        tie_word_embeddings=True)).eval()
+    decoder = tiny_glm_decoder(320, tied=True)
     table = decoder.get_input_embeddings().weight
     parameters = sum(p.numel() for p in decoder.parameters())
     hidden = torch.randn(2, 64)
@@ -100,11 +94,7 @@ def test_an_int4_decoder_on_the_host_gets_an_int8_head_copy_beside_its_float_tab
 def test_a_head_whose_rows_are_left_unquantized_stays_as_it_was(monkeypatch):
     """A head of a shape the int8 host layer leaves alone keeps its float weight."""
     monkeypatch.setattr(precision, "HOST_HEADS", {"int4": "int4"})
-    from transformers import GlmConfig, GlmForCausalLM
-
-    decoder = GlmForCausalLM(GlmConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)).eval()
+    decoder = tiny_glm_decoder(300)
     head = decoder.lm_head
     with_host_head(decoder, INT4)  # 300 rows: not a multiple of 16
     assert decoder.lm_head is head
@@ -143,3 +133,23 @@ def test_a_weight_on_cuda_takes_torchaos_own_int4_configuration(monkeypatch):
     [config] = seen
     assert config.group_size == 128
     assert config.int4_packing_format == Int4PackingFormat.TILE_PACKED_TO_4D
+
+
+def test_an_int4_modular_model_decodes_through_the_paged_path_and_reloads_in_int4(
+        tiny_bundle):
+    from inference_svc.model.modular import ModularModel
+    from inference_svc.model.units import DISK
+    from tests.unit.test_weight_precision import _greedy_paged
+
+    model = ModularModel(tiny_bundle, decoder_weights=INT4)
+    unit = model.decoder_unit
+    before = unit.state()
+    assert before.precision == "int4"
+    prompt = model.tokenizer.encode("Hello, how are you?")
+    tokens = _greedy_paged(model, prompt, 6)
+    unit.move_to(DISK)
+    unit.load()  # a reload quantizes to the same bytes and decodes the same tokens
+    assert unit.state().weight_bytes == before.weight_bytes
+    with unit.use() as decoder:
+        assert any(isinstance(m, Int4GroupsLinear) for m in decoder.modules())
+    assert _greedy_paged(model, prompt, 6) == tokens

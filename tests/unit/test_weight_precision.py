@@ -29,7 +29,7 @@ from inference_svc.model.precision import (
     with_host_head,
 )
 from inference_svc.model.units import DISK
-from tests.fixtures.tiny_models import write_tiny_glm4v_checkpoint
+from tests.fixtures.tiny_models import tiny_glm_decoder, write_tiny_glm4v_checkpoint
 
 INT8 = WeightPrecision("int8", torch.float32)
 
@@ -174,14 +174,8 @@ def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows):
 
 
 def test_a_tied_head_on_the_host_becomes_an_int8_copy_beside_the_float_table(monkeypatch):
-    from transformers import GlmConfig, GlmForCausalLM
-
     monkeypatch.setattr(precision, "HEAD_ROWS_AT_ONCE", 128)  # 300 rows: 128, 128, 44
-    torch.manual_seed(0)
-    decoder = GlmForCausalLM(GlmConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
-        tie_word_embeddings=True)).eval()
+    decoder = tiny_glm_decoder(300, tied=True)
     table = decoder.get_input_embeddings().weight
     assert decoder.lm_head.weight is table
     parameters = sum(p.numel() for p in decoder.parameters())
