@@ -58,6 +58,7 @@ from inference_svc.model.inputs.prompt import (
 from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.precision import (
     WeightPrecision,
+    kv_dtype,
     quantize_linears,
     with_host_head,
     with_host_kernels,
@@ -125,7 +126,9 @@ class Glm4vModel(PagedForward, UnitModel):
         self.device = layer_devices[0] if layer_devices else device  # the decoder's input
         self.decoder_weights = decoder_weights or WeightPrecision.of(dtype)
         self.vision_weights = vision_weights or WeightPrecision.of(dtype)
-        self.dtype = self.decoder_weights.dtype  # the decoder's activations and its KV
+        self.dtype = self.decoder_weights.dtype  # the decoder's activations
+        self.kv_dtype = kv_dtype(self.decoder_weights,
+                                 host=self.device == "cpu" and not layer_devices)
         self.vision_dtype = self.vision_weights.dtype
         self.content_format = content_format
         self.checkpoint_config = read_glm4v_config(checkpoint)

@@ -38,6 +38,7 @@ from inference_svc.model.inputs.prompt import (
 from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.precision import (
     WeightPrecision,
+    kv_dtype,
     quantize_linears,
     with_host_head,
     with_host_kernels,
@@ -89,15 +90,16 @@ class ModularModel(PagedForward, UnitModel):
         self.placement = placement
         decoder_weights = decoder_weights or WeightPrecision.of(dtype)
         vision_weights = vision_weights or WeightPrecision.of(dtype)
-        self.dtype = decoder_weights.dtype  # the decoder's activations and its KV
+        host = not placement.sharded and placement.decoder_device == "cpu"
+        self.dtype = decoder_weights.dtype  # the decoder's activations
+        self.kv_dtype = kv_dtype(decoder_weights, host=host)
         decoder_dir = bundle / self.manifest.modules["decoder"].path
         self.tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
         placed = {"device_map": "auto", "max_memory": placement.max_memory} if (
             placement.sharded) else decoder_weights.placed_on(placement.decoder_device)
         self.decoder_unit = ModuleUnit(
-            "decoder", "text", lambda: _load_decoder(
-                decoder_dir, decoder_weights, placed,
-                host=not placement.sharded and placement.decoder_device == "cpu"),
+            "decoder", "text", lambda: _load_decoder(decoder_dir, decoder_weights, placed,
+                                                     host=host),
             "cuda:0" if placement.sharded else placement.decoder_device,
             placed_by_loader=placement.sharded, precision=decoder_weights.name,
         )

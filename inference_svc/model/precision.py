@@ -42,6 +42,10 @@ HOST_HEADS = {"int8": "int8", "int4": "int8"}
 # out in the decoder's type: the table is only read a row per token, and in float32 it is
 # most of what is left of the decoder's bytes (GLM-4.1V-9B's: 2.3 GiB beside 5.3 of int4)
 HOST_TABLE = torch.bfloat16
+# and its KV cache in bfloat16 (as llama.cpp's f16 by default): attention reads it back in
+# the decoder's type, and in float32 a GLM-4.1V-9B phone agent's 25,480 tokens of KV
+# took 1.9 GiB of a host's memory
+HOST_KV = torch.bfloat16
 
 
 class UnsupportedPrecision(ValueError):
@@ -143,6 +147,14 @@ def with_host_head(decoder: nn.Module, precision: WeightPrecision) -> nn.Module:
     if quantized is not None:
         decoder.set_output_embeddings(quantized)
     return decoder
+
+
+def kv_dtype(precision: WeightPrecision, *, host: bool) -> torch.dtype:
+    """The type a decoder in `precision` keeps its KV cache in: its own, but `HOST_KV`
+    for a quantized decoder on the `host` (where it is narrower)."""
+    if host and precision.name in HOST_HEADS and precision.dtype.itemsize > HOST_KV.itemsize:
+        return HOST_KV
+    return precision.dtype
 
 
 class NarrowTable(nn.Embedding):

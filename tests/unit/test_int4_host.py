@@ -153,3 +153,22 @@ def test_an_int4_modular_model_decodes_through_the_paged_path_and_reloads_in_int
     with unit.use() as decoder:
         assert any(isinstance(m, Int4GroupsLinear) for m in decoder.modules())
     assert _greedy_paged(model, prompt, 6) == tokens
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_quantized_decoder_on_the_host_keeps_its_kv_in_bf16(tiny_bundle, name):
+    """Half the KV bytes of a float32 decoder's; attention reads it back in float32, and
+    the greedy tokens through the paged prompt and decode paths are the float32 pool's."""
+    from inference_svc.model.modular import ModularModel
+    from tests.unit.test_weight_precision import _greedy_paged
+
+    model = ModularModel(tiny_bundle, decoder_weights=WeightPrecision(name, torch.float32))
+    plain = ModularModel(tiny_bundle)
+    assert model.kv_dtype == torch.bfloat16 and plain.kv_dtype == torch.float32
+    assert model.kv_bytes_per_token() * 2 == plain.kv_bytes_per_token()
+    pool = model.new_kv_pool(block_size=16, blocks=4)
+    assert pool.keys[0].dtype == torch.bfloat16
+    prompt = model.tokenizer.encode("Hello, how are you?")
+    narrow = _greedy_paged(model, prompt, 8)
+    model.kv_dtype = torch.float32  # the same decoder over a float32 pool
+    assert _greedy_paged(model, prompt, 8) == narrow

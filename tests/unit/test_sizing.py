@@ -67,7 +67,7 @@ def test_glm41v_9b_parameter_counts_by_hand(tmp_path: Path) -> None:
     # counts 10.3 B with the vision tower
     assert abs(counts["decoder"] / 9.4e9 - 1) < 0.01
     assert abs((counts["decoder"] + counts["vision"]) / 10.3e9 - 1) < 0.01
-    assert spec.kv_bytes_per_token == LAYERS * 2 * KV * 2 == 40_960
+    assert spec.kv.bytes_per_token(2) == LAYERS * 2 * KV * 2 == 40_960  # bf16
     assert spec.image_tokens == 3_108  # 1080x2400 at the deployment's 5,000,000 pixels
 
 
@@ -98,6 +98,18 @@ def test_glm41v_9b_on_the_host_in_int4_by_hand(tmp_path: Path) -> None:
     host_int4 = sum(o * i // 2 + o * (i // 32) * 4 for o, i in matrices)
     assert weight_bytes(tensors, "int4", "fp32", host=True) == (
         host_int4 + V * H + V * 2 + small)
+
+
+def test_a_quantized_decoder_on_the_host_plans_its_kv_in_bf16(tmp_path: Path) -> None:
+    spec = read_model(config_dirs(tmp_path)[0], full="fp32")
+    host = Cards(0, 64 * GIB)
+    assert layout(spec, host, "fp32", "fp32").kv_bytes_per_token == 2 * 40_960  # float32
+    for decoder in ("int8", "int4"):
+        plan = layout(spec, host, decoder, "int8")
+        assert plan.kv_bytes_per_token == 40_960
+        assert plan.cards[0].kv_bytes_per_token == 40_960
+    # on a GPU the KV stays in the serving type
+    assert layout(spec, Cards(1, 80 * GIB), "int4", "int8").kv_bytes_per_token == 2 * 40_960
 
 
 def test_one_24_gib_card_by_hand(tmp_path: Path) -> None:

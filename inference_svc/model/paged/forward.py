@@ -34,7 +34,8 @@ log = structlog.get_logger(__name__)
 
 class PagedForward:
     decoder_unit: ModuleUnit
-    dtype: torch.dtype
+    dtype: torch.dtype  # the decoder's activations
+    kv_dtype: torch.dtype  # its KV cache (model/precision.py `kv_dtype`)
     config: object  # the decoder's (text) config
     decode_graphs: DecodeGraphs | None = None
     paged_attention: str = "gather"  # decode steps: "gather" or "flex" (flex_decode.py)
@@ -56,7 +57,7 @@ class PagedForward:
             self.config.hidden_size // self.config.num_attention_heads)
 
     def kv_bytes_per_token(self) -> int:
-        element = torch.tensor([], dtype=self.dtype).element_size()
+        element = torch.tensor([], dtype=self.kv_dtype).element_size()
         return 2 * self.config.num_hidden_layers * self._kv_heads * self._head_dim * element
 
     def new_kv_pool(self, *, block_size: int, blocks: int) -> KVPool:
@@ -65,7 +66,7 @@ class PagedForward:
             devices = [str(layer.input_layernorm.weight.device)
                        for layer in self._decoder_layers(decoder)]
         return KVPool(layer_devices=devices, kv_heads=self._kv_heads, head_dim=self._head_dim,
-                      dtype=self.dtype, block_size=block_size, blocks=blocks,
+                      dtype=self.kv_dtype, block_size=block_size, blocks=blocks,
                       zeroed=self.paged_attention == "flex")
 
     def forward_paged(self, pool: KVPool, segments: list[RowSlots],

@@ -218,6 +218,9 @@ class PagedStep:
         self.write(key_states, value_states, layer_idx)
         batch, heads, _, dim = key_states.shape
         _, read = self._indices(key_states.device)
+        # in the keys' own type: the pool may hold a narrower one (model/precision.py
+        # `kv_dtype`)
         gathered = [store[layer_idx].index_select(1, read).view(heads, batch, self.keys, dim)
-                    .transpose(0, 1) for store in (self.pool.keys, self.pool.values)]
+                    .transpose(0, 1).to(key_states.dtype)
+                    for store in (self.pool.keys, self.pool.values)]
         return gathered[0], gathered[1]

@@ -20,7 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from inference_svc.model.sizing.model_spec import ModelSpec
-from inference_svc.model.sizing.weights import held_tensors, tensor_bytes, weight_bytes
+from inference_svc.model.sizing.weights import (
+    held_tensors,
+    kv_element,
+    tensor_bytes,
+    weight_bytes,
+)
 
 GIB = 1024**3
 # Per card: the CUDA context and cuBLAS workspaces (~0.5 GiB before any tensor), the
@@ -115,6 +120,7 @@ def layout(spec: ModelSpec, cards: Cards, decoder: str, vision: str) -> Layout:
                      for layer in range(start, stop)}
     decoder_on = [0] * len(devices)
     on_host = cards.count == 0
+    element = kv_element(decoder, spec.full, host=on_host)
     for tensor in held_tensors(spec.tensors.modules["decoder"], decoder, host=on_host):
         if tensor.layer is not None:
             i = card_of_layer[tensor.layer]
@@ -142,8 +148,8 @@ def layout(spec: ModelSpec, cards: Cards, decoder: str, vision: str) -> Layout:
             weights=here, runtime_bytes=runtime,
             activation_bytes=spec.vision_activation_bytes if i == host and encoders else 0,
             reserve_bytes=reserve,
-            kv_bytes_per_token=(stop - start) * spec.kv_bytes_per_token_per_layer))
-    return Layout(decoder, vision, loads, weights, spec.kv_bytes_per_token)
+            kv_bytes_per_token=(stop - start) * spec.kv.bytes_per_token_per_layer(element)))
+    return Layout(decoder, vision, loads, weights, spec.kv.bytes_per_token(element))
 
 
 def candidates(spec: ModelSpec, *, fp8: bool) -> list[tuple[str, str]]:

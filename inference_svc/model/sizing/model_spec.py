@@ -57,14 +57,6 @@ class ModelSpec:
     image_tokens: int  # per screenshot
     vision_activation_bytes: int  # the vision encoder's peak for one screenshot
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.kv.bytes_per_token(FULL_ELEMENT[self.full])
-
-    @property
-    def kv_bytes_per_token_per_layer(self) -> int:
-        return self.kv.bytes_per_token_per_layer(FULL_ELEMENT[self.full])
-
 
 def text_shape(config: dict) -> tuple[KvShape, int]:
     """KV shape and context from a decoder's config.json (either GLM-4.1V layout too)."""

@@ -74,6 +74,14 @@ def weight_bytes(tensors: Iterable[TensorSpec], precision: str, full: str, *,
     return sum(tensor_bytes(t, precision, full, host=host) for t in tensors)
 
 
+def kv_element(precision: str, full: str, *, host: bool = False) -> int:
+    """Bytes of one K or V element of a decoder at `precision`: the serving type's, but
+    bf16's for a quantized decoder on the host (model/precision.py `kv_dtype`)."""
+    if host and precision in HOST_ROLES:
+        return min(FULL_ELEMENT[full], FULL_ELEMENT["bf16"])
+    return FULL_ELEMENT[full]
+
+
 def held_tensors(decoder: list[TensorSpec], precision: str, *,
                  host: bool = False) -> list[TensorSpec]:
     """The decoder's tensors as the service holds them: an int8 or int4 decoder on the
