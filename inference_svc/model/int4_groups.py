@@ -11,10 +11,10 @@ measurable speed, and keeps more of the weights (the embedded default was made f
 Q4_1 GGUF, 4 bits in blocks of 32: in groups of 32 int4 holds its own weights and its
 perplexity moves by 0.01%; in groups of 64 by +43%). A layer whose input width is not a
 multiple of 32, or whose rows the kernel cannot pack (not a multiple of 16), keeps its
-floating weight. `repack_int4_linears` then turns each such
-Linear into an `Int4GroupsLinear` over the same bytes: a plain module that calls the
-kernel (the tensor subclass's dispatch costs ~25 us a call, a twentieth of a one-row
-step of the embedded default) and that torch.compile traces.
+floating weight. `repack_int4_linears` then turns each such Linear into an
+`Int4GroupsLinear` over the same bytes: a plain module that calls the kernel and that
+torch.compile traces (the tensor subclass's dispatch costs ~25 us a call, and a one-row
+step of the embedded default makes 210 of them in ~22 ms).
 
 Measured on 2 cores (ms a call; activations cast to bfloat16, as the kernel's float32
 form is ~30x slower):
@@ -27,9 +27,10 @@ form is ~30x slower):
                   256   284.5        576.2        522.6
 
 so a decode step reads half int8's bytes and is as fast or faster, while a prefill chunk
-computes at about half a float matmul's speed: the packed layout cannot be dequantized
-for a float matmul without the kernel's own block order, and every row count takes the
-kernel.
+computes at about half a float matmul's speed. Every row count takes the kernel:
+dequantizing for a float matmul would have to follow the kernel's block order, which
+depends on the CPU (64 rows with AVX-512), and at a 256-row chunk the unpacking passes
+would cost about what the float matmul saves (an estimate, not a measurement).
 
 Unlike int8's, projections that read one input are not joined into one weight
 (model/host_linears.py `SIBLINGS`): the kernel reads its scales contiguous, so each
