@@ -58,11 +58,10 @@ from inference_svc.model.inputs.prompt import (
 from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.precision import (
     WeightPrecision,
+    for_the_host,
     kv_dtype,
     quantize_linears,
-    with_host_head,
     with_host_kernels,
-    with_host_table,
 )
 from inference_svc.model.units import ModuleUnit
 from inference_svc.types import AudioPart, ChatMessage, ImagePart, TextPart
@@ -127,8 +126,8 @@ class Glm4vModel(PagedForward, UnitModel):
         self.decoder_weights = decoder_weights or WeightPrecision.of(dtype)
         self.vision_weights = vision_weights or WeightPrecision.of(dtype)
         self.dtype = self.decoder_weights.dtype  # the decoder's activations
-        self.kv_dtype = kv_dtype(self.decoder_weights,
-                                 host=self.device == "cpu" and not layer_devices)
+        self.on_host = self.device == "cpu" and not layer_devices  # the decoder, whole
+        self.kv_dtype = kv_dtype(self.decoder_weights, host=self.on_host)
         self.vision_dtype = self.vision_weights.dtype
         self.content_format = content_format
         self.checkpoint_config = read_glm4v_config(checkpoint)
@@ -178,8 +177,8 @@ class Glm4vModel(PagedForward, UnitModel):
     def _load_full(self) -> Glm4vForConditionalGeneration:
         """The whole model in the decoder's precision; a quantized decoder is quantized
         tensor by tensor as it is read, its lm_head and token table (but on the host:
-        `with_host_head`, `with_host_table`) and the tower (dropped: the vision unit loads
-        its own) left in the decoder's floating type."""
+        `for_the_host`) and the tower (dropped: the vision unit loads its own) left in the
+        decoder's floating type."""
         # config.json as read_glm4v_config reads it (transformers misreads the flat layout)
         placed = {"device_map": self._device_map()} if self.layer_devices else \
             self.decoder_weights.placed_on(self.device)
@@ -190,10 +189,7 @@ class Glm4vModel(PagedForward, UnitModel):
             **placed,
         ).eval()
         model = with_host_kernels(model, self.decoder_weights)
-        if self.device == "cpu" and not self.layer_devices:
-            return with_host_table(with_host_head(model, self.decoder_weights),
-                                   self.decoder_weights)
-        return model
+        return for_the_host(model, self.decoder_weights) if self.on_host else model
 
     def _device_map(self) -> dict[str, str]:
         """The decoder's layers over `layer_devices`, the embedding with the first and the

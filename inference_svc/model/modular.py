@@ -38,11 +38,10 @@ from inference_svc.model.inputs.prompt import (
 from inference_svc.model.paged.forward import PagedForward
 from inference_svc.model.precision import (
     WeightPrecision,
+    for_the_host,
     kv_dtype,
     quantize_linears,
-    with_host_head,
     with_host_kernels,
-    with_host_table,
 )
 from inference_svc.model.units import ModuleUnit
 
@@ -58,7 +57,7 @@ def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict, *,
     """The decoder in `precision`: a quantized one is quantized tensor by tensor as
     transformers reads the checkpoint, so its full-precision weights are never all in
     memory at once; the embeddings stay in `precision.dtype`, and so does the lm_head,
-    but on the `host` (`with_host_head`, `with_host_table`)."""
+    but on the `host` (`for_the_host`)."""
     config = AutoConfig.from_pretrained(directory)
     # The embedded default's config still names the GGUF file its weights were
     # dequantised from; its safetensors are plain, and a torchao config may not be merged
@@ -70,9 +69,7 @@ def _load_decoder(directory: Path, precision: WeightPrecision, placed: dict, *,
         directory, config=config, **precision.pretrained_kwargs(keep=["lm_head"]),
         **placed).eval()
     decoder = with_host_kernels(decoder, precision)
-    if not host:
-        return decoder
-    return with_host_table(with_host_head(decoder, precision), precision)
+    return for_the_host(decoder, precision) if host else decoder
 
 
 class ModularModel(PagedForward, UnitModel):
