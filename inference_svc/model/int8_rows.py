@@ -6,28 +6,36 @@ weight, and a decode step in int8 ran at 0.66x fp32. PyTorch's `_weight_int8pack
 multiplies the int8 weight as it is, per-row scales applied to the output; it takes
 bfloat16 activations on the fast path (its float32 form is several times slower than a
 float32 Linear). It pays for the few rows of a decode step, where the weight's bytes
-are the cost; a prefill chunk's many rows are compute, where a float matmul is faster.
+are the cost. A prefill chunk's many rows are compute: there the weight is converted to
+bfloat16 for the call and multiplied by the CPU's bfloat16 matrix units (AMX or
+AVX512-BF16, through oneDNN), its per-row scales applied to the output, the same
+bfloat16 activations the int8 kernel takes.
 
-Measured on 2 cores (ms a call; fp32 is the Linear before quantization, for scale):
+Measured on 2 cores (Xeon with AMX; ms a call; the middle column is what a wide call did
+before, a float32 matmul by the weight dequantized to float32):
 
-    matrix       rows  fp32 Linear  int8pack (bf16 in)  dequantize + fp32
-    1536x576        1     0.047        0.051               0.404
-                   16     0.266        0.284               0.612
-                   32     0.369        0.535               0.707
-                   64     0.571        1.327               1.162
-    49152x576       1     2.29         1.38               73.8
-    (the head)     16    11.2         10.1                89.1
-                   64    25.3         41.3               100.0
-                  128    40.0        122.5               121.6
+    matrix        rows  int8pack (bf16 in)  dequantize + fp32  bf16 matmul
+    1536x576         8        0.28               3.20              0.47
+                    16        0.54               3.20              0.45
+                    32        1.03               3.29              0.52
+                   128        4.15               2.65              0.91
+    49152x576       16       21.3              100.2              35.8
+    (the head)      32       36.4              113.6              39.0
+                    64       72.9              128.9              41.2
+                   128      148.2              152.7              58.0
+    27392x4096      32       98.3              447.5             147.3
+    (9B gate/up)    64      211.5              411.0             139.1
+                   128      447.3              550.7             164.3
 
-So a layer of up to `PACKED_ROWS` rows takes the int8 kernel and a wider one (a prefill
-chunk) multiplies by the weight dequantized for that call; a weight too large for the
-caches dequantizes at memory speed, so it takes the int8 kernel up to `LARGE_PACKED_ROWS`
-rows (an int8 decode step of 16 rows of the embedded default: 244 ms with both limits at
-8, 107 ms with these). A compiled decode step (model/paged/host_compile.py) always takes
-the int8 kernel: a branch on the row count there would compile another graph, on the
-request path, the first time a step passed the limit. The weights and scales are
-torchao's, taken over as they are (no second rounding).
+So a layer of up to `PACKED_ROWS` rows takes the int8 kernel and a wider one the
+bfloat16 matmul; a weight too large for the caches converts at memory speed, so it takes
+the int8 kernel up to `LARGE_PACKED_ROWS` rows. A CPU without bfloat16 units (no AMX,
+no AVX512-BF16), where oneDNN emulates them, multiplies a wide call as before, by the
+weight dequantized to float32, from 32 rows (128 for a large weight). A compiled decode step
+(model/paged/host_compile.py) always takes the int8 kernel: a branch on the row count
+there would compile another graph, on the request path, the first time a step passed
+the limit. The weights and scales are torchao's, taken over as they are (no second
+rounding).
 
 Projections that read one input share one int8 weight, their rows end to end
 (model/host_linears.py `SIBLINGS`).
@@ -43,9 +51,17 @@ from torch import nn
 
 from inference_svc.model.host_linears import HostLinear, replace_linears
 
-PACKED_ROWS = 32
+
+def _has_bf16_units() -> bool:
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)()
+               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+BF16_UNITS = _has_bf16_units()
 LARGE_WEIGHT_BYTES = 8 << 20
-LARGE_PACKED_ROWS = 128
+# the most rows the int8 kernel takes, for a weight under LARGE_WEIGHT_BYTES and over it
+PACKED_ROWS, LARGE_PACKED_ROWS = (16, 48) if BF16_UNITS else (32, 128)
 
 
 class Int8RowsLinear(HostLinear):
@@ -108,9 +124,12 @@ def _multiply(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     flat = x.reshape(-1, qdata.shape[1])
     if torch.compiler.is_compiling() or flat.shape[0] <= (
             LARGE_PACKED_ROWS if qdata.numel() >= LARGE_WEIGHT_BYTES else PACKED_ROWS):
-        out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), qdata, scale).to(x.dtype)
+        out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), qdata, scale)
+    elif BF16_UNITS:
+        out = F.linear(flat.to(torch.bfloat16), qdata.to(torch.bfloat16)) * scale
     else:
         out = F.linear(flat, qdata.to(x.dtype) * scale.to(x.dtype)[:, None])
+    out = out.to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], qdata.shape[0])

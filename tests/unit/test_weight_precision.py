@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 
-from inference_svc.model import precision
+from inference_svc.model import int8_rows, precision
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.host_linears import sibling_outputs
@@ -154,10 +154,13 @@ def test_a_glm4v_model_on_the_host_quantizes_its_decoder_and_head_but_not_its_to
     assert len(_greedy_paged(model, prompt, 3)) == 3
 
 
+@pytest.mark.parametrize("bf16_units", [True, False])
 @pytest.mark.parametrize("rows", [1, PACKED_ROWS, PACKED_ROWS + 1, 64])
-def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows):
-    """Decode-sized inputs take the int8 kernel (bf16 activations), wider ones a float
-    matmul by the dequantized weight: both equal torchao's own int8 layer."""
+def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows, bf16_units, monkeypatch):
+    """Decode-sized inputs take the int8 kernel (bf16 activations), wider ones a bfloat16
+    matmul by the weight converted for the call (a float matmul by the dequantized weight
+    on a CPU without bfloat16 units): all equal torchao's own int8 layer."""
+    monkeypatch.setattr(int8_rows, "BF16_UNITS", bf16_units)
     torch.manual_seed(rows)
     layer = nn.Linear(96, 160)
     quantize_(layer, WeightPrecision("int8", torch.float32).torchao_config())
