@@ -49,16 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference_svc.model.cpu_features import BF16_UNITS
 from inference_svc.model.host_linears import HostLinear, replace_linears
 
-
-def _has_bf16_units() -> bool:
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)()
-               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-BF16_UNITS = _has_bf16_units()
 LARGE_WEIGHT_BYTES = 8 << 20
 # the most rows the int8 kernel takes, for a weight under LARGE_WEIGHT_BYTES and over it
 PACKED_ROWS, LARGE_PACKED_ROWS = (16, 48) if BF16_UNITS else (32, 128)

@@ -30,6 +30,9 @@ torch_on_one_thread()
 COMPUTE_THREADS = TORCH_DEFAULT_THREADS
 SPEED_TOKENS = 128
 SPEED_PROMPT = "How do I boil an egg?"
+# about 3,000 tokens, as a phone agent's step with its screenshot and history
+LONG_PROMPT = " ".join(f"Item {i} is a fact about boiling eggs and the number {i * 7}."
+                       for i in range(160))
 def load(bundle: Path, name: str) -> ModularModel:
     """The embedded default with its decoder in `name` (a --decoder-weights value)."""
     precision = resolve_precision("--decoder-weights", name, torch.float32, ["cpu"])
@@ -73,6 +76,25 @@ def run_engine(model: ModularModel, requests: list[GenerationRequest], *,
 
 async def _gather(engine: Engine, requests: list[GenerationRequest]):
     return await asyncio.gather(*(stream(engine, r) for r in requests))
+
+
+def first_token_run(model: ModularModel, text: str, *,
+                    host_compile: bool = False) -> float:
+    """Seconds from submitting one greedy request for `text` to its first token, on a
+    fresh engine (nothing of the prompt cached)."""
+    engine = Engine(model, EngineConfig(max_batch=1, kv_budget_bytes=512 << 20,
+                                        host_compile=host_compile))
+    engine.start()
+    try:
+        return asyncio.run(_first_token(engine, greedy(1, 0, text)))
+    finally:
+        engine.stop()
+
+
+async def _first_token(engine: Engine, request: GenerationRequest) -> float:
+    submitted = time.perf_counter()
+    _, times = await stream(engine, request)
+    return times[0] - submitted
 
 
 def decode_run(model: ModularModel, *, host_compile: bool = False,

@@ -10,7 +10,7 @@ from torch import nn
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 from torchao.quantization import quantize_
 
-from inference_svc.model import precision
+from inference_svc.model import cpu_features, precision
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.host_linears import parameter_count
@@ -29,7 +29,9 @@ from tests.fixtures.tiny_models import tiny_glm_decoder, write_tiny_glm4v_checkp
 INT4 = WeightPrecision("int4", torch.float32)
 
 
-def test_int4_on_the_host_computes_in_the_modules_floating_type():
+def test_int4_on_a_host_without_bf16_units_computes_in_the_modules_floating_type(
+        monkeypatch):
+    monkeypatch.setattr(cpu_features, "BF16_UNITS", False)
     assert resolve_precision("--decoder-weights", "int4", torch.float32, ["cpu"]) == INT4
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 
-from inference_svc.model import int8_rows, precision
+from inference_svc.model import cpu_features, int8_rows, precision
 from inference_svc.model.checkpoints.placement import bytes_by_device
 from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.host_linears import sibling_outputs
@@ -29,6 +29,7 @@ from inference_svc.model.precision import (
     with_host_head,
 )
 from inference_svc.model.units import DISK
+from inference_svc.types import ChatMessage, ImagePart, TextPart
 from tests.fixtures.tiny_models import tiny_glm_decoder, write_tiny_glm4v_checkpoint
 
 INT8 = WeightPrecision("int8", torch.float32)
@@ -41,10 +42,16 @@ def test_auto_keeps_the_dtype_and_floats_name_their_own():
         WeightPrecision("bf16", torch.bfloat16)
 
 
+@pytest.mark.parametrize(("bf16_units", "computes_in"),
+                         [(True, torch.bfloat16), (False, torch.float32)])
 @pytest.mark.parametrize("choice", ["int8", "int4"])
-def test_int8_and_int4_run_on_a_cpu_in_the_modules_floating_type(choice):
+def test_int8_and_int4_on_a_cpu_compute_in_bf16_where_it_has_bf16_units(
+        choice, bf16_units, computes_in, monkeypatch):
+    """With AMX or AVX512-BF16 a quantized module computes in bfloat16; elsewhere in the
+    module's floating type."""
+    monkeypatch.setattr(cpu_features, "BF16_UNITS", bf16_units)
     precision = resolve_precision("--decoder-weights", choice, torch.float32, ["cpu"])
-    assert precision == WeightPrecision(choice, torch.float32) and precision.quantized
+    assert precision == WeightPrecision(choice, computes_in) and precision.quantized
 
 
 def test_fp8_is_refused_on_a_cpu_naming_the_flag_and_what_runs_there():
@@ -230,3 +237,34 @@ def test_projections_of_one_input_share_their_int8_rows_and_compute_what_they_di
     together = sibling_outputs(owner, "qkv_rows", x)
     for got, alone in zip(together, after[:3], strict=True):
         assert torch.equal(got, alone)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_quantized_glm4v_decoder_computing_in_bf16_reads_images_as_in_float32(
+        name, tmp_path):
+    """Where the CPU has bfloat16 units a quantized decoder computes in bfloat16: the
+    screenshot's embeddings (the tower in float32) enter it in its type, the KV pool is
+    bfloat16, and the paged prefill and decode steps give the float32-activation model's
+    logits within the roundings' error (0.014-0.048 measured; the two decoders quantize
+    weights loaded in different types)."""
+    from tests.conftest import png_bytes
+    from tests.inference_svc.test_glm4v import paged_prefill
+
+    checkpoint = write_tiny_glm4v_checkpoint(tmp_path / "glm4v")
+    models = {dtype: Glm4vModel(checkpoint, decoder_weights=WeightPrecision(name, dtype))
+              for dtype in (torch.float32, torch.bfloat16)}
+    assert models[torch.bfloat16].kv_dtype == torch.bfloat16
+    logits = {}
+    for dtype, model in models.items():
+        messages = [ChatMessage("user", [TextPart("look "), ImagePart(
+            png_bytes(), "image/png", "messages[0].parts[1].image"), TextPart(" here")])]
+        media = model.decode_media(messages, max_pixels=1_003_520)
+        plan = model.plan(messages, media, enable_thinking=False)
+        pool = model.new_kv_pool(block_size=16, blocks=len(plan.input_ids) // 16 + 3)
+        prompt = paged_prefill(model, pool, plan, media)
+        table = list(range(1, len(plan.input_ids) // 16 + 3))
+        step = model.decode_paged(pool, [table], [len(plan.input_ids)], [int(prompt.argmax())])
+        logits[dtype] = (prompt.float(), step[0].float())
+    for ours, reference in zip(logits[torch.bfloat16], logits[torch.float32], strict=True):
+        assert torch.isfinite(ours).all()
+        assert (ours - reference).norm() / reference.norm() < 0.1
