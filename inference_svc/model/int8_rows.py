@@ -28,7 +28,8 @@ before, a float32 matmul by the weight dequantized to float32):
                    128      447.3              550.7             164.3
 
 So a layer of up to `PACKED_ROWS` rows takes the int8 kernel and a wider one the
-bfloat16 matmul; a weight too large for the caches converts at memory speed, so it takes
+bfloat16 matmul, converting the weight 16M elements at a time (`CONVERTED_ELEMENTS`), so
+that a wide call's copy stays ~32 MiB however large the weight; a weight too large for the caches converts at memory speed, so it takes
 the int8 kernel up to `LARGE_PACKED_ROWS` rows. A CPU without bfloat16 units (no AMX,
 no AVX512-BF16), where oneDNN emulates them, multiplies a wide call as before, by the
 weight dequantized to float32, from 32 rows (128 for a large weight). A compiled decode step
@@ -55,6 +56,9 @@ from inference_svc.model.host_linears import HostLinear, replace_linears
 LARGE_WEIGHT_BYTES = 8 << 20
 # the most rows the int8 kernel takes, for a weight under LARGE_WEIGHT_BYTES and over it
 PACKED_ROWS, LARGE_PACKED_ROWS = (16, 48) if BF16_UNITS else (32, 128)
+# a wider call converts the weight this many elements at a time (32 MiB in bfloat16; whole,
+# GLM-4.1V-9B's LM head would be a 1.2 GB copy beside its int8 bytes)
+CONVERTED_ELEMENTS = 16 << 20
 
 
 class Int8RowsLinear(HostLinear):
@@ -118,14 +122,29 @@ def _multiply(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     if torch.compiler.is_compiling() or flat.shape[0] <= (
             LARGE_PACKED_ROWS if qdata.numel() >= LARGE_WEIGHT_BYTES else PACKED_ROWS):
         out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), qdata, scale)
-    elif BF16_UNITS:
-        out = F.linear(flat.to(torch.bfloat16), qdata.to(torch.bfloat16)) * scale
     else:
-        out = F.linear(flat, qdata.to(x.dtype) * scale.to(x.dtype)[:, None])
+        out = _converted(flat, qdata, scale)
     out = out.to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], qdata.shape[0])
+
+
+def _converted(flat: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A wide call's product by the weight converted for it, a block of rows at a time:
+    in bfloat16 with the scales on the output where the CPU has bfloat16 units, else
+    dequantized to the activations' type."""
+    dtype = torch.bfloat16 if BF16_UNITS else flat.dtype
+    flat = flat.to(dtype)
+    step = max(1, CONVERTED_ELEMENTS // qdata.shape[1])
+    blocks = []
+    for start in range(0, qdata.shape[0], step):
+        rows = slice(start, start + step)
+        if BF16_UNITS:
+            blocks.append(F.linear(flat, qdata[rows].to(dtype)) * scale[rows])
+        else:
+            blocks.append(F.linear(flat, qdata[rows].to(dtype) * scale[rows].to(dtype)[:, None]))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
 def repack_int8_linears(module: nn.Module) -> nn.Module:

@@ -161,13 +161,18 @@ def test_a_glm4v_model_on_the_host_quantizes_its_decoder_and_head_but_not_its_to
     assert len(_greedy_paged(model, prompt, 3)) == 3
 
 
+@pytest.mark.parametrize("block_rows", [None, 48])
 @pytest.mark.parametrize("bf16_units", [True, False])
 @pytest.mark.parametrize("rows", [1, PACKED_ROWS, PACKED_ROWS + 1, 64])
-def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows, bf16_units, monkeypatch):
+def test_host_int8_linears_multiply_the_int8_bytes_torchao_made(rows, bf16_units, block_rows,
+                                                                monkeypatch):
     """Decode-sized inputs take the int8 kernel (bf16 activations), wider ones a bfloat16
     matmul by the weight converted for the call (a float matmul by the dequantized weight
-    on a CPU without bfloat16 units): all equal torchao's own int8 layer."""
+    on a CPU without bfloat16 units), whole or a block of rows at a time (here 48, 48, 48
+    and 16 of 160): all equal torchao's own int8 layer."""
     monkeypatch.setattr(int8_rows, "BF16_UNITS", bf16_units)
+    if block_rows:
+        monkeypatch.setattr(int8_rows, "CONVERTED_ELEMENTS", 96 * block_rows)
     torch.manual_seed(rows)
     layer = nn.Linear(96, 160)
     quantize_(layer, WeightPrecision("int8", torch.float32).torchao_config())
