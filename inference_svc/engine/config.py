@@ -54,7 +54,7 @@ class EngineConfig:
     host_compile: bool = setting(False, help=(
         "compile decode steps on the CPU with torch.compile at start-up: fused kernels in "
         "place of ~50 small operations a layer (the embedded default, one stream on 2 "
-        "cores: ~1.25-1.7x in int8, ~1.3x in int4, ~1.05-1.4x in fp32); start-up takes "
+        "cores: ~1.25-1.7x in int8, ~1.3-1.5x in int4, ~1.05-1.4x in fp32); start-up takes "
         "~1.5-2 min longer the first time, ~25 s once inductor's cache "
         "(TORCHINDUCTOR_CACHE_DIR) holds the graphs; where the decoder runs wholly on the "
         "host"))

@@ -29,8 +29,9 @@ before, a float32 matmul by the weight dequantized to float32):
 
 So a layer of up to `PACKED_ROWS` rows takes the int8 kernel and a wider one the
 bfloat16 matmul, converting the weight 16M elements at a time (`CONVERTED_ELEMENTS`), so
-that a wide call's copy stays ~32 MiB however large the weight; a weight too large for the caches converts at memory speed, so it takes
-the int8 kernel up to `LARGE_PACKED_ROWS` rows. A CPU without bfloat16 units (no AMX,
+that a wide call's copy stays ~32 MiB however large the weight; a weight too large for
+the caches converts at memory speed, so it takes the int8 kernel up to
+`LARGE_PACKED_ROWS` rows. A CPU without bfloat16 units (no AMX,
 no AVX512-BF16), where oneDNN emulates them, multiplies a wide call as before, by the
 weight dequantized to float32, from 32 rows (128 for a large weight). A compiled decode step
 (model/paged/host_compile.py) always takes the int8 kernel: a branch on the row count
