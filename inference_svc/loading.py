@@ -19,7 +19,7 @@ from inference_svc.model.glm4v import Glm4vModel
 from inference_svc.model.modular import ModularModel
 from inference_svc.model.precision import WeightPrecision, resolve_precision
 from inference_svc.model.units import weights_by_device
-from inference_svc.process_memory import host_memory_bytes, release_freed_memory, rss_bytes
+from inference_svc.process_memory import host_memory_bytes, rss_bytes
 
 log = structlog.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,10 +60,6 @@ def load_model(config: ServerConfig) -> ModularModel | Glm4vModel:
                            content_format=config.chat_content_format,
                            decoder_weights=decoder_weights, vision_weights=vision_weights,
                            layer_devices=placement.layer_devices)
-    # what loading freed (checkpoint buffers, the quantizers' temporaries) goes back to the
-    # system: glibc keeps it otherwise, and an int8 embedded default held ~300-400 MiB more
-    # resident than it needed
-    release_freed_memory()
     log.info("model_loaded", name=model.name, path=str(bundle), device=config.device,
              dtype=str(model.dtype), seconds=round(time.monotonic() - started, 2),
              precision={u.name: u.precision for u in model.units},
