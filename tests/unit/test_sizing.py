@@ -222,3 +222,18 @@ def test_planned_bytes_are_what_the_loaded_default_reports(default_bundle: Path)
         assert quantized.decoder_unit.state().weight_bytes - planned_bytes == 2 * 32 * 4
         del quantized
 
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8", "int4"])
+def test_the_plans_kv_bytes_a_token_are_what_the_loaded_decoder_keeps(tiny_bundle, name):
+    """The plan's KV element (sizing, without torch) and the loaded decoder's KV type
+    (model/precision.py `kv_dtype`) are two statements of one rule: they agree for each
+    precision the host plans, as the service resolves it."""
+    from inference_svc.model.modular import ModularModel
+    from inference_svc.model.precision import resolve_precision
+
+    precision = resolve_precision("--decoder-weights", name, torch.float32, ["cpu"])
+    model = ModularModel(tiny_bundle, decoder_weights=precision)
+    spec = read_model(tiny_bundle, full="fp32")
+    planned = layout(spec, Cards(0, 64 * GIB), name, "fp32").kv_bytes_per_token
+    assert planned == model.kv_bytes_per_token()
