@@ -31,13 +31,12 @@ So a layer of up to `PACKED_ROWS` rows takes the int8 kernel and a wider one the
 bfloat16 matmul, converting the weight 16M elements at a time (`CONVERTED_ELEMENTS`), so
 that a wide call's copy stays ~32 MiB however large the weight; a weight too large for
 the caches converts at memory speed, so it takes the int8 kernel up to
-`LARGE_PACKED_ROWS` rows. A CPU without bfloat16 units (no AMX,
-no AVX512-BF16), where oneDNN emulates them, multiplies a wide call as before, by the
-weight dequantized to float32, from 32 rows (128 for a large weight). A compiled decode step
+`LARGE_PACKED_ROWS` rows. A CPU without bfloat16 units (no AMX, no AVX512-BF16), where
+oneDNN emulates them, multiplies a wide call as before, by the weight dequantized to
+float32, from 32 rows (128 for a large weight). A compiled decode step
 (model/paged/host_compile.py) always takes the int8 kernel: a branch on the row count
-there would compile another graph, on the request path, the first time a step passed
-the limit. The weights and scales are torchao's, taken over as they are (no second
-rounding).
+there would compile another graph, on the request path, the first time a step passed the
+limit. The weights and scales are torchao's, taken over as they are (no second rounding).
 
 Projections that read one input share one int8 weight, their rows end to end
 (model/host_linears.py `SIBLINGS`).
