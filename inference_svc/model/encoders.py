@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
-    ViTConfig,
     ViTImageProcessorPil,
     ViTModel,
     Wav2Vec2ConformerModel,
@@ -23,24 +22,14 @@ from transformers import (
 
 from inference_svc.model.audio_chunks import AudioChunking, ChunkSettings
 from inference_svc.model.inputs.media import DecodedAudio, DecodedImage
+from inference_svc.model.vit_activations import IMAGE_MERGE
 
 PROJECTOR_FILE = "projector.safetensors"
 # Width of the projector's hidden layer: the reference model's 512-d encoder output.
 PROJECTOR_WIDTH = 512
-IMAGE_MERGE = 2  # 2x2 neighbouring patches become one image token
 AUDIO_MERGE = 4  # 4 consecutive frames (80 ms) become one audio token
 AUDIO_SAMPLE_RATE = 16_000
 WINDOW_BATCH = 8  # audio chunk windows per encoder forward: bounds the activation peak
-# Live tensors per encoder layer relative to its widest one (input, attention, MLP, output).
-ACTIVATION_FACTOR = 4
-
-
-def vit_activation_bytes(config: ViTConfig, element: int) -> int:
-    """Peak activations of one image through the ViT (an estimate from its geometry: the
-    widest per-layer tensor over every patch and the CLS token, times a working set)."""
-    patches = (config.image_size // config.patch_size) ** 2 + 1
-    return ACTIVATION_FACTOR * patches * config.intermediate_size * element
-
 
 def _projector(in_features: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(

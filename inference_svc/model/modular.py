@@ -19,7 +19,6 @@ from inference_svc.model.encoders import (
     WINDOW_BATCH,
     AudioEncoder,
     VisionEncoder,
-    vit_activation_bytes,
 )
 from inference_svc.model.inputs.live_audio import LiveAudio
 from inference_svc.model.inputs.media import (
@@ -44,6 +43,7 @@ from inference_svc.model.precision import (
     with_host_kernels,
 )
 from inference_svc.model.units import ModuleUnit
+from inference_svc.model.vit_activations import vit_activation_bytes
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from inference_svc.model.checkpoints.bundle import Manifest
 from inference_svc.model.checkpoints.glm4v_checkpoint import glm4v_manifest
 from inference_svc.model.checkpoints.glm4v_config import read_glm4v_config
 from inference_svc.model.checkpoints.model_dir import ModelKind, model_kind
-from inference_svc.model.encoders import IMAGE_MERGE, vit_activation_bytes
 from inference_svc.model.glm4v_vision import (
     DEPLOYMENT_MAX_PIXELS,
     TowerShape,
@@ -25,6 +24,7 @@ from inference_svc.model.glm4v_vision import (
 )
 from inference_svc.model.sizing.tensors import TensorTable, tensor_table
 from inference_svc.model.sizing.weights import FULL_ELEMENT
+from inference_svc.model.vit_activations import IMAGE_MERGE, vit_activation_bytes
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The service loads GLM-4.1V with transformers' default attention, SDPA, whose fused
