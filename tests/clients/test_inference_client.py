@@ -112,11 +112,15 @@ def test_deadline_surfaces_as_deadline_exceeded(
 ):
     fake_service.script = fake_service.endless()
     with (
-        InferenceClient(fake_server.target, timeout=0.3) as client,
+        InferenceClient(fake_server.target, timeout=1.0) as client,
         pytest.raises(DeadlineExceededError),
     ):
         client.generate("hi")
-    assert fake_service.endless_stream_ended.wait(5)
+    # the server's stream ends with the call; on a loaded machine the deadline can pass
+    # before the server dispatches the call at all (it then never runs the handler, and
+    # there is no stream to end): seen once beside a second test suite, with 0.3 s
+    if fake_service.requests:
+        assert fake_service.endless_stream_ended.wait(5)
 
 
 def test_leaving_the_stream_early_cancels_the_call(
