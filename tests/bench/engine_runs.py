@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ SPEED_PROMPT = "How do I boil an egg?"
 # about 3,000 tokens, as a phone agent's step with its screenshot and history
 LONG_PROMPT = " ".join(f"Item {i} is a fact about boiling eggs and the number {i * 7}."
                        for i in range(160))
+
+
 def load(bundle: Path, name: str) -> ModularModel:
     """The embedded default with its decoder in `name` (a --decoder-weights value)."""
     precision = resolve_precision("--decoder-weights", name, torch.float32, ["cpu"])
@@ -63,15 +67,22 @@ async def stream(engine: Engine, request: GenerationRequest) -> tuple[list[int],
     raise AssertionError(f"{request.request_id} ended without a final")
 
 
-def run_engine(model: ModularModel, requests: list[GenerationRequest], *,
-               host_compile: bool = False) -> list[tuple[list[int], list[float]]]:
-    engine = Engine(model, EngineConfig(max_batch=len(requests), kv_budget_bytes=512 << 20,
+@contextmanager
+def started_engine(model: ModularModel, rows: int, *, host_compile: bool) -> Iterator[Engine]:
+    """A fresh engine for `rows` streams (nothing cached), stopped after the block."""
+    engine = Engine(model, EngineConfig(max_batch=rows, kv_budget_bytes=512 << 20,
                                         host_compile=host_compile))
     engine.start()
     try:
-        return asyncio.run(_gather(engine, requests))
+        yield engine
     finally:
         engine.stop()
+
+
+def run_engine(model: ModularModel, requests: list[GenerationRequest], *,
+               host_compile: bool = False) -> list[tuple[list[int], list[float]]]:
+    with started_engine(model, len(requests), host_compile=host_compile) as engine:
+        return asyncio.run(_gather(engine, requests))
 
 
 async def _gather(engine: Engine, requests: list[GenerationRequest]):
@@ -82,13 +93,8 @@ def first_token_run(model: ModularModel, text: str, *,
                     host_compile: bool = False) -> float:
     """Seconds from submitting one greedy request for `text` to its first token, on a
     fresh engine (nothing of the prompt cached)."""
-    engine = Engine(model, EngineConfig(max_batch=1, kv_budget_bytes=512 << 20,
-                                        host_compile=host_compile))
-    engine.start()
-    try:
+    with started_engine(model, 1, host_compile=host_compile) as engine:
         return asyncio.run(_first_token(engine, greedy(1, 0, text)))
-    finally:
-        engine.stop()
 
 
 async def _first_token(engine: Engine, request: GenerationRequest) -> float:
