@@ -27,10 +27,11 @@ form is ~30x slower):
                   256   284.5        576.2        522.6
 
 so a decode step reads half int8's bytes and is as fast or faster, while a prefill chunk
-computes at about half a float matmul's speed. Every row count takes the kernel:
-dequantizing for a float matmul would have to follow the kernel's block order, which
-depends on the CPU (64 rows with AVX-512), and at a 256-row chunk the unpacking passes
-would cost about what the float matmul saves (an estimate, not a measurement).
+computes at about half a float matmul's speed. Every row count takes the kernel: the
+packed layout can be read (blocks of 64 rows with AVX-512, a byte's two nibbles rows j
+and j+32; it depends on the CPU), but unpacking the 27,392 x 4,096 matrix for a
+bfloat16 matmul took 0.65-1.0 s in PyTorch operations (eager, compiled, or through an
+embedding lookup table) against the kernel's 0.31 s for a whole 128-row call.
 
 Unlike int8's, projections that read one input are not joined into one weight
 (model/host_linears.py `SIBLINGS`): the kernel reads its scales contiguous, so each
