@@ -125,12 +125,13 @@ def long_step(model: Glm4vModel, name: str, seed: int, prompt_tokens: int,
               tokens: int) -> tuple[GenerationRequest, int]:
     """A phone step of at most `prompt_tokens` (its screenshot and filler text), and its
     prompt's length."""
+    screen = ImagePart(screenshot_png(seed), "image/png", "messages[0].parts[0].image")
+    sampling = agent_step(name, seed, tokens=tokens).sampling  # the agent's own
+
     def request(repeats: int) -> GenerationRequest:
-        screen = ImagePart(screenshot_png(seed), "image/png", "messages[0].parts[0].image")
-        step = agent_step(name, seed, tokens=tokens)
         return GenerationRequest(name, [ChatMessage("user", [
             screen, TextPart(FILLER * repeats + f"Agent {name}: tap the calendar.")])],
-            step.sampling)
+            sampling)
 
     def length(repeats: int) -> int:
         messages = request(repeats).messages
